@@ -1,0 +1,3 @@
+//! nixless: install NixOS closures from Nix binary caches, without Nix.
+
+pub mod nix;
