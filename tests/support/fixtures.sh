@@ -37,7 +37,8 @@ exec 9>"$dir/.lock"
 flock 9
 if complete; then exit 0; fi
 
-export NIX_CONFIG=$'build-users-group =\nexperimental-features = nix-command\nsandbox = false'
+# substituters empty: don't try to reach cache.nixos.org (offline machines).
+export NIX_CONFIG=$'build-users-group =\nexperimental-features = nix-command\nsandbox = false\nsubstituters ='
 
 start=$(date +%s)
 
