@@ -2,3 +2,7 @@
 
 pub mod nix;
 pub mod nar;
+pub mod fetch;
+pub mod store;
+pub mod cli;
+pub mod logger;

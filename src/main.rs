@@ -1,1 +1,5 @@
-fn main(){}
+//! The `nixless` binary: see `cli` for the commands.
+
+fn main() {
+    std::process::exit(nixless::cli::main());
+}

@@ -239,10 +239,10 @@ impl Parser {
 
     /// Feeds `input`, calling `sink` for each event. An error from `sink`
     /// stops parsing and is returned as is.
-    pub fn feed<E: From<ParseError>>(
+    pub fn feed<E: From<ParseError>, F: FnMut(Event<'_>) -> Result<(), E> + ?Sized>(
         &mut self,
         mut input: &[u8],
-        sink: &mut impl FnMut(Event<'_>) -> Result<(), E>,
+        sink: &mut F,
     ) -> Result<(), E> {
         while !input.is_empty() {
             match self.expect {
@@ -279,9 +279,9 @@ impl Parser {
         Ok(())
     }
 
-    fn end_contents<E: From<ParseError>>(
+    fn end_contents<E: From<ParseError>, F: FnMut(Event<'_>) -> Result<(), E> + ?Sized>(
         &mut self,
-        sink: &mut impl FnMut(Event<'_>) -> Result<(), E>,
+        sink: &mut F,
     ) -> Result<(), E> {
         sink(Event::RegularEnd)?;
         self.remaining = pad_len(self.contents_len) as u64;
@@ -290,10 +290,10 @@ impl Parser {
     }
 
     /// Consumes bytes of a length-prefixed token (or the contents length).
-    fn feed_token<'i, E: From<ParseError>>(
+    fn feed_token<'i, E: From<ParseError>, F: FnMut(Event<'_>) -> Result<(), E> + ?Sized>(
         &mut self,
         mut input: &'i [u8],
-        sink: &mut impl FnMut(Event<'_>) -> Result<(), E>,
+        sink: &mut F,
     ) -> Result<&'i [u8], E> {
         match self.tok {
             Tok::Len => {
@@ -359,10 +359,10 @@ impl Parser {
         }
     }
 
-    fn start_contents<E: From<ParseError>>(
+    fn start_contents<E: From<ParseError>, F: FnMut(Event<'_>) -> Result<(), E> + ?Sized>(
         &mut self,
         len: u64,
-        sink: &mut impl FnMut(Event<'_>) -> Result<(), E>,
+        sink: &mut F,
     ) -> Result<(), E> {
         self.tok = Tok::Len;
         sink(Event::Regular { name: self.current_name(), executable: self.executable, size: len })?;
@@ -387,9 +387,9 @@ impl Parser {
     }
 
     /// A complete string token is in `buf`: act on it.
-    fn token_done<E: From<ParseError>>(
+    fn token_done<E: From<ParseError>, F: FnMut(Event<'_>) -> Result<(), E> + ?Sized>(
         &mut self,
-        sink: &mut impl FnMut(Event<'_>) -> Result<(), E>,
+        sink: &mut F,
     ) -> Result<(), E> {
         self.tok = Tok::Len;
         let tok = self.buf.as_slice();

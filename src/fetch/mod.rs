@@ -1,0 +1,352 @@
+//! The I/O edge towards binary caches: `http://`, `https://` and `file://`,
+//! tried in priority order, through one ureq agent whose idle connections
+//! are reused (keep-alive) across narinfo and NAR requests.
+//!
+//! Transient failures (connection errors, timeouts, 5xx, 429) are retried
+//! with exponential backoff; a NAR download that breaks mid-body resumes
+//! with an HTTP `Range` request (see [`resume`]). A 404 means "not in this
+//! cache" and falls through to the next one.
+
+pub mod decompress;
+pub mod pipeline;
+pub mod resume;
+
+use crate::nix::cache_info;
+use crate::nix::StorePath;
+use std::io::{self, Read};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Largest narinfo accepted: a path with thousands of references fits.
+pub const MAX_NARINFO: u64 = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheUrl {
+    /// `http(s)://host[:port]/prefix`, without a trailing slash.
+    Http(String),
+    /// `file:///dir`: a cache on a local or removable disk.
+    File(PathBuf),
+}
+
+impl CacheUrl {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim_end_matches('/');
+        if let Some(path) = s.strip_prefix("file://") {
+            if !path.starts_with('/') {
+                return Err(format!("cache URL {s:?}: file:// needs an absolute path"));
+            }
+            Ok(CacheUrl::File(PathBuf::from(path)))
+        } else if s.starts_with("http://") || s.starts_with("https://") {
+            if s.contains('?') || s.contains('#') {
+                return Err(format!("cache URL {s:?}: query strings are not supported"));
+            }
+            Ok(CacheUrl::Http(s.to_owned()))
+        } else {
+            Err(format!("cache URL {s:?}: expected http://, https:// or file://"))
+        }
+    }
+}
+
+impl std::fmt::Display for CacheUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CacheUrl::Http(u) => f.write_str(u),
+            CacheUrl::File(p) => write!(f, "file://{}", p.display()),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum FetchError {
+    /// The cache is for another store directory, or its nix-cache-info is garbage.
+    CacheInfo { cache: String, msg: String },
+    /// No cache has the path (each answered 404, or could not be reached).
+    NotFound { path: String, unreachable: Vec<String> },
+    Http { url: String, status: u16 },
+    Transport { url: String, msg: String },
+    TooLarge { url: String, limit: u64 },
+}
+
+impl std::fmt::Display for FetchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FetchError::CacheInfo { cache, msg } => write!(f, "cache {cache}: {msg}"),
+            FetchError::NotFound { path, unreachable } => {
+                write!(f, "{path}: not found in any cache")?;
+                if !unreachable.is_empty() {
+                    write!(f, " (unreachable: {})", unreachable.join("; "))?;
+                }
+                Ok(())
+            }
+            FetchError::Http { url, status } => write!(f, "GET {url}: HTTP {status}"),
+            FetchError::Transport { url, msg } => write!(f, "GET {url}: {msg}"),
+            FetchError::TooLarge { url, limit } => write!(f, "GET {url}: larger than {limit} bytes"),
+        }
+    }
+}
+
+impl std::error::Error for FetchError {}
+
+/// Knobs for the network side.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub connect_timeout: Duration,
+    /// Longest silence while reading a response, after which the read fails
+    /// (and a NAR download resumes).
+    pub read_timeout: Duration,
+    /// Retries of one request after a transient failure.
+    pub retries: u32,
+    /// First backoff; doubled on each retry.
+    pub backoff: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            connect_timeout: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(30),
+            retries: 4,
+            backoff: Duration::from_millis(250),
+        }
+    }
+}
+
+/// A response that answered: its status and body.
+pub(crate) enum Answer {
+    Found(Box<dyn Read + Send>),
+    /// 404/410, or a missing file.
+    Missing,
+}
+
+/// How one cache is doing in this run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Health {
+    Unchecked,
+    Ok,
+    /// Not usable this run (unreachable or no nix-cache-info), with why.
+    Down(String),
+}
+
+pub struct Fetcher {
+    agent: ureq::Agent,
+    caches: Vec<(CacheUrl, Health)>,
+    opts: Options,
+    /// Called while waiting (backoff) so a supervisor can keep pinging.
+    tick: Box<dyn FnMut()>,
+}
+
+fn transient_status(status: u16) -> bool {
+    status >= 500 || status == 429 || status == 408
+}
+
+impl Fetcher {
+    pub fn new(caches: Vec<CacheUrl>, opts: Options) -> Self {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(opts.connect_timeout))
+            .timeout_per_read(Some(opts.read_timeout))
+            .timeout_recv_response(Some(opts.read_timeout))
+            .max_idle_connections_per_host(4)
+            .user_agent(concat!("nixless/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .new_agent();
+        Fetcher {
+            agent,
+            caches: caches.into_iter().map(|c| (c, Health::Unchecked)).collect(),
+            opts,
+            tick: Box::new(|| {}),
+        }
+    }
+
+    /// Installs a function called during waits and long transfers.
+    pub fn set_tick(&mut self, tick: Box<dyn FnMut()>) {
+        self.tick = tick;
+    }
+
+    pub fn tick(&mut self) {
+        (self.tick)()
+    }
+
+    pub fn cache_count(&self) -> usize {
+        self.caches.len()
+    }
+
+    pub fn cache_url(&self, idx: usize) -> &CacheUrl {
+        &self.caches[idx].0
+    }
+
+    pub(crate) fn options(&self) -> &Options {
+        &self.opts
+    }
+
+    fn sleep(&mut self, d: Duration) {
+        // Sleep in slices so the tick keeps running through long backoffs.
+        let mut left = d;
+        while !left.is_zero() {
+            let step = left.min(Duration::from_millis(200));
+            std::thread::sleep(step);
+            left -= step;
+            self.tick();
+        }
+    }
+
+    /// One GET with retries on transient failures. `offset` > 0 asks for a
+    /// range; the caller checks which it got through the returned status.
+    pub(crate) fn get_http(&mut self, url: &str, offset: u64) -> Result<(u16, ureq::http::Response<ureq::Body>), FetchError> {
+        let mut delay = self.opts.backoff;
+        let mut attempt = 0;
+        loop {
+            let mut req = self.agent.get(url);
+            if offset > 0 {
+                req = req.header("Range", format!("bytes={offset}-"));
+            }
+            let outcome = match req.call() {
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    if !transient_status(status) {
+                        return Ok((status, resp));
+                    }
+                    FetchError::Http { url: url.to_owned(), status }
+                }
+                Err(e) => FetchError::Transport { url: url.to_owned(), msg: e.to_string() },
+            };
+            if attempt >= self.opts.retries {
+                return Err(outcome);
+            }
+            log::warn!("{outcome}; retrying in {delay:?}");
+            attempt += 1;
+            self.sleep(delay);
+            delay *= 2;
+        }
+    }
+
+    /// Reads `rel` (relative to cache `idx`) whole, up to `limit` bytes.
+    fn get_small(&mut self, idx: usize, rel: &str, limit: u64) -> Result<Option<Vec<u8>>, FetchError> {
+        match self.open(idx, rel, 0)? {
+            Answer::Missing => Ok(None),
+            Answer::Found(body) => {
+                let url = format!("{}/{rel}", self.caches[idx].0);
+                let mut buf = Vec::new();
+                body.take(limit + 1)
+                    .read_to_end(&mut buf)
+                    .map_err(|e| FetchError::Transport { url: url.clone(), msg: e.to_string() })?;
+                if buf.len() as u64 > limit {
+                    return Err(FetchError::TooLarge { url, limit });
+                }
+                Ok(Some(buf))
+            }
+        }
+    }
+
+    /// Opens `rel` in cache `idx` from byte `offset` (which must be honoured:
+    /// a server ignoring Range has its first `offset` bytes skipped).
+    pub(crate) fn open(&mut self, idx: usize, rel: &str, offset: u64) -> Result<Answer, FetchError> {
+        match self.caches[idx].0.clone() {
+            CacheUrl::File(dir) => {
+                // A query string means nothing to a directory.
+                let rel = rel.split(['?', '#']).next().unwrap_or(rel);
+                let path = dir.join(rel);
+                let io_err = |e: io::Error| FetchError::Transport { url: format!("file://{}", path.display()), msg: e.to_string() };
+                match std::fs::File::open(&path) {
+                    Ok(mut f) => {
+                        if offset > 0 {
+                            io::Seek::seek(&mut f, io::SeekFrom::Start(offset)).map_err(io_err)?;
+                        }
+                        Ok(Answer::Found(Box::new(f)))
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Answer::Missing),
+                    Err(e) => Err(io_err(e)),
+                }
+            }
+            CacheUrl::Http(base) => {
+                let url = format!("{base}/{rel}");
+                let (status, resp) = self.get_http(&url, offset)?;
+                match status {
+                    200 | 206 => {
+                        let got_range = status == 206;
+                        if offset > 0 && got_range {
+                            let start = resp
+                                .headers()
+                                .get("content-range")
+                                .and_then(|v| v.to_str().ok())
+                                .and_then(|v| v.strip_prefix("bytes "))
+                                .and_then(|v| v.split('-').next())
+                                .and_then(|v| v.parse::<u64>().ok());
+                            if start != Some(offset) {
+                                return Err(FetchError::Transport { url, msg: format!("asked for bytes from {offset}, got Content-Range starting at {start:?}") });
+                            }
+                        }
+                        let mut body: Box<dyn Read + Send> = Box::new(resp.into_body().into_reader());
+                        if offset > 0 && !got_range {
+                            // The server ignored Range: start over from zero
+                            // on the wire, skipping what we already have.
+                            log::info!("{url}: server ignored Range, re-reading {offset} bytes");
+                            let skipped = io::copy(&mut (&mut body).take(offset), &mut io::sink())
+                                .map_err(|e| FetchError::Transport { url: url.clone(), msg: e.to_string() })?;
+                            if skipped != offset {
+                                return Err(FetchError::Transport { url, msg: "body shorter than on the first attempt".into() });
+                            }
+                        }
+                        Ok(Answer::Found(body))
+                    }
+                    404 | 410 => Ok(Answer::Missing),
+                    _ => Err(FetchError::Http { url, status }),
+                }
+            }
+        }
+    }
+
+    /// Checks cache `idx`'s nix-cache-info once per run. A wrong StoreDir is
+    /// an error; an unreachable cache is skipped for this run.
+    fn check(&mut self, idx: usize) -> Result<bool, FetchError> {
+        match &self.caches[idx].1 {
+            Health::Ok => return Ok(true),
+            Health::Down(_) => return Ok(false),
+            Health::Unchecked => {}
+        }
+        let cache = self.caches[idx].0.to_string();
+        let health = match self.get_small(idx, "nix-cache-info", 64 << 10) {
+            Ok(Some(bytes)) => {
+                let text = String::from_utf8_lossy(&bytes);
+                cache_info::parse(&text).map_err(|e| FetchError::CacheInfo { cache: cache.clone(), msg: e.to_string() })?;
+                Health::Ok
+            }
+            Ok(None) => Health::Down(format!("{cache}: no nix-cache-info (not a binary cache)")),
+            Err(e) => Health::Down(e.to_string()),
+        };
+        if let Health::Down(why) = &health {
+            log::warn!("skipping cache for this run: {why}");
+        }
+        let ok = health == Health::Ok;
+        self.caches[idx].1 = health;
+        Ok(ok)
+    }
+
+    /// Finds `path`'s narinfo in the first cache from index `from` on that
+    /// has it: the text and the index of that cache.
+    pub fn narinfo(&mut self, path: &StorePath, from: usize) -> Result<(usize, String), FetchError> {
+        let rel = format!("{}.narinfo", path.hash_part());
+        let mut unreachable = Vec::new();
+        for idx in from..self.caches.len() {
+            if !self.check(idx)? {
+                if let Health::Down(why) = &self.caches[idx].1 {
+                    unreachable.push(why.clone());
+                }
+                continue;
+            }
+            match self.get_small(idx, &rel, MAX_NARINFO) {
+                Ok(Some(bytes)) => {
+                    let text = String::from_utf8(bytes).map_err(|_| FetchError::Transport {
+                        url: format!("{}/{rel}", self.caches[idx].0),
+                        msg: "narinfo is not UTF-8".into(),
+                    })?;
+                    return Ok((idx, text));
+                }
+                Ok(None) => continue,
+                Err(e @ FetchError::TooLarge { .. }) => return Err(e),
+                Err(e) => unreachable.push(e.to_string()),
+            }
+        }
+        Err(FetchError::NotFound { path: path.to_string(), unreachable })
+    }
+}

@@ -1,0 +1,207 @@
+//! The one streaming pass from a cache to the store:
+//!
+//! ```text
+//! body ─▶ FileSize cap + FileHash ─▶ decompress ─▶ NarSize cap + NarHash ─▶ NAR parser ─▶ sink
+//! ```
+//!
+//! Nothing here holds more than a fixed buffer: bytes flow through in
+//! [`CHUNK`]-sized pieces. Only when the whole stream has been read are the
+//! sizes and hashes compared; until then the sink has only written into a
+//! temporary directory that the caller throws away on any error.
+
+use super::decompress::{self, Unsupported};
+use super::resume::ResumableBody;
+use super::{FetchError, Fetcher};
+use crate::nar::{Event, NarError, Parser};
+use crate::nix::{NarInfo, Sha256};
+use sha2::{Digest, Sha256 as Hasher};
+use std::io::{self, Read};
+
+pub const CHUNK: usize = 256 << 10;
+
+#[derive(Debug)]
+pub enum PipelineError {
+    Fetch(FetchError),
+    /// The narinfo named a NAR the cache does not have.
+    MissingNar { url: String },
+    Unsupported(Unsupported),
+    /// Reading or decompressing failed (after any resumes).
+    Read { url: String, source: io::Error },
+    /// More bytes than the narinfo announced: cut off.
+    TooLong { what: &'static str, limit: u64 },
+    Size { what: &'static str, expected: u64, got: u64 },
+    Hash { what: &'static str, expected: Sha256, got: Sha256 },
+    Nar(NarError),
+}
+
+impl std::fmt::Display for PipelineError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PipelineError::Fetch(e) => e.fmt(f),
+            PipelineError::MissingNar { url } => write!(f, "{url}: NAR named by the narinfo is missing (404)"),
+            PipelineError::Unsupported(e) => e.fmt(f),
+            PipelineError::Read { url, source } => write!(f, "{url}: {source}"),
+            PipelineError::TooLong { what, limit } => {
+                write!(f, "{what} exceeds the {limit} bytes the narinfo announced; cut off")
+            }
+            PipelineError::Size { what, expected, got } => {
+                write!(f, "{what} mismatch: narinfo says {expected} bytes, got {got}")
+            }
+            PipelineError::Hash { what, expected, got } => {
+                write!(f, "{what} mismatch: narinfo says {expected}, got {got}")
+            }
+            PipelineError::Nar(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for PipelineError {}
+
+/// Counts, caps and optionally hashes what passes through.
+struct Metered<R> {
+    inner: R,
+    count: u64,
+    limit: Option<u64>,
+    hasher: Option<Hasher>,
+}
+
+impl<R: Read> Read for Metered<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count += n as u64;
+        if let Some(limit) = self.limit {
+            if self.count > limit {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, CutOff(limit)));
+            }
+        }
+        if let Some(h) = &mut self.hasher {
+            h.update(&buf[..n]);
+        }
+        Ok(n)
+    }
+}
+
+#[derive(Debug)]
+struct CutOff(u64);
+
+impl std::fmt::Display for CutOff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "file exceeds FileSize {}", self.0)
+    }
+}
+
+impl std::error::Error for CutOff {}
+
+fn digest(h: Hasher) -> Sha256 {
+    Sha256(h.finalize().into())
+}
+
+/// What a successful pass moved.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Stats {
+    pub file_bytes: u64,
+    pub nar_bytes: u64,
+    pub resumes: u32,
+}
+
+/// Fetches `info`'s NAR from cache `idx`, verifies it and feeds its events
+/// to `sink`. `progress` gets the NAR bytes of each chunk as they pass.
+pub fn fetch_nar(
+    fetcher: &mut Fetcher,
+    idx: usize,
+    info: &NarInfo<'_>,
+    sink: &mut dyn FnMut(Event<'_>) -> Result<(), NarError>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<Stats, PipelineError> {
+    let body = ResumableBody::open(fetcher, idx, info.url).map_err(PipelineError::Fetch)?;
+    let Some(body) = body else {
+        return Err(PipelineError::MissingNar { url: format!("{}/{}", fetcher.cache_url(idx), info.url) });
+    };
+    let url = body.url();
+    process(body, &url, info, sink, progress)
+}
+
+/// The pass itself, over any byte source (tests feed it directly).
+pub fn process<R: Read + ResumeCount>(
+    body: R,
+    url: &str,
+    info: &NarInfo<'_>,
+    sink: &mut dyn FnMut(Event<'_>) -> Result<(), NarError>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<Stats, PipelineError> {
+    let mut file = Metered {
+        inner: body,
+        count: 0,
+        limit: info.file_size,
+        hasher: info.file_hash.map(|_| Hasher::new()),
+    };
+    let read_err = |e: io::Error| -> PipelineError {
+        if let Some(CutOff(limit)) = e.get_ref().and_then(|r| r.downcast_ref::<CutOff>()) {
+            return PipelineError::TooLong { what: "file", limit: *limit };
+        }
+        PipelineError::Read { url: url.to_owned(), source: e }
+    };
+    let mut nar_hasher = Hasher::new();
+    let mut nar_bytes = 0u64;
+    let mut parser = Parser::new();
+    {
+        let mut decoder = decompress::decoder(&info.compression, &mut file).map_err(PipelineError::Unsupported)?;
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = match decoder.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(read_err(e)),
+            };
+            nar_bytes += n as u64;
+            if nar_bytes > info.nar_size {
+                return Err(PipelineError::TooLong { what: "NAR", limit: info.nar_size });
+            }
+            let chunk = &buf[..n];
+            nar_hasher.update(chunk);
+            parser.feed(chunk, sink).map_err(PipelineError::Nar)?;
+            progress(n as u64);
+        }
+    }
+    // Whatever the decoder left unread (it may stop at a frame's end) still
+    // belongs to the file: read it so FileSize/FileHash cover every byte and
+    // the connection can go back to the pool.
+    io::copy(&mut file, &mut io::sink()).map_err(read_err)?;
+    parser.finish().map_err(|e| PipelineError::Nar(NarError::Parse(e)))?;
+    if nar_bytes != info.nar_size {
+        return Err(PipelineError::Size { what: "NarSize", expected: info.nar_size, got: nar_bytes });
+    }
+    let got = digest(nar_hasher);
+    if got != info.nar_hash {
+        return Err(PipelineError::Hash { what: "NarHash", expected: info.nar_hash, got });
+    }
+    if let Some(expected) = info.file_size {
+        if file.count != expected {
+            return Err(PipelineError::Size { what: "FileSize", expected, got: file.count });
+        }
+    }
+    if let (Some(expected), Some(h)) = (info.file_hash, file.hasher.take()) {
+        let got = digest(h);
+        if got != expected {
+            return Err(PipelineError::Hash { what: "FileHash", expected, got });
+        }
+    }
+    Ok(Stats { file_bytes: file.count, nar_bytes, resumes: file.inner.resumes() })
+}
+
+/// How often a source had to resume (0 for plain readers).
+pub trait ResumeCount {
+    fn resumes(&self) -> u32 {
+        0
+    }
+}
+
+impl ResumeCount for ResumableBody<'_> {
+    fn resumes(&self) -> u32 {
+        self.resumes
+    }
+}
+
+impl ResumeCount for &[u8] {}
+impl ResumeCount for std::fs::File {}

@@ -1,0 +1,326 @@
+//! Installing a closure: resolve, fetch, verify, unpack, make durable,
+//! rename into place, in dependency order.
+//!
+//! Crash safety comes from the order of operations for each batch:
+//! 1. every path of the batch is unpacked (with canonical metadata) into
+//!    `<store>/.nixless-tmp-<base>` and verified against its narinfo;
+//! 2. each path's record is written under the state dir;
+//! 3. one `syncfs` makes all of it durable (instead of one fsync per file);
+//! 4. the temps are renamed to their final names with `RENAME_NOREPLACE`,
+//!    references before referrers, and the store directory is fsynced.
+//!
+//! A path therefore appears only complete and durable, and only after
+//! everything it references; a crash at any point leaves temps that the next
+//! run deletes.
+
+use super::fsutil;
+use super::record::Record;
+use super::{Store, TEMP_PREFIX};
+use crate::fetch::pipeline::{self, PipelineError};
+use crate::fetch::{FetchError, Fetcher};
+use crate::nar::{NarError, Unpacker};
+use crate::nix::narinfo::NarInfoError;
+use crate::nix::{NarInfo, StorePath, TrustedKeys};
+use rustix::fs::{self as rfs, RenameFlags};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+
+#[derive(Debug)]
+pub enum InstallError {
+    Fetch(FetchError),
+    /// No cache had a narinfo for the path that parses and is signed by a
+    /// trusted key; the first reason is given.
+    NarInfo { path: StorePath, cache: String, err: NarInfoError },
+    /// References form a cycle (never produced by Nix).
+    Cycle(StorePath),
+    Nar { path: StorePath, err: PipelineError },
+    Io { op: &'static str, path: String, err: io::Error },
+}
+
+impl std::fmt::Display for InstallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            InstallError::Fetch(e) => e.fmt(f),
+            InstallError::NarInfo { path, cache, err } => write!(f, "{path}: narinfo from {cache}: {err}"),
+            InstallError::Cycle(p) => write!(f, "{p}: reference cycle"),
+            InstallError::Nar { path, err } => write!(f, "{path}: {err}"),
+            InstallError::Io { op, path, err } => write!(f, "{op} {path}: {err}"),
+        }
+    }
+}
+
+impl std::error::Error for InstallError {}
+
+fn io_err(op: &'static str, path: impl std::fmt::Display) -> impl FnOnce(io::Error) -> InstallError {
+    move |err| InstallError::Io { op, path: path.to_string(), err }
+}
+
+/// One path to install: where its verified narinfo came from, and the text.
+#[derive(Debug, Clone)]
+pub struct PlanItem {
+    pub path: StorePath,
+    pub cache: usize,
+    pub narinfo: String,
+    pub nar_size: u64,
+    pub references: Vec<StorePath>,
+}
+
+impl PlanItem {
+    pub fn info(&self) -> NarInfo<'_> {
+        NarInfo::parse(&self.narinfo, Some(&self.path)).expect("verified when planned")
+    }
+}
+
+/// The missing part of a closure, references before referrers.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub items: Vec<PlanItem>,
+    /// Paths of the closure that were already present.
+    pub present: usize,
+}
+
+impl Plan {
+    pub fn nar_bytes(&self) -> u64 {
+        self.items.iter().map(|i| i.nar_size).sum()
+    }
+}
+
+/// Fetches and verifies the narinfos of every missing path in the closure
+/// of `roots`, and orders them.
+pub fn resolve(fetcher: &mut Fetcher, store: &Store, keys: &TrustedKeys, roots: &[StorePath]) -> Result<Plan, InstallError> {
+    let mut found: BTreeMap<StorePath, PlanItem> = BTreeMap::new();
+    let mut present = BTreeSet::new();
+    let mut queue: Vec<StorePath> = roots.to_vec();
+    while let Some(path) = queue.pop() {
+        if found.contains_key(&path) || present.contains(&path) {
+            continue;
+        }
+        if store.is_present(&path) {
+            present.insert(path);
+            continue;
+        }
+        let item = find_narinfo(fetcher, keys, &path)?;
+        fetcher.tick();
+        for r in &item.references {
+            if *r != path {
+                queue.push(r.clone());
+            }
+        }
+        found.insert(path, item);
+    }
+    Ok(Plan { items: topo_order(found)?, present: present.len() })
+}
+
+/// The first cache's narinfo for `path` that parses, is for `path` and is
+/// signed by a trusted key; later caches are tried when one fails.
+fn find_narinfo(fetcher: &mut Fetcher, keys: &TrustedKeys, path: &StorePath) -> Result<PlanItem, InstallError> {
+    let mut first_err: Option<InstallError> = None;
+    let mut from = 0;
+    while from < fetcher.cache_count() {
+        let (idx, text) = match fetcher.narinfo(path, from) {
+            Ok(found) => found,
+            Err(e) => return Err(first_err.unwrap_or(InstallError::Fetch(e))),
+        };
+        let cache = fetcher.cache_url(idx).to_string();
+        let checked = NarInfo::parse(&text, Some(path)).and_then(|ni| ni.verify(keys).map(|_| ni));
+        match checked {
+            Ok(ni) => {
+                let (nar_size, references) = (ni.nar_size, ni.references.clone());
+                return Ok(PlanItem { path: path.clone(), cache: idx, narinfo: text, nar_size, references });
+            }
+            Err(err) => {
+                log::warn!("{path}: narinfo from {cache}: {err}; trying the next cache");
+                first_err.get_or_insert(InstallError::NarInfo { path: path.clone(), cache, err });
+                from = idx + 1;
+            }
+        }
+    }
+    Err(first_err.expect("loop ran at least once"))
+}
+
+/// Kahn's algorithm over references within the set; ties by name, so the
+/// order is deterministic.
+fn topo_order(mut found: BTreeMap<StorePath, PlanItem>) -> Result<Vec<PlanItem>, InstallError> {
+    let mut pending: BTreeMap<StorePath, usize> = BTreeMap::new();
+    let mut referrers: BTreeMap<StorePath, Vec<StorePath>> = BTreeMap::new();
+    for (p, item) in &found {
+        let deps: BTreeSet<&StorePath> = item.references.iter().filter(|r| *r != p && found.contains_key(*r)).collect();
+        pending.insert(p.clone(), deps.len());
+        for d in deps {
+            referrers.entry(d.clone()).or_default().push(p.clone());
+        }
+    }
+    let mut ready: BTreeSet<StorePath> = pending.iter().filter(|(_, n)| **n == 0).map(|(p, _)| p.clone()).collect();
+    let mut out = Vec::with_capacity(found.len());
+    while let Some(p) = ready.pop_first() {
+        for r in referrers.remove(&p).unwrap_or_default() {
+            let n = pending.get_mut(&r).expect("known");
+            *n -= 1;
+            if *n == 0 {
+                ready.insert(r);
+            }
+        }
+        pending.remove(&p);
+        out.push(found.remove(&p).expect("known"));
+    }
+    match pending.into_keys().next() {
+        Some(p) => Err(InstallError::Cycle(p)),
+        None => Ok(out),
+    }
+}
+
+/// How far an install has got.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Progress {
+    pub paths_done: usize,
+    pub paths_total: usize,
+    pub nar_bytes_done: u64,
+    pub nar_bytes_total: u64,
+    pub file_bytes: u64,
+}
+
+/// Limits of one batch between two syncfs calls.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    pub paths: usize,
+    pub nar_bytes: u64,
+}
+
+impl Default for BatchLimits {
+    fn default() -> Self {
+        BatchLimits { paths: 1000, nar_bytes: 512 << 20 }
+    }
+}
+
+fn temp_name(p: &StorePath) -> String {
+    format!("{TEMP_PREFIX}{}", p.base())
+}
+
+/// Installs `plan` into `store`, reporting progress after every chunk.
+pub fn install_plan(
+    fetcher: &mut Fetcher,
+    store: &Store,
+    plan: &Plan,
+    limits: BatchLimits,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Progress, InstallError> {
+    let mut prog = Progress {
+        paths_total: plan.items.len(),
+        nar_bytes_total: plan.nar_bytes(),
+        ..Progress::default()
+    };
+    let mut batch: Vec<&PlanItem> = Vec::new();
+    let mut batch_bytes = 0;
+    let result = (|| {
+        for item in &plan.items {
+            if let Err(e) = fetch_into_temp(fetcher, store, item, &mut prog, progress) {
+                // What the batch already verified is closure-complete (plan
+                // order): keep it, so a retry does not fetch it again.
+                commit_batch(store, &batch)?;
+                return Err(e);
+            }
+            batch.push(item);
+            batch_bytes += item.nar_size;
+            if batch.len() >= limits.paths || batch_bytes >= limits.nar_bytes {
+                commit_batch(store, &batch)?;
+                prog.paths_done += batch.len();
+                progress(&prog);
+                batch.clear();
+                batch_bytes = 0;
+            }
+        }
+        commit_batch(store, &batch)?;
+        prog.paths_done += batch.len();
+        progress(&prog);
+        batch.clear();
+        Ok(prog)
+    })();
+    if result.is_err() {
+        // Nothing of a failed batch may stay: drop its temps (a temp that
+        // was already renamed is a complete path and stays).
+        for item in plan.items.iter() {
+            let _ = fsutil::remove_tree(store.store_fd(), temp_name(&item.path).as_bytes());
+        }
+    }
+    result
+}
+
+fn fetch_into_temp(
+    fetcher: &mut Fetcher,
+    store: &Store,
+    item: &PlanItem,
+    prog: &mut Progress,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<(), InstallError> {
+    let tmp = temp_name(&item.path);
+    fsutil::remove_tree(store.store_fd(), tmp.as_bytes()).map_err(io_err("remove", &tmp))?;
+    let info = item.info();
+    let mut unpacker = Unpacker::new(store.store_fd(), tmp.as_bytes());
+    let before = prog.nar_bytes_done;
+    let stats = pipeline::fetch_nar(
+        fetcher,
+        item.cache,
+        &info,
+        &mut |ev| unpacker.event(ev).map_err(NarError::from),
+        &mut |n| {
+            prog.nar_bytes_done += n;
+            progress(prog);
+        },
+    );
+    match stats {
+        Ok(s) => {
+            prog.file_bytes += s.file_bytes;
+            Ok(())
+        }
+        Err(err) => {
+            prog.nar_bytes_done = before;
+            drop(unpacker);
+            let _ = fsutil::remove_tree(store.store_fd(), tmp.as_bytes());
+            Err(InstallError::Nar { path: item.path.clone(), err })
+        }
+    }
+}
+
+fn commit_batch(store: &Store, batch: &[&PlanItem]) -> Result<(), InstallError> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    for item in batch {
+        let info = item.info();
+        let rec = Record { path: item.path.clone(), nar_hash: info.nar_hash, nar_size: info.nar_size, references: info.references.clone() };
+        store.write_record(&rec).map_err(io_err("write record of", &item.path))?;
+    }
+    let dir = store.store_dir().display();
+    rfs::syncfs(store.store_fd()).map_err(|e| io_err("syncfs", &dir)(e.into()))?;
+    let same_fs = fsutil::device(store.store_fd()).ok() == fsutil::device(store.paths_fd()).ok();
+    if !same_fs {
+        rfs::syncfs(store.paths_fd()).map_err(|e| io_err("syncfs", store.state_dir().display())(e.into()))?;
+    }
+    for item in batch {
+        let tmp = temp_name(&item.path);
+        match rfs::renameat_with(store.store_fd(), tmp.as_str(), store.store_fd(), item.path.base(), RenameFlags::NOREPLACE) {
+            Ok(()) => {}
+            // Someone else installed it meanwhile: theirs is as good.
+            Err(rustix::io::Errno::EXIST) => {
+                fsutil::remove_tree(store.store_fd(), tmp.as_bytes()).map_err(io_err("remove", &tmp))?;
+            }
+            Err(e) => return Err(io_err("rename into place", &item.path)(e.into())),
+        }
+    }
+    rfs::fsync(store.store_fd()).map_err(|e| io_err("fsync", &dir)(e.into()))?;
+    Ok(())
+}
+
+/// Resolves and installs the closures of `roots`.
+pub fn install(
+    fetcher: &mut Fetcher,
+    store: &Store,
+    keys: &TrustedKeys,
+    roots: &[StorePath],
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<(Plan, Progress), InstallError> {
+    store.clean_temps().map_err(io_err("clean", store.store_dir().display()))?;
+    let plan = resolve(fetcher, store, keys, roots)?;
+    let prog = install_plan(fetcher, store, &plan, BatchLimits::default(), progress)?;
+    Ok((plan, prog))
+}
