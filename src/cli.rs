@@ -103,7 +103,11 @@ fn trusted_keys(inline: &[String], files: &[PathBuf]) -> Result<TrustedKeys, Str
     }
     for f in files {
         let text = std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
-        for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        for line in text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
             keys.push(PublicKey::parse(line).map_err(|e| format!("{}: {e}", f.display()))?);
         }
     }
@@ -134,7 +138,10 @@ impl Meter {
             return;
         }
         let now = Instant::now();
-        if self.last.is_some_and(|l| now.duration_since(l).as_millis() < 100) {
+        if self
+            .last
+            .is_some_and(|l| now.duration_since(l).as_millis() < 100)
+        {
             return;
         }
         self.last = Some(now);
@@ -165,13 +172,28 @@ fn cmd_install(a: InstallArgs) -> CliResult {
     if a.cache.is_empty() {
         return Err("no cache given: use --cache URL".into());
     }
-    let caches = a.cache.iter().map(|c| CacheUrl::parse(c)).collect::<Result<Vec<_>, _>>()?;
+    let caches = a
+        .cache
+        .iter()
+        .map(|c| CacheUrl::parse(c))
+        .collect::<Result<Vec<_>, _>>()?;
     let keys = trusted_keys(&a.trusted_key, &a.trusted_key_file)?;
     let state = state_dir(&a.root, a.state_dir);
-    let store = Store::open(&a.root, &state).map_err(|e| format!("opening store under {}: {e}", a.root.display()))?;
-    let mut fetcher = Fetcher::new(caches, Options { retries: a.retries, ..Options::default() });
+    let store = Store::open(&a.root, &state)
+        .map_err(|e| format!("opening store under {}: {e}", a.root.display()))?;
+    let mut fetcher = Fetcher::new(
+        caches,
+        Options {
+            retries: a.retries,
+            ..Options::default()
+        },
+    );
     let start = Instant::now();
-    let mut meter = Meter { start, last: None, enabled: is_tty() };
+    let mut meter = Meter {
+        start,
+        last: None,
+        enabled: is_tty(),
+    };
     let result = install::install(&mut fetcher, &store, &keys, &roots, &mut |p| meter.show(p));
     meter.clear();
     let (plan, prog) = result.map_err(|e| e.to_string())?;
@@ -189,9 +211,12 @@ fn cmd_install(a: InstallArgs) -> CliResult {
 
 fn cmd_verify(a: VerifyArgs) -> CliResult {
     let state = state_dir(&a.root, a.state_dir);
-    let store = Store::open(&a.root, &state).map_err(|e| format!("opening store under {}: {e}", a.root.display()))?;
+    let store = Store::open(&a.root, &state)
+        .map_err(|e| format!("opening store under {}: {e}", a.root.display()))?;
     let paths = if a.paths.is_empty() {
-        store.recorded_paths().map_err(|e| format!("{}: {e}", state.display()))?
+        store
+            .recorded_paths()
+            .map_err(|e| format!("{}: {e}", state.display()))?
     } else {
         parse_store_paths(&a.paths)?
     };
@@ -213,7 +238,10 @@ fn cmd_verify(a: VerifyArgs) -> CliResult {
         match store.hash_path(p) {
             Ok((hash, size)) if hash == rec.nar_hash && size == rec.nar_size => {}
             Ok((hash, size)) => {
-                println!("{p}: modified: NAR hash {hash} ({size} bytes), recorded {} ({} bytes)", rec.nar_hash, rec.nar_size);
+                println!(
+                    "{p}: modified: NAR hash {hash} ({size} bytes), recorded {} ({} bytes)",
+                    rec.nar_hash, rec.nar_size
+                );
                 bad += 1;
             }
             Err(e) => {
@@ -223,7 +251,10 @@ fn cmd_verify(a: VerifyArgs) -> CliResult {
         }
     }
     if bad > 0 {
-        return Err(format!("{bad} of {} paths failed verification", paths.len()));
+        return Err(format!(
+            "{bad} of {} paths failed verification",
+            paths.len()
+        ));
     }
     eprintln!("{} paths verified", paths.len());
     Ok(())

@@ -1,8 +1,8 @@
 //! nixless: install NixOS closures from Nix binary caches, without Nix.
 
-pub mod nix;
-pub mod nar;
-pub mod fetch;
-pub mod store;
 pub mod cli;
+pub mod fetch;
 pub mod logger;
+pub mod nar;
+pub mod nix;
+pub mod store;

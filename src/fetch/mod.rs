@@ -42,7 +42,9 @@ impl CacheUrl {
             }
             Ok(CacheUrl::Http(s.to_owned()))
         } else {
-            Err(format!("cache URL {s:?}: expected http://, https:// or file://"))
+            Err(format!(
+                "cache URL {s:?}: expected http://, https:// or file://"
+            ))
         }
     }
 }
@@ -59,12 +61,27 @@ impl std::fmt::Display for CacheUrl {
 #[derive(Debug)]
 pub enum FetchError {
     /// The cache is for another store directory, or its nix-cache-info is garbage.
-    CacheInfo { cache: String, msg: String },
+    CacheInfo {
+        cache: String,
+        msg: String,
+    },
     /// No cache has the path (each answered 404, or could not be reached).
-    NotFound { path: String, unreachable: Vec<String> },
-    Http { url: String, status: u16 },
-    Transport { url: String, msg: String },
-    TooLarge { url: String, limit: u64 },
+    NotFound {
+        path: String,
+        unreachable: Vec<String>,
+    },
+    Http {
+        url: String,
+        status: u16,
+    },
+    Transport {
+        url: String,
+        msg: String,
+    },
+    TooLarge {
+        url: String,
+        limit: u64,
+    },
 }
 
 impl std::fmt::Display for FetchError {
@@ -80,7 +97,9 @@ impl std::fmt::Display for FetchError {
             }
             FetchError::Http { url, status } => write!(f, "GET {url}: HTTP {status}"),
             FetchError::Transport { url, msg } => write!(f, "GET {url}: {msg}"),
-            FetchError::TooLarge { url, limit } => write!(f, "GET {url}: larger than {limit} bytes"),
+            FetchError::TooLarge { url, limit } => {
+                write!(f, "GET {url}: larger than {limit} bytes")
+            }
         }
     }
 }
@@ -192,7 +211,11 @@ impl Fetcher {
 
     /// One GET with retries on transient failures. `offset` > 0 asks for a
     /// range; the caller checks which it got through the returned status.
-    pub(crate) fn get_http(&mut self, url: &str, offset: u64) -> Result<(u16, ureq::http::Response<ureq::Body>), FetchError> {
+    pub(crate) fn get_http(
+        &mut self,
+        url: &str,
+        offset: u64,
+    ) -> Result<(u16, ureq::http::Response<ureq::Body>), FetchError> {
         let mut delay = self.opts.backoff;
         let mut attempt = 0;
         loop {
@@ -206,9 +229,15 @@ impl Fetcher {
                     if !transient_status(status) {
                         return Ok((status, resp));
                     }
-                    FetchError::Http { url: url.to_owned(), status }
+                    FetchError::Http {
+                        url: url.to_owned(),
+                        status,
+                    }
                 }
-                Err(e) => FetchError::Transport { url: url.to_owned(), msg: e.to_string() },
+                Err(e) => FetchError::Transport {
+                    url: url.to_owned(),
+                    msg: e.to_string(),
+                },
             };
             if attempt >= self.opts.retries {
                 return Err(outcome);
@@ -221,7 +250,12 @@ impl Fetcher {
     }
 
     /// Reads `rel` (relative to cache `idx`) whole, up to `limit` bytes.
-    fn get_small(&mut self, idx: usize, rel: &str, limit: u64) -> Result<Option<Vec<u8>>, FetchError> {
+    fn get_small(
+        &mut self,
+        idx: usize,
+        rel: &str,
+        limit: u64,
+    ) -> Result<Option<Vec<u8>>, FetchError> {
         match self.open(idx, rel, 0)? {
             Answer::Missing => Ok(None),
             Answer::Found(body) => {
@@ -229,7 +263,10 @@ impl Fetcher {
                 let mut buf = Vec::new();
                 body.take(limit + 1)
                     .read_to_end(&mut buf)
-                    .map_err(|e| FetchError::Transport { url: url.clone(), msg: e.to_string() })?;
+                    .map_err(|e| FetchError::Transport {
+                        url: url.clone(),
+                        msg: e.to_string(),
+                    })?;
                 if buf.len() as u64 > limit {
                     return Err(FetchError::TooLarge { url, limit });
                 }
@@ -240,13 +277,21 @@ impl Fetcher {
 
     /// Opens `rel` in cache `idx` from byte `offset` (which must be honoured:
     /// a server ignoring Range has its first `offset` bytes skipped).
-    pub(crate) fn open(&mut self, idx: usize, rel: &str, offset: u64) -> Result<Answer, FetchError> {
+    pub(crate) fn open(
+        &mut self,
+        idx: usize,
+        rel: &str,
+        offset: u64,
+    ) -> Result<Answer, FetchError> {
         match self.caches[idx].0.clone() {
             CacheUrl::File(dir) => {
                 // A query string means nothing to a directory.
                 let rel = rel.split(['?', '#']).next().unwrap_or(rel);
                 let path = dir.join(rel);
-                let io_err = |e: io::Error| FetchError::Transport { url: format!("file://{}", path.display()), msg: e.to_string() };
+                let io_err = |e: io::Error| FetchError::Transport {
+                    url: format!("file://{}", path.display()),
+                    msg: e.to_string(),
+                };
                 match std::fs::File::open(&path) {
                     Ok(mut f) => {
                         if offset > 0 {
@@ -276,15 +321,22 @@ impl Fetcher {
                                 return Err(FetchError::Transport { url, msg: format!("asked for bytes from {offset}, got Content-Range starting at {start:?}") });
                             }
                         }
-                        let mut body: Box<dyn Read + Send> = Box::new(resp.into_body().into_reader());
+                        let mut body: Box<dyn Read + Send> =
+                            Box::new(resp.into_body().into_reader());
                         if offset > 0 && !got_range {
                             // The server ignored Range: start over from zero
                             // on the wire, skipping what we already have.
                             log::info!("{url}: server ignored Range, re-reading {offset} bytes");
                             let skipped = io::copy(&mut (&mut body).take(offset), &mut io::sink())
-                                .map_err(|e| FetchError::Transport { url: url.clone(), msg: e.to_string() })?;
+                                .map_err(|e| FetchError::Transport {
+                                    url: url.clone(),
+                                    msg: e.to_string(),
+                                })?;
                             if skipped != offset {
-                                return Err(FetchError::Transport { url, msg: "body shorter than on the first attempt".into() });
+                                return Err(FetchError::Transport {
+                                    url,
+                                    msg: "body shorter than on the first attempt".into(),
+                                });
                             }
                         }
                         Ok(Answer::Found(body))
@@ -308,7 +360,10 @@ impl Fetcher {
         let health = match self.get_small(idx, "nix-cache-info", 64 << 10) {
             Ok(Some(bytes)) => {
                 let text = String::from_utf8_lossy(&bytes);
-                cache_info::parse(&text).map_err(|e| FetchError::CacheInfo { cache: cache.clone(), msg: e.to_string() })?;
+                cache_info::parse(&text).map_err(|e| FetchError::CacheInfo {
+                    cache: cache.clone(),
+                    msg: e.to_string(),
+                })?;
                 Health::Ok
             }
             Ok(None) => Health::Down(format!("{cache}: no nix-cache-info (not a binary cache)")),
@@ -324,7 +379,11 @@ impl Fetcher {
 
     /// Finds `path`'s narinfo in the first cache from index `from` on that
     /// has it: the text and the index of that cache.
-    pub fn narinfo(&mut self, path: &StorePath, from: usize) -> Result<(usize, String), FetchError> {
+    pub fn narinfo(
+        &mut self,
+        path: &StorePath,
+        from: usize,
+    ) -> Result<(usize, String), FetchError> {
         let rel = format!("{}.narinfo", path.hash_part());
         let mut unreachable = Vec::new();
         for idx in from..self.caches.len() {
@@ -347,6 +406,9 @@ impl Fetcher {
                 Err(e) => unreachable.push(e.to_string()),
             }
         }
-        Err(FetchError::NotFound { path: path.to_string(), unreachable })
+        Err(FetchError::NotFound {
+            path: path.to_string(),
+            unreachable,
+        })
     }
 }

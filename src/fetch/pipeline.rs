@@ -23,14 +23,30 @@ pub const CHUNK: usize = 256 << 10;
 pub enum PipelineError {
     Fetch(FetchError),
     /// The narinfo named a NAR the cache does not have.
-    MissingNar { url: String },
+    MissingNar {
+        url: String,
+    },
     Unsupported(Unsupported),
     /// Reading or decompressing failed (after any resumes).
-    Read { url: String, source: io::Error },
+    Read {
+        url: String,
+        source: io::Error,
+    },
     /// More bytes than the narinfo announced: cut off.
-    TooLong { what: &'static str, limit: u64 },
-    Size { what: &'static str, expected: u64, got: u64 },
-    Hash { what: &'static str, expected: Sha256, got: Sha256 },
+    TooLong {
+        what: &'static str,
+        limit: u64,
+    },
+    Size {
+        what: &'static str,
+        expected: u64,
+        got: u64,
+    },
+    Hash {
+        what: &'static str,
+        expected: Sha256,
+        got: Sha256,
+    },
     Nar(NarError),
 }
 
@@ -38,16 +54,32 @@ impl std::fmt::Display for PipelineError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             PipelineError::Fetch(e) => e.fmt(f),
-            PipelineError::MissingNar { url } => write!(f, "{url}: NAR named by the narinfo is missing (404)"),
+            PipelineError::MissingNar { url } => {
+                write!(f, "{url}: NAR named by the narinfo is missing (404)")
+            }
             PipelineError::Unsupported(e) => e.fmt(f),
             PipelineError::Read { url, source } => write!(f, "{url}: {source}"),
             PipelineError::TooLong { what, limit } => {
-                write!(f, "{what} exceeds the {limit} bytes the narinfo announced; cut off")
+                write!(
+                    f,
+                    "{what} exceeds the {limit} bytes the narinfo announced; cut off"
+                )
             }
-            PipelineError::Size { what, expected, got } => {
-                write!(f, "{what} mismatch: narinfo says {expected} bytes, got {got}")
+            PipelineError::Size {
+                what,
+                expected,
+                got,
+            } => {
+                write!(
+                    f,
+                    "{what} mismatch: narinfo says {expected} bytes, got {got}"
+                )
             }
-            PipelineError::Hash { what, expected, got } => {
+            PipelineError::Hash {
+                what,
+                expected,
+                got,
+            } => {
                 write!(f, "{what} mismatch: narinfo says {expected}, got {got}")
             }
             PipelineError::Nar(e) => e.fmt(f),
@@ -71,7 +103,8 @@ impl<R: Read> Read for Metered<R> {
         self.count += n as u64;
         if let Some(limit) = self.limit {
             if self.count > limit {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, CutOff(limit)));
+                // A kind of its own survives decoders that re-wrap errors.
+                return Err(io::Error::new(io::ErrorKind::FileTooLarge, CutOff(limit)));
             }
         }
         if let Some(h) = &mut self.hasher {
@@ -115,7 +148,9 @@ pub fn fetch_nar(
 ) -> Result<Stats, PipelineError> {
     let body = ResumableBody::open(fetcher, idx, info.url).map_err(PipelineError::Fetch)?;
     let Some(body) = body else {
-        return Err(PipelineError::MissingNar { url: format!("{}/{}", fetcher.cache_url(idx), info.url) });
+        return Err(PipelineError::MissingNar {
+            url: format!("{}/{}", fetcher.cache_url(idx), info.url),
+        });
     };
     let url = body.url();
     process(body, &url, info, sink, progress)
@@ -135,17 +170,25 @@ pub fn process<R: Read + ResumeCount>(
         limit: info.file_size,
         hasher: info.file_hash.map(|_| Hasher::new()),
     };
+    let file_limit = info.file_size.unwrap_or(0);
     let read_err = |e: io::Error| -> PipelineError {
-        if let Some(CutOff(limit)) = e.get_ref().and_then(|r| r.downcast_ref::<CutOff>()) {
-            return PipelineError::TooLong { what: "file", limit: *limit };
+        if e.kind() == io::ErrorKind::FileTooLarge {
+            return PipelineError::TooLong {
+                what: "file",
+                limit: file_limit,
+            };
         }
-        PipelineError::Read { url: url.to_owned(), source: e }
+        PipelineError::Read {
+            url: url.to_owned(),
+            source: e,
+        }
     };
     let mut nar_hasher = Hasher::new();
     let mut nar_bytes = 0u64;
     let mut parser = Parser::new();
     {
-        let mut decoder = decompress::decoder(&info.compression, &mut file).map_err(PipelineError::Unsupported)?;
+        let mut decoder = decompress::decoder(&info.compression, &mut file)
+            .map_err(PipelineError::Unsupported)?;
         let mut buf = vec![0u8; CHUNK];
         loop {
             let n = match decoder.read(&mut buf) {
@@ -156,7 +199,10 @@ pub fn process<R: Read + ResumeCount>(
             };
             nar_bytes += n as u64;
             if nar_bytes > info.nar_size {
-                return Err(PipelineError::TooLong { what: "NAR", limit: info.nar_size });
+                return Err(PipelineError::TooLong {
+                    what: "NAR",
+                    limit: info.nar_size,
+                });
             }
             let chunk = &buf[..n];
             nar_hasher.update(chunk);
@@ -168,26 +214,48 @@ pub fn process<R: Read + ResumeCount>(
     // belongs to the file: read it so FileSize/FileHash cover every byte and
     // the connection can go back to the pool.
     io::copy(&mut file, &mut io::sink()).map_err(read_err)?;
-    parser.finish().map_err(|e| PipelineError::Nar(NarError::Parse(e)))?;
+    parser
+        .finish()
+        .map_err(|e| PipelineError::Nar(NarError::Parse(e)))?;
     if nar_bytes != info.nar_size {
-        return Err(PipelineError::Size { what: "NarSize", expected: info.nar_size, got: nar_bytes });
+        return Err(PipelineError::Size {
+            what: "NarSize",
+            expected: info.nar_size,
+            got: nar_bytes,
+        });
     }
     let got = digest(nar_hasher);
     if got != info.nar_hash {
-        return Err(PipelineError::Hash { what: "NarHash", expected: info.nar_hash, got });
+        return Err(PipelineError::Hash {
+            what: "NarHash",
+            expected: info.nar_hash,
+            got,
+        });
     }
     if let Some(expected) = info.file_size {
         if file.count != expected {
-            return Err(PipelineError::Size { what: "FileSize", expected, got: file.count });
+            return Err(PipelineError::Size {
+                what: "FileSize",
+                expected,
+                got: file.count,
+            });
         }
     }
     if let (Some(expected), Some(h)) = (info.file_hash, file.hasher.take()) {
         let got = digest(h);
         if got != expected {
-            return Err(PipelineError::Hash { what: "FileHash", expected, got });
+            return Err(PipelineError::Hash {
+                what: "FileHash",
+                expected,
+                got,
+            });
         }
     }
-    Ok(Stats { file_bytes: file.count, nar_bytes, resumes: file.inner.resumes() })
+    Ok(Stats {
+        file_bytes: file.count,
+        nar_bytes,
+        resumes: file.inner.resumes(),
+    })
 }
 
 /// How often a source had to resume (0 for plain readers).

@@ -32,15 +32,24 @@ const MAX_TAG: usize = 16;
 /// What the parser found. Names are entry names (the root node's is empty).
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event<'a> {
-    Directory { name: &'a [u8] },
+    Directory {
+        name: &'a [u8],
+    },
     /// All of a directory's entries have been seen.
     DirectoryEnd,
-    Regular { name: &'a [u8], executable: bool, size: u64 },
+    Regular {
+        name: &'a [u8],
+        executable: bool,
+        size: u64,
+    },
     /// A piece of the current regular file's contents.
     Data(&'a [u8]),
     /// The current regular file's contents are complete.
     RegularEnd,
-    Symlink { name: &'a [u8], target: &'a [u8] },
+    Symlink {
+        name: &'a [u8],
+        target: &'a [u8],
+    },
 }
 
 /// What was wrong with a NAR, at which byte offset, in which entry.
@@ -56,15 +65,25 @@ pub struct ParseError {
 pub enum ErrorKind {
     BadMagic,
     /// A tag other than the one(s) the grammar allows here.
-    UnexpectedTag { expected: &'static str, got: String },
+    UnexpectedTag {
+        expected: &'static str,
+        got: String,
+    },
     UnknownType(String),
     /// A string longer than the grammar allows at that point.
-    TooLong { what: &'static str, len: u64, max: usize },
+    TooLong {
+        what: &'static str,
+        len: u64,
+        max: usize,
+    },
     EmptyName,
     /// `.`, `..`, or a name with `/` or NUL.
     InvalidName(String),
     /// Names must be strictly increasing (this also refuses duplicates).
-    Unordered { prev: String, name: String },
+    Unordered {
+        prev: String,
+        name: String,
+    },
     EmptyTarget,
     TargetNul,
     /// `executable` must be followed by the empty string.
@@ -79,7 +98,11 @@ pub enum ErrorKind {
 
 impl std::fmt::Display for ParseError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let at = if self.path.is_empty() { "<root>".to_string() } else { self.path.clone() };
+        let at = if self.path.is_empty() {
+            "<root>".to_string()
+        } else {
+            self.path.clone()
+        };
         write!(f, "invalid NAR at byte {} (entry {at}): ", self.offset)?;
         match &self.kind {
             ErrorKind::BadMagic => write!(f, "not a NAR (bad magic)"),
@@ -93,7 +116,10 @@ impl std::fmt::Display for ParseError {
             ErrorKind::EmptyName => write!(f, "empty entry name"),
             ErrorKind::InvalidName(n) => write!(f, "invalid entry name {n:?}"),
             ErrorKind::Unordered { prev, name } => {
-                write!(f, "entry {name:?} does not sort after {prev:?} (unordered or duplicate)")
+                write!(
+                    f,
+                    "entry {name:?} does not sort after {prev:?} (unordered or duplicate)"
+                )
             }
             ErrorKind::EmptyTarget => write!(f, "empty symlink target"),
             ErrorKind::TargetNul => write!(f, "symlink target contains NUL"),
@@ -209,7 +235,11 @@ impl Parser {
     }
 
     fn err(&self, kind: ErrorKind) -> ParseError {
-        ParseError { offset: self.offset, path: String::from_utf8_lossy(&self.path).into_owned(), kind }
+        ParseError {
+            offset: self.offset,
+            path: String::from_utf8_lossy(&self.path).into_owned(),
+            kind,
+        }
     }
 
     /// Call after the last chunk: the NAR must be complete.
@@ -285,7 +315,11 @@ impl Parser {
     ) -> Result<(), E> {
         sink(Event::RegularEnd)?;
         self.remaining = pad_len(self.contents_len) as u64;
-        self.expect = if self.remaining == 0 { Expect::NodeClose } else { Expect::ContentsPad };
+        self.expect = if self.remaining == 0 {
+            Expect::NodeClose
+        } else {
+            Expect::ContentsPad
+        };
         Ok(())
     }
 
@@ -365,7 +399,11 @@ impl Parser {
         sink: &mut F,
     ) -> Result<(), E> {
         self.tok = Tok::Len;
-        sink(Event::Regular { name: self.current_name(), executable: self.executable, size: len })?;
+        sink(Event::Regular {
+            name: self.current_name(),
+            executable: self.executable,
+            size: len,
+        })?;
         self.remaining = len;
         self.contents_len = len;
         self.expect = Expect::Contents;
@@ -418,7 +456,9 @@ impl Parser {
                     if self.dirs.len() >= MAX_DEPTH {
                         return Err(self.err(ErrorKind::TooDeep).into());
                     }
-                    sink(Event::Directory { name: self.current_name() })?;
+                    sink(Event::Directory {
+                        name: self.current_name(),
+                    })?;
                     self.dirs.push(DirFrame { prev: Vec::new() });
                     self.expect = Expect::DirTag;
                 }
@@ -460,7 +500,10 @@ impl Parser {
                     Some(&s) => &self.path[s..],
                     None => &[],
                 };
-                sink(Event::Symlink { name, target: &self.buf })?;
+                sink(Event::Symlink {
+                    name,
+                    target: &self.buf,
+                })?;
                 self.expect = Expect::NodeClose;
             }
             Expect::NodeClose => {
@@ -486,7 +529,10 @@ impl Parser {
             }
             Expect::Name => {
                 self.check_name()?;
-                let frame = self.dirs.last_mut().expect("entries only inside directories");
+                let frame = self
+                    .dirs
+                    .last_mut()
+                    .expect("entries only inside directories");
                 frame.prev.clear();
                 frame.prev.extend_from_slice(&self.buf);
                 if !self.path.is_empty() {
@@ -544,6 +590,10 @@ impl Parser {
 
     /// A node's closing `)` was read: the root is done, or its entry closes.
     fn node_done(&mut self) {
-        self.expect = if self.name_start.is_empty() { Expect::Done } else { Expect::EntryClose };
+        self.expect = if self.name_start.is_empty() {
+            Expect::Done
+        } else {
+            Expect::EntryClose
+        };
     }
 }

@@ -22,8 +22,14 @@ use std::io::{self, Write};
 pub const STORE_MTIME: i64 = 1;
 
 const TIMES: Timestamps = Timestamps {
-    last_access: Timespec { tv_sec: STORE_MTIME, tv_nsec: 0 },
-    last_modification: Timespec { tv_sec: STORE_MTIME, tv_nsec: 0 },
+    last_access: Timespec {
+        tv_sec: STORE_MTIME,
+        tv_nsec: 0,
+    },
+    last_modification: Timespec {
+        tv_sec: STORE_MTIME,
+        tv_nsec: 0,
+    },
 };
 
 /// An I/O failure while unpacking, with the entry it concerned.
@@ -36,7 +42,11 @@ pub struct UnpackError {
 
 impl std::fmt::Display for UnpackError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let at = if self.path.is_empty() { "<root>" } else { &self.path };
+        let at = if self.path.is_empty() {
+            "<root>"
+        } else {
+            &self.path
+        };
         write!(f, "{} {at}: {}", self.op, self.source)
     }
 }
@@ -75,7 +85,11 @@ impl<'d> Unpacker<'d> {
     }
 
     fn err(&self, op: &'static str, e: impl Into<io::Error>) -> UnpackError {
-        UnpackError { op, path: String::from_utf8_lossy(&self.path).into_owned(), source: e.into() }
+        UnpackError {
+            op,
+            path: String::from_utf8_lossy(&self.path).into_owned(),
+            source: e.into(),
+        }
     }
 
     /// The directory a new node goes into, and the name it gets there.
@@ -107,7 +121,12 @@ impl<'d> Unpacker<'d> {
             Event::Directory { name } => {
                 let (at, n) = self.place(name);
                 let made = rfs::mkdirat(at, n, Mode::from_raw_mode(0o755)).and_then(|()| {
-                    rfs::openat(at, n, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
+                    rfs::openat(
+                        at,
+                        n,
+                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )
                 });
                 self.enter(name);
                 let fd = made.map_err(|e| self.err("create directory", e))?;
@@ -123,10 +142,18 @@ impl<'d> Unpacker<'d> {
                     self.leave();
                 }
             }
-            Event::Regular { name, executable, size: _ } => {
+            Event::Regular {
+                name,
+                executable,
+                size: _,
+            } => {
                 let (at, n) = self.place(name);
                 let mode = if executable { 0o555 } else { 0o444 };
-                let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+                let flags = OFlags::WRONLY
+                    | OFlags::CREATE
+                    | OFlags::EXCL
+                    | OFlags::NOFOLLOW
+                    | OFlags::CLOEXEC;
                 let made = rfs::openat(at, n, flags, Mode::from_raw_mode(mode));
                 self.enter(name);
                 let fd = made.map_err(|e| self.err("create file", e))?;

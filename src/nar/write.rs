@@ -25,11 +25,17 @@ pub enum Node {
 
 impl Node {
     pub fn file(contents: &[u8]) -> Node {
-        Node::Regular { executable: false, contents: contents.to_vec() }
+        Node::Regular {
+            executable: false,
+            contents: contents.to_vec(),
+        }
     }
 
     pub fn exe(contents: &[u8]) -> Node {
-        Node::Regular { executable: true, contents: contents.to_vec() }
+        Node::Regular {
+            executable: true,
+            contents: contents.to_vec(),
+        }
     }
 
     pub fn link(target: &[u8]) -> Node {
@@ -53,7 +59,10 @@ fn encode_node(out: &mut Vec<u8>, node: &Node) {
     put_str(out, b"(").unwrap();
     put_str(out, b"type").unwrap();
     match node {
-        Node::Regular { executable, contents } => {
+        Node::Regular {
+            executable,
+            contents,
+        } => {
             put_str(out, b"regular").unwrap();
             if *executable {
                 put_str(out, b"executable").unwrap();
@@ -140,7 +149,10 @@ fn dump_node(
             let size = st.st_size as u64;
             out.write_all(&size.to_le_bytes())?;
             if io::copy(&mut (&mut f).take(size), out)? != size {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file shrank while reading"));
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "file shrank while reading",
+                ));
             }
             out.write_all(&[0u8; 8][..(8 - (size % 8) as usize) % 8])?;
             put_str(out, b")")?;
@@ -169,7 +181,10 @@ fn dump_node(
         }
         _ => Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("{}: not a regular file, directory or symlink", String::from_utf8_lossy(name)),
+            format!(
+                "{}: not a regular file, directory or symlink",
+                String::from_utf8_lossy(name)
+            ),
         )),
     }
 }

@@ -65,7 +65,10 @@ impl PublicKey {
         let (name, b64) = split(s)?;
         let bytes = base64::decode_exact::<32>(b64.as_bytes()).ok_or(KeyError::Encoding)?;
         let key = ed::PublicKey::from_slice(&bytes).map_err(|_| KeyError::Encoding)?;
-        Ok(PublicKey { name: name.to_owned(), key })
+        Ok(PublicKey {
+            name: name.to_owned(),
+            key,
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -100,12 +103,16 @@ impl SecretKey {
         let (name, b64) = split(s)?;
         let bytes = base64::decode_exact::<64>(b64.as_bytes()).ok_or(KeyError::Encoding)?;
         let key = ed::SecretKey::from_slice(&bytes).map_err(|_| KeyError::Encoding)?;
-        key.validate_public_key(&key.public_key()).map_err(|_| KeyError::Mismatch)?;
+        key.validate_public_key(&key.public_key())
+            .map_err(|_| KeyError::Mismatch)?;
         let seed_pk = ed::KeyPair::from_seed(key.seed()).pk;
         if seed_pk != key.public_key() {
             return Err(KeyError::Mismatch);
         }
-        Ok(SecretKey { name: name.to_owned(), key })
+        Ok(SecretKey {
+            name: name.to_owned(),
+            key,
+        })
     }
 
     /// A fresh key from the OS's random source.
@@ -114,11 +121,17 @@ impl SecretKey {
             return Err(KeyError::Name);
         }
         let kp = ed::KeyPair::from_seed(ed::Seed::generate());
-        Ok(SecretKey { name: name.to_owned(), key: kp.sk })
+        Ok(SecretKey {
+            name: name.to_owned(),
+            key: kp.sk,
+        })
     }
 
     pub fn public(&self) -> PublicKey {
-        PublicKey { name: self.name.clone(), key: self.key.public_key() }
+        PublicKey {
+            name: self.name.clone(),
+            key: self.key.public_key(),
+        }
     }
 
     /// `name:base64(signature)`; deterministic (no noise), as Nix's libsodium
@@ -169,15 +182,29 @@ impl TrustedKeys {
     }
 
     /// The name of the first trusted key with a valid signature among `sigs`.
-    pub fn verify_any<'s>(&self, msg: &[u8], sigs: impl IntoIterator<Item = &'s str>) -> Option<&str> {
-        sigs.into_iter().filter_map(Signature::parse).find_map(|sig| {
-            self.0.iter().find(|k| k.verifies(msg, &sig)).map(|k| k.name())
-        })
+    pub fn verify_any<'s>(
+        &self,
+        msg: &[u8],
+        sigs: impl IntoIterator<Item = &'s str>,
+    ) -> Option<&str> {
+        sigs.into_iter()
+            .filter_map(Signature::parse)
+            .find_map(|sig| {
+                self.0
+                    .iter()
+                    .find(|k| k.verifies(msg, &sig))
+                    .map(|k| k.name())
+            })
     }
 }
 
 /// The message a cache signs for a store path.
-pub fn fingerprint(path: &StorePath, nar_hash: &Sha256, nar_size: u64, refs: &[StorePath]) -> String {
+pub fn fingerprint(
+    path: &StorePath,
+    nar_hash: &Sha256,
+    nar_size: u64,
+    refs: &[StorePath],
+) -> String {
     let mut full: Vec<String> = refs.iter().map(StorePath::to_absolute).collect();
     full.sort();
     format!("1;{path};{nar_hash};{nar_size};{}", full.join(","))
@@ -262,6 +289,9 @@ mod tests {
         assert_eq!(PublicKey::parse(":AAAA"), Err(KeyError::Name));
         assert_eq!(PublicKey::parse("k:AAAA"), Err(KeyError::Encoding));
         assert!(SecretKey::parse(PK).is_err());
-        assert_eq!(PublicKey::parse(&format!("{PK}\n")).unwrap().to_string(), PK);
+        assert_eq!(
+            PublicKey::parse(&format!("{PK}\n")).unwrap().to_string(),
+            PK
+        );
     }
 }

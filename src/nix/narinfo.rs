@@ -92,7 +92,10 @@ pub enum ErrorKind {
     /// NarSize 0: no NAR is empty.
     EmptyNar,
     /// StorePath is not the path whose narinfo was asked for.
-    WrongPath { expected: String, got: String },
+    WrongPath {
+        expected: String,
+        got: String,
+    },
     /// No signature by a trusted key verifies the fingerprint.
     Untrusted,
 }
@@ -227,7 +230,10 @@ impl<'a> NarInfo<'a> {
             }
         }
 
-        let missing = |k| NarInfoError { line: 0, kind: ErrorKind::Missing(k) };
+        let missing = |k| NarInfoError {
+            line: 0,
+            kind: ErrorKind::Missing(k),
+        };
         let store_path = store_path.ok_or(missing("StorePath"))?;
         if let Some(expected) = expected {
             if *expected != store_path {
@@ -257,7 +263,12 @@ impl<'a> NarInfo<'a> {
 
     /// The message a cache key signs for this path.
     pub fn fingerprint(&self) -> String {
-        fingerprint(&self.store_path, &self.nar_hash, self.nar_size, &self.references)
+        fingerprint(
+            &self.store_path,
+            &self.nar_hash,
+            self.nar_size,
+            &self.references,
+        )
     }
 
     /// The name of a trusted key that signed this narinfo, or `Untrusted`.
@@ -265,12 +276,17 @@ impl<'a> NarInfo<'a> {
     pub fn verify(&self, keys: &TrustedKeys) -> Result<String, NarInfoError> {
         keys.verify_any(self.fingerprint().as_bytes(), self.sigs.iter().copied())
             .map(str::to_owned)
-            .ok_or(NarInfoError { line: 0, kind: ErrorKind::Untrusted })
+            .ok_or(NarInfoError {
+                line: 0,
+                kind: ErrorKind::Untrusted,
+            })
     }
 
     /// References other than the path itself.
     pub fn other_references(&self) -> impl Iterator<Item = &StorePath> {
-        self.references.iter().filter(move |r| **r != self.store_path)
+        self.references
+            .iter()
+            .filter(move |r| **r != self.store_path)
     }
 }
 
@@ -324,7 +340,11 @@ Sig: test1:gDGiYxttmta7cbTvb7UyceEn79ApMDiZ7hjTKJtbupdqh+3k8hSMA7cWuILOQ5usnV2dR
         ] {
             let edited = REAL.replace(from, to);
             let ni = NarInfo::parse(&edited, None).unwrap();
-            assert_eq!(ni.verify(&keys()).unwrap_err().kind, ErrorKind::Untrusted, "{to}");
+            assert_eq!(
+                ni.verify(&keys()).unwrap_err().kind,
+                ErrorKind::Untrusted,
+                "{to}"
+            );
         }
         // Fields outside the fingerprint may change (Nix does not sign them),
         // which is why NAR content is checked against NarHash, not FileHash.
@@ -351,24 +371,56 @@ Sig: test1:gDGiYxttmta7cbTvb7UyceEn79ApMDiZ7hjTKJtbupdqh+3k8hSMA7cWuILOQ5usnV2dR
 
     #[test]
     fn malformed() {
-        assert_eq!(kind(&format!("{REAL}NarSize: 1\n")), ErrorKind::Duplicate("NarSize"));
-        assert_eq!(kind(&format!("{REAL}StorePath: x\n")), ErrorKind::Duplicate("StorePath"));
+        assert_eq!(
+            kind(&format!("{REAL}NarSize: 1\n")),
+            ErrorKind::Duplicate("NarSize")
+        );
+        assert_eq!(
+            kind(&format!("{REAL}StorePath: x\n")),
+            ErrorKind::Duplicate("StorePath")
+        );
         assert_eq!(kind(&format!("{REAL}garbage\n")), ErrorKind::Syntax);
         assert_eq!(kind(&format!("{REAL}\n")), ErrorKind::Syntax);
-        assert_eq!(kind(&REAL.replace("NarSize: ", "NarSize:")), ErrorKind::Syntax);
-        assert_eq!(kind(&REAL.replace("NarSize: 168", "NarSize: 0")), ErrorKind::EmptyNar);
-        assert_eq!(kind(&REAL.replace("NarSize: 168", "NarSize: +168")), ErrorKind::Number("NarSize"));
-        assert_eq!(kind(&REAL.replace("FileSize: 133", "FileSize: -1")), ErrorKind::Number("FileSize"));
-        assert_eq!(kind(&REAL.replace("NarSize: 168\n", "")), ErrorKind::Missing("NarSize"));
-        assert_eq!(kind(&REAL.replace("URL: nar/", "URL: /nar/")), ErrorKind::Url);
-        assert_eq!(kind(&REAL.replace("URL: nar/", "URL: ../nar/")), ErrorKind::Url);
-        assert_eq!(kind(&REAL.replace("URL: nar/", "URL: http://evil/")), ErrorKind::Url);
+        assert_eq!(
+            kind(&REAL.replace("NarSize: ", "NarSize:")),
+            ErrorKind::Syntax
+        );
+        assert_eq!(
+            kind(&REAL.replace("NarSize: 168", "NarSize: 0")),
+            ErrorKind::EmptyNar
+        );
+        assert_eq!(
+            kind(&REAL.replace("NarSize: 168", "NarSize: +168")),
+            ErrorKind::Number("NarSize")
+        );
+        assert_eq!(
+            kind(&REAL.replace("FileSize: 133", "FileSize: -1")),
+            ErrorKind::Number("FileSize")
+        );
+        assert_eq!(
+            kind(&REAL.replace("NarSize: 168\n", "")),
+            ErrorKind::Missing("NarSize")
+        );
+        assert_eq!(
+            kind(&REAL.replace("URL: nar/", "URL: /nar/")),
+            ErrorKind::Url
+        );
+        assert_eq!(
+            kind(&REAL.replace("URL: nar/", "URL: ../nar/")),
+            ErrorKind::Url
+        );
+        assert_eq!(
+            kind(&REAL.replace("URL: nar/", "URL: http://evil/")),
+            ErrorKind::Url
+        );
         assert!(matches!(
             kind(&REAL.replace("References: qx8l", "References: /nix/store/qx8l")),
             ErrorKind::Path("References", _)
         ));
-        assert_eq!(kind(&REAL.replace("StorePath: /nix/store/cy9y", "StorePath: /nix/store/ey9y")),
-            ErrorKind::Path("StorePath", StorePathError::Hash));
+        assert_eq!(
+            kind(&REAL.replace("StorePath: /nix/store/cy9y", "StorePath: /nix/store/ey9y")),
+            ErrorKind::Path("StorePath", StorePathError::Hash)
+        );
     }
 
     #[test]
@@ -380,7 +432,10 @@ Sig: test1:gDGiYxttmta7cbTvb7UyceEn79ApMDiZ7hjTKJtbupdqh+3k8hSMA7cWuILOQ5usnV2dR
         assert!(ni.sigs.is_empty());
         assert!(ni.verify(&keys()).is_err());
         let with_query = minimal.replace("URL: x.nar", "URL: nar/x.nar?hash=abc");
-        assert_eq!(NarInfo::parse(&with_query, None).unwrap().url, "nar/x.nar?hash=abc");
+        assert_eq!(
+            NarInfo::parse(&with_query, None).unwrap().url,
+            "nar/x.nar?hash=abc"
+        );
     }
 
     #[test]

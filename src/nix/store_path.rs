@@ -56,10 +56,8 @@ pub fn validate_name(name: &[u8]) -> Result<(), StorePathError> {
     let ok_chars = name
         .iter()
         .all(|&c| c.is_ascii_alphanumeric() || b"+-._?=".contains(&c));
-    let reserved = name == b"."
-        || name == b".."
-        || name.starts_with(b".-")
-        || name.starts_with(b"..-");
+    let reserved =
+        name == b"." || name == b".." || name.starts_with(b".-") || name.starts_with(b"..-");
     if ok_len && ok_chars && !reserved {
         Ok(())
     } else {
@@ -76,7 +74,9 @@ impl StorePath {
         }
         nixbase32::decode_exact::<20>(&b[..HASH_LEN]).map_err(|_| StorePathError::Hash)?;
         validate_name(&b[HASH_LEN + 1..])?;
-        Ok(StorePath { base: base.to_owned() })
+        Ok(StorePath {
+            base: base.to_owned(),
+        })
     }
 
     /// Parses an absolute path `/nix/store/<hash>-<name>`.
@@ -143,7 +143,9 @@ mod tests {
 
     #[test]
     fn refuses_bad_names() {
-        for name in ["", ".", "..", ".-x", "..-x", "a/b", "a b", "ü", "a\0", "a:b"] {
+        for name in [
+            "", ".", "..", ".-x", "..-x", "a/b", "a b", "ü", "a\0", "a:b",
+        ] {
             assert_eq!(
                 StorePath::from_base(&format!("{H}-{name}")),
                 Err(StorePathError::Name),
@@ -159,8 +161,14 @@ mod tests {
     #[test]
     fn refuses_bad_hashes_and_dirs() {
         let e = "eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee";
-        assert_eq!(StorePath::from_base(&format!("{e}-x")), Err(StorePathError::Hash));
-        assert_eq!(StorePath::from_base(&format!("{}-x", &H[1..])), Err(StorePathError::Hash));
+        assert_eq!(
+            StorePath::from_base(&format!("{e}-x")),
+            Err(StorePathError::Hash)
+        );
+        assert_eq!(
+            StorePath::from_base(&format!("{}-x", &H[1..])),
+            Err(StorePathError::Hash)
+        );
         assert_eq!(StorePath::from_base(H), Err(StorePathError::Hash));
         assert_eq!(
             StorePath::from_absolute(&format!("/nix/stor/{H}-x")),

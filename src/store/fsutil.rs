@@ -9,11 +9,20 @@ use std::io::{self, Write};
 use std::path::Path;
 
 pub fn open_dir(path: &Path) -> io::Result<OwnedFd> {
-    Ok(rfs::open(path, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?)
+    Ok(rfs::open(
+        path,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
 }
 
 pub fn open_dir_at(at: BorrowedFd<'_>, name: &[u8]) -> io::Result<OwnedFd> {
-    Ok(rfs::openat(at, name, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?)
+    Ok(rfs::openat(
+        at,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
 }
 
 /// Writes `name` in `dir` atomically: a temp file, written and (if
@@ -79,8 +88,9 @@ pub fn remove_tree(parent: BorrowedFd<'_>, name: &[u8]) -> io::Result<()> {
         Err(e) => return Err(e.into()),
     }
     // Frames: (dir fd, its name in the parent frame, subdirectories left).
-    let mut stack: Vec<(OwnedFd, Vec<u8>, Vec<Vec<u8>>)> = Vec::new();
-    let push = |stack: &mut Vec<(OwnedFd, Vec<u8>, Vec<Vec<u8>>)>, at: BorrowedFd<'_>, name: Vec<u8>| -> io::Result<()> {
+    type Frame = (OwnedFd, Vec<u8>, Vec<Vec<u8>>);
+    let mut stack: Vec<Frame> = Vec::new();
+    let push = |stack: &mut Vec<Frame>, at: BorrowedFd<'_>, name: Vec<u8>| -> io::Result<()> {
         let fd = open_dir_at(at, &name)?;
         rfs::fchmod(&fd, Mode::from_raw_mode(0o755))?;
         let mut subdirs = Vec::new();
@@ -135,7 +145,13 @@ mod tests {
             rfs::mkdirat(&at, name, Mode::from_raw_mode(0o755)).unwrap();
             let next = open_dir_at(at.as_fd(), name.as_bytes()).unwrap();
             rfs::symlinkat("/", &next, "l").unwrap();
-            let f = rfs::openat(&next, "f", OFlags::CREATE | OFlags::WRONLY, Mode::from_raw_mode(0o444)).unwrap();
+            let f = rfs::openat(
+                &next,
+                "f",
+                OFlags::CREATE | OFlags::WRONLY,
+                Mode::from_raw_mode(0o444),
+            )
+            .unwrap();
             drop(f);
             fds.push(std::mem::replace(&mut at, next));
         }

@@ -30,18 +30,31 @@ pub enum InstallError {
     Fetch(FetchError),
     /// No cache had a narinfo for the path that parses and is signed by a
     /// trusted key; the first reason is given.
-    NarInfo { path: StorePath, cache: String, err: NarInfoError },
+    NarInfo {
+        path: StorePath,
+        cache: String,
+        err: NarInfoError,
+    },
     /// References form a cycle (never produced by Nix).
     Cycle(StorePath),
-    Nar { path: StorePath, err: PipelineError },
-    Io { op: &'static str, path: String, err: io::Error },
+    Nar {
+        path: StorePath,
+        err: PipelineError,
+    },
+    Io {
+        op: &'static str,
+        path: String,
+        err: io::Error,
+    },
 }
 
 impl std::fmt::Display for InstallError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             InstallError::Fetch(e) => e.fmt(f),
-            InstallError::NarInfo { path, cache, err } => write!(f, "{path}: narinfo from {cache}: {err}"),
+            InstallError::NarInfo { path, cache, err } => {
+                write!(f, "{path}: narinfo from {cache}: {err}")
+            }
             InstallError::Cycle(p) => write!(f, "{p}: reference cycle"),
             InstallError::Nar { path, err } => write!(f, "{path}: {err}"),
             InstallError::Io { op, path, err } => write!(f, "{op} {path}: {err}"),
@@ -51,8 +64,15 @@ impl std::fmt::Display for InstallError {
 
 impl std::error::Error for InstallError {}
 
-fn io_err(op: &'static str, path: impl std::fmt::Display) -> impl FnOnce(io::Error) -> InstallError {
-    move |err| InstallError::Io { op, path: path.to_string(), err }
+fn io_err(
+    op: &'static str,
+    path: impl std::fmt::Display,
+) -> impl FnOnce(io::Error) -> InstallError {
+    move |err| InstallError::Io {
+        op,
+        path: path.to_string(),
+        err,
+    }
 }
 
 /// One path to install: where its verified narinfo came from, and the text.
@@ -87,7 +107,12 @@ impl Plan {
 
 /// Fetches and verifies the narinfos of every missing path in the closure
 /// of `roots`, and orders them.
-pub fn resolve(fetcher: &mut Fetcher, store: &Store, keys: &TrustedKeys, roots: &[StorePath]) -> Result<Plan, InstallError> {
+pub fn resolve(
+    fetcher: &mut Fetcher,
+    store: &Store,
+    keys: &TrustedKeys,
+    roots: &[StorePath],
+) -> Result<Plan, InstallError> {
     let mut found: BTreeMap<StorePath, PlanItem> = BTreeMap::new();
     let mut present = BTreeSet::new();
     let mut queue: Vec<StorePath> = roots.to_vec();
@@ -108,12 +133,19 @@ pub fn resolve(fetcher: &mut Fetcher, store: &Store, keys: &TrustedKeys, roots: 
         }
         found.insert(path, item);
     }
-    Ok(Plan { items: topo_order(found)?, present: present.len() })
+    Ok(Plan {
+        items: topo_order(found)?,
+        present: present.len(),
+    })
 }
 
 /// The first cache's narinfo for `path` that parses, is for `path` and is
 /// signed by a trusted key; later caches are tried when one fails.
-fn find_narinfo(fetcher: &mut Fetcher, keys: &TrustedKeys, path: &StorePath) -> Result<PlanItem, InstallError> {
+fn find_narinfo(
+    fetcher: &mut Fetcher,
+    keys: &TrustedKeys,
+    path: &StorePath,
+) -> Result<PlanItem, InstallError> {
     let mut first_err: Option<InstallError> = None;
     let mut from = 0;
     while from < fetcher.cache_count() {
@@ -126,11 +158,23 @@ fn find_narinfo(fetcher: &mut Fetcher, keys: &TrustedKeys, path: &StorePath) -> 
         match checked {
             Ok(ni) => {
                 let (nar_size, references) = (ni.nar_size, ni.references.clone());
-                return Ok(PlanItem { path: path.clone(), cache: idx, narinfo: text, nar_size, references });
+                return Ok(PlanItem {
+                    path: path.clone(),
+                    cache: idx,
+                    narinfo: text,
+                    nar_size,
+                    references,
+                });
             }
             Err(err) => {
-                log::warn!("{path}: narinfo from {cache}: {err}; trying the next cache");
-                first_err.get_or_insert(InstallError::NarInfo { path: path.clone(), cache, err });
+                if idx + 1 < fetcher.cache_count() {
+                    log::warn!("{path}: narinfo from {cache}: {err}; trying the next cache");
+                }
+                first_err.get_or_insert(InstallError::NarInfo {
+                    path: path.clone(),
+                    cache,
+                    err,
+                });
                 from = idx + 1;
             }
         }
@@ -144,13 +188,21 @@ fn topo_order(mut found: BTreeMap<StorePath, PlanItem>) -> Result<Vec<PlanItem>,
     let mut pending: BTreeMap<StorePath, usize> = BTreeMap::new();
     let mut referrers: BTreeMap<StorePath, Vec<StorePath>> = BTreeMap::new();
     for (p, item) in &found {
-        let deps: BTreeSet<&StorePath> = item.references.iter().filter(|r| *r != p && found.contains_key(*r)).collect();
+        let deps: BTreeSet<&StorePath> = item
+            .references
+            .iter()
+            .filter(|r| *r != p && found.contains_key(*r))
+            .collect();
         pending.insert(p.clone(), deps.len());
         for d in deps {
             referrers.entry(d.clone()).or_default().push(p.clone());
         }
     }
-    let mut ready: BTreeSet<StorePath> = pending.iter().filter(|(_, n)| **n == 0).map(|(p, _)| p.clone()).collect();
+    let mut ready: BTreeSet<StorePath> = pending
+        .iter()
+        .filter(|(_, n)| **n == 0)
+        .map(|(p, _)| p.clone())
+        .collect();
     let mut out = Vec::with_capacity(found.len());
     while let Some(p) = ready.pop_first() {
         for r in referrers.remove(&p).unwrap_or_default() {
@@ -188,7 +240,10 @@ pub struct BatchLimits {
 
 impl Default for BatchLimits {
     fn default() -> Self {
-        BatchLimits { paths: 1000, nar_bytes: 512 << 20 }
+        BatchLimits {
+            paths: 1000,
+            nar_bytes: 512 << 20,
+        }
     }
 }
 
@@ -276,7 +331,10 @@ fn fetch_into_temp(
             prog.nar_bytes_done = before;
             drop(unpacker);
             let _ = fsutil::remove_tree(store.store_fd(), tmp.as_bytes());
-            Err(InstallError::Nar { path: item.path.clone(), err })
+            Err(InstallError::Nar {
+                path: item.path.clone(),
+                err,
+            })
         }
     }
 }
@@ -287,22 +345,37 @@ fn commit_batch(store: &Store, batch: &[&PlanItem]) -> Result<(), InstallError> 
     }
     for item in batch {
         let info = item.info();
-        let rec = Record { path: item.path.clone(), nar_hash: info.nar_hash, nar_size: info.nar_size, references: info.references.clone() };
-        store.write_record(&rec).map_err(io_err("write record of", &item.path))?;
+        let rec = Record {
+            path: item.path.clone(),
+            nar_hash: info.nar_hash,
+            nar_size: info.nar_size,
+            references: info.references.clone(),
+        };
+        store
+            .write_record(&rec)
+            .map_err(io_err("write record of", &item.path))?;
     }
     let dir = store.store_dir().display();
     rfs::syncfs(store.store_fd()).map_err(|e| io_err("syncfs", &dir)(e.into()))?;
     let same_fs = fsutil::device(store.store_fd()).ok() == fsutil::device(store.paths_fd()).ok();
     if !same_fs {
-        rfs::syncfs(store.paths_fd()).map_err(|e| io_err("syncfs", store.state_dir().display())(e.into()))?;
+        rfs::syncfs(store.paths_fd())
+            .map_err(|e| io_err("syncfs", store.state_dir().display())(e.into()))?;
     }
     for item in batch {
         let tmp = temp_name(&item.path);
-        match rfs::renameat_with(store.store_fd(), tmp.as_str(), store.store_fd(), item.path.base(), RenameFlags::NOREPLACE) {
+        match rfs::renameat_with(
+            store.store_fd(),
+            tmp.as_str(),
+            store.store_fd(),
+            item.path.base(),
+            RenameFlags::NOREPLACE,
+        ) {
             Ok(()) => {}
             // Someone else installed it meanwhile: theirs is as good.
             Err(rustix::io::Errno::EXIST) => {
-                fsutil::remove_tree(store.store_fd(), tmp.as_bytes()).map_err(io_err("remove", &tmp))?;
+                fsutil::remove_tree(store.store_fd(), tmp.as_bytes())
+                    .map_err(io_err("remove", &tmp))?;
             }
             Err(e) => return Err(io_err("rename into place", &item.path)(e.into())),
         }
@@ -319,7 +392,9 @@ pub fn install(
     roots: &[StorePath],
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<(Plan, Progress), InstallError> {
-    store.clean_temps().map_err(io_err("clean", store.store_dir().display()))?;
+    store
+        .clean_temps()
+        .map_err(io_err("clean", store.store_dir().display()))?;
     let plan = resolve(fetcher, store, keys, roots)?;
     let prog = install_plan(fetcher, store, &plan, BatchLimits::default(), progress)?;
     Ok((plan, prog))

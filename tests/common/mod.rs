@@ -1,0 +1,259 @@
+//! Shared harness for the integration tests: real Nix-built fixtures
+//! (`tests/support/fixtures.sh`), nginx on loopback, the built binary.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+pub const NIX_CONFIG: &str =
+    "build-users-group =\nexperimental-features = nix-command\nsandbox = false\nsubstituters =";
+
+pub struct Fixtures {
+    pub vars: BTreeMap<String, String>,
+}
+
+impl Fixtures {
+    pub fn get(&self, k: &str) -> &str {
+        self.vars
+            .get(k)
+            .unwrap_or_else(|| panic!("fixture variable {k} missing"))
+    }
+
+    pub fn path(&self, k: &str) -> PathBuf {
+        PathBuf::from(self.get(k))
+    }
+
+    /// Every path in the closure of the top path.
+    pub fn closure(&self) -> Vec<String> {
+        closure_of(self.get("TOP"))
+    }
+}
+
+pub fn closure_of(p: &str) -> Vec<String> {
+    let out = nix(&["nix-store", "-qR", p]);
+    String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Builds (once per machine; fixtures.sh is idempotent and locked) and
+/// loads the fixtures. Panics if Nix is missing: these tests need it.
+pub fn fixtures() -> &'static Fixtures {
+    static F: OnceLock<Fixtures> = OnceLock::new();
+    F.get_or_init(|| {
+        let dir = target_dir().join("fixtures");
+        let st = Command::new("bash")
+            .arg(repo().join("tests/support/fixtures.sh"))
+            .arg(&dir)
+            .status()
+            .expect("run fixtures.sh");
+        assert!(
+            st.success(),
+            "fixtures.sh failed (is nix-bin installed? run .ci/run)"
+        );
+        let text = std::fs::read_to_string(dir.join("env")).unwrap();
+        let vars = text
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        Fixtures { vars }
+    })
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target"))
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_nixless")
+}
+
+/// Runs a Nix command, panicking on failure; returns stdout.
+pub fn nix(args: &[&str]) -> Vec<u8> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// `nix hash path --base32` of a file system path.
+pub fn nix_hash_path(p: &Path) -> String {
+    let out = nix(&["nix", "hash", "path", "--base32", p.to_str().unwrap()]);
+    String::from_utf8(out).unwrap().trim().to_owned()
+}
+
+/// Runs `nixless ARGS`.
+pub fn nixless(args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .env_remove("NIXLESS_LOG")
+        .output()
+        .unwrap()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The `NarHash` (nix32 part) of a path, from a cache dir's narinfo.
+pub fn narinfo_field(cache: &Path, store_path: &str, field: &str) -> String {
+    let base = store_path.rsplit('/').next().unwrap();
+    let text = std::fs::read_to_string(cache.join(format!("{}.narinfo", &base[..32]))).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&format!("{field}: ")))
+        .unwrap();
+    line[field.len() + 2..].to_owned()
+}
+
+/// Checks that everything in `<root>/nix/store` is a complete path: its NAR
+/// hash (by real Nix) equals the cache's NarHash, its metadata is canonical,
+/// and no temp entries are left. Returns the base names present.
+pub fn assert_store_sound(root: &Path, cache: &Path) -> Vec<String> {
+    let store = root.join("nix/store");
+    let mut present = Vec::new();
+    let Ok(rd) = std::fs::read_dir(&store) else {
+        return present;
+    };
+    for e in rd {
+        let name = e.unwrap().file_name().into_string().unwrap();
+        assert!(
+            !name.starts_with('.'),
+            "leftover temp {name} in {}",
+            store.display()
+        );
+        let p = store.join(&name);
+        let want = narinfo_field(cache, &name, "NarHash");
+        assert_eq!(format!("sha256:{}", nix_hash_path(&p)), want, "{name}");
+        assert_canonical(&p);
+        present.push(name);
+    }
+    present.sort();
+    present
+}
+
+/// Modes 0444/0555 (dirs 0555), mtime 1, everywhere below `p`.
+pub fn assert_canonical(p: &Path) {
+    let md = std::fs::symlink_metadata(p).unwrap();
+    assert_eq!(md.mtime(), 1, "mtime of {}", p.display());
+    let mode = md.permissions().mode() & 0o7777;
+    if md.is_dir() {
+        assert_eq!(mode, 0o555, "{}", p.display());
+        for e in std::fs::read_dir(p).unwrap() {
+            assert_canonical(&e.unwrap().path());
+        }
+    } else if md.is_file() {
+        assert!(
+            mode == 0o444 || mode == 0o555,
+            "{} has mode {mode:o}",
+            p.display()
+        );
+    }
+}
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// nginx serving `root` on a loopback port, stopped on drop.
+pub struct Nginx {
+    pub port: u16,
+    root: PathBuf,
+}
+
+impl Nginx {
+    pub fn start(root: &Path) -> Nginx {
+        Self::start_mode(root, &[])
+    }
+
+    pub fn start_throttled(root: &Path, rate: &str) -> Nginx {
+        Self::start_mode(root, &[rate])
+    }
+
+    fn start_mode(root: &Path, rate: &[&str]) -> Nginx {
+        let port = free_port();
+        let mode = if rate.is_empty() {
+            "start"
+        } else {
+            "start-throttled"
+        };
+        let st = Command::new("bash")
+            .arg(repo().join("tests/support/nginx.sh"))
+            .arg(mode)
+            .arg(root)
+            .arg(port.to_string())
+            .args(rate)
+            .status()
+            .unwrap();
+        assert!(st.success(), "nginx.sh {mode} failed");
+        Nginx {
+            port,
+            root: root.to_owned(),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(repo().join("tests/support/nginx.sh"))
+            .arg("stop")
+            .arg(&self.root)
+            .arg(self.port.to_string())
+            .status();
+    }
+}
+
+/// Copies a directory tree (a cache, to tamper with).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), &dst).unwrap();
+            std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+    }
+}
+
+/// The hash part (narinfo stem) of a store path.
+pub fn hash_part(store_path: &str) -> &str {
+    &store_path.rsplit('/').next().unwrap()[..32]
+}
+
+/// Makes a tree removable (store paths are read-only) and removes it.
+pub fn rm_rf(p: &Path) {
+    let _ = Command::new("chmod").args(["-R", "u+w"]).arg(p).status();
+    let _ = std::fs::remove_dir_all(p);
+}
