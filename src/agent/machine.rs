@@ -1,0 +1,440 @@
+//! The update state machine, as a pure function.
+//!
+//! ```text
+//!            Accepted(switch|boot)            FetchOk(switch)          result 0
+//!   Idle ───────────────────────▶ Fetching ─────────────────▶ Switching(test) ───────▶ Verifying
+//!    ▲                               │ FetchFailed                 │ result ≠ 0            │ Healthy
+//!    │                               ▼                             ▼                       ▼
+//!    │◀──────────── failed ──────────┘              Switching(rollback-test) ◀─ Unhealthy  Committing
+//!    │◀──── rolled-back / rollback-failed ──────────────┘                      ◀─ timeout    │ CommitOk
+//!    │                                                                                       ▼
+//!    │◀──────────────────────── committed ──────────────────────────────── Switching(boot) ◀─┘
+//! ```
+//! A `boot` deploy goes Fetching → Committing → Switching(boot). A signed
+//! `rollback` is a switch to the previous generation without a fetch; `gc`
+//! collects garbage and returns to Idle.
+//!
+//! `step(state, event, now)` returns the next state and the effects the
+//! agent loop must perform; the loop persists the state *before* performing
+//! them, so every crash point is a state in which `Resumed` re-issues what
+//! is still needed (and a switch request is never issued twice: see
+//! [`Effect::RequestSwitch`]). Each deploy may take at most
+//! [`MAX_TRANSITIONS`] steps, which bounds restart loops.
+
+/// What a deploy document asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Switch,
+    Boot,
+    Rollback,
+    Gc,
+}
+
+impl Action {
+    pub fn parse(s: &str) -> Option<Action> {
+        Some(match s {
+            "switch" => Action::Switch,
+            "boot" => Action::Boot,
+            "rollback" => Action::Rollback,
+            "gc" => Action::Gc,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Switch => "switch",
+            Action::Boot => "boot",
+            Action::Rollback => "rollback",
+            Action::Gc => "gc",
+        }
+    }
+}
+
+/// Which `switch-to-configuration` run a switch request is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// `test` of the new system: it runs, the boot default is unchanged.
+    Test,
+    /// `boot` of the committed system: the bootloader entry.
+    Boot,
+    /// `test` of the previous system, undoing a failed update.
+    RollbackTest,
+}
+
+impl Step {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Test => "test",
+            Step::Boot => "boot",
+            Step::RollbackTest => "rollback-test",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Step> {
+        Some(match s {
+            "test" => Step::Test,
+            "boot" => Step::Boot,
+            "rollback-test" => Step::RollbackTest,
+            _ => return None,
+        })
+    }
+
+    /// The `switch-to-configuration` argument.
+    pub fn stc_action(self) -> &'static str {
+        match self {
+            Step::Test | Step::RollbackTest => "test",
+            Step::Boot => "boot",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    Idle,
+    Fetching,
+    Switching { step: Step, id: u64 },
+    Verifying { deadline: u64 },
+    Committing,
+    Collecting,
+}
+
+impl Phase {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::Idle => "idle",
+            Phase::Fetching => "fetching",
+            Phase::Switching { step: Step::RollbackTest, .. } => "rolling-back",
+            Phase::Switching { .. } => "switching",
+            Phase::Verifying { .. } => "verifying",
+            Phase::Committing => "committing",
+            Phase::Collecting => "collecting",
+        }
+    }
+}
+
+/// How a deploy ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Committed,
+    RolledBack,
+    RollbackFailed,
+    /// Refused before anything changed (bad signature, replay, …).
+    Rejected,
+    /// Failed without changing the running system (fetch failed, …).
+    Failed,
+    /// A `gc` finished.
+    Collected,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Committed => "committed",
+            Outcome::RolledBack => "rolled-back",
+            Outcome::RollbackFailed => "rollback-failed",
+            Outcome::Rejected => "rejected",
+            Outcome::Failed => "failed",
+            Outcome::Collected => "collected",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Outcome> {
+        [
+            Outcome::Committed,
+            Outcome::RolledBack,
+            Outcome::RollbackFailed,
+            Outcome::Rejected,
+            Outcome::Failed,
+            Outcome::Collected,
+        ]
+        .into_iter()
+        .find(|o| o.as_str() == s)
+    }
+
+    pub const ALL: [Outcome; 6] = [
+        Outcome::Committed,
+        Outcome::RolledBack,
+        Outcome::RollbackFailed,
+        Outcome::Rejected,
+        Outcome::Failed,
+        Outcome::Collected,
+    ];
+}
+
+/// The deploy in progress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    pub seq: u64,
+    pub action: Action,
+    pub system: String,
+    /// The system running when the deploy was accepted (rollback target).
+    pub previous: Option<String>,
+    pub started: u64,
+    pub transitions: u32,
+    /// Why the update is being rolled back, once it is.
+    pub failure: Option<String>,
+    /// The kernel boot id when the new system was switched to: a different
+    /// one while verifying means the machine rebooted.
+    pub boot_id: Option<String>,
+}
+
+/// The last finished deploy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Last {
+    pub seq: u64,
+    pub action: Action,
+    pub system: String,
+    pub outcome: Outcome,
+    pub reason: Option<String>,
+    pub finished: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct State {
+    /// The highest sequence number ever accepted; only higher ones are.
+    pub highest_seq: u64,
+    /// Switch request ids are never reused.
+    pub next_switch_id: u64,
+    pub phase: Phase,
+    pub job: Option<Job>,
+    pub last: Option<Last>,
+    /// Finished deploys by outcome, indexed like [`Outcome::ALL`].
+    pub outcomes: [u64; 6],
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State { highest_seq: 0, next_switch_id: 1, phase: Phase::Idle, job: None, last: None, outcomes: [0; 6] }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A verified deploy document (the loop has checked signature, host,
+    /// sequence). `previous` is the system running now, `boot_id` the
+    /// kernel's boot id now.
+    Accepted { seq: u64, action: Action, system: String, previous: Option<String>, boot_id: Option<String> },
+    /// The agent (re)started with this boot id.
+    Resumed { boot_id: Option<String> },
+    FetchOk,
+    FetchFailed(String),
+    /// The switch helper's result for request `id`: exit code (`None` if it
+    /// never produced one, e.g. it died or timed out) and output tail.
+    SwitchResult { id: u64, code: Option<i32>, tail: String },
+    Healthy,
+    Unhealthy(String),
+    CommitOk,
+    CommitFailed(String),
+    GcDone(Result<String, String>),
+}
+
+/// What the loop must do after persisting the new state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Install the job's closure (idempotent: present paths are skipped).
+    Fetch,
+    /// Ensure a switch request `id` exists. The loop writes it only if
+    /// neither the request nor a result with that id is on disk yet, and
+    /// the helper runs each id at most once, so re-issuing after a crash
+    /// never repeats a switch.
+    RequestSwitch { id: u64, step: Step, system: String },
+    /// Start (or continue) health checks.
+    CheckHealth,
+    /// New system-N-link, atomic swap of the system profile (idempotent).
+    Commit,
+    CollectGarbage,
+}
+
+pub const MAX_TRANSITIONS: u32 = 32;
+
+/// Knobs the machine needs.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// How long health checks may take before the update is rolled back.
+    pub health_timeout_secs: u64,
+}
+
+fn finish(s: &mut State, outcome: Outcome, reason: Option<String>, now: u64) {
+    if let Some(job) = s.job.take() {
+        s.last = Some(Last { seq: job.seq, action: job.action, system: job.system, outcome, reason, finished: now });
+    }
+    let i = Outcome::ALL.iter().position(|o| *o == outcome).expect("listed");
+    s.outcomes[i] += 1;
+    s.phase = Phase::Idle;
+}
+
+fn switch(s: &mut State, step: Step, system: String) -> Vec<Effect> {
+    let id = s.next_switch_id;
+    s.next_switch_id += 1;
+    s.phase = Phase::Switching { step, id };
+    vec![Effect::RequestSwitch { id, step, system }]
+}
+
+/// Undo a failed switch: `test` of the previous system, or give up honestly.
+fn roll_back(s: &mut State, reason: String, now: u64) -> Vec<Effect> {
+    let job = s.job.as_mut().expect("rolling back a job");
+    job.failure = Some(reason.clone());
+    match job.previous.clone() {
+        Some(prev) => switch(s, Step::RollbackTest, prev),
+        None => {
+            finish(s, Outcome::RollbackFailed, Some(format!("{reason}; no previous system to roll back to")), now);
+            vec![]
+        }
+    }
+}
+
+fn describe_exit(code: Option<i32>, tail: &str) -> String {
+    let what = match code {
+        Some(2) => "activation failed (exit 2)".to_string(),
+        Some(4) => "some units failed to start (exit 4)".to_string(),
+        Some(100) => "a reboot is needed to switch (exit 100); deploy with action boot".to_string(),
+        Some(c) => format!("exit {c}"),
+        None => "no result (helper died or timed out)".to_string(),
+    };
+    let tail = tail.trim();
+    if tail.is_empty() {
+        what
+    } else {
+        let last = tail.lines().last().unwrap_or("");
+        format!("{what}: {last}")
+    }
+}
+
+/// One transition.
+pub fn step(s: &State, ev: Event, now: u64, t: Timing) -> (State, Vec<Effect>) {
+    let mut s = s.clone();
+    if let Some(job) = s.job.as_mut() {
+        job.transitions += 1;
+        if job.transitions > MAX_TRANSITIONS {
+            let reason = format!("gave up after {MAX_TRANSITIONS} transitions (restart loop?) in phase {}", s.phase.name());
+            finish(&mut s, Outcome::Failed, Some(reason), now);
+            return (s, vec![]);
+        }
+    }
+    let effects = match (s.phase.clone(), ev) {
+        (Phase::Idle, Event::Accepted { seq, action, system, previous, boot_id }) => {
+            s.highest_seq = s.highest_seq.max(seq);
+            s.job = Some(Job { seq, action, system: system.clone(), previous, started: now, transitions: 0, failure: None, boot_id });
+            match action {
+                Action::Switch | Action::Boot => {
+                    s.phase = Phase::Fetching;
+                    vec![Effect::Fetch]
+                }
+                Action::Rollback => switch(&mut s, Step::Test, system),
+                Action::Gc => {
+                    s.phase = Phase::Collecting;
+                    vec![Effect::CollectGarbage]
+                }
+            }
+        }
+        (Phase::Collecting, Event::GcDone(res)) => {
+            match res {
+                Ok(summary) => finish(&mut s, Outcome::Collected, Some(summary), now),
+                Err(e) => finish(&mut s, Outcome::Failed, Some(e), now),
+            }
+            vec![]
+        }
+        (Phase::Fetching, Event::FetchOk) => {
+            let job = s.job.as_ref().expect("fetching a job");
+            let system = job.system.clone();
+            match job.action {
+                Action::Boot => {
+                    s.phase = Phase::Committing;
+                    vec![Effect::Commit]
+                }
+                _ => switch(&mut s, Step::Test, system),
+            }
+        }
+        (Phase::Fetching, Event::FetchFailed(reason)) => {
+            finish(&mut s, Outcome::Failed, Some(reason), now);
+            vec![]
+        }
+        (Phase::Switching { step, id }, Event::SwitchResult { id: rid, code, tail }) if rid == id => match step {
+            Step::Test if code == Some(0) => {
+                s.phase = Phase::Verifying { deadline: now + t.health_timeout_secs };
+                vec![Effect::CheckHealth]
+            }
+            Step::Test => {
+                let why = format!("switch-to-configuration test: {}", describe_exit(code, &tail));
+                roll_back(&mut s, why, now)
+            }
+            Step::RollbackTest => {
+                let failure = s.job.as_ref().and_then(|j| j.failure.clone()).unwrap_or_default();
+                if code == Some(0) {
+                    finish(&mut s, Outcome::RolledBack, Some(failure), now);
+                } else {
+                    let why = format!("{failure}; rollback failed: {}", describe_exit(code, &tail));
+                    finish(&mut s, Outcome::RollbackFailed, Some(why), now);
+                }
+                vec![]
+            }
+            Step::Boot => {
+                if code == Some(0) {
+                    finish(&mut s, Outcome::Committed, None, now);
+                } else {
+                    let why = format!("committed, but switch-to-configuration boot: {}", describe_exit(code, &tail));
+                    finish(&mut s, Outcome::Failed, Some(why), now);
+                }
+                vec![]
+            }
+        },
+        (Phase::Verifying { .. }, Event::Healthy) => {
+            s.phase = Phase::Committing;
+            vec![Effect::Commit]
+        }
+        (Phase::Verifying { .. }, Event::Unhealthy(reason)) => roll_back(&mut s, format!("health check failed: {reason}"), now),
+        (Phase::Committing, Event::CommitOk) => {
+            let system = s.job.as_ref().expect("committing a job").system.clone();
+            switch(&mut s, Step::Boot, system)
+        }
+        (Phase::Committing, Event::CommitFailed(reason)) => {
+            let action = s.job.as_ref().expect("committing a job").action;
+            let why = format!("commit failed: {reason}");
+            if action == Action::Boot {
+                finish(&mut s, Outcome::Failed, Some(why), now);
+                vec![]
+            } else {
+                roll_back(&mut s, why, now)
+            }
+        }
+        (phase, Event::Resumed { boot_id }) => match phase {
+            Phase::Idle => vec![],
+            Phase::Fetching => vec![Effect::Fetch],
+            Phase::Switching { step: Step::Test, .. } | Phase::Verifying { .. } if rebooted(&s, &boot_id) => {
+                // The machine rebooted before the update was committed, so
+                // it booted the old default: the update failed, and it is
+                // never tried again by itself.
+                let reason = "rebooted before the update was committed; the previous generation booted";
+                finish(&mut s, Outcome::Failed, Some(reason.into()), now);
+                vec![]
+            }
+            Phase::Switching { step, id } => {
+                let system = match step {
+                    Step::RollbackTest => s.job.as_ref().and_then(|j| j.previous.clone()),
+                    _ => s.job.as_ref().map(|j| j.system.clone()),
+                };
+                match system {
+                    Some(system) => vec![Effect::RequestSwitch { id, step, system }],
+                    None => vec![],
+                }
+            }
+            Phase::Verifying { .. } => vec![Effect::CheckHealth],
+            Phase::Committing => vec![Effect::Commit],
+            Phase::Collecting => vec![Effect::CollectGarbage],
+        },
+        // Anything else (a stale switch result, an event for another phase)
+        // changes nothing but the transition count.
+        _ => vec![],
+    };
+    (s, effects)
+}
+
+/// Whether the machine booted since the job was accepted.
+fn rebooted(s: &State, now_boot: &Option<String>) -> bool {
+    let then = s.job.as_ref().and_then(|j| j.boot_id.as_ref());
+    matches!((then, now_boot), (Some(a), Some(b)) if a != b)
+}
+
+#[cfg(test)]
+mod tests;
