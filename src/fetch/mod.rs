@@ -348,6 +348,58 @@ impl Fetcher {
         }
     }
 
+    /// GETs an absolute `http(s)://` or `file:///` URL, up to `limit` bytes;
+    /// `None` on 404 or a missing file. For deploy documents and their
+    /// signatures (poll mode).
+    pub fn get_url(&mut self, url: &str, limit: u64) -> Result<Option<Vec<u8>>, FetchError> {
+        let transport = |msg: String| FetchError::Transport {
+            url: url.to_owned(),
+            msg,
+        };
+        let body: Box<dyn Read> = if let Some(path) = url.strip_prefix("file://") {
+            match std::fs::File::open(path) {
+                Ok(f) => Box::new(f),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(transport(e.to_string())),
+            }
+        } else {
+            let (status, resp) = self.get_http(url, 0)?;
+            match status {
+                200 => Box::new(resp.into_body().into_reader()),
+                404 | 410 => return Ok(None),
+                _ => {
+                    return Err(FetchError::Http {
+                        url: url.to_owned(),
+                        status,
+                    })
+                }
+            }
+        };
+        let mut buf = Vec::new();
+        body.take(limit + 1)
+            .read_to_end(&mut buf)
+            .map_err(|e| transport(e.to_string()))?;
+        if buf.len() as u64 > limit {
+            return Err(FetchError::TooLarge {
+                url: url.to_owned(),
+                limit,
+            });
+        }
+        Ok(Some(buf))
+    }
+
+    /// Whether cache `idx` answers at all (its nix-cache-info), uncached:
+    /// the health check's "can I still reach my cache".
+    pub fn probe(&mut self, idx: usize) -> Result<(), FetchError> {
+        match self.get_small(idx, "nix-cache-info", 64 << 10)? {
+            Some(_) => Ok(()),
+            None => Err(FetchError::Http {
+                url: format!("{}/nix-cache-info", self.caches[idx].0),
+                status: 404,
+            }),
+        }
+    }
+
     /// Checks cache `idx`'s nix-cache-info once per run. A wrong StoreDir is
     /// an error; an unreachable cache is skipped for this run.
     fn check(&mut self, idx: usize) -> Result<bool, FetchError> {

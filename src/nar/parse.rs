@@ -98,10 +98,12 @@ pub enum ErrorKind {
 
 impl std::fmt::Display for ParseError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Escaped: a name may hold newlines or escape sequences, and an
+        // error must stay one honest line.
         let at = if self.path.is_empty() {
             "<root>".to_string()
         } else {
-            self.path.clone()
+            format!("{:?}", self.path)
         };
         write!(f, "invalid NAR at byte {} (entry {at}): ", self.offset)?;
         match &self.kind {

@@ -42,12 +42,12 @@ pub struct UnpackError {
 
 impl std::fmt::Display for UnpackError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let at = if self.path.is_empty() {
-            "<root>"
+        // Escaped: names may hold newlines; an error stays one line.
+        if self.path.is_empty() {
+            write!(f, "{} <root>: {}", self.op, self.source)
         } else {
-            &self.path
-        };
-        write!(f, "{} {at}: {}", self.op, self.source)
+            write!(f, "{} {:?}: {}", self.op, self.path, self.source)
+        }
     }
 }
 

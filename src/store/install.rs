@@ -105,6 +105,26 @@ impl Plan {
     }
 }
 
+/// `PlanItem::cache` for a narinfo that came with the deploy document: its
+/// NAR is looked for in every cache, in order.
+pub const ANY_CACHE: usize = usize::MAX;
+
+/// Narinfo texts supplied up front (by a deploy document), by hash part.
+/// Each is still checked like a fetched one; one that fails is fetched.
+pub type Provided = BTreeMap<String, String>;
+
+/// Indexes narinfo texts by the hash part of their StorePath.
+pub fn provided_from(texts: &[String]) -> Provided {
+    texts
+        .iter()
+        .filter_map(|t| {
+            NarInfo::parse(t, None)
+                .ok()
+                .map(|ni| (ni.store_path.hash_part().to_owned(), t.clone()))
+        })
+        .collect()
+}
+
 /// Fetches and verifies the narinfos of every missing path in the closure
 /// of `roots`, and orders them.
 pub fn resolve(
@@ -112,6 +132,18 @@ pub fn resolve(
     store: &Store,
     keys: &TrustedKeys,
     roots: &[StorePath],
+) -> Result<Plan, InstallError> {
+    resolve_with(fetcher, store, keys, roots, &Provided::new())
+}
+
+/// Like [`resolve`], using `provided` narinfos before asking any cache: a
+/// device on a slow link resolves its closure without a round trip per path.
+pub fn resolve_with(
+    fetcher: &mut Fetcher,
+    store: &Store,
+    keys: &TrustedKeys,
+    roots: &[StorePath],
+    provided: &Provided,
 ) -> Result<Plan, InstallError> {
     let mut found: BTreeMap<StorePath, PlanItem> = BTreeMap::new();
     let mut present = BTreeSet::new();
@@ -124,7 +156,13 @@ pub fn resolve(
             present.insert(path);
             continue;
         }
-        let item = find_narinfo(fetcher, keys, &path)?;
+        let item = match provided
+            .get(path.hash_part())
+            .and_then(|t| checked_provided(t, keys, &path))
+        {
+            Some(item) => item,
+            None => find_narinfo(fetcher, keys, &path)?,
+        };
         fetcher.tick();
         for r in &item.references {
             if *r != path {
@@ -137,6 +175,22 @@ pub fn resolve(
         items: topo_order(found)?,
         present: present.len(),
     })
+}
+
+fn checked_provided(text: &str, keys: &TrustedKeys, path: &StorePath) -> Option<PlanItem> {
+    match NarInfo::parse(text, Some(path)).and_then(|ni| ni.verify(keys).map(|_| ni)) {
+        Ok(ni) => Some(PlanItem {
+            path: path.clone(),
+            cache: ANY_CACHE,
+            narinfo: text.to_owned(),
+            nar_size: ni.nar_size,
+            references: ni.references.clone(),
+        }),
+        Err(e) => {
+            log::warn!("{path}: narinfo supplied with the deploy: {e}; asking the caches");
+            None
+        }
+    }
 }
 
 /// The first cache's narinfo for `path` that parses, is for `path` and is
@@ -312,16 +366,34 @@ fn fetch_into_temp(
     let info = item.info();
     let mut unpacker = Unpacker::new(store.store_fd(), tmp.as_bytes());
     let before = prog.nar_bytes_done;
-    let stats = pipeline::fetch_nar(
-        fetcher,
-        item.cache,
-        &info,
-        &mut |ev| unpacker.event(ev).map_err(NarError::from),
-        &mut |n| {
-            prog.nar_bytes_done += n;
-            progress(prog);
-        },
-    );
+    let caches: Vec<usize> = if item.cache == ANY_CACHE {
+        (0..fetcher.cache_count()).collect()
+    } else {
+        vec![item.cache]
+    };
+    let mut stats = Err(PipelineError::MissingNar {
+        url: info.url.to_owned(),
+    });
+    for idx in caches {
+        stats = pipeline::fetch_nar(
+            fetcher,
+            idx,
+            &info,
+            &mut |ev| unpacker.event(ev).map_err(NarError::from),
+            &mut |n| {
+                prog.nar_bytes_done += n;
+                progress(prog);
+            },
+        );
+        match &stats {
+            Err(PipelineError::MissingNar { .. }) | Err(PipelineError::Fetch(_))
+                if item.cache == ANY_CACHE =>
+            {
+                continue
+            }
+            _ => break,
+        }
+    }
     match stats {
         Ok(s) => {
             prog.file_bytes += s.file_bytes;
@@ -392,10 +464,22 @@ pub fn install(
     roots: &[StorePath],
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<(Plan, Progress), InstallError> {
+    install_with(fetcher, store, keys, roots, &Provided::new(), progress)
+}
+
+/// [`install`] with narinfos supplied up front.
+pub fn install_with(
+    fetcher: &mut Fetcher,
+    store: &Store,
+    keys: &TrustedKeys,
+    roots: &[StorePath],
+    provided: &Provided,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<(Plan, Progress), InstallError> {
     store
         .clean_temps()
         .map_err(io_err("clean", store.store_dir().display()))?;
-    let plan = resolve(fetcher, store, keys, roots)?;
+    let plan = resolve_with(fetcher, store, keys, roots, provided)?;
     let prog = install_plan(fetcher, store, &plan, BatchLimits::default(), progress)?;
     Ok((plan, prog))
 }
