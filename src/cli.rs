@@ -22,6 +22,82 @@ pub struct Args {
 enum Command {
     Install(InstallArgs),
     Verify(VerifyArgs),
+    Agent(AgentArgs),
+    Keygen(KeygenArgs),
+    Deploy(DeployArgs),
+    Status(StatusArgs),
+}
+
+#[derive(FromArgs)]
+/// Run the agent: serve signed deploys (and/or poll for them), install, switch.
+#[argh(subcommand, name = "agent")]
+struct AgentArgs {
+    /// the agent's JSON config file
+    #[argh(option)]
+    config: PathBuf,
+    /// do not install the seccomp filter (debugging only)
+    #[argh(switch)]
+    no_seccomp: bool,
+}
+
+#[derive(FromArgs)]
+/// Generate a deploy (or cache) key pair in Nix's format: FILE and FILE.pub.
+#[argh(subcommand, name = "keygen")]
+struct KeygenArgs {
+    /// key name, e.g. admin-1
+    #[argh(positional)]
+    name: String,
+    /// where to write the secret key (the public key goes to FILE.pub)
+    #[argh(option)]
+    out: PathBuf,
+}
+
+#[derive(FromArgs)]
+/// Sign a deploy document and send it to an agent, or write it for polling.
+#[argh(subcommand, name = "deploy")]
+struct DeployArgs {
+    /// secret deploy key file (from nixless keygen)
+    #[argh(option)]
+    key: PathBuf,
+    /// the host the document is for
+    #[argh(option)]
+    host: String,
+    /// the system store path (not needed for gc; rollback defaults to the previous generation)
+    #[argh(option)]
+    system: Option<String>,
+    /// sequence number (default: now, in Unix seconds)
+    #[argh(option)]
+    seq: Option<u64>,
+    /// switch (default), boot, rollback or gc
+    #[argh(option, default = "String::from(\"switch\")")]
+    action: String,
+    /// cache URL the device should try first (repeatable)
+    #[argh(option)]
+    cache: Vec<String>,
+    /// directory of .narinfo files to embed (resolution in one round trip)
+    #[argh(option)]
+    narinfo_dir: Option<PathBuf>,
+    /// agent URL, e.g. http://kiosk-7:8731: POST, then follow until done
+    #[argh(option)]
+    agent: Option<String>,
+    /// write the document to FILE and its signature to FILE.sig (poll mode)
+    #[argh(option)]
+    out: Option<PathBuf>,
+    /// with --agent: return once accepted instead of following
+    #[argh(switch)]
+    no_wait: bool,
+    /// with --agent: give up following after this many seconds (default 3600)
+    #[argh(option, default = "3600")]
+    timeout: u64,
+}
+
+#[derive(FromArgs)]
+/// Show what each agent runs, its phase, progress and last result.
+#[argh(subcommand, name = "status")]
+struct StatusArgs {
+    /// agent URLs, e.g. http://kiosk-7:8731
+    #[argh(positional)]
+    agents: Vec<String>,
 }
 
 #[derive(FromArgs)]
@@ -70,11 +146,43 @@ struct VerifyArgs {
 type CliResult = Result<(), String>;
 
 pub fn main() -> i32 {
-    crate::logger::init(log::LevelFilter::Warn);
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("__seccomp-selftest") {
+        // Hidden: proves the filter kills forbidden calls (tests/seccomp.rs).
+        crate::logger::init(log::LevelFilter::Warn);
+        return crate::agent::seccomp::selftest_cli(&argv[2..], run_install_args);
+    }
     let args: Args = argh::from_env();
+    let default_level = if matches!(args.cmd, Command::Agent(_)) {
+        log::LevelFilter::Info
+    } else {
+        log::LevelFilter::Warn
+    };
+    crate::logger::init(default_level);
     let res = match args.cmd {
         Command::Install(a) => cmd_install(a),
         Command::Verify(a) => cmd_verify(a),
+        Command::Agent(a) => crate::agent::daemon::main(
+            &a.config,
+            crate::agent::daemon::Options2 {
+                no_seccomp: a.no_seccomp,
+            },
+        ),
+        Command::Keygen(a) => crate::admin::keygen(&a.name, &a.out),
+        Command::Deploy(a) => crate::admin::deploy(crate::admin::DeployOpts {
+            key: a.key,
+            host: a.host,
+            system: a.system,
+            seq: a.seq,
+            action: a.action,
+            caches: a.cache,
+            narinfo_dir: a.narinfo_dir,
+            agent: a.agent,
+            out: a.out,
+            wait: !a.no_wait,
+            timeout: std::time::Duration::from_secs(a.timeout),
+        }),
+        Command::Status(a) => crate::admin::status(&a.agents),
     };
     match res {
         Ok(()) => 0,
@@ -160,6 +268,25 @@ impl Meter {
     fn clear(&self) {
         if self.enabled {
             let _ = write!(std::io::stderr(), "\r\x1b[K");
+        }
+    }
+}
+
+/// `nixless install ARGS` as a function (the seccomp self-test runs a
+/// whole install under the filter with it).
+pub fn run_install_args(args: &[String]) -> i32 {
+    let strs: Vec<&str> = args.iter().map(String::as_str).collect();
+    match InstallArgs::from_args(&["nixless install"], &strs) {
+        Ok(a) => match cmd_install(a) {
+            Ok(()) => 0,
+            Err(msg) => {
+                eprintln!("nixless: error: {msg}");
+                1
+            }
+        },
+        Err(e) => {
+            eprintln!("{}", e.output);
+            2
         }
     }
 }

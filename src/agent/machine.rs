@@ -104,7 +104,10 @@ impl Phase {
         match self {
             Phase::Idle => "idle",
             Phase::Fetching => "fetching",
-            Phase::Switching { step: Step::RollbackTest, .. } => "rolling-back",
+            Phase::Switching {
+                step: Step::RollbackTest,
+                ..
+            } => "rolling-back",
             Phase::Switching { .. } => "switching",
             Phase::Verifying { .. } => "verifying",
             Phase::Committing => "committing",
@@ -205,7 +208,14 @@ pub struct State {
 
 impl Default for State {
     fn default() -> Self {
-        State { highest_seq: 0, next_switch_id: 1, phase: Phase::Idle, job: None, last: None, outcomes: [0; 6] }
+        State {
+            highest_seq: 0,
+            next_switch_id: 1,
+            phase: Phase::Idle,
+            job: None,
+            last: None,
+            outcomes: [0; 6],
+        }
     }
 }
 
@@ -214,14 +224,26 @@ pub enum Event {
     /// A verified deploy document (the loop has checked signature, host,
     /// sequence). `previous` is the system running now, `boot_id` the
     /// kernel's boot id now.
-    Accepted { seq: u64, action: Action, system: String, previous: Option<String>, boot_id: Option<String> },
+    Accepted {
+        seq: u64,
+        action: Action,
+        system: String,
+        previous: Option<String>,
+        boot_id: Option<String>,
+    },
     /// The agent (re)started with this boot id.
-    Resumed { boot_id: Option<String> },
+    Resumed {
+        boot_id: Option<String>,
+    },
     FetchOk,
     FetchFailed(String),
     /// The switch helper's result for request `id`: exit code (`None` if it
     /// never produced one, e.g. it died or timed out) and output tail.
-    SwitchResult { id: u64, code: Option<i32>, tail: String },
+    SwitchResult {
+        id: u64,
+        code: Option<i32>,
+        tail: String,
+    },
     Healthy,
     Unhealthy(String),
     CommitOk,
@@ -238,7 +260,11 @@ pub enum Effect {
     /// neither the request nor a result with that id is on disk yet, and
     /// the helper runs each id at most once, so re-issuing after a crash
     /// never repeats a switch.
-    RequestSwitch { id: u64, step: Step, system: String },
+    RequestSwitch {
+        id: u64,
+        step: Step,
+        system: String,
+    },
     /// Start (or continue) health checks.
     CheckHealth,
     /// New system-N-link, atomic swap of the system profile (idempotent).
@@ -257,9 +283,19 @@ pub struct Timing {
 
 fn finish(s: &mut State, outcome: Outcome, reason: Option<String>, now: u64) {
     if let Some(job) = s.job.take() {
-        s.last = Some(Last { seq: job.seq, action: job.action, system: job.system, outcome, reason, finished: now });
+        s.last = Some(Last {
+            seq: job.seq,
+            action: job.action,
+            system: job.system,
+            outcome,
+            reason,
+            finished: now,
+        });
     }
-    let i = Outcome::ALL.iter().position(|o| *o == outcome).expect("listed");
+    let i = Outcome::ALL
+        .iter()
+        .position(|o| *o == outcome)
+        .expect("listed");
     s.outcomes[i] += 1;
     s.phase = Phase::Idle;
 }
@@ -278,7 +314,12 @@ fn roll_back(s: &mut State, reason: String, now: u64) -> Vec<Effect> {
     match job.previous.clone() {
         Some(prev) => switch(s, Step::RollbackTest, prev),
         None => {
-            finish(s, Outcome::RollbackFailed, Some(format!("{reason}; no previous system to roll back to")), now);
+            finish(
+                s,
+                Outcome::RollbackFailed,
+                Some(format!("{reason}; no previous system to roll back to")),
+                now,
+            );
             vec![]
         }
     }
@@ -307,15 +348,36 @@ pub fn step(s: &State, ev: Event, now: u64, t: Timing) -> (State, Vec<Effect>) {
     if let Some(job) = s.job.as_mut() {
         job.transitions += 1;
         if job.transitions > MAX_TRANSITIONS {
-            let reason = format!("gave up after {MAX_TRANSITIONS} transitions (restart loop?) in phase {}", s.phase.name());
+            let reason = format!(
+                "gave up after {MAX_TRANSITIONS} transitions (restart loop?) in phase {}",
+                s.phase.name()
+            );
             finish(&mut s, Outcome::Failed, Some(reason), now);
             return (s, vec![]);
         }
     }
     let effects = match (s.phase.clone(), ev) {
-        (Phase::Idle, Event::Accepted { seq, action, system, previous, boot_id }) => {
+        (
+            Phase::Idle,
+            Event::Accepted {
+                seq,
+                action,
+                system,
+                previous,
+                boot_id,
+            },
+        ) => {
             s.highest_seq = s.highest_seq.max(seq);
-            s.job = Some(Job { seq, action, system: system.clone(), previous, started: now, transitions: 0, failure: None, boot_id });
+            s.job = Some(Job {
+                seq,
+                action,
+                system: system.clone(),
+                previous,
+                started: now,
+                transitions: 0,
+                failure: None,
+                boot_id,
+            });
             match action {
                 Action::Switch | Action::Boot => {
                     s.phase = Phase::Fetching;
@@ -350,17 +412,33 @@ pub fn step(s: &State, ev: Event, now: u64, t: Timing) -> (State, Vec<Effect>) {
             finish(&mut s, Outcome::Failed, Some(reason), now);
             vec![]
         }
-        (Phase::Switching { step, id }, Event::SwitchResult { id: rid, code, tail }) if rid == id => match step {
+        (
+            Phase::Switching { step, id },
+            Event::SwitchResult {
+                id: rid,
+                code,
+                tail,
+            },
+        ) if rid == id => match step {
             Step::Test if code == Some(0) => {
-                s.phase = Phase::Verifying { deadline: now + t.health_timeout_secs };
+                s.phase = Phase::Verifying {
+                    deadline: now + t.health_timeout_secs,
+                };
                 vec![Effect::CheckHealth]
             }
             Step::Test => {
-                let why = format!("switch-to-configuration test: {}", describe_exit(code, &tail));
+                let why = format!(
+                    "switch-to-configuration test: {}",
+                    describe_exit(code, &tail)
+                );
                 roll_back(&mut s, why, now)
             }
             Step::RollbackTest => {
-                let failure = s.job.as_ref().and_then(|j| j.failure.clone()).unwrap_or_default();
+                let failure = s
+                    .job
+                    .as_ref()
+                    .and_then(|j| j.failure.clone())
+                    .unwrap_or_default();
                 if code == Some(0) {
                     finish(&mut s, Outcome::RolledBack, Some(failure), now);
                 } else {
@@ -373,7 +451,10 @@ pub fn step(s: &State, ev: Event, now: u64, t: Timing) -> (State, Vec<Effect>) {
                 if code == Some(0) {
                     finish(&mut s, Outcome::Committed, None, now);
                 } else {
-                    let why = format!("committed, but switch-to-configuration boot: {}", describe_exit(code, &tail));
+                    let why = format!(
+                        "committed, but switch-to-configuration boot: {}",
+                        describe_exit(code, &tail)
+                    );
                     finish(&mut s, Outcome::Failed, Some(why), now);
                 }
                 vec![]
@@ -383,7 +464,9 @@ pub fn step(s: &State, ev: Event, now: u64, t: Timing) -> (State, Vec<Effect>) {
             s.phase = Phase::Committing;
             vec![Effect::Commit]
         }
-        (Phase::Verifying { .. }, Event::Unhealthy(reason)) => roll_back(&mut s, format!("health check failed: {reason}"), now),
+        (Phase::Verifying { .. }, Event::Unhealthy(reason)) => {
+            roll_back(&mut s, format!("health check failed: {reason}"), now)
+        }
         (Phase::Committing, Event::CommitOk) => {
             let system = s.job.as_ref().expect("committing a job").system.clone();
             switch(&mut s, Step::Boot, system)
@@ -401,11 +484,17 @@ pub fn step(s: &State, ev: Event, now: u64, t: Timing) -> (State, Vec<Effect>) {
         (phase, Event::Resumed { boot_id }) => match phase {
             Phase::Idle => vec![],
             Phase::Fetching => vec![Effect::Fetch],
-            Phase::Switching { step: Step::Test, .. } | Phase::Verifying { .. } if rebooted(&s, &boot_id) => {
+            Phase::Switching {
+                step: Step::Test, ..
+            }
+            | Phase::Verifying { .. }
+                if rebooted(&s, &boot_id) =>
+            {
                 // The machine rebooted before the update was committed, so
                 // it booted the old default: the update failed, and it is
                 // never tried again by itself.
-                let reason = "rebooted before the update was committed; the previous generation booted";
+                let reason =
+                    "rebooted before the update was committed; the previous generation booted";
                 finish(&mut s, Outcome::Failed, Some(reason.into()), now);
                 vec![]
             }

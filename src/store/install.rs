@@ -275,7 +275,8 @@ fn topo_order(mut found: BTreeMap<StorePath, PlanItem>) -> Result<Vec<PlanItem>,
     }
 }
 
-/// How far an install has got.
+/// How far an install has got (`paths_done`: fetched and verified; they
+/// become visible in the store at the end of their batch).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Progress {
     pub paths_done: usize,
@@ -328,20 +329,18 @@ pub fn install_plan(
                 commit_batch(store, &batch)?;
                 return Err(e);
             }
+            prog.paths_done += 1;
             batch.push(item);
             batch_bytes += item.nar_size;
             if batch.len() >= limits.paths || batch_bytes >= limits.nar_bytes {
                 commit_batch(store, &batch)?;
-                prog.paths_done += batch.len();
                 progress(&prog);
                 batch.clear();
                 batch_bytes = 0;
             }
         }
         commit_batch(store, &batch)?;
-        prog.paths_done += batch.len();
         progress(&prog);
-        batch.clear();
         Ok(prog)
     })();
     if result.is_err() {

@@ -1,0 +1,298 @@
+//! The admin side of the same binary: `keygen`, `deploy`, `status`.
+
+use crate::agent::deploy;
+use crate::agent::machine::Action;
+use crate::nix::SecretKey;
+use serde::Deserialize;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+pub fn keygen(name: &str, out: &Path) -> Result<(), String> {
+    let sk = SecretKey::generate(name).map_err(|e| format!("key name {name:?}: {e}"))?;
+    let pub_path = PathBuf::from(format!("{}.pub", out.display()));
+    for p in [out, pub_path.as_path()] {
+        if p.exists() {
+            return Err(format!("{} exists; not overwriting a key", p.display()));
+        }
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode_0600()
+        .open(out)
+        .map_err(|e| format!("{}: {e}", out.display()))?;
+    f.write_all(format!("{sk}\n").as_bytes())
+        .map_err(|e| format!("{}: {e}", out.display()))?;
+    std::fs::write(&pub_path, format!("{}\n", sk.public()))
+        .map_err(|e| format!("{}: {e}", pub_path.display()))?;
+    println!("{}", sk.public());
+    Ok(())
+}
+
+trait Mode0600 {
+    fn mode_0600(&mut self) -> &mut Self;
+}
+
+impl Mode0600 for std::fs::OpenOptions {
+    fn mode_0600(&mut self) -> &mut Self {
+        std::os::unix::fs::OpenOptionsExt::mode(self, 0o600)
+    }
+}
+
+pub struct DeployOpts {
+    pub key: PathBuf,
+    pub host: String,
+    pub system: Option<String>,
+    pub seq: Option<u64>,
+    pub action: String,
+    pub caches: Vec<String>,
+    pub narinfo_dir: Option<PathBuf>,
+    pub agent: Option<String>,
+    pub out: Option<PathBuf>,
+    pub wait: bool,
+    pub timeout: Duration,
+}
+
+fn http_agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .new_agent()
+}
+
+pub fn deploy(o: DeployOpts) -> Result<(), String> {
+    let action = Action::parse(&o.action).ok_or(format!(
+        "--action {:?}: expected switch, boot, rollback or gc",
+        o.action
+    ))?;
+    if let Some(s) = &o.system {
+        crate::nix::StorePath::from_absolute(s).map_err(|e| format!("--system {s}: {e}"))?;
+    } else if matches!(action, Action::Switch | Action::Boot) {
+        return Err(format!("--system is needed for action {}", action.as_str()));
+    }
+    if o.agent.is_some() == o.out.is_some() {
+        return Err("give exactly one of --agent URL or --out FILE".into());
+    }
+    let key_text =
+        std::fs::read_to_string(&o.key).map_err(|e| format!("{}: {e}", o.key.display()))?;
+    let key = SecretKey::parse(&key_text).map_err(|e| format!("{}: {e}", o.key.display()))?;
+    let seq = o.seq.unwrap_or_else(crate::agent::daemon::now);
+    let mut narinfos = Vec::new();
+    if let Some(dir) = &o.narinfo_dir {
+        for e in std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))? {
+            let p = e.map_err(|e| e.to_string())?.path();
+            if p.extension().is_some_and(|x| x == "narinfo") {
+                narinfos.push(
+                    std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?,
+                );
+            }
+        }
+        narinfos.sort();
+    }
+    let doc = deploy::render(
+        &o.host,
+        o.system.as_deref(),
+        seq,
+        action,
+        &o.caches,
+        &narinfos,
+    );
+    let sig = deploy::sign(&key, doc.as_bytes());
+    if let Some(out) = &o.out {
+        let sig_path = PathBuf::from(format!("{}.sig", out.display()));
+        // Signature first: a poller that sees the new document finds its
+        // signature already there.
+        std::fs::write(&sig_path, format!("{sig}\n"))
+            .map_err(|e| format!("{}: {e}", sig_path.display()))?;
+        std::fs::write(out, &doc).map_err(|e| format!("{}: {e}", out.display()))?;
+        eprintln!(
+            "wrote {} and {} (seq {seq})",
+            out.display(),
+            sig_path.display()
+        );
+        return Ok(());
+    }
+    let base = o
+        .agent
+        .as_deref()
+        .expect("checked")
+        .trim_end_matches('/')
+        .to_owned();
+    let agent = http_agent();
+    let resp = agent
+        .post(&format!("{base}/v1/deploy"))
+        .header("Nixless-Signature", &sig)
+        .header("Content-Type", "application/json")
+        .send(doc.as_bytes())
+        .map_err(|e| format!("POST {base}/v1/deploy: {e}"))?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().read_to_string().unwrap_or_default();
+    if status != 202 {
+        return Err(format!("{base}: HTTP {status}: {}", body.trim()));
+    }
+    eprintln!("{base}: accepted seq {seq}");
+    if !o.wait {
+        return Ok(());
+    }
+    follow(&agent, &base, seq, o.timeout)
+}
+
+#[derive(Deserialize)]
+struct Last {
+    seq: u64,
+    outcome: String,
+    reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Prog {
+    paths_done: u64,
+    paths_total: u64,
+    bytes_done: u64,
+    bytes_total: u64,
+}
+
+#[derive(Deserialize)]
+struct StatusWire {
+    host: String,
+    current_system: Option<String>,
+    phase: String,
+    highest_seq: u64,
+    progress: Prog,
+    last_result: Option<Last>,
+    last_error: Option<String>,
+}
+
+fn get_status(agent: &ureq::Agent, base: &str) -> Result<StatusWire, String> {
+    let resp = agent
+        .get(&format!("{base}/v1/status"))
+        .call()
+        .map_err(|e| format!("{base}: {e}"))?;
+    if resp.status().as_u16() != 200 {
+        return Err(format!("{base}: HTTP {}", resp.status().as_u16()));
+    }
+    let body = resp
+        .into_body()
+        .with_config()
+        .limit(1 << 20)
+        .read_to_vec()
+        .map_err(|e| format!("{base}: {e}"))?;
+    let mut scratch = vec![0u8; body.len()];
+    serde_json_core::from_slice_escaped::<StatusWire>(&body, &mut scratch)
+        .map(|(s, _)| s)
+        .map_err(|e| format!("{base}: bad status JSON: {e}"))
+}
+
+/// Follows an agent's status until the deploy `seq` has finished; the
+/// agent may restart meanwhile (its own update), so errors are retried.
+fn follow(agent: &ureq::Agent, base: &str, seq: u64, timeout: Duration) -> Result<(), String> {
+    let start = Instant::now();
+    let tty = rustix::termios::isatty(std::io::stderr());
+    let mut last_err = String::new();
+    while start.elapsed() < timeout {
+        match get_status(agent, base) {
+            Ok(s) => {
+                if let Some(l) = s.last_result.as_ref().filter(|l| l.seq == seq) {
+                    if tty {
+                        eprint!("\r\x1b[K");
+                    }
+                    let reason = l
+                        .reason
+                        .as_deref()
+                        .map(|r| format!(": {r}"))
+                        .unwrap_or_default();
+                    return match l.outcome.as_str() {
+                        "committed" | "collected" => {
+                            eprintln!("{base}: seq {seq} {}{reason}", l.outcome);
+                            Ok(())
+                        }
+                        other => Err(format!("{base}: seq {seq} {other}{reason}")),
+                    };
+                }
+                if s.highest_seq > seq {
+                    return Err(format!("{base}: superseded by seq {}", s.highest_seq));
+                }
+                if tty {
+                    let p = &s.progress;
+                    eprint!(
+                        "\r\x1b[K{}: {} {}/{} paths, {}/{} MiB",
+                        s.host,
+                        s.phase,
+                        p.paths_done,
+                        p.paths_total,
+                        p.bytes_done >> 20,
+                        p.bytes_total >> 20
+                    );
+                }
+            }
+            Err(e) => last_err = e,
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    Err(format!(
+        "{base}: seq {seq} not finished after {} s {last_err}",
+        timeout.as_secs()
+    ))
+}
+
+pub fn status(agents: &[String]) -> Result<(), String> {
+    if agents.is_empty() {
+        return Err("give agent URLs, e.g. http://kiosk-7:8731".into());
+    }
+    let agent = http_agent();
+    println!(
+        "{:<16} {:<12} {:<52} {:<22} LAST",
+        "HOST", "PHASE", "SYSTEM", "PROGRESS"
+    );
+    let mut failed = 0;
+    for base in agents {
+        let base = base.trim_end_matches('/');
+        match get_status(&agent, base) {
+            Ok(s) => {
+                let sys = s.current_system.as_deref().unwrap_or("-");
+                let p = &s.progress;
+                let progress = if p.paths_total > 0 {
+                    format!(
+                        "{}/{} {}MiB",
+                        p.paths_done,
+                        p.paths_total,
+                        p.bytes_done >> 20
+                    )
+                } else {
+                    "-".into()
+                };
+                let last = match &s.last_result {
+                    Some(l) => format!(
+                        "{} {}{}",
+                        l.seq,
+                        l.outcome,
+                        l.reason
+                            .as_deref()
+                            .map(|r| format!(" ({r})"))
+                            .unwrap_or_default()
+                    ),
+                    None => "-".into(),
+                };
+                let last = if let Some(e) = &s.last_error {
+                    format!("{last}; error: {e}")
+                } else {
+                    last
+                };
+                println!(
+                    "{:<16} {:<12} {:<52} {:<22} {}",
+                    s.host, s.phase, sys, progress, last
+                );
+            }
+            Err(e) => {
+                failed += 1;
+                println!("{:<16} {:<12} {e}", base, "unreachable");
+            }
+        }
+    }
+    if failed > 0 {
+        return Err(format!("{failed} of {} agents unreachable", agents.len()));
+    }
+    Ok(())
+}

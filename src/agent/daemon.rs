@@ -1,0 +1,707 @@
+//! The agent's single-threaded event loop.
+//!
+//! One loop serves HTTP, runs the update work and feeds the watchdog. The
+//! long step — fetching a closure — runs inside the loop, but the fetcher
+//! calls back (`tick`) on every read of a response body and during retry
+//! backoffs; each tick, at most every [`TICK_EVERY`], polls the listening
+//! sockets without blocking, answers what arrived (status, metrics; deploys
+//! get 409 while busy), and pings the watchdog when due. So neither a slow
+//! download nor a stalled cache (reads time out after 30 s, well inside any
+//! sane `WatchdogSec`) starves the loop.
+//!
+//! Every state transition is persisted (atomically, durably) before its
+//! effects are carried out; see `machine` for why that makes every crash
+//! point resumable.
+
+use super::config::Config;
+use super::deploy::{self, Deploy, Rejection};
+use super::http::{Limits, Request, Response, Server};
+use super::machine::{self, Action, Effect, Event, Phase, State, Timing};
+use super::notify::Notifier;
+use super::persist;
+use super::status::{self, Progress, Snapshot};
+use crate::fetch::{CacheUrl, Fetcher, Options};
+use crate::nix::StorePath;
+use crate::store::fsutil;
+use crate::store::install;
+use crate::store::Store;
+use crate::switch::protocol;
+use rustix::fd::AsFd;
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Least time between two ticks' socket polls during a transfer.
+pub const TICK_EVERY: Duration = Duration::from_millis(50);
+/// Longest the loop sleeps when idle (switch results, poll schedule).
+const IDLE_WAIT: Duration = Duration::from_millis(500);
+/// Deploy requests with a bad signature allowed per window before 429.
+const AUTH_FAILURES_PER_WINDOW: u32 = 20;
+const AUTH_WINDOW: Duration = Duration::from_secs(60);
+/// Largest polled document / signature.
+const MAX_SIG_BYTES: u64 = 4096;
+
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options2 {
+    pub no_seccomp: bool,
+}
+
+/// What the request handler and the ticks share with the loop.
+struct Shared {
+    state: State,
+    progress: Progress,
+    last_error: Option<String>,
+    last_rejection: Option<String>,
+    bytes_fetched_total: u64,
+    poll_last_check: Option<u64>,
+    poll_error: Option<String>,
+    rejected: u64,
+    started: u64,
+    notifier: Notifier,
+    server: Option<Server>,
+    auth_failures: u32,
+    auth_window_start: Instant,
+    last_tick: Instant,
+    /// Effects of a deploy accepted by the handler, for the loop to run.
+    queued: VecDeque<Effect>,
+    /// A fatal error inside the handler (state could not be persisted).
+    fatal: Option<String>,
+}
+
+struct Ctx {
+    cfg: Config,
+    store: Store,
+    timing: Timing,
+}
+
+/// `readlink` of a system link under the root, as a store path string.
+fn system_link(root: &Path, link: &str) -> Option<String> {
+    let target = std::fs::read_link(root.join(link.trim_start_matches('/'))).ok()?;
+    let target = target.to_str()?.to_owned();
+    // Profile links are relative ("system-3-link") or absolute store paths.
+    if target.starts_with("/nix/store/") {
+        Some(target)
+    } else {
+        let dir = root.join(link.trim_start_matches('/'));
+        let next = std::fs::read_link(dir.parent()?.join(&target)).ok()?;
+        next.to_str()
+            .filter(|t| t.starts_with("/nix/store/"))
+            .map(str::to_owned)
+    }
+}
+
+pub fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_owned())
+}
+
+fn snapshot(ctx: &Ctx, sh: &Shared) -> Snapshot {
+    let root = &ctx.cfg.root;
+    Snapshot {
+        host: ctx.cfg.host.clone(),
+        version: env!("CARGO_PKG_VERSION"),
+        current_system: system_link(root, "run/current-system"),
+        booted_system: system_link(root, "run/booted-system"),
+        profile_system: system_link(root, "nix/var/nix/profiles/system"),
+        state: sh.state.clone(),
+        progress: sh.progress,
+        last_error: sh.last_error.clone(),
+        bytes_fetched_total: sh.bytes_fetched_total,
+        poll_url: ctx.cfg.poll_url.clone(),
+        poll_last_check: sh.poll_last_check,
+        poll_error: sh.poll_error.clone(),
+        started: sh.started,
+        watchdog_pings: sh.notifier.pings,
+        rejected_requests: sh.rejected,
+    }
+}
+
+fn json_error(status: u16, msg: &str, seq: Option<u64>) -> Response {
+    let mut body = format!("{{\"error\":{}", deploy::json_string(msg));
+    if let Some(s) = seq {
+        body += &format!(",\"seq\":{s}");
+    }
+    body.push('}');
+    Response::json(status, body)
+}
+
+fn handle(req: &Request, ctx: &Ctx, sh: &mut Shared) -> Response {
+    match (req.method.as_str(), req.path.as_str()) {
+        ("GET", "/v1/status") => Response::json(200, status::status_json(&snapshot(ctx, sh))),
+        ("GET", "/metrics") => {
+            let mut r = Response::text(200, status::metrics(&snapshot(ctx, sh)));
+            r.content_type = "text/plain; version=0.0.4";
+            r
+        }
+        ("POST", "/v1/deploy") => handle_deploy(req, ctx, sh),
+        (_, "/v1/status" | "/metrics" | "/v1/deploy") => {
+            json_error(405, "method not allowed", None)
+        }
+        _ => json_error(404, "not found", None),
+    }
+}
+
+fn handle_deploy(req: &Request, ctx: &Ctx, sh: &mut Shared) -> Response {
+    if sh.auth_window_start.elapsed() > AUTH_WINDOW {
+        sh.auth_window_start = Instant::now();
+        sh.auth_failures = 0;
+    }
+    if sh.auth_failures >= AUTH_FAILURES_PER_WINDOW {
+        sh.rejected += 1;
+        return json_error(429, "too many rejected deploy requests; try later", None);
+    }
+    if sh.state.phase != Phase::Idle || !sh.queued.is_empty() {
+        let seq = sh.state.job.as_ref().map(|j| j.seq);
+        return json_error(409, "an update is in progress", seq);
+    }
+    let sig = req.header(deploy::SIGNATURE_HEADER);
+    match deploy::verify(
+        &req.body,
+        sig,
+        &ctx.cfg.deploy_keys,
+        &ctx.cfg.host,
+        sh.state.highest_seq,
+    ) {
+        Ok(d) => match accept(ctx, sh, &d, &req.body, sig.unwrap_or_default()) {
+            Ok(()) => Response::json(
+                202,
+                format!("{{\"seq\":{},\"status\":\"/v1/status\"}}", d.seq),
+            ),
+            Err(e) => {
+                sh.fatal = Some(e.clone());
+                json_error(500, &e, None)
+            }
+        },
+        Err(rej) => {
+            reject(ctx, sh, &rej, &format!("from {}", req.peer));
+            let seq = matches!(rej, Rejection::Stale { .. }).then_some(sh.state.highest_seq);
+            json_error(rej.status(), &rej.to_string(), seq)
+        }
+    }
+}
+
+fn reject(ctx: &Ctx, sh: &mut Shared, rej: &Rejection, source: &str) {
+    sh.rejected += 1;
+    if rej.status() == 401 {
+        sh.auth_failures += 1;
+    }
+    let msg = format!("deploy rejected ({source}): {rej}");
+    log::warn!("{msg}");
+    persist::log_event(&ctx.cfg.state_dir, now(), &msg);
+    sh.last_rejection = Some(msg);
+}
+
+/// The system one generation before the current profile's, for `rollback`.
+fn previous_generation(root: &Path) -> Option<String> {
+    let profiles = root.join("nix/var/nix/profiles");
+    let cur = std::fs::read_link(profiles.join("system")).ok()?;
+    let n: u64 = cur
+        .to_str()?
+        .strip_prefix("system-")?
+        .strip_suffix("-link")?
+        .parse()
+        .ok()?;
+    (1..n).rev().find_map(|k| {
+        let t = std::fs::read_link(profiles.join(format!("system-{k}-link"))).ok()?;
+        t.to_str()
+            .filter(|t| t.starts_with("/nix/store/"))
+            .map(str::to_owned)
+    })
+}
+
+/// Accepts a verified document: saves it, makes the new highest sequence
+/// durable with the state, and queues the work. Nothing is fetched or
+/// switched before this returns Ok.
+fn accept(ctx: &Ctx, sh: &mut Shared, d: &Deploy, body: &[u8], sig: &[u8]) -> Result<(), String> {
+    let root = &ctx.cfg.root;
+    let previous = system_link(root, "run/current-system");
+    let system = match (d.action, &d.system) {
+        (_, Some(s)) => s.to_string(),
+        (Action::Rollback, None) => match previous_generation(root) {
+            Some(p) => p,
+            None => {
+                let rej = Rejection::Malformed(
+                    "rollback: no previous generation and no system given".into(),
+                );
+                reject(ctx, sh, &rej, "document");
+                return Ok(());
+            }
+        },
+        (_, None) => String::new(),
+    };
+    let dir = fsutil::open_dir(&ctx.cfg.state_dir).map_err(|e| format!("state dir: {e}"))?;
+    fsutil::write_atomic(dir.as_fd(), "deploy.json", body, true)
+        .map_err(|e| format!("saving deploy document: {e}"))?;
+    fsutil::write_atomic(dir.as_fd(), "deploy.json.sig", sig, true)
+        .map_err(|e| format!("saving signature: {e}"))?;
+    let ev = Event::Accepted {
+        seq: d.seq,
+        action: d.action,
+        system: system.clone(),
+        previous,
+        boot_id: boot_id(),
+    };
+    let (next, effects) = machine::step(&sh.state, ev, now(), ctx.timing);
+    persist::save(&ctx.cfg.state_dir, &next).map_err(|e| format!("persisting state: {e}"))?;
+    let line = format!(
+        "accepted seq {} ({}, key {}): {} {}",
+        d.seq,
+        d.action.as_str(),
+        d.key,
+        system,
+        next.phase.name()
+    );
+    log::info!("{line}");
+    persist::log_event(&ctx.cfg.state_dir, now(), &line);
+    sh.state = next;
+    sh.progress = Progress::default();
+    sh.queued.extend(effects);
+    Ok(())
+}
+
+/// Polls the sockets without blocking and pings the watchdog; called from
+/// inside long transfers.
+fn tick(ctx: &Ctx, shared: &RefCell<Shared>) {
+    {
+        let mut sh = shared.borrow_mut();
+        if sh.last_tick.elapsed() < TICK_EVERY {
+            return;
+        }
+        sh.last_tick = Instant::now();
+        sh.notifier.ping_if_due();
+    }
+    serve(ctx, shared, Duration::ZERO);
+}
+
+/// One round of the HTTP server, waiting up to `wait`.
+fn serve(ctx: &Ctx, shared: &RefCell<Shared>, wait: Duration) {
+    let server = shared.borrow_mut().server.take();
+    let Some(mut server) = server else {
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+        return;
+    };
+    let res = server.poll(wait, &mut |req: &Request| {
+        handle(req, ctx, &mut shared.borrow_mut())
+    });
+    if let Err(e) = res {
+        log::error!("http server: {e}");
+    }
+    shared.borrow_mut().server = Some(server);
+}
+
+fn status_line(sh: &Shared) -> String {
+    let p = sh.progress;
+    match &sh.state.phase {
+        Phase::Fetching => format!(
+            "fetching {}/{} paths, {} MiB",
+            p.paths_done,
+            p.paths_total,
+            p.bytes_done >> 20
+        ),
+        Phase::Idle => match &sh.state.last {
+            Some(l) => format!("idle; last deploy {} {}", l.seq, l.outcome.as_str()),
+            None => "idle".into(),
+        },
+        other => format!(
+            "{} seq {}",
+            other.name(),
+            sh.state.job.as_ref().map(|j| j.seq).unwrap_or(0)
+        ),
+    }
+}
+
+pub struct Agent {
+    ctx: Rc<Ctx>,
+    shared: Rc<RefCell<Shared>>,
+    /// When the current switch request was issued (this process's view).
+    switch_since: Option<(u64, Instant)>,
+    next_poll: Option<Instant>,
+    poll_seed: u64,
+}
+
+impl Agent {
+    /// Reads state, binds sockets; the caller installs seccomp after this.
+    pub fn start(cfg: Config) -> Result<Agent, String> {
+        let store = Store::open(&cfg.root, &cfg.state_dir)
+            .map_err(|e| format!("opening store under {}: {e}", cfg.root.display()))?;
+        fsutil::mkdir_p(&protocol::dir(&cfg.state_dir)).map_err(|e| format!("state dir: {e}"))?;
+        let state = persist::load(&cfg.state_dir)?;
+        let server = if cfg.listen.is_empty() {
+            None
+        } else {
+            let limits = Limits {
+                max_body_bytes: cfg.max_body_bytes,
+                max_connections: cfg.max_connections,
+                request_timeout: cfg.request_timeout,
+                ..Limits::default()
+            };
+            Some(
+                Server::bind(&cfg.listen, limits)
+                    .map_err(|e| format!("listening on {:?}: {e}", cfg.listen))?,
+            )
+        };
+        let timing = Timing {
+            health_timeout_secs: cfg.health_timeout.as_secs(),
+        };
+        let poll_seed = now() ^ u64::from(std::process::id()) << 20;
+        let next_poll = cfg.poll_url.as_ref().map(|_| Instant::now());
+        let shared = Shared {
+            state,
+            progress: Progress::default(),
+            last_error: None,
+            last_rejection: None,
+            bytes_fetched_total: 0,
+            poll_last_check: None,
+            poll_error: None,
+            rejected: 0,
+            started: now(),
+            notifier: Notifier::from_env(),
+            server,
+            auth_failures: 0,
+            auth_window_start: Instant::now(),
+            last_tick: Instant::now(),
+            queued: VecDeque::new(),
+            fatal: None,
+        };
+        Ok(Agent {
+            ctx: Rc::new(Ctx { cfg, store, timing }),
+            shared: Rc::new(RefCell::new(shared)),
+            switch_since: None,
+            next_poll,
+            poll_seed,
+        })
+    }
+
+    pub fn local_addrs(&self) -> Vec<std::net::SocketAddr> {
+        self.shared
+            .borrow()
+            .server
+            .as_ref()
+            .map(Server::local_addrs)
+            .unwrap_or_default()
+    }
+
+    /// Applies one event: persist first, then queue its effects.
+    fn apply(&mut self, ev: Event) -> Result<(), String> {
+        let desc = format!("{ev:?}");
+        let mut sh = self.shared.borrow_mut();
+        let (next, effects) = machine::step(&sh.state, ev, now(), self.ctx.timing);
+        persist::save(&self.ctx.cfg.state_dir, &next)
+            .map_err(|e| format!("persisting state: {e}"))?;
+        if next.phase != sh.state.phase || next.last != sh.state.last {
+            let line = format!(
+                "{} -> {} after {}",
+                sh.state.phase.name(),
+                next.phase.name(),
+                truncate(&desc, 300)
+            );
+            log::info!("{line}");
+            persist::log_event(&self.ctx.cfg.state_dir, now(), &line);
+        }
+        if let (Some(l), true) = (&next.last, next.last != sh.state.last) {
+            if l.outcome != machine::Outcome::Committed && l.outcome != machine::Outcome::Collected
+            {
+                sh.last_error = l.reason.clone();
+            }
+        }
+        sh.state = next;
+        sh.queued.extend(effects);
+        Ok(())
+    }
+
+    /// Runs until a fatal error (which systemd answers with a restart).
+    pub fn run(&mut self) -> Result<(), String> {
+        self.shared.borrow_mut().notifier.ready();
+        self.apply(Event::Resumed { boot_id: boot_id() })?;
+        loop {
+            // Effects first: they may produce events, which produce effects.
+            loop {
+                let eff = self.shared.borrow_mut().queued.pop_front();
+                let Some(eff) = eff else { break };
+                if let Some(ev) = self.perform(eff)? {
+                    self.apply(ev)?;
+                }
+            }
+            if let Some(ev) = self.check_progress() {
+                self.apply(ev)?;
+                continue;
+            }
+            self.maybe_poll()?;
+            {
+                let mut sh = self.shared.borrow_mut();
+                let line = status_line(&sh);
+                sh.notifier.status(&line);
+                sh.notifier.ping_if_due();
+            }
+            let wait = {
+                let sh = self.shared.borrow();
+                let mut w = IDLE_WAIT;
+                if let Some(d) = sh.notifier.until_due() {
+                    w = w.min(d);
+                }
+                if !sh.queued.is_empty() {
+                    w = Duration::ZERO;
+                }
+                w
+            };
+            serve(&self.ctx, &self.shared, wait);
+            if let Some(e) = self.shared.borrow_mut().fatal.take() {
+                return Err(e);
+            }
+        }
+    }
+
+    fn perform(&mut self, eff: Effect) -> Result<Option<Event>, String> {
+        match eff {
+            Effect::Fetch => Ok(Some(self.fetch())),
+            Effect::RequestSwitch { id, step, system } => {
+                let req = protocol::Request { id, step, system };
+                let wrote = protocol::ensure_request(&self.ctx.cfg.state_dir, &req)
+                    .map_err(|e| format!("writing switch request: {e}"))?;
+                if wrote {
+                    log::info!("switch request {id}: {} {}", step.as_str(), req.system);
+                }
+                self.switch_since = Some((id, Instant::now()));
+                Ok(None)
+            }
+            Effect::CheckHealth => Ok(None),
+            Effect::Commit => Ok(None),
+            Effect::CollectGarbage => Ok(Some(Event::GcDone(Err(
+                "garbage collection is not implemented yet".into(),
+            )))),
+        }
+    }
+
+    /// Events that come from outside: switch results, health deadlines.
+    fn check_progress(&mut self) -> Option<Event> {
+        let phase = self.shared.borrow().state.phase.clone();
+        match phase {
+            Phase::Switching { id, .. } => {
+                if let Some(r) =
+                    protocol::read_result(&self.ctx.cfg.state_dir).filter(|r| r.id == id)
+                {
+                    self.switch_since = None;
+                    return Some(Event::SwitchResult {
+                        id,
+                        code: r.code,
+                        tail: r.tail,
+                    });
+                }
+                let since = match self.switch_since {
+                    Some((sid, t)) if sid == id => t,
+                    _ => {
+                        let t = Instant::now();
+                        self.switch_since = Some((id, t));
+                        t
+                    }
+                };
+                if since.elapsed() > self.ctx.cfg.switch_timeout {
+                    self.switch_since = None;
+                    let tail = format!(
+                        "no result after {} s",
+                        self.ctx.cfg.switch_timeout.as_secs()
+                    );
+                    return Some(Event::SwitchResult {
+                        id,
+                        code: None,
+                        tail,
+                    });
+                }
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// A fetcher over the document's caches, then the configured ones,
+    /// whose ticks keep the loop alive.
+    fn fetcher(&self, extra: &[String]) -> Fetcher {
+        let mut caches: Vec<CacheUrl> = extra
+            .iter()
+            .filter_map(|c| CacheUrl::parse(c).ok())
+            .collect();
+        for c in &self.ctx.cfg.caches {
+            if !caches.contains(c) {
+                caches.push(c.clone());
+            }
+        }
+        let mut f = Fetcher::new(
+            caches,
+            Options {
+                retries: self.ctx.cfg.retries,
+                ..Options::default()
+            },
+        );
+        let (ctx, shared) = (self.ctx.clone(), self.shared.clone());
+        f.set_tick(Box::new(move || tick(&ctx, &shared)));
+        f
+    }
+
+    /// The saved deploy document of the current job (for caches and narinfos).
+    fn saved_deploy(&self) -> Option<Deploy> {
+        let dir = &self.ctx.cfg.state_dir;
+        let body = std::fs::read(dir.join("deploy.json")).ok()?;
+        let sig = std::fs::read(dir.join("deploy.json.sig")).ok()?;
+        // Re-verified, as anything read back from disk; the sequence check
+        // is against the one before it (it is the highest now).
+        let seq = self.shared.borrow().state.job.as_ref()?.seq;
+        deploy::verify(
+            &body,
+            Some(&sig),
+            &self.ctx.cfg.deploy_keys,
+            &self.ctx.cfg.host,
+            seq - 1,
+        )
+        .ok()
+        .filter(|d| d.seq == seq)
+    }
+
+    fn fetch(&mut self) -> Event {
+        let system = match self
+            .shared
+            .borrow()
+            .state
+            .job
+            .as_ref()
+            .map(|j| StorePath::from_absolute(&j.system))
+        {
+            Some(Ok(p)) => p,
+            _ => return Event::FetchFailed("the job's system is not a store path".into()),
+        };
+        let doc = self.saved_deploy();
+        let (caches, narinfos) = doc.map(|d| (d.caches, d.narinfos)).unwrap_or_default();
+        let provided = install::provided_from(&narinfos);
+        let mut fetcher = self.fetcher(&caches);
+        let shared = self.shared.clone();
+        let mut on_progress = |p: &install::Progress| {
+            let mut sh = shared.borrow_mut();
+            sh.progress = Progress {
+                paths_done: p.paths_done as u64,
+                paths_total: p.paths_total as u64,
+                bytes_done: p.nar_bytes_done,
+                bytes_total: p.nar_bytes_total,
+            };
+        };
+        let res = install::install_with(
+            &mut fetcher,
+            &self.ctx.store,
+            &self.ctx.cfg.cache_keys,
+            &[system],
+            &provided,
+            &mut on_progress,
+        );
+        let mut sh = self.shared.borrow_mut();
+        match res {
+            Ok((plan, prog)) => {
+                sh.bytes_fetched_total += prog.nar_bytes_done;
+                log::info!(
+                    "installed {} paths ({} present), {} MiB",
+                    prog.paths_done,
+                    plan.present,
+                    prog.nar_bytes_done >> 20
+                );
+                Event::FetchOk
+            }
+            Err(e) => Event::FetchFailed(e.to_string()),
+        }
+    }
+
+    fn maybe_poll(&mut self) -> Result<(), String> {
+        let Some(url) = self.ctx.cfg.poll_url.clone() else {
+            return Ok(());
+        };
+        if self.next_poll.is_some_and(|t| Instant::now() < t)
+            || self.shared.borrow().state.phase != Phase::Idle
+        {
+            return Ok(());
+        }
+        // Jitter up to a tenth of the interval, so a fleet spreads out.
+        self.poll_seed ^= self.poll_seed << 13;
+        self.poll_seed ^= self.poll_seed >> 7;
+        self.poll_seed ^= self.poll_seed << 17;
+        let iv = self.ctx.cfg.poll_interval;
+        let jitter = Duration::from_millis(self.poll_seed % (iv.as_millis() as u64 / 10 + 1));
+        self.next_poll = Some(Instant::now() + iv + jitter);
+        let mut fetcher = self.fetcher(&[]);
+        let limit = self.ctx.cfg.max_body_bytes as u64;
+        let fetched = fetcher
+            .get_url(&url, limit)
+            .and_then(|doc| Ok((doc, fetcher.get_url(&format!("{url}.sig"), MAX_SIG_BYTES)?)));
+        let ctx = self.ctx.clone();
+        let mut sh = self.shared.borrow_mut();
+        sh.poll_last_check = Some(now());
+        let (doc, sig) = match fetched {
+            Ok((Some(doc), Some(sig))) => (doc, sig),
+            Ok((None, _)) => {
+                sh.poll_error = Some(format!("{url}: not found"));
+                return Ok(());
+            }
+            Ok((_, None)) => {
+                sh.poll_error = Some(format!("{url}.sig: not found"));
+                return Ok(());
+            }
+            Err(e) => {
+                sh.poll_error = Some(e.to_string());
+                return Ok(());
+            }
+        };
+        match deploy::verify(
+            &doc,
+            Some(&sig),
+            &ctx.cfg.deploy_keys,
+            &ctx.cfg.host,
+            sh.state.highest_seq,
+        ) {
+            Ok(d) => {
+                sh.poll_error = None;
+                accept(&ctx, &mut sh, &d, &doc, &sig)?;
+            }
+            // The document we already have (or an older one): nothing to do.
+            Err(Rejection::Stale { .. }) => sh.poll_error = None,
+            Err(rej) => {
+                let msg = format!("{url}: {rej}");
+                reject(&ctx, &mut sh, &rej, "poll");
+                sh.poll_error = Some(msg);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn truncate(s: &str, n: usize) -> &str {
+    match s.char_indices().nth(n) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// `nixless agent`: load config, start, drop privileges to the seccomp
+/// allowlist, run.
+pub fn main(config: &Path, opts: Options2) -> Result<(), String> {
+    let cfg = Config::load(config)?;
+    let mut agent = Agent::start(cfg)?;
+    for a in agent.local_addrs() {
+        log::info!("listening on {a}");
+    }
+    if !opts.no_seccomp {
+        super::seccomp::install().map_err(|e| format!("seccomp: {e}"))?;
+    }
+    agent.run()
+}
+
+/// Where `nixless` finds its state without a config (admin helpers, tests).
+pub fn default_state_dir(root: &Path) -> PathBuf {
+    root.join("var/lib/nixless")
+}

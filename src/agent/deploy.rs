@@ -1,0 +1,360 @@
+//! Deploy documents: what an admin signs, and the checks that decide
+//! whether the device obeys.
+//!
+//! Wire format: a JSON object, signed as raw bytes with a deploy key
+//! (detached ed25519, `name:base64(64 bytes)`), sent in the
+//! `Nixless-Signature` header of `POST /v1/deploy` or as `URL.sig` beside a
+//! polled document.
+//! ```text
+//! {"host": "kiosk-7", "system": "/nix/store/<hash>-nixos-system-…",
+//!  "seq": 1763900000, "action": "switch" | "boot" | "rollback" | "gc",
+//!  "caches": [url…]?, "narinfos": [text…]?}     ; unknown fields ignored
+//! ```
+//! The checks run cheapest-first and the signature before anything reads
+//! the JSON: signature present and well-formed → key trusted → signature
+//! valid → JSON → host → sequence above the highest accepted → system a
+//! store path (not needed for `gc`) → action known.
+
+use super::machine::Action;
+use crate::nix::keys::Signature;
+use crate::nix::{SecretKey, StorePath, TrustedKeys};
+use serde::Deserialize;
+
+pub const SIGNATURE_HEADER: &str = "nixless-signature";
+
+#[derive(Deserialize)]
+struct Wire {
+    host: String,
+    #[serde(default)]
+    system: Option<String>,
+    seq: u64,
+    action: String,
+    #[serde(default)]
+    caches: Option<Vec<String>>,
+    #[serde(default)]
+    narinfos: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deploy {
+    pub host: String,
+    pub system: Option<StorePath>,
+    pub seq: u64,
+    pub action: Action,
+    pub caches: Vec<String>,
+    pub narinfos: Vec<String>,
+    /// The deploy key that signed it.
+    pub key: String,
+}
+
+/// Why a document was refused, with the HTTP status that says so.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejection {
+    MissingSignature,
+    MalformedSignature,
+    UnknownKey(String),
+    BadSignature,
+    Malformed(String),
+    OtherHost { doc: String, me: String },
+    Stale { seq: u64, highest: u64 },
+    NotStorePath(String),
+    UnknownAction(String),
+}
+
+impl Rejection {
+    pub fn status(&self) -> u16 {
+        match self {
+            Rejection::MissingSignature
+            | Rejection::MalformedSignature
+            | Rejection::UnknownKey(_)
+            | Rejection::BadSignature => 401,
+            Rejection::OtherHost { .. } => 403,
+            Rejection::Stale { .. } => 409,
+            Rejection::Malformed(_) | Rejection::NotStorePath(_) | Rejection::UnknownAction(_) => {
+                400
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rejection::MissingSignature => write!(f, "missing Nixless-Signature"),
+            Rejection::MalformedSignature => write!(
+                f,
+                "malformed signature (expected keyname:base64 of 64 bytes)"
+            ),
+            Rejection::UnknownKey(k) => write!(f, "signed by unknown key {k:?}"),
+            Rejection::BadSignature => write!(f, "signature does not verify"),
+            Rejection::Malformed(e) => write!(f, "malformed deploy document: {e}"),
+            Rejection::OtherHost { doc, me } => {
+                write!(f, "document is for host {doc:?}, this is {me:?}")
+            }
+            Rejection::Stale { seq, highest } => write!(
+                f,
+                "sequence {seq} is not above the highest accepted, {highest}"
+            ),
+            Rejection::NotStorePath(p) => write!(f, "system {p:?} is not a store path"),
+            Rejection::UnknownAction(a) => {
+                write!(f, "unknown action {a:?} (switch, boot, rollback, gc)")
+            }
+        }
+    }
+}
+
+/// Checks a signature header over `body` and returns the signing key name.
+pub fn check_signature(
+    body: &[u8],
+    sig: Option<&[u8]>,
+    keys: &TrustedKeys,
+) -> Result<String, Rejection> {
+    let sig = sig.ok_or(Rejection::MissingSignature)?;
+    let sig = std::str::from_utf8(sig)
+        .map_err(|_| Rejection::MalformedSignature)?
+        .trim();
+    let parsed = Signature::parse(sig).ok_or(Rejection::MalformedSignature)?;
+    let key = keys
+        .keys()
+        .iter()
+        .find(|k| k.name() == parsed.name)
+        .ok_or_else(|| Rejection::UnknownKey(parsed.name.to_owned()))?;
+    if key.verifies(body, &parsed) {
+        Ok(key.name().to_owned())
+    } else {
+        Err(Rejection::BadSignature)
+    }
+}
+
+/// All checks; `highest` is the highest sequence accepted so far.
+pub fn verify(
+    body: &[u8],
+    sig: Option<&[u8]>,
+    keys: &TrustedKeys,
+    host: &str,
+    highest: u64,
+) -> Result<Deploy, Rejection> {
+    let key = check_signature(body, sig, keys)?;
+    let mut scratch = vec![0u8; body.len()];
+    let (w, _): (Wire, _) = serde_json_core::from_slice_escaped(body, &mut scratch)
+        .map_err(|e| Rejection::Malformed(e.to_string()))?;
+    if w.host != host {
+        return Err(Rejection::OtherHost {
+            doc: w.host,
+            me: host.to_owned(),
+        });
+    }
+    if w.seq <= highest {
+        return Err(Rejection::Stale {
+            seq: w.seq,
+            highest,
+        });
+    }
+    let action =
+        Action::parse(&w.action).ok_or_else(|| Rejection::UnknownAction(w.action.clone()))?;
+    let system = match (&w.system, action) {
+        (Some(s), _) => {
+            Some(StorePath::from_absolute(s).map_err(|_| Rejection::NotStorePath(s.clone()))?)
+        }
+        (None, Action::Gc | Action::Rollback) => None,
+        (None, _) => return Err(Rejection::Malformed("missing field `system`".into())),
+    };
+    Ok(Deploy {
+        host: w.host,
+        system,
+        seq: w.seq,
+        action,
+        caches: w.caches.unwrap_or_default(),
+        narinfos: w.narinfos.unwrap_or_default(),
+        key,
+    })
+}
+
+fn json_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// A JSON string literal (shared by the status and state writers).
+pub fn json_string(s: &str) -> String {
+    json_str(s)
+}
+
+/// Writes a document (the admin side).
+pub fn render(
+    host: &str,
+    system: Option<&str>,
+    seq: u64,
+    action: Action,
+    caches: &[String],
+    narinfos: &[String],
+) -> String {
+    let mut out = format!("{{\"host\":{},", json_str(host));
+    if let Some(s) = system {
+        out += &format!("\"system\":{},", json_str(s));
+    }
+    out += &format!("\"seq\":{seq},\"action\":{}", json_str(action.as_str()));
+    let list = |v: &[String]| v.iter().map(|s| json_str(s)).collect::<Vec<_>>().join(",");
+    if !caches.is_empty() {
+        out += &format!(",\"caches\":[{}]", list(caches));
+    }
+    if !narinfos.is_empty() {
+        out += &format!(",\"narinfos\":[{}]", list(narinfos));
+    }
+    out.push('}');
+    out
+}
+
+/// Signs document bytes: the value of the `Nixless-Signature` header.
+pub fn sign(key: &SecretKey, body: &[u8]) -> String {
+    key.sign(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nix::PublicKey;
+
+    const SYS: &str = "/nix/store/qx8l0zlfvk6k8whfjvianr1mywbz9k4v-nixos-system-kiosk";
+
+    fn setup() -> (SecretKey, TrustedKeys) {
+        let sk = SecretKey::generate("admin-1").unwrap();
+        let keys = TrustedKeys::new(vec![PublicKey::parse(&sk.public().to_string()).unwrap()]);
+        (sk, keys)
+    }
+
+    #[test]
+    fn accepts_a_good_document_with_narinfos() {
+        let (sk, keys) = setup();
+        let ni = "StorePath: /nix/store/x\nURL: nar/a \"quoted\"\n".to_string();
+        let doc = render(
+            "kiosk-7",
+            Some(SYS),
+            10,
+            Action::Switch,
+            &["http://c".into()],
+            std::slice::from_ref(&ni),
+        );
+        let sig = sign(&sk, doc.as_bytes());
+        let d = verify(doc.as_bytes(), Some(sig.as_bytes()), &keys, "kiosk-7", 9).unwrap();
+        assert_eq!(d.seq, 10);
+        assert_eq!(d.system.unwrap().to_string(), SYS);
+        assert_eq!(d.narinfos, vec![ni]);
+        assert_eq!(d.caches, vec!["http://c".to_string()]);
+        assert_eq!(d.key, "admin-1");
+    }
+
+    #[test]
+    fn refusals_in_order() {
+        let (sk, keys) = setup();
+        let doc = render("kiosk-7", Some(SYS), 10, Action::Switch, &[], &[]);
+        let b = doc.as_bytes();
+        let sig = sign(&sk, b);
+        let other = SecretKey::generate("admin-1").unwrap();
+        let stranger = SecretKey::generate("stranger").unwrap();
+        let check = |body: &[u8], sig: Option<&str>, host: &str, highest: u64| {
+            verify(body, sig.map(str::as_bytes), &keys, host, highest).unwrap_err()
+        };
+        assert_eq!(check(b, None, "kiosk-7", 0), Rejection::MissingSignature);
+        assert_eq!(
+            check(b, Some("garbage"), "kiosk-7", 0),
+            Rejection::MalformedSignature
+        );
+        assert_eq!(
+            check(b, Some(&sign(&stranger, b)), "kiosk-7", 0),
+            Rejection::UnknownKey("stranger".into())
+        );
+        assert_eq!(
+            check(b, Some(&sign(&other, b)), "kiosk-7", 0),
+            Rejection::BadSignature
+        );
+        let tampered = doc.replace("10", "11");
+        assert_eq!(
+            check(tampered.as_bytes(), Some(&sig), "kiosk-7", 0),
+            Rejection::BadSignature
+        );
+        assert!(matches!(
+            check(b, Some(&sig), "kiosk-8", 0),
+            Rejection::OtherHost { .. }
+        ));
+        assert_eq!(
+            check(b, Some(&sig), "kiosk-7", 10),
+            Rejection::Stale {
+                seq: 10,
+                highest: 10
+            }
+        );
+        // Signature checked before the JSON is even looked at.
+        assert_eq!(
+            check(
+                b"{not json",
+                Some(&sign(&other, b"{not json")),
+                "kiosk-7",
+                0
+            ),
+            Rejection::BadSignature
+        );
+        let junk = b"{not json";
+        assert!(matches!(
+            check(junk, Some(&sign(&sk, junk)), "kiosk-7", 0),
+            Rejection::Malformed(_)
+        ));
+        for (doc, want) in [
+            (
+                r#"{"host":"kiosk-7","system":"/tmp/evil","seq":11,"action":"switch"}"#,
+                "NotStorePath",
+            ),
+            (
+                r#"{"host":"kiosk-7","system":"/nix/store/qx8l0zlfvk6k8whfjvianr1mywbz9k4v-x","seq":11,"action":"reboot"}"#,
+                "UnknownAction",
+            ),
+            (
+                r#"{"host":"kiosk-7","seq":11,"action":"switch"}"#,
+                "Malformed",
+            ),
+            (
+                r#"{"host":"kiosk-7","system":"/nix/store/qx8l0zlfvk6k8whfjvianr1mywbz9k4v-x","seq":-1,"action":"switch"}"#,
+                "Malformed",
+            ),
+        ] {
+            let e = check(
+                doc.as_bytes(),
+                Some(&sign(&sk, doc.as_bytes())),
+                "kiosk-7",
+                0,
+            );
+            assert!(format!("{e:?}").starts_with(want), "{doc}: {e:?}");
+        }
+        assert_eq!(Rejection::BadSignature.status(), 401);
+        assert_eq!(Rejection::Stale { seq: 1, highest: 2 }.status(), 409);
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored_and_gc_needs_no_system() {
+        let (sk, keys) = setup();
+        let doc = r#"{"host":"kiosk-7","seq":11,"action":"gc","future":{"x":[1,2]}}"#;
+        let d = verify(
+            doc.as_bytes(),
+            Some(sign(&sk, doc.as_bytes()).as_bytes()),
+            &keys,
+            "kiosk-7",
+            0,
+        )
+        .unwrap();
+        assert_eq!(d.action, Action::Gc);
+        assert!(d.system.is_none());
+    }
+}

@@ -1,0 +1,282 @@
+//! The agent's state on disk: `<state_dir>/state.json`, replaced atomically
+//! and durably (temp file, fsync, rename, fsync dir) at every transition,
+//! so kill -9 or a power cut leaves the old or the new state, never a mix.
+//! A small append-only event log (`events.log`) keeps the last transitions
+//! for operators.
+//!
+//! ```text
+//! {"version":1,"highest_seq":N,"next_switch_id":N,"phase":"idle|fetching|switching|verifying|committing|collecting",
+//!  "step":"test|boot|rollback-test"?,"switch_id":N?,"deadline":N?,
+//!  "job":{"seq","action","system","previous"?,"started","transitions","failure"?,"boot_id"?}?,
+//!  "last":{"seq","action","system","outcome","reason"?,"finished"}?,
+//!  "outcomes":[committed,rolled-back,rollback-failed,rejected,failed,collected]}
+//! ```
+
+use super::deploy::json_string;
+use super::machine::{Action, Job, Last, Outcome, Phase, State, Step};
+use crate::store::fsutil;
+use rustix::fd::AsFd;
+use serde::Deserialize;
+use std::io::Write;
+use std::path::Path;
+
+pub const STATE_FILE: &str = "state.json";
+pub const EVENT_LOG: &str = "events.log";
+/// The event log is cut to its newest half past this size.
+const EVENT_LOG_MAX: u64 = 256 << 10;
+
+fn opt(s: &Option<String>) -> String {
+    s.as_deref()
+        .map(json_string)
+        .unwrap_or_else(|| "null".into())
+}
+
+pub fn to_json(s: &State) -> String {
+    let mut out = format!(
+        "{{\"version\":1,\"highest_seq\":{},\"next_switch_id\":{},\"phase\":\"{}\"",
+        s.highest_seq,
+        s.next_switch_id,
+        phase_key(&s.phase)
+    );
+    match &s.phase {
+        Phase::Switching { step, id } => {
+            out += &format!(",\"step\":\"{}\",\"switch_id\":{id}", step.as_str())
+        }
+        Phase::Verifying { deadline } => out += &format!(",\"deadline\":{deadline}"),
+        _ => {}
+    }
+    if let Some(j) = &s.job {
+        out += &format!(
+            ",\"job\":{{\"seq\":{},\"action\":\"{}\",\"system\":{},\"previous\":{},\"started\":{},\"transitions\":{},\"failure\":{},\"boot_id\":{}}}",
+            j.seq,
+            j.action.as_str(),
+            json_string(&j.system),
+            opt(&j.previous),
+            j.started,
+            j.transitions,
+            opt(&j.failure),
+            opt(&j.boot_id)
+        );
+    }
+    if let Some(l) = &s.last {
+        out += &format!(
+            ",\"last\":{{\"seq\":{},\"action\":\"{}\",\"system\":{},\"outcome\":\"{}\",\"reason\":{},\"finished\":{}}}",
+            l.seq,
+            l.action.as_str(),
+            json_string(&l.system),
+            l.outcome.as_str(),
+            opt(&l.reason),
+            l.finished
+        );
+    }
+    let counts: Vec<String> = s.outcomes.iter().map(u64::to_string).collect();
+    out += &format!(",\"outcomes\":[{}]}}", counts.join(","));
+    out
+}
+
+/// The phase as stored (unlike `Phase::name`, rolling back is `switching`
+/// with step `rollback-test`).
+fn phase_key(p: &Phase) -> &'static str {
+    match p {
+        Phase::Idle => "idle",
+        Phase::Fetching => "fetching",
+        Phase::Switching { .. } => "switching",
+        Phase::Verifying { .. } => "verifying",
+        Phase::Committing => "committing",
+        Phase::Collecting => "collecting",
+    }
+}
+
+#[derive(Deserialize)]
+struct WireJob {
+    seq: u64,
+    action: String,
+    system: String,
+    previous: Option<String>,
+    started: u64,
+    transitions: u32,
+    failure: Option<String>,
+    boot_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct WireLast {
+    seq: u64,
+    action: String,
+    system: String,
+    outcome: String,
+    reason: Option<String>,
+    finished: u64,
+}
+
+#[derive(Deserialize)]
+struct Wire {
+    version: u32,
+    highest_seq: u64,
+    next_switch_id: u64,
+    phase: String,
+    step: Option<String>,
+    switch_id: Option<u64>,
+    deadline: Option<u64>,
+    job: Option<WireJob>,
+    last: Option<WireLast>,
+    outcomes: Vec<u64>,
+}
+
+pub fn from_json(bytes: &[u8]) -> Result<State, String> {
+    let mut scratch = vec![0u8; bytes.len()];
+    let (w, _): (Wire, _) =
+        serde_json_core::from_slice_escaped(bytes, &mut scratch).map_err(|e| e.to_string())?;
+    if w.version != 1 {
+        return Err(format!("unknown state version {}", w.version));
+    }
+    let action = |a: &str| Action::parse(a).ok_or(format!("unknown action {a:?}"));
+    let phase = match (w.phase.as_str(), &w.step, w.switch_id, w.deadline) {
+        ("idle", ..) => Phase::Idle,
+        ("fetching", ..) => Phase::Fetching,
+        ("switching", Some(step), Some(id), _) => Phase::Switching {
+            step: Step::parse(step).ok_or(format!("unknown step {step:?}"))?,
+            id,
+        },
+        ("verifying", _, _, Some(deadline)) => Phase::Verifying { deadline },
+        ("committing", ..) => Phase::Committing,
+        ("collecting", ..) => Phase::Collecting,
+        (p, ..) => return Err(format!("bad phase {p:?}")),
+    };
+    let job = match w.job {
+        Some(j) => Some(Job {
+            seq: j.seq,
+            action: action(&j.action)?,
+            system: j.system,
+            previous: j.previous,
+            started: j.started,
+            transitions: j.transitions,
+            failure: j.failure,
+            boot_id: j.boot_id,
+        }),
+        None => None,
+    };
+    let last = match w.last {
+        Some(l) => Some(Last {
+            seq: l.seq,
+            action: action(&l.action)?,
+            system: l.system,
+            outcome: Outcome::parse(&l.outcome)
+                .ok_or(format!("unknown outcome {:?}", l.outcome))?,
+            reason: l.reason,
+            finished: l.finished,
+        }),
+        None => None,
+    };
+    if phase != Phase::Idle && job.is_none() {
+        return Err("a non-idle phase without a job".into());
+    }
+    let mut outcomes = [0u64; 6];
+    for (slot, v) in outcomes.iter_mut().zip(w.outcomes) {
+        *slot = v;
+    }
+    Ok(State {
+        highest_seq: w.highest_seq,
+        next_switch_id: w.next_switch_id.max(1),
+        phase,
+        job,
+        last,
+        outcomes,
+    })
+}
+
+/// Reads the state; a missing file is a fresh device. A corrupt one is an
+/// error: guessing could lose the highest sequence number.
+pub fn load(state_dir: &Path) -> Result<State, String> {
+    let p = state_dir.join(STATE_FILE);
+    match std::fs::read(&p) {
+        Ok(b) => from_json(&b).map_err(|e| format!("{}: {e}", p.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
+        Err(e) => Err(format!("{}: {e}", p.display())),
+    }
+}
+
+pub fn save(state_dir: &Path, s: &State) -> std::io::Result<()> {
+    let dir = fsutil::open_dir(state_dir)?;
+    fsutil::write_atomic(dir.as_fd(), STATE_FILE, to_json(s).as_bytes(), true)
+}
+
+/// Appends one line to the event log (best effort; rotates by halving).
+pub fn log_event(state_dir: &Path, now: u64, line: &str) {
+    let p = state_dir.join(EVENT_LOG);
+    if std::fs::metadata(&p)
+        .map(|m| m.len() > EVENT_LOG_MAX)
+        .unwrap_or(false)
+    {
+        if let Ok(text) = std::fs::read_to_string(&p) {
+            let keep = &text[text.len() / 2..];
+            let keep = keep.split_once('\n').map(|(_, rest)| rest).unwrap_or(keep);
+            if let Ok(dir) = fsutil::open_dir(state_dir) {
+                let _ = fsutil::write_atomic(dir.as_fd(), EVENT_LOG, keep.as_bytes(), false);
+            }
+        }
+    }
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&p)
+    {
+        let _ = writeln!(f, "{now} {}", line.replace('\n', " "));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::machine::{step, Event, Timing};
+
+    #[test]
+    fn roundtrips_every_phase() {
+        let t = Timing {
+            health_timeout_secs: 30,
+        };
+        let mut s = State::default();
+        let events = vec![
+            Event::Accepted {
+                seq: 7,
+                action: Action::Switch,
+                system: "/nix/store/a-\"x\"".into(),
+                previous: None,
+                boot_id: Some("b\n1".into()),
+            },
+            Event::FetchOk,
+            Event::SwitchResult {
+                id: 1,
+                code: Some(0),
+                tail: String::new(),
+            },
+            Event::Healthy,
+            Event::CommitOk,
+            Event::SwitchResult {
+                id: 2,
+                code: Some(1),
+                tail: "bootloader \\ broke".into(),
+            },
+        ];
+        for ev in events {
+            s = step(&s, ev, 42, t).0;
+            let back = from_json(to_json(&s).as_bytes()).unwrap();
+            assert_eq!(back, s, "{}", to_json(&s));
+        }
+        assert_eq!(s.last.as_ref().unwrap().outcome, Outcome::Failed);
+    }
+
+    #[test]
+    fn corrupt_state_is_an_error_and_missing_is_fresh() {
+        let tmp = tempfile::tempdir().unwrap();
+        assert_eq!(load(tmp.path()).unwrap(), State::default());
+        std::fs::write(tmp.path().join(STATE_FILE), b"{\"version\":1,").unwrap();
+        assert!(load(tmp.path()).is_err());
+        let s = State {
+            highest_seq: 99,
+            ..State::default()
+        };
+        save(tmp.path(), &s).unwrap();
+        assert_eq!(load(tmp.path()).unwrap().highest_seq, 99);
+    }
+}

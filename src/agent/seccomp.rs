@@ -1,0 +1,394 @@
+//! The agent's seccomp allowlist: installed once the agent has set itself up,
+//! after which any system call not listed below kills the whole process
+//! with SIGSYS (`kill_process`; systemd then restarts it and the journal
+//! shows `code=killed, status=31/SYS`).
+//!
+//! The filter source is `src/agent/seccomp.json` (seccompiler's JSON
+//! format, filter `agent`, x86_64 syscall names). `build.rs` compiles it to
+//! BPF at build time, as Firecracker does, so the binary carries the
+//! reviewed program and no JSON parser for it. JSON has no comments, so the
+//! rationale lives here. The list was started from `strace -f` of the musl
+//! static binary running `nixless install` (zstd over http, xz and zstd
+//! over file://, a no-op reinstall, `verify`) and extended with what the
+//! agent loop needs. Rust std on musl uses musl's wrappers, which on x86_64
+//! still call the legacy path syscalls (`open`, `stat`, `mkdir`, `rename`,
+//! …); rustix calls the `*at` ones directly. Both spellings are allowed
+//! where the `*at` form is: `open(p)` is `openat(AT_FDCWD, p)`, so refusing
+//! one while allowing the other buys nothing.
+//!
+//! | group | syscalls | why |
+//! |---|---|---|
+//! | fd I/O | read write readv writev pread64 lseek close | files, sockets, stderr |
+//! | durability | fsync fdatasync syncfs | store paths, state files, their directories |
+//! | fd flags | fcntl: F_GETFD F_SETFD F_GETFL F_SETFL F_DUPFD_CLOEXEC only | musl's `open` sets FD_CLOEXEC again; std/rustix nonblocking and `try_clone` |
+//! | ioctl | ioctl: TCGETS TIOCGWINSZ FIONBIO only | `isatty` (musl and rustix use TIOCGWINSZ, others TCGETS); std's `connect_timeout` toggles FIONBIO |
+//! | file system, `*at` | openat newfstatat fstat statx getdents64 mkdirat renameat renameat2 unlinkat symlinkat linkat readlinkat utimensat fchmod | NAR unpacking (fd-relative), canonical modes and mtime 1, atomic rename into the store (renameat2 RENAME_NOREPLACE), records, GC, profile links |
+//! | file system, legacy | open stat lstat mkdir rename unlink rmdir symlink readlink | the same operations through musl (`std::fs`); musl's DNS resolver opens /etc/hosts and /etc/resolv.conf with `open`; sd-notify's `booted()` uses `lstat` |
+//! | network | socket (AF_UNIX, AF_INET, AF_INET6 only) connect bind listen accept4 getsockname getpeername setsockopt getsockopt shutdown sendto recvfrom sendmsg recvmsg poll ppoll | HTTP client (ureq: connect with timeout = nonblocking connect + poll + SO_ERROR via getsockopt, SO_RCVTIMEO/SO_SNDTIMEO, TCP_NODELAY) and server (listen/accept4); musl's DNS resolver (UDP socket, bind, sendto/recvfrom, poll; connect+getsockname to sort addresses; TCP fallback with sendmsg/recvmsg); sd_notify (AF_UNIX datagram: connect + send = sendto, sendmsg with fds) |
+//! | time | clock_gettime clock_nanosleep nanosleep restart_syscall | timeouts, backoff, watchdog pings (the vDSO usually avoids the syscall; its fallback does not); the kernel restarts an interrupted sleep through restart_syscall |
+//! | memory | mmap and mprotect without PROT_EXEC; munmap mremap brk madvise | musl's malloc (brk for metadata, mmap/mremap for large blocks, madvise to return pages); no new executable memory, ever |
+//! | signals | rt_sigaction rt_sigprocmask rt_sigreturn sigaltstack; tkill with SIGABRT only | std's runtime (SIGPIPE ignored, stack-overflow handler torn down at exit), signal handlers for SIGTERM; `abort()` after a panic (panic = "abort") raises SIGABRT with tkill |
+//! | process | exit exit_group getpid gettid getcwd uname | exiting; sd-notify compares WATCHDOG_PID with getpid; std's panic hook reads the cwd (to shorten backtrace paths) before aborting; hostname |
+//! | misc | futex getrandom | std's locks and once-cells (only when contended); HashMap seeds, TLS and key generation |
+//!
+//! Deliberately absent, so the attempt kills the process: execve execveat,
+//! fork vfork clone clone3 (the agent never execs and never spawns threads
+//! or processes; the switch is run by a systemd oneshot unit), ptrace
+//! process_vm_*, kill/tgkill (other than the SIGABRT case above), mount
+//! umount2 pivot_root chroot, kexec_*, reboot, bpf, perf_event_open,
+//! init/finit/delete_module, setuid and friends, chmod/chown on paths,
+//! memfd_create, userfaultfd, io_uring_*, keyctl, add_key, socket families
+//! other than UNIX/INET/INET6 (netlink, packet), and every ioctl and fcntl
+//! command not listed. x32-ABI syscall numbers and foreign architectures
+//! match no rule and are killed too (seccompiler checks AUDIT_ARCH).
+//!
+//! Things that would trip the filter if the code changed: ureq resolves
+//! DNS on a helper thread when a resolve, per-call or global timeout is
+//! configured (`clone` → SIGSYS); `std::process::Command`, `std::thread`,
+//! `std::fs::copy` (copy_file_range/sendfile), `set_permissions` (chmod),
+//! `File::set_len` (ftruncate) and epoll are not allowed. To add a syscall:
+//! reproduce under `strace -f` with the musl binary, add the narrowest rule
+//! to seccomp.json and a row here, and run `tests/seccomp.rs`.
+//!
+//! `nixless __seccomp-selftest WHAT` (see [`selftest_cli`]) installs the
+//! filter in a fresh process and then exercises it; the integration test
+//! runs it, since installing the filter inside the test harness would
+//! confine the harness itself.
+
+use seccompiler::sock_filter;
+
+/// The compiled `agent` filter: 8-byte little-endian `sock_filter` records
+/// written by build.rs; empty on targets other than x86_64.
+static AGENT_BPF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/seccomp_agent.bpf"));
+
+/// The BPF program compiled from seccomp.json.
+pub fn program() -> Result<Vec<sock_filter>, String> {
+    if AGENT_BPF.is_empty() {
+        return Err(format!(
+            "no seccomp filter for this architecture ({}): src/agent/seccomp.json is x86_64 only",
+            std::env::consts::ARCH
+        ));
+    }
+    if AGENT_BPF.len() % 8 != 0 {
+        return Err(format!(
+            "corrupt seccomp program: {} bytes is not a whole number of instructions",
+            AGENT_BPF.len()
+        ));
+    }
+    Ok(AGENT_BPF
+        .chunks_exact(8)
+        .map(|r| sock_filter {
+            code: u16::from_le_bytes([r[0], r[1]]),
+            jt: r[2],
+            jf: r[3],
+            k: u32::from_le_bytes([r[4], r[5], r[6], r[7]]),
+        })
+        .collect())
+}
+
+/// Sets no_new_privs and installs the allowlist on every thread of the
+/// process (TSYNC; the agent has one). Irreversible: call it once set-up
+/// is done.
+pub fn install() -> Result<(), String> {
+    let prog = program()?;
+    seccompiler::apply_filter_all_threads(&prog)
+        .map_err(|e| format!("installing seccomp filter: {e}"))
+}
+
+/// Dispatcher for the hidden `nixless __seccomp-selftest WHAT [ARGS...]`
+/// subcommand; `args` are the arguments after `__seccomp-selftest`.
+/// `WHAT` is one of [`selftest`]'s words, or `install [--] ARGS...`, which
+/// installs the filter and then passes ARGS (the arguments of `nixless
+/// install`, without the word `install`) to `run_install`, the CLI's
+/// install entry point (`crate::cli::run_install_args`).
+pub fn selftest_cli(args: &[String], run_install: fn(&[String]) -> i32) -> i32 {
+    match args.first().map(String::as_str) {
+        Some("install") => {
+            let rest = &args[1..];
+            let rest = match rest.first() {
+                Some(a) if a == "--" => &rest[1..],
+                _ => rest,
+            };
+            if let Err(e) = install() {
+                eprintln!("nixless: error: {e}");
+                return 2;
+            }
+            run_install(rest)
+        }
+        Some(what) if args.len() == 1 => selftest(what),
+        _ => {
+            eprintln!(
+                "usage: nixless __seccomp-selftest allowed|panic|execve|spawn|fork|clone|ptrace|\
+                 socket-netlink|ioctl-other|mmap-exec | install [--] INSTALL-ARGS..."
+            );
+            2
+        }
+    }
+}
+
+/// Installs the filter, then does `what`:
+/// - `allowed`: what the agent does (files, TCP and UDP on loopback, a
+///   refused connect, an AF_UNIX datagram, /etc/hosts lookup, clocks,
+///   sleeping, big allocations, HashMap seeding, isatty); 0 if all of it
+///   ran, 1 if something failed with an error.
+/// - `panic`: panics; with panic = "abort" (release) the process must die
+///   of SIGABRT, not SIGSYS (the panic hook and abort() are allowed).
+/// - a forbidden call: `execve` (exec /bin/true in place), `spawn`
+///   (`Command::status`: killed at its first unlisted call, pipe2 or
+///   clone/vfork), `fork`, `clone`, `ptrace`
+///   (PTRACE_TRACEME), `socket-netlink` (a family not allowed),
+///   `ioctl-other` (FIONREAD, a request not allowed), `mmap-exec`
+///   (PROT_EXEC). The process must die of SIGSYS; returns 1 if the call
+///   came back instead.
+///
+/// 2: unknown word or the filter could not be installed.
+pub fn selftest(what: &str) -> i32 {
+    const FORBIDDEN: &[&str] = &[
+        "execve",
+        "spawn",
+        "fork",
+        "clone",
+        "ptrace",
+        "socket-netlink",
+        "ioctl-other",
+        "mmap-exec",
+    ];
+    if what != "allowed" && what != "panic" && !FORBIDDEN.contains(&what) {
+        eprintln!("nixless: error: unknown seccomp selftest {what:?}");
+        return 2;
+    }
+    if let Err(e) = install() {
+        eprintln!("nixless: error: {e}");
+        return 2;
+    }
+    if what == "panic" {
+        panic!("seccomp selftest: deliberate panic under the filter");
+    }
+    if what == "allowed" {
+        return match exercise_allowed() {
+            Ok(()) => {
+                eprintln!("seccomp selftest: allowed operations ok");
+                0
+            }
+            Err(e) => {
+                eprintln!("seccomp selftest: allowed operation failed: {e}");
+                1
+            }
+        };
+    }
+    let outcome = forbidden(what);
+    eprintln!("seccomp selftest: forbidden {what} was not killed: {outcome}");
+    1
+}
+
+/// Performs a forbidden call; only returns if the filter let it through.
+fn forbidden(what: &str) -> String {
+    use std::os::unix::process::CommandExt;
+    match what {
+        "execve" => format!("{}", std::process::Command::new("/bin/true").exec()),
+        "spawn" => format!("{:?}", std::process::Command::new("/bin/true").status()),
+        "socket-netlink" => format!(
+            "{:?}",
+            rustix::net::socket(
+                rustix::net::AddressFamily::NETLINK,
+                rustix::net::SocketType::RAW,
+                None
+            )
+        ),
+        _ => raw::forbidden(what),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod raw {
+    /// A raw x86_64 system call; used only for calls std and rustix do not
+    /// offer (fork, clone, ptrace) or refuse to make (arbitrary ioctl,
+    /// executable mmap), to prove the filter kills them.
+    unsafe fn syscall6(nr: usize, a: [usize; 6]) -> isize {
+        let ret: isize;
+        // SAFETY: the caller passes arguments valid for `nr`.
+        unsafe {
+            core::arch::asm!(
+                "syscall",
+                inlateout("rax") nr as isize => ret,
+                in("rdi") a[0], in("rsi") a[1], in("rdx") a[2],
+                in("r10") a[3], in("r8") a[4], in("r9") a[5],
+                lateout("rcx") _, lateout("r11") _,
+                options(nostack),
+            );
+        }
+        ret
+    }
+
+    const SYS_MMAP: usize = 9;
+    const SYS_IOCTL: usize = 16;
+    const SYS_CLONE: usize = 56;
+    const SYS_FORK: usize = 57;
+    const SYS_PTRACE: usize = 101;
+    const SYS_EXIT_GROUP: usize = 231;
+    const SIGCHLD: usize = 17;
+    const FIONREAD: usize = 0x541b;
+
+    pub(super) fn forbidden(what: &str) -> String {
+        let mut n: i32 = 0;
+        let (nr, args) = match what {
+            "fork" => (SYS_FORK, [0; 6]),
+            // clone(SIGCHLD, NULL, ...): a plain fork through clone.
+            "clone" => (SYS_CLONE, [SIGCHLD, 0, 0, 0, 0, 0]),
+            // PTRACE_TRACEME: harmless if it were allowed.
+            "ptrace" => (SYS_PTRACE, [0; 6]),
+            "ioctl-other" => (
+                SYS_IOCTL,
+                [2, FIONREAD, &mut n as *mut i32 as usize, 0, 0, 0],
+            ),
+            // PROT_READ|PROT_EXEC, MAP_PRIVATE|MAP_ANONYMOUS, fd -1.
+            "mmap-exec" => (SYS_MMAP, [0, 4096, 1 | 4, 0x02 | 0x20, usize::MAX, 0]),
+            _ => return format!("no such selftest {what:?}"),
+        };
+        // SAFETY: every argument set above is valid for its call; a forked
+        // child exits at once without touching the parent's state.
+        let ret = unsafe { syscall6(nr, args) };
+        if ret == 0 && (nr == SYS_FORK || nr == SYS_CLONE) {
+            // SAFETY: exit_group never returns.
+            unsafe { syscall6(SYS_EXIT_GROUP, [0; 6]) };
+        }
+        format!("raw syscall {nr} returned {ret}")
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod raw {
+    pub(super) fn forbidden(what: &str) -> String {
+        format!("{what}: not implemented on this architecture")
+    }
+}
+
+/// What the agent does under the filter, each step its own error context.
+fn exercise_allowed() -> Result<(), String> {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
+    use std::os::unix::net::UnixDatagram;
+    use std::time::{Duration, Instant, SystemTime};
+
+    fn ctx<T, E: std::fmt::Display>(what: &str, r: Result<T, E>) -> Result<T, String> {
+        r.map_err(|e| format!("{what}: {e}"))
+    }
+
+    // Clocks and sleeping.
+    let t0 = Instant::now();
+    ctx(
+        "SystemTime",
+        SystemTime::now().duration_since(SystemTime::UNIX_EPOCH),
+    )?;
+    std::thread::sleep(Duration::from_millis(2));
+    if t0.elapsed() < Duration::from_millis(2) {
+        return Err("sleep returned early".into());
+    }
+
+    // Files: std (musl's legacy calls) and rustix (*at calls).
+    let stat = ctx(
+        "read /proc/self/stat",
+        std::fs::read_to_string("/proc/self/stat"),
+    )?;
+    if stat.is_empty() {
+        return Err("empty /proc/self/stat".into());
+    }
+    let fd = ctx(
+        "openat /proc/self/status",
+        rustix::fs::openat(
+            rustix::fs::CWD,
+            "/proc/self/status",
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        ),
+    )?;
+    let mut buf = [0u8; 64];
+    ctx("read /proc/self/status", rustix::io::read(&fd, &mut buf))?;
+    let dir = std::env::temp_dir().join(format!("nixless-seccomp-{}", std::process::id()));
+    ctx("mkdir", std::fs::create_dir_all(&dir))?;
+    let tmp = dir.join("f.tmp");
+    {
+        let mut f = ctx("create", std::fs::File::create(&tmp))?;
+        ctx("write", f.write_all(b"state"))?;
+        ctx("fsync", f.sync_all())?;
+    }
+    ctx("rename", std::fs::rename(&tmp, dir.join("f")))?;
+    ctx("read back", std::fs::read(dir.join("f")))?;
+    ctx("read_dir", std::fs::read_dir(&dir).map(|d| d.count()))?;
+
+    // AF_UNIX datagram, as sd_notify sends it.
+    let sock_path = dir.join("notify");
+    let server = ctx("bind unix", UnixDatagram::bind(&sock_path))?;
+    let client = ctx("unix socket", UnixDatagram::unbound())?;
+    ctx("connect unix", client.connect(&sock_path))?;
+    ctx("send unix", client.send(b"READY=1"))?;
+    let n = ctx("recv unix", server.recv(&mut buf))?;
+    if &buf[..n] != b"READY=1" {
+        return Err("unix datagram garbled".into());
+    }
+    drop((server, client));
+    ctx("cleanup", std::fs::remove_dir_all(&dir))?;
+
+    // TCP: listener, connect with timeout, accept, both directions.
+    let listener = ctx("bind tcp", TcpListener::bind("127.0.0.1:0"))?;
+    let addr = ctx("local_addr", listener.local_addr())?;
+    let mut c = ctx(
+        "connect tcp",
+        TcpStream::connect_timeout(&addr, Duration::from_secs(5)),
+    )?;
+    ctx("nodelay", c.set_nodelay(true))?;
+    ctx(
+        "read timeout",
+        c.set_read_timeout(Some(Duration::from_secs(5))),
+    )?;
+    let (mut s, peer) = ctx("accept", listener.accept())?;
+    ctx("peer_addr", s.peer_addr())?;
+    ctx("tcp write", c.write_all(b"ping"))?;
+    ctx("tcp read", s.read_exact(&mut buf[..4]))?;
+    ctx("tcp write back", s.write_all(b"pong"))?;
+    ctx("tcp read back", c.read_exact(&mut buf[..4]))?;
+    if &buf[..4] != b"pong" || peer.ip() != addr.ip() {
+        return Err("tcp round trip garbled".into());
+    }
+    ctx("shutdown", c.shutdown(std::net::Shutdown::Both))?;
+    drop((c, s, listener));
+
+    // A refused connect: the error path (poll, SO_ERROR) must not be fatal.
+    let closed = {
+        let l = ctx("bind tcp", TcpListener::bind("127.0.0.1:0"))?;
+        ctx("local_addr", l.local_addr())?
+    };
+    if TcpStream::connect_timeout(&closed, Duration::from_secs(5)).is_ok() {
+        return Err("connect to a closed port succeeded".into());
+    }
+    if let Ok(l6) = TcpListener::bind("[::1]:0") {
+        drop(l6); // no IPv6 loopback is fine; the socket call itself is allowed
+    }
+
+    // UDP, as musl's resolver does it, and a hosts lookup.
+    let u = ctx("bind udp", UdpSocket::bind("127.0.0.1:0"))?;
+    let ua = ctx("udp local_addr", u.local_addr())?;
+    ctx(
+        "udp timeout",
+        u.set_read_timeout(Some(Duration::from_secs(5))),
+    )?;
+    ctx("udp send", u.send_to(b"q", ua))?;
+    ctx("udp recv", u.recv_from(&mut buf))?;
+    let _ = "localhost:80".to_socket_addrs().map(|a| a.count());
+
+    // Memory: a large block grown in place or moved, then freed.
+    let mut v: Vec<u8> = Vec::with_capacity(1 << 20);
+    v.resize(32 << 20, 1);
+    v.resize(64 << 20, 2);
+    if v[(48 << 20) + 1] != 2 {
+        return Err("memory garbled".into());
+    }
+    drop(v);
+
+    // Random seeds, terminal checks.
+    let mut m = std::collections::HashMap::new();
+    m.insert("k", 1);
+    let _ = rustix::termios::isatty(std::io::stderr());
+    let _ = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    Ok(())
+}

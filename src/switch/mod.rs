@@ -1,0 +1,4 @@
+//! The switch side: the protocol files shared with the oneshot
+//! `nixless-switch.service`, and (issue C) the helper it runs.
+
+pub mod protocol;

@@ -1,0 +1,188 @@
+//! The files the agent and the switch helper exchange, under
+//! `<state_dir>/switch/`:
+//!
+//! ```text
+//! request.json  {"id":N,"step":"test|boot|rollback-test","system":"/nix/store/…"}
+//!               written by the agent (atomically); its appearance starts the
+//!               oneshot nixless-switch.service through nixless-switch.path
+//! started       "N\n": the helper began request N (durable before it runs
+//!               anything, so a request is never carried out twice)
+//! result.json   {"id":N,"code":C|null,"tail":"last lines of output"}
+//!               written by the helper when switch-to-configuration exits
+//! ```
+//! The helper runs a request only if neither `started` nor `result.json`
+//! names its id; the agent reads `result.json` and acts on the result for the
+//! id it is waiting for, however often it restarted meanwhile.
+
+use crate::agent::deploy::json_string;
+use crate::agent::machine::Step;
+use crate::store::fsutil;
+use rustix::fd::AsFd;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+pub const DIR: &str = "switch";
+pub const REQUEST: &str = "request.json";
+pub const STARTED: &str = "started";
+pub const RESULT: &str = "result.json";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub id: u64,
+    pub step: Step,
+    pub system: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub id: u64,
+    pub code: Option<i32>,
+    pub tail: String,
+}
+
+#[derive(Deserialize)]
+struct WireRequest {
+    id: u64,
+    step: String,
+    system: String,
+}
+
+#[derive(Deserialize)]
+struct WireOutcome {
+    id: u64,
+    code: Option<i32>,
+    tail: String,
+}
+
+pub fn dir(state_dir: &Path) -> PathBuf {
+    state_dir.join(DIR)
+}
+
+impl Request {
+    pub fn to_json(&self) -> String {
+        format!(
+            "{{\"id\":{},\"step\":\"{}\",\"system\":{}}}\n",
+            self.id,
+            self.step.as_str(),
+            json_string(&self.system)
+        )
+    }
+
+    pub fn parse(b: &[u8]) -> Result<Request, String> {
+        let mut scratch = vec![0u8; b.len()];
+        let (w, _): (WireRequest, _) =
+            serde_json_core::from_slice_escaped(b, &mut scratch).map_err(|e| e.to_string())?;
+        let step = Step::parse(&w.step).ok_or(format!("unknown step {:?}", w.step))?;
+        Ok(Request {
+            id: w.id,
+            step,
+            system: w.system,
+        })
+    }
+}
+
+impl Outcome {
+    pub fn to_json(&self) -> String {
+        let code = self
+            .code
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| "null".into());
+        format!(
+            "{{\"id\":{},\"code\":{code},\"tail\":{}}}\n",
+            self.id,
+            json_string(&self.tail)
+        )
+    }
+
+    pub fn parse(b: &[u8]) -> Result<Outcome, String> {
+        let mut scratch = vec![0u8; b.len()];
+        let (w, _): (WireOutcome, _) =
+            serde_json_core::from_slice_escaped(b, &mut scratch).map_err(|e| e.to_string())?;
+        Ok(Outcome {
+            id: w.id,
+            code: w.code,
+            tail: w.tail,
+        })
+    }
+}
+
+fn read(state_dir: &Path, name: &str) -> Option<Vec<u8>> {
+    std::fs::read(dir(state_dir).join(name)).ok()
+}
+
+pub fn read_request(state_dir: &Path) -> Option<Request> {
+    read(state_dir, REQUEST).and_then(|b| Request::parse(&b).ok())
+}
+
+pub fn read_result(state_dir: &Path) -> Option<Outcome> {
+    read(state_dir, RESULT).and_then(|b| Outcome::parse(&b).ok())
+}
+
+pub fn read_started(state_dir: &Path) -> Option<u64> {
+    read(state_dir, STARTED)
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|s| s.trim().parse().ok())
+}
+
+fn write(state_dir: &Path, name: &str, data: &[u8]) -> std::io::Result<()> {
+    let d = dir(state_dir);
+    fsutil::mkdir_p(&d)?;
+    let fd = fsutil::open_dir(&d)?;
+    fsutil::write_atomic(fd.as_fd(), name, data, true)
+}
+
+/// Writes request `req` unless it (or its result) is already there: safe
+/// to call again after any crash, never re-issues a request that ran.
+/// Returns whether it wrote.
+pub fn ensure_request(state_dir: &Path, req: &Request) -> std::io::Result<bool> {
+    let already = read_request(state_dir).is_some_and(|r| r.id >= req.id)
+        || read_result(state_dir).is_some_and(|r| r.id >= req.id)
+        || read_started(state_dir).is_some_and(|id| id >= req.id);
+    if already {
+        return Ok(false);
+    }
+    write(state_dir, REQUEST, req.to_json().as_bytes())?;
+    Ok(true)
+}
+
+pub fn write_started(state_dir: &Path, id: u64) -> std::io::Result<()> {
+    write(state_dir, STARTED, format!("{id}\n").as_bytes())
+}
+
+pub fn write_result(state_dir: &Path, o: &Outcome) -> std::io::Result<()> {
+    write(state_dir, RESULT, o.to_json().as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_and_idempotent_requests() {
+        let tmp = tempfile::tempdir().unwrap();
+        let r = Request {
+            id: 3,
+            step: Step::Test,
+            system: "/nix/store/x-\"y\"".into(),
+        };
+        assert_eq!(Request::parse(r.to_json().as_bytes()).unwrap(), r);
+        assert!(ensure_request(tmp.path(), &r).unwrap());
+        assert!(
+            !ensure_request(tmp.path(), &r).unwrap(),
+            "written once only"
+        );
+        assert_eq!(read_request(tmp.path()), Some(r.clone()));
+        let o = Outcome {
+            id: 3,
+            code: None,
+            tail: "a\nb\\c".into(),
+        };
+        write_result(tmp.path(), &o).unwrap();
+        assert_eq!(read_result(tmp.path()), Some(o));
+        // A lost request whose id already has a result is not re-issued.
+        std::fs::remove_file(dir(tmp.path()).join(REQUEST)).unwrap();
+        assert!(!ensure_request(tmp.path(), &r).unwrap());
+        let next = Request { id: 4, ..r };
+        assert!(ensure_request(tmp.path(), &next).unwrap());
+    }
+}
