@@ -22,10 +22,8 @@ pub fn keygen(name: &str, out: &Path) -> Result<(), String> {
         .mode_0600()
         .open(out)
         .map_err(|e| format!("{}: {e}", out.display()))?;
-    f.write_all(format!("{sk}\n").as_bytes())
-        .map_err(|e| format!("{}: {e}", out.display()))?;
-    std::fs::write(&pub_path, format!("{}\n", sk.public()))
-        .map_err(|e| format!("{}: {e}", pub_path.display()))?;
+    f.write_all(format!("{sk}\n").as_bytes()).map_err(|e| format!("{}: {e}", out.display()))?;
+    std::fs::write(&pub_path, format!("{}\n", sk.public())).map_err(|e| format!("{}: {e}", pub_path.display()))?;
     println!("{}", sk.public());
     Ok(())
 }
@@ -63,10 +61,8 @@ fn http_agent() -> ureq::Agent {
 }
 
 pub fn deploy(o: DeployOpts) -> Result<(), String> {
-    let action = Action::parse(&o.action).ok_or(format!(
-        "--action {:?}: expected switch, boot, rollback or gc",
-        o.action
-    ))?;
+    let action =
+        Action::parse(&o.action).ok_or(format!("--action {:?}: expected switch, boot, rollback or gc", o.action))?;
     if let Some(s) = &o.system {
         crate::nix::StorePath::from_absolute(s).map_err(|e| format!("--system {s}: {e}"))?;
     } else if matches!(action, Action::Switch | Action::Boot) {
@@ -75,8 +71,7 @@ pub fn deploy(o: DeployOpts) -> Result<(), String> {
     if o.agent.is_some() == o.out.is_some() {
         return Err("give exactly one of --agent URL or --out FILE".into());
     }
-    let key_text =
-        std::fs::read_to_string(&o.key).map_err(|e| format!("{}: {e}", o.key.display()))?;
+    let key_text = std::fs::read_to_string(&o.key).map_err(|e| format!("{}: {e}", o.key.display()))?;
     let key = SecretKey::parse(&key_text).map_err(|e| format!("{}: {e}", o.key.display()))?;
     let seq = o.seq.unwrap_or_else(crate::agent::daemon::now);
     let mut narinfos = Vec::new();
@@ -84,42 +79,23 @@ pub fn deploy(o: DeployOpts) -> Result<(), String> {
         for e in std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))? {
             let p = e.map_err(|e| e.to_string())?.path();
             if p.extension().is_some_and(|x| x == "narinfo") {
-                narinfos.push(
-                    std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?,
-                );
+                narinfos.push(std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?);
             }
         }
         narinfos.sort();
     }
-    let doc = deploy::render(
-        &o.host,
-        o.system.as_deref(),
-        seq,
-        action,
-        &o.caches,
-        &narinfos,
-    );
+    let doc = deploy::render(&o.host, o.system.as_deref(), seq, action, &o.caches, &narinfos);
     let sig = deploy::sign(&key, doc.as_bytes());
     if let Some(out) = &o.out {
         let sig_path = PathBuf::from(format!("{}.sig", out.display()));
         // Signature first: a poller that sees the new document finds its
         // signature already there.
-        std::fs::write(&sig_path, format!("{sig}\n"))
-            .map_err(|e| format!("{}: {e}", sig_path.display()))?;
+        std::fs::write(&sig_path, format!("{sig}\n")).map_err(|e| format!("{}: {e}", sig_path.display()))?;
         std::fs::write(out, &doc).map_err(|e| format!("{}: {e}", out.display()))?;
-        eprintln!(
-            "wrote {} and {} (seq {seq})",
-            out.display(),
-            sig_path.display()
-        );
+        eprintln!("wrote {} and {} (seq {seq})", out.display(), sig_path.display());
         return Ok(());
     }
-    let base = o
-        .agent
-        .as_deref()
-        .expect("checked")
-        .trim_end_matches('/')
-        .to_owned();
+    let base = o.agent.as_deref().expect("checked").trim_end_matches('/').to_owned();
     let agent = http_agent();
     let resp = agent
         .post(&format!("{base}/v1/deploy"))
@@ -166,19 +142,11 @@ struct StatusWire {
 }
 
 fn get_status(agent: &ureq::Agent, base: &str) -> Result<StatusWire, String> {
-    let resp = agent
-        .get(&format!("{base}/v1/status"))
-        .call()
-        .map_err(|e| format!("{base}: {e}"))?;
+    let resp = agent.get(&format!("{base}/v1/status")).call().map_err(|e| format!("{base}: {e}"))?;
     if resp.status().as_u16() != 200 {
         return Err(format!("{base}: HTTP {}", resp.status().as_u16()));
     }
-    let body = resp
-        .into_body()
-        .with_config()
-        .limit(1 << 20)
-        .read_to_vec()
-        .map_err(|e| format!("{base}: {e}"))?;
+    let body = resp.into_body().with_config().limit(1 << 20).read_to_vec().map_err(|e| format!("{base}: {e}"))?;
     let mut scratch = vec![0u8; body.len()];
     serde_json_core::from_slice_escaped::<StatusWire>(&body, &mut scratch)
         .map(|(s, _)| s)
@@ -198,11 +166,7 @@ fn follow(agent: &ureq::Agent, base: &str, seq: u64, timeout: Duration) -> Resul
                     if tty {
                         eprint!("\r\x1b[K");
                     }
-                    let reason = l
-                        .reason
-                        .as_deref()
-                        .map(|r| format!(": {r}"))
-                        .unwrap_or_default();
+                    let reason = l.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
                     return match l.outcome.as_str() {
                         "committed" | "collected" => {
                             eprintln!("{base}: seq {seq} {}{reason}", l.outcome);
@@ -231,10 +195,7 @@ fn follow(agent: &ureq::Agent, base: &str, seq: u64, timeout: Duration) -> Resul
         }
         std::thread::sleep(Duration::from_millis(500));
     }
-    Err(format!(
-        "{base}: seq {seq} not finished after {} s {last_err}",
-        timeout.as_secs()
-    ))
+    Err(format!("{base}: seq {seq} not finished after {} s {last_err}", timeout.as_secs()))
 }
 
 pub fn status(agents: &[String]) -> Result<(), String> {
@@ -242,10 +203,7 @@ pub fn status(agents: &[String]) -> Result<(), String> {
         return Err("give agent URLs, e.g. http://kiosk-7:8731".into());
     }
     let agent = http_agent();
-    println!(
-        "{:<16} {:<12} {:<52} {:<22} LAST",
-        "HOST", "PHASE", "SYSTEM", "PROGRESS"
-    );
+    println!("{:<16} {:<12} {:<52} {:<22} LAST", "HOST", "PHASE", "SYSTEM", "PROGRESS");
     let mut failed = 0;
     for base in agents {
         let base = base.trim_end_matches('/');
@@ -254,12 +212,7 @@ pub fn status(agents: &[String]) -> Result<(), String> {
                 let sys = s.current_system.as_deref().unwrap_or("-");
                 let p = &s.progress;
                 let progress = if p.paths_total > 0 {
-                    format!(
-                        "{}/{} {}MiB",
-                        p.paths_done,
-                        p.paths_total,
-                        p.bytes_done >> 20
-                    )
+                    format!("{}/{} {}MiB", p.paths_done, p.paths_total, p.bytes_done >> 20)
                 } else {
                     "-".into()
                 };
@@ -268,22 +221,12 @@ pub fn status(agents: &[String]) -> Result<(), String> {
                         "{} {}{}",
                         l.seq,
                         l.outcome,
-                        l.reason
-                            .as_deref()
-                            .map(|r| format!(" ({r})"))
-                            .unwrap_or_default()
+                        l.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
                     ),
                     None => "-".into(),
                 };
-                let last = if let Some(e) = &s.last_error {
-                    format!("{last}; error: {e}")
-                } else {
-                    last
-                };
-                println!(
-                    "{:<16} {:<12} {:<52} {:<22} {}",
-                    s.host, s.phase, sys, progress, last
-                );
+                let last = if let Some(e) = &s.last_error { format!("{last}; error: {e}") } else { last };
+                println!("{:<16} {:<12} {:<52} {:<22} {}", s.host, s.phase, sys, progress, last);
             }
             Err(e) => {
                 failed += 1;

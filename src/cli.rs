@@ -26,6 +26,42 @@ enum Command {
     Keygen(KeygenArgs),
     Deploy(DeployArgs),
     Status(StatusArgs),
+    SwitchHelper(SwitchHelperArgs),
+    Rollback(RollbackArgs),
+    Gc(GcArgs),
+}
+
+#[derive(FromArgs)]
+/// Carry out a pending switch or health request (run by nixless-switch.service).
+#[argh(subcommand, name = "switch-helper")]
+struct SwitchHelperArgs {
+    /// the agent's JSON config file
+    #[argh(option)]
+    config: PathBuf,
+}
+
+#[derive(FromArgs)]
+/// On the console: switch back to the previous generation (agent must be idle).
+#[argh(subcommand, name = "rollback")]
+struct RollbackArgs {
+    /// the agent's JSON config file
+    #[argh(option)]
+    config: PathBuf,
+    /// only say what would be done
+    #[argh(switch)]
+    dry_run: bool,
+}
+
+#[derive(FromArgs)]
+/// Delete store paths unreachable from the kept generations and roots.
+#[argh(subcommand, name = "gc")]
+struct GcArgs {
+    /// the agent's JSON config file
+    #[argh(option)]
+    config: PathBuf,
+    /// only list what would be deleted
+    #[argh(switch)]
+    dry_run: bool,
 }
 
 #[derive(FromArgs)]
@@ -153,21 +189,17 @@ pub fn main() -> i32 {
         return crate::agent::seccomp::selftest_cli(&argv[2..], run_install_args);
     }
     let args: Args = argh::from_env();
-    let default_level = if matches!(args.cmd, Command::Agent(_)) {
-        log::LevelFilter::Info
-    } else {
-        log::LevelFilter::Warn
+    let default_level = match args.cmd {
+        Command::Agent(_) | Command::SwitchHelper(_) | Command::Rollback(_) | Command::Gc(_) => log::LevelFilter::Info,
+        _ => log::LevelFilter::Warn,
     };
     crate::logger::init(default_level);
     let res = match args.cmd {
         Command::Install(a) => cmd_install(a),
         Command::Verify(a) => cmd_verify(a),
-        Command::Agent(a) => crate::agent::daemon::main(
-            &a.config,
-            crate::agent::daemon::Options2 {
-                no_seccomp: a.no_seccomp,
-            },
-        ),
+        Command::Agent(a) => {
+            crate::agent::daemon::main(&a.config, crate::agent::daemon::Options2 { no_seccomp: a.no_seccomp })
+        }
         Command::Keygen(a) => crate::admin::keygen(&a.name, &a.out),
         Command::Deploy(a) => crate::admin::deploy(crate::admin::DeployOpts {
             key: a.key,
@@ -183,6 +215,9 @@ pub fn main() -> i32 {
             timeout: std::time::Duration::from_secs(a.timeout),
         }),
         Command::Status(a) => crate::admin::status(&a.agents),
+        Command::SwitchHelper(a) => crate::switch::helper::main(&a.config),
+        Command::Rollback(a) => crate::switch::console::rollback(&a.config, a.dry_run),
+        Command::Gc(a) => crate::switch::console::gc(&a.config, a.dry_run),
     };
     match res {
         Ok(()) => 0,
@@ -198,10 +233,7 @@ fn state_dir(root: &Path, given: Option<PathBuf>) -> PathBuf {
 }
 
 pub fn parse_store_paths(paths: &[String]) -> Result<Vec<StorePath>, String> {
-    paths
-        .iter()
-        .map(|p| StorePath::from_absolute(p.trim_end_matches('/')).map_err(|e| format!("{p}: {e}")))
-        .collect()
+    paths.iter().map(|p| StorePath::from_absolute(p.trim_end_matches('/')).map_err(|e| format!("{p}: {e}"))).collect()
 }
 
 fn trusted_keys(inline: &[String], files: &[PathBuf]) -> Result<TrustedKeys, String> {
@@ -211,11 +243,7 @@ fn trusted_keys(inline: &[String], files: &[PathBuf]) -> Result<TrustedKeys, Str
     }
     for f in files {
         let text = std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
-        for line in text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        {
+        for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
             keys.push(PublicKey::parse(line).map_err(|e| format!("{}: {e}", f.display()))?);
         }
     }
@@ -246,10 +274,7 @@ impl Meter {
             return;
         }
         let now = Instant::now();
-        if self
-            .last
-            .is_some_and(|l| now.duration_since(l).as_millis() < 100)
-        {
+        if self.last.is_some_and(|l| now.duration_since(l).as_millis() < 100) {
             return;
         }
         self.last = Some(now);
@@ -299,28 +324,13 @@ fn cmd_install(a: InstallArgs) -> CliResult {
     if a.cache.is_empty() {
         return Err("no cache given: use --cache URL".into());
     }
-    let caches = a
-        .cache
-        .iter()
-        .map(|c| CacheUrl::parse(c))
-        .collect::<Result<Vec<_>, _>>()?;
+    let caches = a.cache.iter().map(|c| CacheUrl::parse(c)).collect::<Result<Vec<_>, _>>()?;
     let keys = trusted_keys(&a.trusted_key, &a.trusted_key_file)?;
     let state = state_dir(&a.root, a.state_dir);
-    let store = Store::open(&a.root, &state)
-        .map_err(|e| format!("opening store under {}: {e}", a.root.display()))?;
-    let mut fetcher = Fetcher::new(
-        caches,
-        Options {
-            retries: a.retries,
-            ..Options::default()
-        },
-    );
+    let store = Store::open(&a.root, &state).map_err(|e| format!("opening store under {}: {e}", a.root.display()))?;
+    let mut fetcher = Fetcher::new(caches, Options { retries: a.retries, ..Options::default() });
     let start = Instant::now();
-    let mut meter = Meter {
-        start,
-        last: None,
-        enabled: is_tty(),
-    };
+    let mut meter = Meter { start, last: None, enabled: is_tty() };
     let result = install::install(&mut fetcher, &store, &keys, &roots, &mut |p| meter.show(p));
     meter.clear();
     let (plan, prog) = result.map_err(|e| e.to_string())?;
@@ -338,12 +348,9 @@ fn cmd_install(a: InstallArgs) -> CliResult {
 
 fn cmd_verify(a: VerifyArgs) -> CliResult {
     let state = state_dir(&a.root, a.state_dir);
-    let store = Store::open(&a.root, &state)
-        .map_err(|e| format!("opening store under {}: {e}", a.root.display()))?;
+    let store = Store::open(&a.root, &state).map_err(|e| format!("opening store under {}: {e}", a.root.display()))?;
     let paths = if a.paths.is_empty() {
-        store
-            .recorded_paths()
-            .map_err(|e| format!("{}: {e}", state.display()))?
+        store.recorded_paths().map_err(|e| format!("{}: {e}", state.display()))?
     } else {
         parse_store_paths(&a.paths)?
     };
@@ -378,10 +385,7 @@ fn cmd_verify(a: VerifyArgs) -> CliResult {
         }
     }
     if bad > 0 {
-        return Err(format!(
-            "{bad} of {} paths failed verification",
-            paths.len()
-        ));
+        return Err(format!("{bad} of {} paths failed verification", paths.len()));
     }
     eprintln!("{} paths verified", paths.len());
     Ok(())

@@ -94,24 +94,14 @@ impl Config {
         let (w, _): (Wire, _) = serde_json_core::from_slice_escaped(json, &mut scratch)
             .map_err(|e| format!("invalid JSON or wrong type: {e}"))?;
         if w.host.is_empty() || w.host.contains(['/', ' ', '\n']) {
-            return Err(format!(
-                "host {:?}: must be a non-empty name without '/' or spaces",
-                w.host
-            ));
+            return Err(format!("host {:?}: must be a non-empty name without '/' or spaces", w.host));
         }
         let listen = w
             .listen
             .iter()
-            .map(|a| {
-                a.parse::<SocketAddr>()
-                    .map_err(|_| format!("listen: {a:?} is not addr:port (IPv6 as [::]:port)"))
-            })
+            .map(|a| a.parse::<SocketAddr>().map_err(|_| format!("listen: {a:?} is not addr:port (IPv6 as [::]:port)")))
             .collect::<Result<Vec<_>, _>>()?;
-        let caches = w
-            .caches
-            .iter()
-            .map(|c| CacheUrl::parse(c))
-            .collect::<Result<Vec<_>, _>>()?;
+        let caches = w.caches.iter().map(|c| CacheUrl::parse(c)).collect::<Result<Vec<_>, _>>()?;
         if caches.is_empty() {
             return Err("caches: at least one cache URL is needed".into());
         }
@@ -124,24 +114,15 @@ impl Config {
             return Err("deploy_keys: at least one deploy key is needed".into());
         }
         if listen.is_empty() && w.poll_url.is_none() {
-            return Err(
-                "neither listen addresses nor poll_url: the agent could never receive a deploy"
-                    .into(),
-            );
+            return Err("neither listen addresses nor poll_url: the agent could never receive a deploy".into());
         }
         if let Some(u) = &w.poll_url {
-            if !(u.starts_with("http://") || u.starts_with("https://") || u.starts_with("file:///"))
-            {
-                return Err(format!(
-                    "poll_url {u:?}: expected http://, https:// or file:///"
-                ));
+            if !(u.starts_with("http://") || u.starts_with("https://") || u.starts_with("file:///")) {
+                return Err(format!("poll_url {u:?}: expected http://, https:// or file:///"));
             }
         }
         let root = PathBuf::from(w.root.unwrap_or_else(|| "/".into()));
-        let state_dir = w
-            .state_dir
-            .map(PathBuf::from)
-            .unwrap_or_else(|| root.join("var/lib/nixless"));
+        let state_dir = w.state_dir.map(PathBuf::from).unwrap_or_else(|| root.join("var/lib/nixless"));
         for (name, p) in [("root", &root), ("state_dir", &state_dir)] {
             if !p.is_absolute() {
                 return Err(format!("{name}: {} is not an absolute path", p.display()));
@@ -155,9 +136,7 @@ impl Config {
         };
         if let Some(m) = w.switch_mode.as_deref() {
             if m != "path-unit" {
-                return Err(format!(
-                    "switch_mode {m:?}: only \"path-unit\" is supported"
-                ));
+                return Err(format!("switch_mode {m:?}: only \"path-unit\" is supported"));
             }
         }
         Ok(Config {
@@ -208,11 +187,9 @@ mod tests {
         assert_eq!(c.listen.len(), 2);
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/nixless"));
         assert_eq!(c.poll_interval, Duration::from_secs(300));
-        let c = Config::parse(
-            cfg(r#","root":"/mnt","poll_url":"https://x/y.json","poll_interval_secs":60"#)
-                .as_bytes(),
-        )
-        .unwrap();
+        let c =
+            Config::parse(cfg(r#","root":"/mnt","poll_url":"https://x/y.json","poll_interval_secs":60"#).as_bytes())
+                .unwrap();
         assert_eq!(c.state_dir, PathBuf::from("/mnt/var/lib/nixless"));
         assert_eq!(c.poll_url.as_deref(), Some("https://x/y.json"));
     }
@@ -229,20 +206,11 @@ mod tests {
             assert!(e.contains(needle), "{extra}: {e}");
         }
         let bad_listen = cfg("").replace("127.0.0.1:8731", "localhost");
-        assert!(Config::parse(bad_listen.as_bytes())
-            .unwrap_err()
-            .contains("listen"));
+        assert!(Config::parse(bad_listen.as_bytes()).unwrap_err().contains("listen"));
         let bad_key = cfg("").replacen(KEY, "nope", 1);
-        assert!(Config::parse(bad_key.as_bytes())
-            .unwrap_err()
-            .contains("cache_keys"));
-        let no_deploy = cfg("").replace(
-            &format!(r#""deploy_keys":["{KEY}"]"#),
-            r#""deploy_keys":[]"#,
-        );
-        assert!(Config::parse(no_deploy.as_bytes())
-            .unwrap_err()
-            .contains("deploy_keys"));
+        assert!(Config::parse(bad_key.as_bytes()).unwrap_err().contains("cache_keys"));
+        let no_deploy = cfg("").replace(&format!(r#""deploy_keys":["{KEY}"]"#), r#""deploy_keys":[]"#);
+        assert!(Config::parse(no_deploy.as_bytes()).unwrap_err().contains("deploy_keys"));
         assert!(Config::parse(b"{").is_err());
         assert!(Config::parse(b"").is_err());
     }

@@ -44,10 +44,7 @@ const AUTH_WINDOW: Duration = Duration::from_secs(60);
 const MAX_SIG_BYTES: u64 = 4096;
 
 pub fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -93,16 +90,17 @@ fn system_link(root: &Path, link: &str) -> Option<String> {
     } else {
         let dir = root.join(link.trim_start_matches('/'));
         let next = std::fs::read_link(dir.parent()?.join(&target)).ok()?;
-        next.to_str()
-            .filter(|t| t.starts_with("/nix/store/"))
-            .map(str::to_owned)
+        next.to_str().filter(|t| t.starts_with("/nix/store/")).map(str::to_owned)
     }
 }
 
+/// The kernel's boot id; `NIXLESS_BOOT_ID` overrides it (containers
+/// without their own, and tests that play a reboot).
 pub fn boot_id() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .ok()
-        .map(|s| s.trim().to_owned())
+    if let Ok(id) = std::env::var("NIXLESS_BOOT_ID") {
+        return Some(id);
+    }
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok().map(|s| s.trim().to_owned())
 }
 
 fn snapshot(ctx: &Ctx, sh: &Shared) -> Snapshot {
@@ -144,9 +142,7 @@ fn handle(req: &Request, ctx: &Ctx, sh: &mut Shared) -> Response {
             r
         }
         ("POST", "/v1/deploy") => handle_deploy(req, ctx, sh),
-        (_, "/v1/status" | "/metrics" | "/v1/deploy") => {
-            json_error(405, "method not allowed", None)
-        }
+        (_, "/v1/status" | "/metrics" | "/v1/deploy") => json_error(405, "method not allowed", None),
         _ => json_error(404, "not found", None),
     }
 }
@@ -165,18 +161,9 @@ fn handle_deploy(req: &Request, ctx: &Ctx, sh: &mut Shared) -> Response {
         return json_error(409, "an update is in progress", seq);
     }
     let sig = req.header(deploy::SIGNATURE_HEADER);
-    match deploy::verify(
-        &req.body,
-        sig,
-        &ctx.cfg.deploy_keys,
-        &ctx.cfg.host,
-        sh.state.highest_seq,
-    ) {
+    match deploy::verify(&req.body, sig, &ctx.cfg.deploy_keys, &ctx.cfg.host, sh.state.highest_seq) {
         Ok(d) => match accept(ctx, sh, &d, &req.body, sig.unwrap_or_default()) {
-            Ok(()) => Response::json(
-                202,
-                format!("{{\"seq\":{},\"status\":\"/v1/status\"}}", d.seq),
-            ),
+            Ok(()) => Response::json(202, format!("{{\"seq\":{},\"status\":\"/v1/status\"}}", d.seq)),
             Err(e) => {
                 sh.fatal = Some(e.clone());
                 json_error(500, &e, None)
@@ -205,17 +192,10 @@ fn reject(ctx: &Ctx, sh: &mut Shared, rej: &Rejection, source: &str) {
 fn previous_generation(root: &Path) -> Option<String> {
     let profiles = root.join("nix/var/nix/profiles");
     let cur = std::fs::read_link(profiles.join("system")).ok()?;
-    let n: u64 = cur
-        .to_str()?
-        .strip_prefix("system-")?
-        .strip_suffix("-link")?
-        .parse()
-        .ok()?;
+    let n: u64 = cur.to_str()?.strip_prefix("system-")?.strip_suffix("-link")?.parse().ok()?;
     (1..n).rev().find_map(|k| {
         let t = std::fs::read_link(profiles.join(format!("system-{k}-link"))).ok()?;
-        t.to_str()
-            .filter(|t| t.starts_with("/nix/store/"))
-            .map(str::to_owned)
+        t.to_str().filter(|t| t.starts_with("/nix/store/")).map(str::to_owned)
     })
 }
 
@@ -230,9 +210,7 @@ fn accept(ctx: &Ctx, sh: &mut Shared, d: &Deploy, body: &[u8], sig: &[u8]) -> Re
         (Action::Rollback, None) => match previous_generation(root) {
             Some(p) => p,
             None => {
-                let rej = Rejection::Malformed(
-                    "rollback: no previous generation and no system given".into(),
-                );
+                let rej = Rejection::Malformed("rollback: no previous generation and no system given".into());
                 reject(ctx, sh, &rej, "document");
                 return Ok(());
             }
@@ -240,27 +218,13 @@ fn accept(ctx: &Ctx, sh: &mut Shared, d: &Deploy, body: &[u8], sig: &[u8]) -> Re
         (_, None) => String::new(),
     };
     let dir = fsutil::open_dir(&ctx.cfg.state_dir).map_err(|e| format!("state dir: {e}"))?;
-    fsutil::write_atomic(dir.as_fd(), "deploy.json", body, true)
-        .map_err(|e| format!("saving deploy document: {e}"))?;
-    fsutil::write_atomic(dir.as_fd(), "deploy.json.sig", sig, true)
-        .map_err(|e| format!("saving signature: {e}"))?;
-    let ev = Event::Accepted {
-        seq: d.seq,
-        action: d.action,
-        system: system.clone(),
-        previous,
-        boot_id: boot_id(),
-    };
+    fsutil::write_atomic(dir.as_fd(), "deploy.json", body, true).map_err(|e| format!("saving deploy document: {e}"))?;
+    fsutil::write_atomic(dir.as_fd(), "deploy.json.sig", sig, true).map_err(|e| format!("saving signature: {e}"))?;
+    let ev = Event::Accepted { seq: d.seq, action: d.action, system: system.clone(), previous, boot_id: boot_id() };
     let (next, effects) = machine::step(&sh.state, ev, now(), ctx.timing);
     persist::save(&ctx.cfg.state_dir, &next).map_err(|e| format!("persisting state: {e}"))?;
-    let line = format!(
-        "accepted seq {} ({}, key {}): {} {}",
-        d.seq,
-        d.action.as_str(),
-        d.key,
-        system,
-        next.phase.name()
-    );
+    let line =
+        format!("accepted seq {} ({}, key {}): {} {}", d.seq, d.action.as_str(), d.key, system, next.phase.name());
     log::info!("{line}");
     persist::log_event(&ctx.cfg.state_dir, now(), &line);
     sh.state = next;
@@ -292,9 +256,7 @@ fn serve(ctx: &Ctx, shared: &RefCell<Shared>, wait: Duration) {
         }
         return;
     };
-    let res = server.poll(wait, &mut |req: &Request| {
-        handle(req, ctx, &mut shared.borrow_mut())
-    });
+    let res = server.poll(wait, &mut |req: &Request| handle(req, ctx, &mut shared.borrow_mut()));
     if let Err(e) = res {
         log::error!("http server: {e}");
     }
@@ -304,27 +266,32 @@ fn serve(ctx: &Ctx, shared: &RefCell<Shared>, wait: Duration) {
 fn status_line(sh: &Shared) -> String {
     let p = sh.progress;
     match &sh.state.phase {
-        Phase::Fetching => format!(
-            "fetching {}/{} paths, {} MiB",
-            p.paths_done,
-            p.paths_total,
-            p.bytes_done >> 20
-        ),
+        Phase::Fetching => format!("fetching {}/{} paths, {} MiB", p.paths_done, p.paths_total, p.bytes_done >> 20),
         Phase::Idle => match &sh.state.last {
             Some(l) => format!("idle; last deploy {} {}", l.seq, l.outcome.as_str()),
             None => "idle".into(),
         },
-        other => format!(
-            "{} seq {}",
-            other.name(),
-            sh.state.job.as_ref().map(|j| j.seq).unwrap_or(0)
-        ),
+        other => format!("{} seq {}", other.name(), sh.state.job.as_ref().map(|j| j.seq).unwrap_or(0)),
     }
 }
+
+/// Health checks in progress (phase verifying).
+#[derive(Debug, Default)]
+struct HealthRun {
+    net_ok: bool,
+    helper_ok: bool,
+    helper_id: Option<u64>,
+    next_check: Option<Instant>,
+    last_failure: String,
+}
+
+const HEALTH_EVERY: Duration = Duration::from_secs(2);
+const NET_BEFORE: &str = "net-before";
 
 pub struct Agent {
     ctx: Rc<Ctx>,
     shared: Rc<RefCell<Shared>>,
+    health: Option<HealthRun>,
     /// When the current switch request was issued (this process's view).
     switch_since: Option<(u64, Instant)>,
     next_poll: Option<Instant>,
@@ -347,14 +314,9 @@ impl Agent {
                 request_timeout: cfg.request_timeout,
                 ..Limits::default()
             };
-            Some(
-                Server::bind(&cfg.listen, limits)
-                    .map_err(|e| format!("listening on {:?}: {e}", cfg.listen))?,
-            )
+            Some(Server::bind(&cfg.listen, limits).map_err(|e| format!("listening on {:?}: {e}", cfg.listen))?)
         };
-        let timing = Timing {
-            health_timeout_secs: cfg.health_timeout.as_secs(),
-        };
+        let timing = Timing { health_timeout_secs: cfg.health_timeout.as_secs() };
         let poll_seed = now() ^ u64::from(std::process::id()) << 20;
         let next_poll = cfg.poll_url.as_ref().map(|_| Instant::now());
         let shared = Shared {
@@ -378,6 +340,7 @@ impl Agent {
         Ok(Agent {
             ctx: Rc::new(Ctx { cfg, store, timing }),
             shared: Rc::new(RefCell::new(shared)),
+            health: None,
             switch_since: None,
             next_poll,
             poll_seed,
@@ -385,12 +348,7 @@ impl Agent {
     }
 
     pub fn local_addrs(&self) -> Vec<std::net::SocketAddr> {
-        self.shared
-            .borrow()
-            .server
-            .as_ref()
-            .map(Server::local_addrs)
-            .unwrap_or_default()
+        self.shared.borrow().server.as_ref().map(Server::local_addrs).unwrap_or_default()
     }
 
     /// Applies one event: persist first, then queue its effects.
@@ -398,21 +356,14 @@ impl Agent {
         let desc = format!("{ev:?}");
         let mut sh = self.shared.borrow_mut();
         let (next, effects) = machine::step(&sh.state, ev, now(), self.ctx.timing);
-        persist::save(&self.ctx.cfg.state_dir, &next)
-            .map_err(|e| format!("persisting state: {e}"))?;
+        persist::save(&self.ctx.cfg.state_dir, &next).map_err(|e| format!("persisting state: {e}"))?;
         if next.phase != sh.state.phase || next.last != sh.state.last {
-            let line = format!(
-                "{} -> {} after {}",
-                sh.state.phase.name(),
-                next.phase.name(),
-                truncate(&desc, 300)
-            );
+            let line = format!("{} -> {} after {}", sh.state.phase.name(), next.phase.name(), truncate(&desc, 300));
             log::info!("{line}");
             persist::log_event(&self.ctx.cfg.state_dir, now(), &line);
         }
         if let (Some(l), true) = (&next.last, next.last != sh.state.last) {
-            if l.outcome != machine::Outcome::Committed && l.outcome != machine::Outcome::Collected
-            {
+            if l.outcome != machine::Outcome::Committed && l.outcome != machine::Outcome::Collected {
                 sh.last_error = l.reason.clone();
             }
         }
@@ -467,21 +418,149 @@ impl Agent {
         match eff {
             Effect::Fetch => Ok(Some(self.fetch())),
             Effect::RequestSwitch { id, step, system } => {
+                let dir = &self.ctx.cfg.state_dir;
+                let pending = protocol::read_request(dir).is_some_and(|r| r.id >= id)
+                    || protocol::read_result(dir).is_some_and(|r| r.id >= id);
+                if step == machine::Step::Test && !pending {
+                    // Could we reach the network before the switch? Only then
+                    // is losing it a reason to roll back (pullnix's lesson).
+                    let reachable = self.network_reachable().is_ok();
+                    let fd = fsutil::open_dir(dir).map_err(|e| e.to_string())?;
+                    let flag: &[u8] = if reachable { b"1\n" } else { b"0\n" };
+                    fsutil::write_atomic(fd.as_fd(), NET_BEFORE, flag, true).map_err(|e| format!("state: {e}"))?;
+                }
                 let req = protocol::Request { id, step, system };
-                let wrote = protocol::ensure_request(&self.ctx.cfg.state_dir, &req)
-                    .map_err(|e| format!("writing switch request: {e}"))?;
+                let wrote = protocol::ensure_request(dir, &req).map_err(|e| format!("writing switch request: {e}"))?;
                 if wrote {
                     log::info!("switch request {id}: {} {}", step.as_str(), req.system);
                 }
                 self.switch_since = Some((id, Instant::now()));
                 Ok(None)
             }
-            Effect::CheckHealth => Ok(None),
-            Effect::Commit => Ok(None),
-            Effect::CollectGarbage => Ok(Some(Event::GcDone(Err(
-                "garbage collection is not implemented yet".into(),
-            )))),
+            Effect::CheckHealth => {
+                self.health = Some(HealthRun::default());
+                Ok(None)
+            }
+            Effect::Commit => {
+                let system = self.shared.borrow().state.job.as_ref().map(|j| j.system.clone()).unwrap_or_default();
+                Ok(Some(match crate::switch::profile::commit(&self.ctx.cfg.root, &system) {
+                    Ok(n) => {
+                        log::info!("committed {system} as generation {n}");
+                        Event::CommitOk
+                    }
+                    Err(e) => Event::CommitFailed(e.to_string()),
+                }))
+            }
+            Effect::CollectGarbage => Ok(Some(Event::GcDone(self.collect_garbage(&[]).map(|r| r.to_string())))),
         }
+    }
+
+    /// GC with the configured generations kept plus `extra_roots`.
+    fn collect_garbage(&mut self, extra_roots: &[StorePath]) -> Result<crate::store::gc::Report, String> {
+        use crate::store::gc;
+        let cfg = self.ctx.cfg.clone();
+        let (mut roots, keep) = gc::roots(&cfg.root, cfg.generations_to_keep);
+        roots.extend_from_slice(extra_roots);
+        let (_, unknown) = gc::live_set(&self.ctx.store, &roots);
+        if !unknown.is_empty() {
+            let mut fetcher = self.fetcher(&[]);
+            let n = gc::learn_references(&self.ctx.store, &mut fetcher, &cfg.cache_keys, &unknown);
+            log::info!("learnt the references of {n} of {} paths from narinfos", unknown.len());
+        }
+        let report = gc::collect(&self.ctx.store, &roots, false)?;
+        crate::switch::profile::delete_generations(&cfg.root, &keep)
+            .map_err(|e| format!("deleting old generations: {e}"))?;
+        log::info!("garbage collected: {report}");
+        persist::log_event(&cfg.state_dir, now(), &format!("gc: {report}"));
+        Ok(report)
+    }
+
+    /// Whether any cache (or the poll URL) answers.
+    fn network_reachable(&self) -> Result<(), String> {
+        let mut fetcher = self.fetcher(&[]);
+        let mut last = String::from("no cache configured");
+        for i in 0..fetcher.cache_count() {
+            match fetcher.probe(i) {
+                Ok(()) => return Ok(()),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        if let Some(url) = &self.ctx.cfg.poll_url {
+            match fetcher.get_url(url, self.ctx.cfg.max_body_bytes as u64) {
+                Ok(_) => return Ok(()),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(last)
+    }
+
+    /// One round of health checks; an event once they pass or time out.
+    fn check_health(&mut self, deadline: u64) -> Option<Event> {
+        let mut run = self.health.take().unwrap_or_default();
+        let result = self.health_round(&mut run, deadline);
+        if result.is_none() {
+            self.health = Some(run);
+        }
+        result
+    }
+
+    fn health_round(&mut self, run: &mut HealthRun, deadline: u64) -> Option<Event> {
+        if run.next_check.is_some_and(|t| Instant::now() < t) {
+            return None;
+        }
+        run.next_check = Some(Instant::now() + HEALTH_EVERY);
+        let cfg = self.ctx.cfg.clone();
+        if !run.net_ok {
+            let before = std::fs::read(cfg.state_dir.join(NET_BEFORE)).map(|b| b.starts_with(b"1")).unwrap_or(false);
+            if !cfg.health_check_network || !before {
+                run.net_ok = true;
+            } else {
+                match self.network_reachable() {
+                    Ok(()) => run.net_ok = true,
+                    Err(e) => run.last_failure = format!("network unreachable since the switch: {e}"),
+                }
+            }
+        }
+        if !run.helper_ok {
+            if cfg.health_units.is_empty() && cfg.health_command.is_empty() {
+                run.helper_ok = true;
+            } else {
+                let dir = &cfg.state_dir;
+                match run.helper_id {
+                    None => {
+                        let last =
+                            protocol::read_health_request(dir).max(protocol::read_health_result(dir).map(|r| r.id));
+                        let id = last.unwrap_or(0) + 1;
+                        match protocol::write_health_request(dir, id) {
+                            Ok(()) => run.helper_id = Some(id),
+                            Err(e) => run.last_failure = format!("writing health request: {e}"),
+                        }
+                    }
+                    Some(id) => {
+                        if let Some(r) = protocol::read_health_result(dir).filter(|r| r.id == id) {
+                            if r.code == Some(0) {
+                                run.helper_ok = true;
+                            } else {
+                                run.last_failure = r.tail.trim().to_owned();
+                                run.helper_id = None; // ask again next round
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if run.net_ok && run.helper_ok {
+            return Some(Event::Healthy);
+        }
+        if now() > deadline {
+            let why = if run.last_failure.is_empty() {
+                "checks did not complete".to_string()
+            } else {
+                run.last_failure.clone()
+            };
+            return Some(Event::Unhealthy(format!("not healthy within {} s: {why}", cfg.health_timeout.as_secs())));
+        }
+        None
     }
 
     /// Events that come from outside: switch results, health deadlines.
@@ -489,15 +568,9 @@ impl Agent {
         let phase = self.shared.borrow().state.phase.clone();
         match phase {
             Phase::Switching { id, .. } => {
-                if let Some(r) =
-                    protocol::read_result(&self.ctx.cfg.state_dir).filter(|r| r.id == id)
-                {
+                if let Some(r) = protocol::read_result(&self.ctx.cfg.state_dir).filter(|r| r.id == id) {
                     self.switch_since = None;
-                    return Some(Event::SwitchResult {
-                        id,
-                        code: r.code,
-                        tail: r.tail,
-                    });
+                    return Some(Event::SwitchResult { id, code: r.code, tail: r.tail });
                 }
                 let since = match self.switch_since {
                     Some((sid, t)) if sid == id => t,
@@ -509,18 +582,12 @@ impl Agent {
                 };
                 if since.elapsed() > self.ctx.cfg.switch_timeout {
                     self.switch_since = None;
-                    let tail = format!(
-                        "no result after {} s",
-                        self.ctx.cfg.switch_timeout.as_secs()
-                    );
-                    return Some(Event::SwitchResult {
-                        id,
-                        code: None,
-                        tail,
-                    });
+                    let tail = format!("no result after {} s", self.ctx.cfg.switch_timeout.as_secs());
+                    return Some(Event::SwitchResult { id, code: None, tail });
                 }
                 None
             }
+            Phase::Verifying { deadline } => self.check_health(deadline),
             _ => None,
         }
     }
@@ -528,22 +595,13 @@ impl Agent {
     /// A fetcher over the document's caches, then the configured ones,
     /// whose ticks keep the loop alive.
     fn fetcher(&self, extra: &[String]) -> Fetcher {
-        let mut caches: Vec<CacheUrl> = extra
-            .iter()
-            .filter_map(|c| CacheUrl::parse(c).ok())
-            .collect();
+        let mut caches: Vec<CacheUrl> = extra.iter().filter_map(|c| CacheUrl::parse(c).ok()).collect();
         for c in &self.ctx.cfg.caches {
             if !caches.contains(c) {
                 caches.push(c.clone());
             }
         }
-        let mut f = Fetcher::new(
-            caches,
-            Options {
-                retries: self.ctx.cfg.retries,
-                ..Options::default()
-            },
-        );
+        let mut f = Fetcher::new(caches, Options { retries: self.ctx.cfg.retries, ..Options::default() });
         let (ctx, shared) = (self.ctx.clone(), self.shared.clone());
         f.set_tick(Box::new(move || tick(&ctx, &shared)));
         f
@@ -557,26 +615,13 @@ impl Agent {
         // Re-verified, as anything read back from disk; the sequence check
         // is against the one before it (it is the highest now).
         let seq = self.shared.borrow().state.job.as_ref()?.seq;
-        deploy::verify(
-            &body,
-            Some(&sig),
-            &self.ctx.cfg.deploy_keys,
-            &self.ctx.cfg.host,
-            seq - 1,
-        )
-        .ok()
-        .filter(|d| d.seq == seq)
+        deploy::verify(&body, Some(&sig), &self.ctx.cfg.deploy_keys, &self.ctx.cfg.host, seq - 1)
+            .ok()
+            .filter(|d| d.seq == seq)
     }
 
     fn fetch(&mut self) -> Event {
-        let system = match self
-            .shared
-            .borrow()
-            .state
-            .job
-            .as_ref()
-            .map(|j| StorePath::from_absolute(&j.system))
-        {
+        let system = match self.shared.borrow().state.job.as_ref().map(|j| StorePath::from_absolute(&j.system)) {
             Some(Ok(p)) => p,
             _ => return Event::FetchFailed("the job's system is not a store path".into()),
         };
@@ -594,17 +639,10 @@ impl Agent {
                 bytes_total: p.nar_bytes_total,
             };
         };
-        let res = install::install_with(
-            &mut fetcher,
-            &self.ctx.store,
-            &self.ctx.cfg.cache_keys,
-            &[system],
-            &provided,
-            &mut on_progress,
-        );
+        let res = self.install_checked(&mut fetcher, &system, &provided, &mut on_progress);
         let mut sh = self.shared.borrow_mut();
         match res {
-            Ok((plan, prog)) => {
+            Ok(Ok((plan, prog))) => {
                 sh.bytes_fetched_total += prog.nar_bytes_done;
                 log::info!(
                     "installed {} paths ({} present), {} MiB",
@@ -614,17 +652,62 @@ impl Agent {
                 );
                 Event::FetchOk
             }
-            Err(e) => Event::FetchFailed(e.to_string()),
+            Ok(Err(e)) => Event::FetchFailed(e),
+            Err(refusal) => Event::Refused(refusal),
         }
+    }
+
+    /// Resolves, checks free space (collecting garbage if short), installs.
+    /// `Err` is a refusal with nothing changed; `Ok(Err)` a failed install.
+    #[allow(clippy::type_complexity)]
+    fn install_checked(
+        &mut self,
+        fetcher: &mut Fetcher,
+        system: &StorePath,
+        provided: &install::Provided,
+        on_progress: &mut dyn FnMut(&install::Progress),
+    ) -> Result<Result<(install::Plan, install::Progress), String>, String> {
+        let store = &self.ctx.store;
+        if let Err(e) = store.clean_temps() {
+            return Ok(Err(format!("cleaning temps: {e}")));
+        }
+        let plan = match install::resolve_with(
+            fetcher,
+            store,
+            &self.ctx.cfg.cache_keys,
+            std::slice::from_ref(system),
+            provided,
+        ) {
+            Ok(p) => p,
+            Err(e) => return Ok(Err(e.to_string())),
+        };
+        let need = plan.nar_bytes() + plan.nar_bytes() / 10 + (16 << 20);
+        let free = crate::store::gc::free_bytes(store).unwrap_or(u64::MAX);
+        if free < need {
+            log::warn!("need {} MiB, {} MiB free: collecting garbage", need >> 20, free >> 20);
+            let present: Vec<StorePath> = vec![system.clone()];
+            if let Err(e) = self.collect_garbage(&present) {
+                log::warn!("garbage collection: {e}");
+            }
+            let free = crate::store::gc::free_bytes(&self.ctx.store).unwrap_or(u64::MAX);
+            if free < need {
+                return Err(format!(
+                    "not enough disk space: the closure needs {} MiB, {} MiB free after garbage collection",
+                    need >> 20,
+                    free >> 20
+                ));
+            }
+        }
+        Ok(install::install_plan(fetcher, &self.ctx.store, &plan, install::BatchLimits::default(), on_progress)
+            .map(|p| (plan, p))
+            .map_err(|e| e.to_string()))
     }
 
     fn maybe_poll(&mut self) -> Result<(), String> {
         let Some(url) = self.ctx.cfg.poll_url.clone() else {
             return Ok(());
         };
-        if self.next_poll.is_some_and(|t| Instant::now() < t)
-            || self.shared.borrow().state.phase != Phase::Idle
-        {
+        if self.next_poll.is_some_and(|t| Instant::now() < t) || self.shared.borrow().state.phase != Phase::Idle {
             return Ok(());
         }
         // Jitter up to a tenth of the interval, so a fleet spreads out.
@@ -657,13 +740,7 @@ impl Agent {
                 return Ok(());
             }
         };
-        match deploy::verify(
-            &doc,
-            Some(&sig),
-            &ctx.cfg.deploy_keys,
-            &ctx.cfg.host,
-            sh.state.highest_seq,
-        ) {
+        match deploy::verify(&doc, Some(&sig), &ctx.cfg.deploy_keys, &ctx.cfg.host, sh.state.highest_seq) {
             Ok(d) => {
                 sh.poll_error = None;
                 accept(&ctx, &mut sh, &d, &doc, &sig)?;

@@ -70,9 +70,7 @@ impl Rejection {
             | Rejection::BadSignature => 401,
             Rejection::OtherHost { .. } => 403,
             Rejection::Stale { .. } => 409,
-            Rejection::Malformed(_) | Rejection::NotStorePath(_) | Rejection::UnknownAction(_) => {
-                400
-            }
+            Rejection::Malformed(_) | Rejection::NotStorePath(_) | Rejection::UnknownAction(_) => 400,
         }
     }
 }
@@ -81,20 +79,16 @@ impl std::fmt::Display for Rejection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Rejection::MissingSignature => write!(f, "missing Nixless-Signature"),
-            Rejection::MalformedSignature => write!(
-                f,
-                "malformed signature (expected keyname:base64 of 64 bytes)"
-            ),
+            Rejection::MalformedSignature => write!(f, "malformed signature (expected keyname:base64 of 64 bytes)"),
             Rejection::UnknownKey(k) => write!(f, "signed by unknown key {k:?}"),
             Rejection::BadSignature => write!(f, "signature does not verify"),
             Rejection::Malformed(e) => write!(f, "malformed deploy document: {e}"),
             Rejection::OtherHost { doc, me } => {
                 write!(f, "document is for host {doc:?}, this is {me:?}")
             }
-            Rejection::Stale { seq, highest } => write!(
-                f,
-                "sequence {seq} is not above the highest accepted, {highest}"
-            ),
+            Rejection::Stale { seq, highest } => {
+                write!(f, "sequence {seq} is not above the highest accepted, {highest}")
+            }
             Rejection::NotStorePath(p) => write!(f, "system {p:?} is not a store path"),
             Rejection::UnknownAction(a) => {
                 write!(f, "unknown action {a:?} (switch, boot, rollback, gc)")
@@ -104,15 +98,9 @@ impl std::fmt::Display for Rejection {
 }
 
 /// Checks a signature header over `body` and returns the signing key name.
-pub fn check_signature(
-    body: &[u8],
-    sig: Option<&[u8]>,
-    keys: &TrustedKeys,
-) -> Result<String, Rejection> {
+pub fn check_signature(body: &[u8], sig: Option<&[u8]>, keys: &TrustedKeys) -> Result<String, Rejection> {
     let sig = sig.ok_or(Rejection::MissingSignature)?;
-    let sig = std::str::from_utf8(sig)
-        .map_err(|_| Rejection::MalformedSignature)?
-        .trim();
+    let sig = std::str::from_utf8(sig).map_err(|_| Rejection::MalformedSignature)?.trim();
     let parsed = Signature::parse(sig).ok_or(Rejection::MalformedSignature)?;
     let key = keys
         .keys()
@@ -136,26 +124,17 @@ pub fn verify(
 ) -> Result<Deploy, Rejection> {
     let key = check_signature(body, sig, keys)?;
     let mut scratch = vec![0u8; body.len()];
-    let (w, _): (Wire, _) = serde_json_core::from_slice_escaped(body, &mut scratch)
-        .map_err(|e| Rejection::Malformed(e.to_string()))?;
+    let (w, _): (Wire, _) =
+        serde_json_core::from_slice_escaped(body, &mut scratch).map_err(|e| Rejection::Malformed(e.to_string()))?;
     if w.host != host {
-        return Err(Rejection::OtherHost {
-            doc: w.host,
-            me: host.to_owned(),
-        });
+        return Err(Rejection::OtherHost { doc: w.host, me: host.to_owned() });
     }
     if w.seq <= highest {
-        return Err(Rejection::Stale {
-            seq: w.seq,
-            highest,
-        });
+        return Err(Rejection::Stale { seq: w.seq, highest });
     }
-    let action =
-        Action::parse(&w.action).ok_or_else(|| Rejection::UnknownAction(w.action.clone()))?;
+    let action = Action::parse(&w.action).ok_or_else(|| Rejection::UnknownAction(w.action.clone()))?;
     let system = match (&w.system, action) {
-        (Some(s), _) => {
-            Some(StorePath::from_absolute(s).map_err(|_| Rejection::NotStorePath(s.clone()))?)
-        }
+        (Some(s), _) => Some(StorePath::from_absolute(s).map_err(|_| Rejection::NotStorePath(s.clone()))?),
         (None, Action::Gc | Action::Rollback) => None,
         (None, _) => return Err(Rejection::Malformed("missing field `system`".into())),
     };
@@ -240,14 +219,7 @@ mod tests {
     fn accepts_a_good_document_with_narinfos() {
         let (sk, keys) = setup();
         let ni = "StorePath: /nix/store/x\nURL: nar/a \"quoted\"\n".to_string();
-        let doc = render(
-            "kiosk-7",
-            Some(SYS),
-            10,
-            Action::Switch,
-            &["http://c".into()],
-            std::slice::from_ref(&ni),
-        );
+        let doc = render("kiosk-7", Some(SYS), 10, Action::Switch, &["http://c".into()], std::slice::from_ref(&ni));
         let sig = sign(&sk, doc.as_bytes());
         let d = verify(doc.as_bytes(), Some(sig.as_bytes()), &keys, "kiosk-7", 9).unwrap();
         assert_eq!(d.seq, 10);
@@ -269,73 +241,30 @@ mod tests {
             verify(body, sig.map(str::as_bytes), &keys, host, highest).unwrap_err()
         };
         assert_eq!(check(b, None, "kiosk-7", 0), Rejection::MissingSignature);
-        assert_eq!(
-            check(b, Some("garbage"), "kiosk-7", 0),
-            Rejection::MalformedSignature
-        );
-        assert_eq!(
-            check(b, Some(&sign(&stranger, b)), "kiosk-7", 0),
-            Rejection::UnknownKey("stranger".into())
-        );
-        assert_eq!(
-            check(b, Some(&sign(&other, b)), "kiosk-7", 0),
-            Rejection::BadSignature
-        );
+        assert_eq!(check(b, Some("garbage"), "kiosk-7", 0), Rejection::MalformedSignature);
+        assert_eq!(check(b, Some(&sign(&stranger, b)), "kiosk-7", 0), Rejection::UnknownKey("stranger".into()));
+        assert_eq!(check(b, Some(&sign(&other, b)), "kiosk-7", 0), Rejection::BadSignature);
         let tampered = doc.replace("10", "11");
-        assert_eq!(
-            check(tampered.as_bytes(), Some(&sig), "kiosk-7", 0),
-            Rejection::BadSignature
-        );
-        assert!(matches!(
-            check(b, Some(&sig), "kiosk-8", 0),
-            Rejection::OtherHost { .. }
-        ));
-        assert_eq!(
-            check(b, Some(&sig), "kiosk-7", 10),
-            Rejection::Stale {
-                seq: 10,
-                highest: 10
-            }
-        );
+        assert_eq!(check(tampered.as_bytes(), Some(&sig), "kiosk-7", 0), Rejection::BadSignature);
+        assert!(matches!(check(b, Some(&sig), "kiosk-8", 0), Rejection::OtherHost { .. }));
+        assert_eq!(check(b, Some(&sig), "kiosk-7", 10), Rejection::Stale { seq: 10, highest: 10 });
         // Signature checked before the JSON is even looked at.
-        assert_eq!(
-            check(
-                b"{not json",
-                Some(&sign(&other, b"{not json")),
-                "kiosk-7",
-                0
-            ),
-            Rejection::BadSignature
-        );
+        assert_eq!(check(b"{not json", Some(&sign(&other, b"{not json")), "kiosk-7", 0), Rejection::BadSignature);
         let junk = b"{not json";
-        assert!(matches!(
-            check(junk, Some(&sign(&sk, junk)), "kiosk-7", 0),
-            Rejection::Malformed(_)
-        ));
+        assert!(matches!(check(junk, Some(&sign(&sk, junk)), "kiosk-7", 0), Rejection::Malformed(_)));
         for (doc, want) in [
-            (
-                r#"{"host":"kiosk-7","system":"/tmp/evil","seq":11,"action":"switch"}"#,
-                "NotStorePath",
-            ),
+            (r#"{"host":"kiosk-7","system":"/tmp/evil","seq":11,"action":"switch"}"#, "NotStorePath"),
             (
                 r#"{"host":"kiosk-7","system":"/nix/store/qx8l0zlfvk6k8whfjvianr1mywbz9k4v-x","seq":11,"action":"reboot"}"#,
                 "UnknownAction",
             ),
-            (
-                r#"{"host":"kiosk-7","seq":11,"action":"switch"}"#,
-                "Malformed",
-            ),
+            (r#"{"host":"kiosk-7","seq":11,"action":"switch"}"#, "Malformed"),
             (
                 r#"{"host":"kiosk-7","system":"/nix/store/qx8l0zlfvk6k8whfjvianr1mywbz9k4v-x","seq":-1,"action":"switch"}"#,
                 "Malformed",
             ),
         ] {
-            let e = check(
-                doc.as_bytes(),
-                Some(&sign(&sk, doc.as_bytes())),
-                "kiosk-7",
-                0,
-            );
+            let e = check(doc.as_bytes(), Some(&sign(&sk, doc.as_bytes())), "kiosk-7", 0);
             assert!(format!("{e:?}").starts_with(want), "{doc}: {e:?}");
         }
         assert_eq!(Rejection::BadSignature.status(), 401);
@@ -346,14 +275,7 @@ mod tests {
     fn unknown_fields_are_ignored_and_gc_needs_no_system() {
         let (sk, keys) = setup();
         let doc = r#"{"host":"kiosk-7","seq":11,"action":"gc","future":{"x":[1,2]}}"#;
-        let d = verify(
-            doc.as_bytes(),
-            Some(sign(&sk, doc.as_bytes()).as_bytes()),
-            &keys,
-            "kiosk-7",
-            0,
-        )
-        .unwrap();
+        let d = verify(doc.as_bytes(), Some(sign(&sk, doc.as_bytes()).as_bytes()), &keys, "kiosk-7", 0).unwrap();
         assert_eq!(d.action, Action::Gc);
         assert!(d.system.is_none());
     }

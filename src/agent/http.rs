@@ -105,10 +105,7 @@ pub struct Request {
 impl Request {
     /// The first header called `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_slice())
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_slice())
     }
 }
 
@@ -126,21 +123,11 @@ pub struct Response {
 
 impl Response {
     pub fn json(status: u16, body: impl Into<Vec<u8>>) -> Self {
-        Response {
-            status,
-            content_type: "application/json",
-            body: body.into(),
-            headers: Vec::new(),
-        }
+        Response { status, content_type: "application/json", body: body.into(), headers: Vec::new() }
     }
 
     pub fn text(status: u16, body: impl Into<Vec<u8>>) -> Self {
-        Response {
-            status,
-            content_type: "text/plain; charset=utf-8",
-            body: body.into(),
-            headers: Vec::new(),
-        }
+        Response { status, content_type: "text/plain; charset=utf-8", body: body.into(), headers: Vec::new() }
     }
 
     /// `{"error": msg}` with `msg` escaped as a JSON string.
@@ -157,10 +144,7 @@ impl Response {
         let status = if (200..=599).contains(&self.status) {
             self.status
         } else {
-            log::warn!(
-                "http: handler returned invalid status {}; sending 500",
-                self.status
-            );
+            log::warn!("http: handler returned invalid status {}; sending 500", self.status);
             500
         };
         let content_type = if valid_header_value(self.content_type) {
@@ -181,9 +165,8 @@ impl Response {
             self.body.len()
         );
         for (name, value) in &self.headers {
-            let framing = ["content-length", "transfer-encoding", "connection"]
-                .iter()
-                .any(|f| name.eq_ignore_ascii_case(f));
+            let framing =
+                ["content-length", "transfer-encoding", "connection"].iter().any(|f| name.eq_ignore_ascii_case(f));
             if framing || !valid_header_name(name) || !valid_header_value(value) {
                 log::warn!("http: response header {name:?} dropped");
                 continue;
@@ -213,32 +196,20 @@ impl Server {
     /// close-on-exec.
     pub fn bind(addrs: &[SocketAddr], limits: Limits) -> io::Result<Server> {
         if addrs.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "http: no listen address given",
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "http: no listen address given"));
         }
         let mut listeners = Vec::with_capacity(addrs.len());
         for addr in addrs {
-            let listener = bind_one(addr)
-                .map_err(|e| io::Error::new(e.kind(), format!("http: listen on {addr}: {e}")))?;
+            let listener =
+                bind_one(addr).map_err(|e| io::Error::new(e.kind(), format!("http: listen on {addr}: {e}")))?;
             listeners.push(listener);
         }
-        Ok(Server {
-            listeners,
-            conns: Vec::new(),
-            limits,
-            accept_paused_until: None,
-            scratch: vec![0; SCRATCH_BYTES],
-        })
+        Ok(Server { listeners, conns: Vec::new(), limits, accept_paused_until: None, scratch: vec![0; SCRATCH_BYTES] })
     }
 
     /// The bound addresses (useful after binding port 0).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .collect()
+        self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
     }
 
     /// All file descriptors (listeners first, then connections), for callers that want to
@@ -246,11 +217,7 @@ impl Server {
     /// Note that connections also have deadlines, so such a caller should not sleep for
     /// long without calling [`Server::poll`].
     pub fn fds(&self) -> Vec<BorrowedFd<'_>> {
-        self.listeners
-            .iter()
-            .map(|l| l.as_fd())
-            .chain(self.conns.iter().map(|c| c.stream.as_fd()))
-            .collect()
+        self.listeners.iter().map(|l| l.as_fd()).chain(self.conns.iter().map(|c| c.stream.as_fd())).collect()
     }
 
     /// Number of open connections (including those finishing their response).
@@ -266,11 +233,7 @@ impl Server {
     ///
     /// Errors on individual connections are logged at debug level and the connection is
     /// dropped; only errors of `poll(2)` itself or fatal listener errors are returned.
-    pub fn poll(
-        &mut self,
-        timeout: Duration,
-        handler: &mut dyn FnMut(&Request) -> Response,
-    ) -> io::Result<()> {
+    pub fn poll(&mut self, timeout: Duration, handler: &mut dyn FnMut(&Request) -> Response) -> io::Result<()> {
         let now = Instant::now();
         let wait = self.wait_time(timeout, now);
         let accepting = self.accept_paused_until.is_none_or(|t| now >= t);
@@ -279,11 +242,7 @@ impl Server {
             if accepting {
                 fds.extend(self.listeners.iter().map(|l| PollFd::new(l, PollFlags::IN)));
             }
-            fds.extend(
-                self.conns
-                    .iter()
-                    .map(|c| PollFd::new(&c.stream, c.interest())),
-            );
+            fds.extend(self.conns.iter().map(|c| PollFd::new(&c.stream, c.interest())));
             // A wait too long for a timespec means "forever".
             let ts = Timespec::try_from(wait).ok();
             match rustix::event::poll(&mut fds, ts.as_ref()) {
@@ -296,8 +255,7 @@ impl Server {
         self.accept_new(now)?;
         let limits = &self.limits;
         let scratch = &mut self.scratch;
-        self.conns
-            .retain_mut(|c| c.step(now, limits, &mut *handler, scratch));
+        self.conns.retain_mut(|c| c.step(now, limits, &mut *handler, scratch));
         Ok(())
     }
 
@@ -345,10 +303,7 @@ impl Server {
                             stream: TcpStream::from(fd),
                             peer,
                             request_deadline: now.checked_add(self.limits.request_timeout),
-                            state: State::Head {
-                                buf: Vec::new(),
-                                newline_seen: false,
-                            },
+                            state: State::Head { buf: Vec::new(), newline_seen: false },
                         });
                     }
                     Err(Errno::AGAIN) => continue 'listeners,
@@ -359,10 +314,7 @@ impl Server {
                         return Ok(());
                     }
                     Err(e @ (Errno::BADF | Errno::INVAL | Errno::NOTSOCK | Errno::FAULT)) => {
-                        return Err(io::Error::new(
-                            io::Error::from(e).kind(),
-                            format!("http: accept: {e}"),
-                        ));
+                        return Err(io::Error::new(io::Error::from(e).kind(), format!("http: accept: {e}")));
                     }
                     // Errors belonging to the connection being accepted (ECONNABORTED, ...).
                     Err(e) => log::debug!("http: accept: {e}"),
@@ -388,12 +340,7 @@ fn bind_one(addr: &SocketAddr) -> io::Result<TcpListener> {
         SocketAddr::V4(_) => AddressFamily::INET,
         SocketAddr::V6(_) => AddressFamily::INET6,
     };
-    let fd = rnet::socket_with(
-        family,
-        SocketType::STREAM,
-        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
-        None,
-    )?;
+    let fd = rnet::socket_with(family, SocketType::STREAM, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC, None)?;
     rnet::sockopt::set_socket_reuseaddr(&fd, true)?;
     if addr.is_ipv6() {
         rnet::sockopt::set_ipv6_v6only(&fd, true)?;
@@ -416,17 +363,9 @@ enum State {
     Head { buf: Vec<u8>, newline_seen: bool },
     /// Reading `want` body bytes into `req.body`; `interim` is the unsent rest of a
     /// `100 Continue`.
-    Body {
-        req: Request,
-        want: usize,
-        interim: &'static [u8],
-    },
+    Body { req: Request, want: usize, interim: &'static [u8] },
     /// Writing `out[pos..]`.
-    Write {
-        out: Vec<u8>,
-        pos: usize,
-        deadline: Option<Instant>,
-    },
+    Write { out: Vec<u8>, pos: usize, deadline: Option<Instant> },
     /// Response sent and write side shut down; discarding input until the peer closes.
     Linger { deadline: Instant, drained: usize },
 }
@@ -445,12 +384,7 @@ enum Flow {
 enum Head {
     Partial,
     Invalid(u16, &'static str),
-    Complete {
-        req: Request,
-        consumed: usize,
-        content_length: usize,
-        expect_continue: bool,
-    },
+    Complete { req: Request, consumed: usize, content_length: usize, expect_continue: bool },
 }
 
 impl Conn {
@@ -484,49 +418,21 @@ impl Conn {
         loop {
             let flow = match &mut self.state {
                 State::Head { buf, newline_seen } => {
-                    let flow = read_head(
-                        &mut self.stream,
-                        self.peer,
-                        buf,
-                        newline_seen,
-                        now,
-                        limits,
-                        handler,
-                        scratch,
-                    );
+                    let flow = read_head(&mut self.stream, self.peer, buf, newline_seen, now, limits, handler, scratch);
                     match flow {
                         Flow::Wait if expired(self.request_deadline, now) => {
                             log::debug!("http: {}: request head timed out", self.peer);
-                            Flow::Next(respond(
-                                &Response::error(408, "request timeout"),
-                                false,
-                                now,
-                                limits,
-                            ))
+                            Flow::Next(respond(&Response::error(408, "request timeout"), false, now, limits))
                         }
                         flow => flow,
                     }
                 }
                 State::Body { req, want, interim } => {
-                    let flow = read_body(
-                        &mut self.stream,
-                        req,
-                        *want,
-                        interim,
-                        now,
-                        limits,
-                        handler,
-                        scratch,
-                    );
+                    let flow = read_body(&mut self.stream, req, *want, interim, now, limits, handler, scratch);
                     match flow {
                         Flow::Wait if expired(self.request_deadline, now) => {
                             log::debug!("http: {}: request body timed out", self.peer);
-                            let mut state = respond(
-                                &Response::error(408, "request timeout"),
-                                false,
-                                now,
-                                limits,
-                            );
+                            let mut state = respond(&Response::error(408, "request timeout"), false, now, limits);
                             prepend_interim(&mut state, interim);
                             Flow::Next(state)
                         }
@@ -564,11 +470,7 @@ fn expired(deadline: Option<Instant>, now: Instant) -> bool {
 
 /// Queues `resp` for writing.
 fn respond(resp: &Response, head_only: bool, now: Instant, limits: &Limits) -> State {
-    State::Write {
-        out: resp.serialize(head_only),
-        pos: 0,
-        deadline: now.checked_add(limits.request_timeout),
-    }
+    State::Write { out: resp.serialize(head_only), pos: 0, deadline: now.checked_add(limits.request_timeout) }
 }
 
 /// If a `100 Continue` was partially written, the rest must precede the final response.
@@ -581,20 +483,9 @@ fn prepend_interim(state: &mut State, interim: &[u8]) {
 }
 
 /// Calls the handler on a complete request and queues its response.
-fn dispatch(
-    req: &Request,
-    now: Instant,
-    limits: &Limits,
-    handler: &mut dyn FnMut(&Request) -> Response,
-) -> State {
+fn dispatch(req: &Request, now: Instant, limits: &Limits, handler: &mut dyn FnMut(&Request) -> Response) -> State {
     let resp = handler(req);
-    log::debug!(
-        "http: {} {} {} -> {}",
-        req.peer,
-        req.method,
-        req.path,
-        resp.status
-    );
+    log::debug!("http: {} {} {} -> {}", req.peer, req.method, req.path, resp.status);
     respond(&resp, req.method == "HEAD", now, limits)
 }
 
@@ -614,12 +505,7 @@ fn read_head(
         let room = limits.max_header_bytes.saturating_sub(buf.len());
         if room == 0 {
             log::debug!("http: {peer}: request head too large");
-            return Flow::Next(respond(
-                &Response::error(431, "request header too large"),
-                false,
-                now,
-                limits,
-            ));
+            return Flow::Next(respond(&Response::error(431, "request header too large"), false, now, limits));
         }
         let want = room.min(scratch.len()).min(budget);
         if want == 0 {
@@ -658,33 +544,19 @@ fn read_head(
                 log::debug!("http: {peer}: refused with {status}: {msg}");
                 return Flow::Next(respond(&Response::error(status, msg), false, now, limits));
             }
-            Head::Complete {
-                mut req,
-                consumed,
-                content_length,
-                expect_continue,
-            } => {
+            Head::Complete { mut req, consumed, content_length, expect_continue } => {
                 // Body bytes that came with the head; anything beyond is ignored.
                 let early = buf.get(consumed..).unwrap_or_default();
                 let early = &early[..early.len().min(content_length)];
                 if content_length > 0 {
-                    req.body =
-                        Vec::with_capacity(early.len().max(content_length.min(SCRATCH_BYTES)));
+                    req.body = Vec::with_capacity(early.len().max(content_length.min(SCRATCH_BYTES)));
                     req.body.extend_from_slice(early);
                 }
                 if req.body.len() == content_length {
                     return Flow::Next(dispatch(&req, now, limits, handler));
                 }
-                let interim = if expect_continue {
-                    CONTINUE_RESPONSE
-                } else {
-                    &[]
-                };
-                return Flow::Next(State::Body {
-                    req,
-                    want: content_length,
-                    interim,
-                });
+                let interim = if expect_continue { CONTINUE_RESPONSE } else { &[] };
+                return Flow::Next(State::Body { req, want: content_length, interim });
             }
         }
     }
@@ -772,10 +644,7 @@ fn write_out(
     }
     let linger = LINGER_TIME.min(limits.request_timeout);
     match now.checked_add(linger) {
-        Some(deadline) => Flow::Next(State::Linger {
-            deadline,
-            drained: 0,
-        }),
+        Some(deadline) => Flow::Next(State::Linger { deadline, drained: 0 }),
         None => Flow::Close,
     }
 }
@@ -785,11 +654,7 @@ fn drain(stream: &mut TcpStream, drained: &mut usize, scratch: &mut [u8]) -> Flo
     loop {
         if *drained >= LINGER_MAX_BYTES || budget == 0 {
             // Over the byte cap: give up; budget exhausted: continue next round.
-            return if *drained >= LINGER_MAX_BYTES {
-                Flow::Close
-            } else {
-                Flow::Wait
-            };
+            return if *drained >= LINGER_MAX_BYTES { Flow::Close } else { Flow::Wait };
         }
         let chunk = scratch.len().min(budget);
         match stream.read(&mut scratch[..chunk]) {
@@ -810,11 +675,7 @@ fn drain(stream: &mut TcpStream, drained: &mut usize, scratch: &mut [u8]) -> Flo
 fn bounded_extend(buf: &mut Vec<u8>, data: &[u8], limit: usize) {
     let needed = buf.len().saturating_add(data.len());
     if needed > buf.capacity() {
-        let target = buf
-            .capacity()
-            .saturating_mul(2)
-            .max(needed)
-            .min(limit.max(needed));
+        let target = buf.capacity().saturating_mul(2).max(needed).min(limit.max(needed));
         buf.reserve_exact(target - buf.len());
     }
     buf.extend_from_slice(data);
@@ -829,8 +690,7 @@ fn parse_head(buf: &[u8], peer: SocketAddr, limits: &Limits) -> Head {
         Err(httparse::Error::TooManyHeaders) => return Head::Invalid(431, "too many headers"),
         Err(_) => return Head::Invalid(400, "malformed request"),
     };
-    let (Some(method), Some(target), Some(version)) = (parsed.method, parsed.path, parsed.version)
-    else {
+    let (Some(method), Some(target), Some(version)) = (parsed.method, parsed.path, parsed.version) else {
         return Head::Invalid(400, "malformed request");
     };
     if version > 1 {
@@ -843,25 +703,12 @@ fn parse_head(buf: &[u8], peer: SocketAddr, limits: &Limits) -> Head {
         Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
         None => (target, None),
     };
-    let headers: Vec<(String, Vec<u8>)> = parsed
-        .headers
-        .iter()
-        .map(|h| (h.name.to_ascii_lowercase(), h.value.to_vec()))
-        .collect();
-    let req = Request {
-        method: method.to_owned(),
-        path,
-        query,
-        headers,
-        body: Vec::new(),
-        peer,
-    };
+    let headers: Vec<(String, Vec<u8>)> =
+        parsed.headers.iter().map(|h| (h.name.to_ascii_lowercase(), h.value.to_vec())).collect();
+    let req = Request { method: method.to_owned(), path, query, headers, body: Vec::new(), peer };
 
     if req.header("transfer-encoding").is_some() {
-        return Head::Invalid(
-            501,
-            "Transfer-Encoding is not supported; send Content-Length",
-        );
+        return Head::Invalid(501, "Transfer-Encoding is not supported; send Content-Length");
     }
     let content_length = match content_length(&req.headers) {
         Ok(n) => n.unwrap_or(0),
@@ -878,12 +725,7 @@ fn parse_head(buf: &[u8], peer: SocketAddr, limits: &Limits) -> Head {
         Some(_) => return Head::Invalid(417, "unsupported expectation"),
         None => false,
     };
-    Head::Complete {
-        req,
-        consumed,
-        content_length,
-        expect_continue,
-    }
+    Head::Complete { req, consumed, content_length, expect_continue }
 }
 
 /// Reduces a request target to origin form (`/path?query`); `*` is kept. Absolute-form
@@ -894,10 +736,7 @@ fn origin_form(target: &str) -> Option<String> {
     }
     let rest = ["http://", "https://"].iter().find_map(|scheme| {
         let prefix = target.get(..scheme.len())?;
-        prefix
-            .eq_ignore_ascii_case(scheme)
-            .then(|| target.get(scheme.len()..))
-            .flatten()
+        prefix.eq_ignore_ascii_case(scheme).then(|| target.get(scheme.len()..)).flatten()
     })?;
     match rest.find(['/', '?']) {
         Some(i) if rest[i..].starts_with('/') => Some(rest[i..].to_owned()),
@@ -918,9 +757,7 @@ fn content_length(headers: &[(String, Vec<u8>)]) -> Result<Option<u64>, ()> {
             }
             let n = part
                 .iter()
-                .try_fold(0u64, |acc, &d| {
-                    acc.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-                })
+                .try_fold(0u64, |acc, &d| acc.checked_mul(10)?.checked_add(u64::from(d - b'0')))
                 .unwrap_or(u64::MAX);
             match found {
                 Some(prev) if prev != n => return Err(()),
@@ -942,16 +779,11 @@ fn trim_ows(mut s: &[u8]) -> &[u8] {
 }
 
 fn valid_header_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 fn valid_header_value(value: &str) -> bool {
-    value
-        .bytes()
-        .all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f))
+    value.bytes().all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f))
 }
 
 fn push_json_string(out: &mut String, s: &str) {
@@ -1015,10 +847,7 @@ mod tests {
     const CLIENT_TIMEOUT: Duration = Duration::from_secs(3);
 
     fn limits() -> Limits {
-        Limits {
-            request_timeout: Duration::from_secs(2),
-            ..Limits::default()
-        }
+        Limits { request_timeout: Duration::from_secs(2), ..Limits::default() }
     }
 
     fn server(limits: Limits) -> (Server, SocketAddr) {
@@ -1048,11 +877,7 @@ mod tests {
     }
 
     /// Drives the server until `done` or a safety deadline.
-    fn drive(
-        server: &mut Server,
-        handler: &mut dyn FnMut(&Request) -> Response,
-        done: &dyn Fn(&Server) -> bool,
-    ) {
+    fn drive(server: &mut Server, handler: &mut dyn FnMut(&Request) -> Response, done: &dyn Fn(&Server) -> bool) {
         let end = Instant::now() + Duration::from_secs(4);
         while !done(server) {
             assert!(Instant::now() < end, "test did not finish in time");
@@ -1155,12 +980,7 @@ mod tests {
         assert!(head(&resp).contains("Content-Length: 7\r\n"));
         assert_eq!(body(&resp), b"");
 
-        let resp = exchange(
-            &mut server,
-            addr,
-            &mut handler,
-            b"GET http://dev:8080/abs?q HTTP/1.1\r\n\r\n",
-        );
+        let resp = exchange(&mut server, addr, &mut handler, b"GET http://dev:8080/abs?q HTTP/1.1\r\n\r\n");
         assert_eq!(body(&resp), b"GET /abs");
     }
 
@@ -1174,8 +994,7 @@ mod tests {
         };
         let client = spawn(move || {
             let mut s = connect(addr);
-            s.write_all(b"POST /deploy HTTP/1.1\r\nContent-Length: 11\r\n\r\nhello")
-                .unwrap();
+            s.write_all(b"POST /deploy HTTP/1.1\r\nContent-Length: 11\r\n\r\nhello").unwrap();
             thread::sleep(Duration::from_millis(50));
             s.write_all(b" world").unwrap();
             read_all(&mut s)
@@ -1187,8 +1006,7 @@ mod tests {
 
         // A larger body, arriving in many reads.
         let big: Vec<u8> = (0..1_000_000u32).map(|i| i as u8).collect();
-        let mut req =
-            format!("PUT /big HTTP/1.1\r\nContent-Length: {}\r\n\r\n", big.len()).into_bytes();
+        let mut req = format!("PUT /big HTTP/1.1\r\nContent-Length: {}\r\n\r\n", big.len()).into_bytes();
         req.extend_from_slice(&big);
         let mut handler = |req: &Request| Response::text(200, format!("{}", req.body.len()));
         let resp = exchange(&mut server, addr, &mut handler, &req);
@@ -1197,10 +1015,7 @@ mod tests {
 
     #[test]
     fn expect_100_continue() {
-        let (mut server, addr) = server(Limits {
-            max_body_bytes: 100,
-            ..limits()
-        });
+        let (mut server, addr) = server(Limits { max_body_bytes: 100, ..limits() });
         let calls = Cell::new(0);
         let mut handler = |req: &Request| {
             calls.set(calls.get() + 1);
@@ -1208,8 +1023,7 @@ mod tests {
         };
         let client = spawn(move || {
             let mut s = connect(addr);
-            s.write_all(b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
-                .unwrap();
+            s.write_all(b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n").unwrap();
             let mut interim = vec![0u8; CONTINUE_RESPONSE.len()];
             s.read_exact(&mut interim).unwrap();
             s.write_all(b"abcde").unwrap();
@@ -1242,22 +1056,14 @@ mod tests {
 
     #[test]
     fn body_over_limit_is_413_without_handler() {
-        let (mut server, addr) = server(Limits {
-            max_body_bytes: 16,
-            ..limits()
-        });
+        let (mut server, addr) = server(Limits { max_body_bytes: 16, ..limits() });
         let calls = Cell::new(0);
         let mut handler = |_: &Request| {
             calls.set(calls.get() + 1);
             Response::text(200, "no")
         };
         // Only the head is sent: the answer must not wait for the body.
-        let resp = exchange(
-            &mut server,
-            addr,
-            &mut handler,
-            b"POST / HTTP/1.1\r\nContent-Length: 1000\r\n\r\n",
-        );
+        let resp = exchange(&mut server, addr, &mut handler, b"POST / HTTP/1.1\r\nContent-Length: 1000\r\n\r\n");
         assert_eq!(status(&resp), 413);
         assert!(body(&resp).starts_with(b"{\"error\":"));
         // Absurd lengths too.
@@ -1278,10 +1084,7 @@ mod tests {
 
     #[test]
     fn headers_over_limit_is_431() {
-        let (mut server, addr) = server(Limits {
-            max_header_bytes: 256,
-            ..limits()
-        });
+        let (mut server, addr) = server(Limits { max_header_bytes: 256, ..limits() });
         let calls = Cell::new(0);
         let mut handler = |_: &Request| {
             calls.set(calls.get() + 1);
@@ -1366,10 +1169,7 @@ mod tests {
     #[test]
     fn slow_client_gets_408_while_others_are_served() {
         let timeout = Duration::from_millis(500);
-        let (mut server, addr) = server(Limits {
-            request_timeout: timeout,
-            ..limits()
-        });
+        let (mut server, addr) = server(Limits { request_timeout: timeout, ..limits() });
         let paths = RefCell::new(Vec::new());
         let mut handler = |req: &Request| {
             paths.borrow_mut().push(req.path.clone());
@@ -1384,8 +1184,7 @@ mod tests {
         });
         let slow_body = spawn(move || {
             let mut s = connect(addr);
-            s.write_all(b"POST /slow HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc")
-                .unwrap();
+            s.write_all(b"POST /slow HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc").unwrap();
             read_all(&mut s)
         });
         let fast = spawn(move || {
@@ -1395,9 +1194,7 @@ mod tests {
             let resp = read_all(&mut s);
             (resp, Instant::now())
         });
-        drive(&mut server, &mut handler, &|_| {
-            slow.is_finished() && fast.is_finished() && slow_body.is_finished()
-        });
+        drive(&mut server, &mut handler, &|_| slow.is_finished() && fast.is_finished() && slow_body.is_finished());
         let (slow_resp, slow_at) = slow.join().unwrap();
         let (fast_resp, fast_at) = fast.join().unwrap();
         assert_eq!(status(&slow_resp), 408);
@@ -1411,10 +1208,7 @@ mod tests {
 
     #[test]
     fn flood_gets_503_and_server_recovers() {
-        let (mut server, addr) = server(Limits {
-            max_connections: 2,
-            ..limits()
-        });
+        let (mut server, addr) = server(Limits { max_connections: 2, ..limits() });
         let calls = Cell::new(0);
         let mut handler = |req: &Request| {
             calls.set(calls.get() + 1);
@@ -1436,11 +1230,7 @@ mod tests {
             s.set_nonblocking(true).unwrap();
         }
         // Until every excess client has its answer waiting.
-        drive(&mut server, &mut handler, &|_| {
-            excess
-                .iter()
-                .all(|s| s.peek(&mut [0u8; 1]).is_ok_and(|n| n > 0))
-        });
+        drive(&mut server, &mut handler, &|_| excess.iter().all(|s| s.peek(&mut [0u8; 1]).is_ok_and(|n| n > 0)));
         assert_eq!(server.connection_count(), 2);
         for s in &mut excess {
             s.set_nonblocking(false).unwrap();
@@ -1452,33 +1242,19 @@ mod tests {
 
         drop(idle);
         drive(&mut server, &mut handler, &|s| s.connection_count() == 0);
-        let resp = exchange(
-            &mut server,
-            addr,
-            &mut handler,
-            b"GET /after HTTP/1.1\r\n\r\n",
-        );
+        let resp = exchange(&mut server, addr, &mut handler, b"GET /after HTTP/1.1\r\n\r\n");
         assert_eq!(status(&resp), 200);
         assert_eq!(body(&resp), b"GET /after");
     }
 
     #[test]
     fn accepts_are_bounded_per_round() {
-        let (mut server, addr) = server(Limits {
-            max_connections: 1000,
-            ..limits()
-        });
-        let clients: Vec<TcpStream> = (0..MAX_ACCEPT_PER_ROUND + 10)
-            .map(|_| connect(addr))
-            .collect();
+        let (mut server, addr) = server(Limits { max_connections: 1000, ..limits() });
+        let clients: Vec<TcpStream> = (0..MAX_ACCEPT_PER_ROUND + 10).map(|_| connect(addr)).collect();
         let mut handler = ok_handler;
-        server
-            .poll(Duration::from_millis(100), &mut handler)
-            .unwrap();
+        server.poll(Duration::from_millis(100), &mut handler).unwrap();
         assert_eq!(server.connection_count(), MAX_ACCEPT_PER_ROUND);
-        server
-            .poll(Duration::from_millis(100), &mut handler)
-            .unwrap();
+        server.poll(Duration::from_millis(100), &mut handler).unwrap();
         assert_eq!(server.connection_count(), MAX_ACCEPT_PER_ROUND + 10);
         drop(clients);
         drive(&mut server, &mut handler, &|s| s.connection_count() == 0);
@@ -1498,13 +1274,11 @@ mod tests {
         s.write_all(b"GET / HT").unwrap();
         clients.push(s);
         let mut s = connect(addr);
-        s.write_all(b"POST / HTTP/1.1\r\nContent-Length: 100\r\n\r\nabc")
-            .unwrap();
+        s.write_all(b"POST / HTTP/1.1\r\nContent-Length: 100\r\n\r\nabc").unwrap();
         clients.push(s);
         // One that resets instead of closing.
         let mut s = connect(addr);
-        s.write_all(b"POST / HTTP/1.1\r\nContent-Length: 100\r\n\r\nabc")
-            .unwrap();
+        s.write_all(b"POST / HTTP/1.1\r\nContent-Length: 100\r\n\r\nabc").unwrap();
         rnet::sockopt::set_socket_linger(&s, Some(Duration::ZERO)).unwrap();
         clients.push(s);
         drive(&mut server, &mut handler, &|s| s.connection_count() == 4);
@@ -1528,17 +1302,12 @@ mod tests {
 
     #[test]
     fn unread_response_is_dropped_after_timeout() {
-        let (mut server, addr) = server(Limits {
-            request_timeout: Duration::from_millis(200),
-            ..limits()
-        });
+        let (mut server, addr) = server(Limits { request_timeout: Duration::from_millis(200), ..limits() });
         let mut handler = |_: &Request| Response::text(200, vec![b'z'; 64 << 20]);
         let mut s = connect(addr);
         s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
         let start = Instant::now();
-        drive(&mut server, &mut handler, &|s| {
-            start.elapsed() > Duration::from_millis(20) && s.connection_count() == 0
-        });
+        drive(&mut server, &mut handler, &|s| start.elapsed() > Duration::from_millis(20) && s.connection_count() == 0);
         assert!(start.elapsed() < Duration::from_millis(1500));
         drop(s);
     }
@@ -1548,9 +1317,7 @@ mod tests {
         let (mut server, addr) = server(limits());
         let paths = RefCell::new(Vec::new());
         let mut handler = |req: &Request| {
-            paths
-                .borrow_mut()
-                .push((req.path.clone(), req.body.clone()));
+            paths.borrow_mut().push((req.path.clone(), req.body.clone()));
             ok_handler(req)
         };
         let resp = exchange(
@@ -1568,13 +1335,7 @@ mod tests {
             b"POST /p HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcGET /c HTTP/1.1\r\n\r\n",
         );
         assert_eq!(body(&resp), b"POST /p");
-        assert_eq!(
-            *paths.borrow(),
-            [
-                ("/a".to_string(), vec![]),
-                ("/p".to_string(), b"abc".to_vec())
-            ]
-        );
+        assert_eq!(*paths.borrow(), [("/a".to_string(), vec![]), ("/p".to_string(), b"abc".to_vec())]);
     }
 
     #[test]
@@ -1583,10 +1344,8 @@ mod tests {
         let s = Server::bind(&[v4], limits()).unwrap();
         let port = s.local_addrs()[0].port();
         drop(s);
-        let addrs: Vec<SocketAddr> = vec![
-            format!("127.0.0.1:{port}").parse().unwrap(),
-            format!("[::1]:{port}").parse().unwrap(),
-        ];
+        let addrs: Vec<SocketAddr> =
+            vec![format!("127.0.0.1:{port}").parse().unwrap(), format!("[::1]:{port}").parse().unwrap()];
         // ::1 may be unavailable in some sandboxes; only check what we can.
         if let Ok(s) = Server::bind(&addrs, limits()) {
             assert_eq!(s.local_addrs().len(), 2);
@@ -1597,10 +1356,7 @@ mod tests {
 
     #[test]
     fn canned_and_serialized_responses_are_well_formed() {
-        for resp in [
-            BUSY_RESPONSE.to_vec(),
-            Response::error(404, "x").serialize(false),
-        ] {
+        for resp in [BUSY_RESPONSE.to_vec(), Response::error(404, "x").serialize(false)] {
             let mut headers = [httparse::EMPTY_HEADER; 8];
             let mut parsed = httparse::Response::new(&mut headers);
             let n = match parsed.parse(&resp).unwrap() {
@@ -1611,12 +1367,7 @@ mod tests {
                 .headers
                 .iter()
                 .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                .map(|h| {
-                    std::str::from_utf8(h.value)
-                        .unwrap()
-                        .parse::<usize>()
-                        .unwrap()
-                })
+                .map(|h| std::str::from_utf8(h.value).unwrap().parse::<usize>().unwrap())
                 .unwrap();
             assert_eq!(resp.len() - n, len);
         }
@@ -1627,35 +1378,20 @@ mod tests {
     fn error_json_is_escaped() {
         let r = Response::error(400, "bad \"x\"\\\n\u{1}é");
         assert_eq!(r.content_type, "application/json");
-        assert_eq!(
-            std::str::from_utf8(&r.body).unwrap(),
-            r#"{"error":"bad \"x\"\\\n\u0001é"}"#
-        );
+        assert_eq!(std::str::from_utf8(&r.body).unwrap(), r#"{"error":"bad \"x\"\\\n\u0001é"}"#);
     }
 
     #[test]
     fn content_length_parsing() {
         let h = |v: &[&str]| -> Vec<(String, Vec<u8>)> {
-            v.iter()
-                .map(|v| ("content-length".to_string(), v.as_bytes().to_vec()))
-                .collect()
+            v.iter().map(|v| ("content-length".to_string(), v.as_bytes().to_vec())).collect()
         };
         assert_eq!(content_length(&h(&[])), Ok(None));
         assert_eq!(content_length(&h(&["0"])), Ok(Some(0)));
         assert_eq!(content_length(&h(&[" 12 "])), Ok(Some(12)));
         assert_eq!(content_length(&h(&["3, 3", "3"])), Ok(Some(3)));
-        assert_eq!(
-            content_length(&h(&["99999999999999999999999"])),
-            Ok(Some(u64::MAX))
-        );
-        for bad in [
-            &[""][..],
-            &["+1"],
-            &["1 2"],
-            &["1,"],
-            &["1", "2"],
-            &["0x10"],
-        ] {
+        assert_eq!(content_length(&h(&["99999999999999999999999"])), Ok(Some(u64::MAX)));
+        for bad in [&[""][..], &["+1"], &["1 2"], &["1,"], &["1", "2"], &["0x10"]] {
             assert_eq!(content_length(&h(bad)), Err(()), "{bad:?}");
         }
         assert_eq!(origin_form("/a?b").as_deref(), Some("/a?b"));

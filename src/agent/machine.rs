@@ -104,10 +104,7 @@ impl Phase {
         match self {
             Phase::Idle => "idle",
             Phase::Fetching => "fetching",
-            Phase::Switching {
-                step: Step::RollbackTest,
-                ..
-            } => "rolling-back",
+            Phase::Switching { step: Step::RollbackTest, .. } => "rolling-back",
             Phase::Switching { .. } => "switching",
             Phase::Verifying { .. } => "verifying",
             Phase::Committing => "committing",
@@ -208,14 +205,7 @@ pub struct State {
 
 impl Default for State {
     fn default() -> Self {
-        State {
-            highest_seq: 0,
-            next_switch_id: 1,
-            phase: Phase::Idle,
-            job: None,
-            last: None,
-            outcomes: [0; 6],
-        }
+        State { highest_seq: 0, next_switch_id: 1, phase: Phase::Idle, job: None, last: None, outcomes: [0; 6] }
     }
 }
 
@@ -249,6 +239,9 @@ pub enum Event {
     CommitOk,
     CommitFailed(String),
     GcDone(Result<String, String>),
+    /// Refused before anything changed (e.g. not enough disk space even
+    /// after collecting garbage).
+    Refused(String),
 }
 
 /// What the loop must do after persisting the new state.
@@ -283,19 +276,9 @@ pub struct Timing {
 
 fn finish(s: &mut State, outcome: Outcome, reason: Option<String>, now: u64) {
     if let Some(job) = s.job.take() {
-        s.last = Some(Last {
-            seq: job.seq,
-            action: job.action,
-            system: job.system,
-            outcome,
-            reason,
-            finished: now,
-        });
+        s.last = Some(Last { seq: job.seq, action: job.action, system: job.system, outcome, reason, finished: now });
     }
-    let i = Outcome::ALL
-        .iter()
-        .position(|o| *o == outcome)
-        .expect("listed");
+    let i = Outcome::ALL.iter().position(|o| *o == outcome).expect("listed");
     s.outcomes[i] += 1;
     s.phase = Phase::Idle;
 }
@@ -314,12 +297,7 @@ fn roll_back(s: &mut State, reason: String, now: u64) -> Vec<Effect> {
     match job.previous.clone() {
         Some(prev) => switch(s, Step::RollbackTest, prev),
         None => {
-            finish(
-                s,
-                Outcome::RollbackFailed,
-                Some(format!("{reason}; no previous system to roll back to")),
-                now,
-            );
+            finish(s, Outcome::RollbackFailed, Some(format!("{reason}; no previous system to roll back to")), now);
             vec![]
         }
     }
@@ -330,6 +308,7 @@ fn describe_exit(code: Option<i32>, tail: &str) -> String {
         Some(2) => "activation failed (exit 2)".to_string(),
         Some(4) => "some units failed to start (exit 4)".to_string(),
         Some(100) => "a reboot is needed to switch (exit 100); deploy with action boot".to_string(),
+        Some(-2) => "the switch helper refused the request".to_string(),
         Some(c) => format!("exit {c}"),
         None => "no result (helper died or timed out)".to_string(),
     };
@@ -348,25 +327,14 @@ pub fn step(s: &State, ev: Event, now: u64, t: Timing) -> (State, Vec<Effect>) {
     if let Some(job) = s.job.as_mut() {
         job.transitions += 1;
         if job.transitions > MAX_TRANSITIONS {
-            let reason = format!(
-                "gave up after {MAX_TRANSITIONS} transitions (restart loop?) in phase {}",
-                s.phase.name()
-            );
+            let reason =
+                format!("gave up after {MAX_TRANSITIONS} transitions (restart loop?) in phase {}", s.phase.name());
             finish(&mut s, Outcome::Failed, Some(reason), now);
             return (s, vec![]);
         }
     }
     let effects = match (s.phase.clone(), ev) {
-        (
-            Phase::Idle,
-            Event::Accepted {
-                seq,
-                action,
-                system,
-                previous,
-                boot_id,
-            },
-        ) => {
+        (Phase::Idle, Event::Accepted { seq, action, system, previous, boot_id }) => {
             s.highest_seq = s.highest_seq.max(seq);
             s.job = Some(Job {
                 seq,
@@ -408,37 +376,25 @@ pub fn step(s: &State, ev: Event, now: u64, t: Timing) -> (State, Vec<Effect>) {
                 _ => switch(&mut s, Step::Test, system),
             }
         }
+        (Phase::Fetching, Event::Refused(reason)) => {
+            finish(&mut s, Outcome::Rejected, Some(reason), now);
+            vec![]
+        }
         (Phase::Fetching, Event::FetchFailed(reason)) => {
             finish(&mut s, Outcome::Failed, Some(reason), now);
             vec![]
         }
-        (
-            Phase::Switching { step, id },
-            Event::SwitchResult {
-                id: rid,
-                code,
-                tail,
-            },
-        ) if rid == id => match step {
+        (Phase::Switching { step, id }, Event::SwitchResult { id: rid, code, tail }) if rid == id => match step {
             Step::Test if code == Some(0) => {
-                s.phase = Phase::Verifying {
-                    deadline: now + t.health_timeout_secs,
-                };
+                s.phase = Phase::Verifying { deadline: now + t.health_timeout_secs };
                 vec![Effect::CheckHealth]
             }
             Step::Test => {
-                let why = format!(
-                    "switch-to-configuration test: {}",
-                    describe_exit(code, &tail)
-                );
+                let why = format!("switch-to-configuration test: {}", describe_exit(code, &tail));
                 roll_back(&mut s, why, now)
             }
             Step::RollbackTest => {
-                let failure = s
-                    .job
-                    .as_ref()
-                    .and_then(|j| j.failure.clone())
-                    .unwrap_or_default();
+                let failure = s.job.as_ref().and_then(|j| j.failure.clone()).unwrap_or_default();
                 if code == Some(0) {
                     finish(&mut s, Outcome::RolledBack, Some(failure), now);
                 } else {
@@ -451,10 +407,7 @@ pub fn step(s: &State, ev: Event, now: u64, t: Timing) -> (State, Vec<Effect>) {
                 if code == Some(0) {
                     finish(&mut s, Outcome::Committed, None, now);
                 } else {
-                    let why = format!(
-                        "committed, but switch-to-configuration boot: {}",
-                        describe_exit(code, &tail)
-                    );
+                    let why = format!("committed, but switch-to-configuration boot: {}", describe_exit(code, &tail));
                     finish(&mut s, Outcome::Failed, Some(why), now);
                 }
                 vec![]
@@ -484,17 +437,11 @@ pub fn step(s: &State, ev: Event, now: u64, t: Timing) -> (State, Vec<Effect>) {
         (phase, Event::Resumed { boot_id }) => match phase {
             Phase::Idle => vec![],
             Phase::Fetching => vec![Effect::Fetch],
-            Phase::Switching {
-                step: Step::Test, ..
-            }
-            | Phase::Verifying { .. }
-                if rebooted(&s, &boot_id) =>
-            {
+            Phase::Switching { step: Step::Test, .. } | Phase::Verifying { .. } if rebooted(&s, &boot_id) => {
                 // The machine rebooted before the update was committed, so
                 // it booted the old default: the update failed, and it is
                 // never tried again by itself.
-                let reason =
-                    "rebooted before the update was committed; the previous generation booted";
+                let reason = "rebooted before the update was committed; the previous generation booted";
                 finish(&mut s, Outcome::Failed, Some(reason.into()), now);
                 vec![]
             }

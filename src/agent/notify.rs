@@ -16,18 +16,8 @@ pub struct Notifier {
 impl Notifier {
     pub fn from_env() -> Notifier {
         let enabled = std::env::var_os("NOTIFY_SOCKET").is_some();
-        let interval = if enabled {
-            sd_notify::watchdog_enabled().map(|d| d / 2)
-        } else {
-            None
-        };
-        Notifier {
-            enabled,
-            interval,
-            last_ping: None,
-            last_status: String::new(),
-            pings: 0,
-        }
+        let interval = if enabled { sd_notify::watchdog_enabled().map(|d| d / 2) } else { None };
+        Notifier { enabled, interval, last_ping: None, last_status: String::new(), pings: 0 }
     }
 
     pub fn watchdog_interval(&self) -> Option<Duration> {

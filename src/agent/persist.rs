@@ -26,9 +26,7 @@ pub const EVENT_LOG: &str = "events.log";
 const EVENT_LOG_MAX: u64 = 256 << 10;
 
 fn opt(s: &Option<String>) -> String {
-    s.as_deref()
-        .map(json_string)
-        .unwrap_or_else(|| "null".into())
+    s.as_deref().map(json_string).unwrap_or_else(|| "null".into())
 }
 
 pub fn to_json(s: &State) -> String {
@@ -39,9 +37,7 @@ pub fn to_json(s: &State) -> String {
         phase_key(&s.phase)
     );
     match &s.phase {
-        Phase::Switching { step, id } => {
-            out += &format!(",\"step\":\"{}\",\"switch_id\":{id}", step.as_str())
-        }
+        Phase::Switching { step, id } => out += &format!(",\"step\":\"{}\",\"switch_id\":{id}", step.as_str()),
         Phase::Verifying { deadline } => out += &format!(",\"deadline\":{deadline}"),
         _ => {}
     }
@@ -125,8 +121,7 @@ struct Wire {
 
 pub fn from_json(bytes: &[u8]) -> Result<State, String> {
     let mut scratch = vec![0u8; bytes.len()];
-    let (w, _): (Wire, _) =
-        serde_json_core::from_slice_escaped(bytes, &mut scratch).map_err(|e| e.to_string())?;
+    let (w, _): (Wire, _) = serde_json_core::from_slice_escaped(bytes, &mut scratch).map_err(|e| e.to_string())?;
     if w.version != 1 {
         return Err(format!("unknown state version {}", w.version));
     }
@@ -134,10 +129,9 @@ pub fn from_json(bytes: &[u8]) -> Result<State, String> {
     let phase = match (w.phase.as_str(), &w.step, w.switch_id, w.deadline) {
         ("idle", ..) => Phase::Idle,
         ("fetching", ..) => Phase::Fetching,
-        ("switching", Some(step), Some(id), _) => Phase::Switching {
-            step: Step::parse(step).ok_or(format!("unknown step {step:?}"))?,
-            id,
-        },
+        ("switching", Some(step), Some(id), _) => {
+            Phase::Switching { step: Step::parse(step).ok_or(format!("unknown step {step:?}"))?, id }
+        }
         ("verifying", _, _, Some(deadline)) => Phase::Verifying { deadline },
         ("committing", ..) => Phase::Committing,
         ("collecting", ..) => Phase::Collecting,
@@ -161,8 +155,7 @@ pub fn from_json(bytes: &[u8]) -> Result<State, String> {
             seq: l.seq,
             action: action(&l.action)?,
             system: l.system,
-            outcome: Outcome::parse(&l.outcome)
-                .ok_or(format!("unknown outcome {:?}", l.outcome))?,
+            outcome: Outcome::parse(&l.outcome).ok_or(format!("unknown outcome {:?}", l.outcome))?,
             reason: l.reason,
             finished: l.finished,
         }),
@@ -175,14 +168,7 @@ pub fn from_json(bytes: &[u8]) -> Result<State, String> {
     for (slot, v) in outcomes.iter_mut().zip(w.outcomes) {
         *slot = v;
     }
-    Ok(State {
-        highest_seq: w.highest_seq,
-        next_switch_id: w.next_switch_id.max(1),
-        phase,
-        job,
-        last,
-        outcomes,
-    })
+    Ok(State { highest_seq: w.highest_seq, next_switch_id: w.next_switch_id.max(1), phase, job, last, outcomes })
 }
 
 /// Reads the state; a missing file is a fresh device. A corrupt one is an
@@ -204,10 +190,7 @@ pub fn save(state_dir: &Path, s: &State) -> std::io::Result<()> {
 /// Appends one line to the event log (best effort; rotates by halving).
 pub fn log_event(state_dir: &Path, now: u64, line: &str) {
     let p = state_dir.join(EVENT_LOG);
-    if std::fs::metadata(&p)
-        .map(|m| m.len() > EVENT_LOG_MAX)
-        .unwrap_or(false)
-    {
+    if std::fs::metadata(&p).map(|m| m.len() > EVENT_LOG_MAX).unwrap_or(false) {
         if let Ok(text) = std::fs::read_to_string(&p) {
             let keep = &text[text.len() / 2..];
             let keep = keep.split_once('\n').map(|(_, rest)| rest).unwrap_or(keep);
@@ -216,11 +199,7 @@ pub fn log_event(state_dir: &Path, now: u64, line: &str) {
             }
         }
     }
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&p)
-    {
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(&p) {
         let _ = writeln!(f, "{now} {}", line.replace('\n', " "));
     }
 }
@@ -232,9 +211,7 @@ mod tests {
 
     #[test]
     fn roundtrips_every_phase() {
-        let t = Timing {
-            health_timeout_secs: 30,
-        };
+        let t = Timing { health_timeout_secs: 30 };
         let mut s = State::default();
         let events = vec![
             Event::Accepted {
@@ -245,18 +222,10 @@ mod tests {
                 boot_id: Some("b\n1".into()),
             },
             Event::FetchOk,
-            Event::SwitchResult {
-                id: 1,
-                code: Some(0),
-                tail: String::new(),
-            },
+            Event::SwitchResult { id: 1, code: Some(0), tail: String::new() },
             Event::Healthy,
             Event::CommitOk,
-            Event::SwitchResult {
-                id: 2,
-                code: Some(1),
-                tail: "bootloader \\ broke".into(),
-            },
+            Event::SwitchResult { id: 2, code: Some(1), tail: "bootloader \\ broke".into() },
         ];
         for ev in events {
             s = step(&s, ev, 42, t).0;
@@ -272,10 +241,7 @@ mod tests {
         assert_eq!(load(tmp.path()).unwrap(), State::default());
         std::fs::write(tmp.path().join(STATE_FILE), b"{\"version\":1,").unwrap();
         assert!(load(tmp.path()).is_err());
-        let s = State {
-            highest_seq: 99,
-            ..State::default()
-        };
+        let s = State { highest_seq: 99, ..State::default() };
         save(tmp.path(), &s).unwrap();
         assert_eq!(load(tmp.path()).unwrap().highest_seq, 99);
     }

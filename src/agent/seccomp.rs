@@ -91,8 +91,7 @@ pub fn program() -> Result<Vec<sock_filter>, String> {
 /// is done.
 pub fn install() -> Result<(), String> {
     let prog = program()?;
-    seccompiler::apply_filter_all_threads(&prog)
-        .map_err(|e| format!("installing seccomp filter: {e}"))
+    seccompiler::apply_filter_all_threads(&prog).map_err(|e| format!("installing seccomp filter: {e}"))
 }
 
 /// Dispatcher for the hidden `nixless __seccomp-selftest WHAT [ARGS...]`
@@ -143,16 +142,8 @@ pub fn selftest_cli(args: &[String], run_install: fn(&[String]) -> i32) -> i32 {
 ///
 /// 2: unknown word or the filter could not be installed.
 pub fn selftest(what: &str) -> i32 {
-    const FORBIDDEN: &[&str] = &[
-        "execve",
-        "spawn",
-        "fork",
-        "clone",
-        "ptrace",
-        "socket-netlink",
-        "ioctl-other",
-        "mmap-exec",
-    ];
+    const FORBIDDEN: &[&str] =
+        &["execve", "spawn", "fork", "clone", "ptrace", "socket-netlink", "ioctl-other", "mmap-exec"];
     if what != "allowed" && what != "panic" && !FORBIDDEN.contains(&what) {
         eprintln!("nixless: error: unknown seccomp selftest {what:?}");
         return 2;
@@ -189,11 +180,7 @@ fn forbidden(what: &str) -> String {
         "spawn" => format!("{:?}", std::process::Command::new("/bin/true").status()),
         "socket-netlink" => format!(
             "{:?}",
-            rustix::net::socket(
-                rustix::net::AddressFamily::NETLINK,
-                rustix::net::SocketType::RAW,
-                None
-            )
+            rustix::net::socket(rustix::net::AddressFamily::NETLINK, rustix::net::SocketType::RAW, None)
         ),
         _ => raw::forbidden(what),
     }
@@ -237,10 +224,7 @@ mod raw {
             "clone" => (SYS_CLONE, [SIGCHLD, 0, 0, 0, 0, 0]),
             // PTRACE_TRACEME: harmless if it were allowed.
             "ptrace" => (SYS_PTRACE, [0; 6]),
-            "ioctl-other" => (
-                SYS_IOCTL,
-                [2, FIONREAD, &mut n as *mut i32 as usize, 0, 0, 0],
-            ),
+            "ioctl-other" => (SYS_IOCTL, [2, FIONREAD, &mut n as *mut i32 as usize, 0, 0, 0]),
             // PROT_READ|PROT_EXEC, MAP_PRIVATE|MAP_ANONYMOUS, fd -1.
             "mmap-exec" => (SYS_MMAP, [0, 4096, 1 | 4, 0x02 | 0x20, usize::MAX, 0]),
             _ => return format!("no such selftest {what:?}"),
@@ -276,20 +260,14 @@ fn exercise_allowed() -> Result<(), String> {
 
     // Clocks and sleeping.
     let t0 = Instant::now();
-    ctx(
-        "SystemTime",
-        SystemTime::now().duration_since(SystemTime::UNIX_EPOCH),
-    )?;
+    ctx("SystemTime", SystemTime::now().duration_since(SystemTime::UNIX_EPOCH))?;
     std::thread::sleep(Duration::from_millis(2));
     if t0.elapsed() < Duration::from_millis(2) {
         return Err("sleep returned early".into());
     }
 
     // Files: std (musl's legacy calls) and rustix (*at calls).
-    let stat = ctx(
-        "read /proc/self/stat",
-        std::fs::read_to_string("/proc/self/stat"),
-    )?;
+    let stat = ctx("read /proc/self/stat", std::fs::read_to_string("/proc/self/stat"))?;
     if stat.is_empty() {
         return Err("empty /proc/self/stat".into());
     }
@@ -332,15 +310,9 @@ fn exercise_allowed() -> Result<(), String> {
     // TCP: listener, connect with timeout, accept, both directions.
     let listener = ctx("bind tcp", TcpListener::bind("127.0.0.1:0"))?;
     let addr = ctx("local_addr", listener.local_addr())?;
-    let mut c = ctx(
-        "connect tcp",
-        TcpStream::connect_timeout(&addr, Duration::from_secs(5)),
-    )?;
+    let mut c = ctx("connect tcp", TcpStream::connect_timeout(&addr, Duration::from_secs(5)))?;
     ctx("nodelay", c.set_nodelay(true))?;
-    ctx(
-        "read timeout",
-        c.set_read_timeout(Some(Duration::from_secs(5))),
-    )?;
+    ctx("read timeout", c.set_read_timeout(Some(Duration::from_secs(5))))?;
     let (mut s, peer) = ctx("accept", listener.accept())?;
     ctx("peer_addr", s.peer_addr())?;
     ctx("tcp write", c.write_all(b"ping"))?;
@@ -368,10 +340,7 @@ fn exercise_allowed() -> Result<(), String> {
     // UDP, as musl's resolver does it, and a hosts lookup.
     let u = ctx("bind udp", UdpSocket::bind("127.0.0.1:0"))?;
     let ua = ctx("udp local_addr", u.local_addr())?;
-    ctx(
-        "udp timeout",
-        u.set_read_timeout(Some(Duration::from_secs(5))),
-    )?;
+    ctx("udp timeout", u.set_read_timeout(Some(Duration::from_secs(5))))?;
     ctx("udp send", u.send_to(b"q", ua))?;
     ctx("udp recv", u.recv_from(&mut buf))?;
     let _ = "localhost:80".to_socket_addrs().map(|a| a.count());

@@ -34,9 +34,7 @@ pub struct Snapshot {
 }
 
 fn opt_str(s: &Option<String>) -> String {
-    s.as_deref()
-        .map(json_string)
-        .unwrap_or_else(|| "null".into())
+    s.as_deref().map(json_string).unwrap_or_else(|| "null".into())
 }
 
 fn opt_num(n: Option<u64>) -> String {
@@ -102,25 +100,15 @@ pub fn status_json(s: &Snapshot) -> String {
     out
 }
 
-const PHASES: [&str; 7] = [
-    "idle",
-    "fetching",
-    "switching",
-    "verifying",
-    "committing",
-    "rolling-back",
-    "collecting",
-];
+const PHASES: [&str; 7] = ["idle", "fetching", "switching", "verifying", "committing", "rolling-back", "collecting"];
 
 pub fn metrics(s: &Snapshot) -> String {
     let st = &s.state;
     let mut out = String::new();
-    out += "# HELP nixless_phase Current phase of the update state machine (1 = current).\n# TYPE nixless_phase gauge\n";
+    out +=
+        "# HELP nixless_phase Current phase of the update state machine (1 = current).\n# TYPE nixless_phase gauge\n";
     for p in PHASES {
-        out += &format!(
-            "nixless_phase{{phase=\"{p}\"}} {}\n",
-            u8::from(st.phase.name() == p)
-        );
+        out += &format!("nixless_phase{{phase=\"{p}\"}} {}\n", u8::from(st.phase.name() == p));
     }
     out += "# HELP nixless_highest_seq Highest deploy sequence number accepted.\n# TYPE nixless_highest_seq gauge\n";
     out += &format!("nixless_highest_seq {}\n", st.highest_seq);
@@ -131,11 +119,7 @@ pub fn metrics(s: &Snapshot) -> String {
     out += "# HELP nixless_last_result Outcome of the last finished deploy (1 = that outcome).\n# TYPE nixless_last_result gauge\n";
     for o in Outcome::ALL {
         let v = st.last.as_ref().is_some_and(|l| l.outcome == o);
-        out += &format!(
-            "nixless_last_result{{outcome=\"{}\"}} {}\n",
-            o.as_str(),
-            u8::from(v)
-        );
+        out += &format!("nixless_last_result{{outcome=\"{}\"}} {}\n", o.as_str(), u8::from(v));
     }
     if let Some(l) = &st.last {
         out += "# HELP nixless_last_result_timestamp_seconds When the last deploy finished.\n# TYPE nixless_last_result_timestamp_seconds gauge\n";
@@ -144,14 +128,8 @@ pub fn metrics(s: &Snapshot) -> String {
     out += "# HELP nixless_bytes_fetched_total NAR bytes fetched and installed since start.\n# TYPE nixless_bytes_fetched_total counter\n";
     out += &format!("nixless_bytes_fetched_total {}\n", s.bytes_fetched_total);
     out += "# HELP nixless_fetch_progress_bytes Bytes of the current fetch done and in total.\n# TYPE nixless_fetch_progress_bytes gauge\n";
-    out += &format!(
-        "nixless_fetch_progress_bytes{{kind=\"done\"}} {}\n",
-        s.progress.bytes_done
-    );
-    out += &format!(
-        "nixless_fetch_progress_bytes{{kind=\"total\"}} {}\n",
-        s.progress.bytes_total
-    );
+    out += &format!("nixless_fetch_progress_bytes{{kind=\"done\"}} {}\n", s.progress.bytes_done);
+    out += &format!("nixless_fetch_progress_bytes{{kind=\"total\"}} {}\n", s.progress.bytes_total);
     out += "# HELP nixless_rejected_requests_total Deploy requests refused.\n# TYPE nixless_rejected_requests_total counter\n";
     out += &format!("nixless_rejected_requests_total {}\n", s.rejected_requests);
     out += "# HELP nixless_watchdog_pings_total systemd watchdog pings sent.\n# TYPE nixless_watchdog_pings_total counter\n";
@@ -168,11 +146,7 @@ mod tests {
 
     #[test]
     fn status_is_json_and_metrics_are_prometheus() {
-        let mut snap = Snapshot {
-            host: "kiosk-\"7\"".into(),
-            version: "0.1.0",
-            ..Snapshot::default()
-        };
+        let mut snap = Snapshot { host: "kiosk-\"7\"".into(), version: "0.1.0", ..Snapshot::default() };
         let ev = Event::Accepted {
             seq: 3,
             action: Action::Switch,
@@ -180,26 +154,11 @@ mod tests {
             previous: None,
             boot_id: None,
         };
-        snap.state = step(
-            &snap.state,
-            ev,
-            5,
-            Timing {
-                health_timeout_secs: 1,
-            },
-        )
-        .0;
-        snap.progress = Progress {
-            paths_done: 1,
-            paths_total: 4,
-            bytes_done: 10,
-            bytes_total: 40,
-        };
+        snap.state = step(&snap.state, ev, 5, Timing { health_timeout_secs: 1 }).0;
+        snap.progress = Progress { paths_done: 1, paths_total: 4, bytes_done: 10, bytes_total: 40 };
         let j = status_json(&snap);
         assert!(
-            j.contains("\"phase\":\"fetching\"")
-                && j.contains("\"paths_total\":4")
-                && j.contains("kiosk-\\\"7\\\""),
+            j.contains("\"phase\":\"fetching\"") && j.contains("\"paths_total\":4") && j.contains("kiosk-\\\"7\\\""),
             "{j}"
         );
         // It is valid JSON: parse it back with the same JSON reader.
@@ -209,18 +168,14 @@ mod tests {
             phase: String,
         }
         let mut scratch = vec![0u8; j.len()];
-        let (p, _): (Probe, _) =
-            serde_json_core::from_slice_escaped(j.as_bytes(), &mut scratch).unwrap();
+        let (p, _): (Probe, _) = serde_json_core::from_slice_escaped(j.as_bytes(), &mut scratch).unwrap();
         assert_eq!((p.highest_seq, p.phase.as_str()), (3, "fetching"));
         let m = metrics(&snap);
         assert!(m.contains("nixless_phase{phase=\"fetching\"} 1\n"));
         assert!(m.contains("nixless_phase{phase=\"idle\"} 0\n"));
         for line in m.lines().filter(|l| !l.starts_with('#')) {
             let (name, value) = line.rsplit_once(' ').unwrap();
-            assert!(
-                value.parse::<f64>().is_ok() && name.starts_with("nixless_"),
-                "{line}"
-            );
+            assert!(value.parse::<f64>().is_ok() && name.starts_with("nixless_"), "{line}");
         }
     }
 }

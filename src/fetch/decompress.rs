@@ -23,11 +23,7 @@ impl std::fmt::Display for Unsupported {
         if self.0 == "bzip2" {
             write!(f, "compression bzip2 (narinfo has no Compression field, or says bzip2) is not supported; publish with compression=zstd, xz or none")
         } else {
-            write!(
-                f,
-                "compression {:?} is not supported (zstd, xz, none are)",
-                self.0
-            )
+            write!(f, "compression {:?} is not supported (zstd, xz, none are)", self.0)
         }
     }
 }
@@ -35,17 +31,11 @@ impl std::fmt::Display for Unsupported {
 impl std::error::Error for Unsupported {}
 
 /// Wraps `body` in the decoder for `c`.
-pub fn decoder<'r, R: Read + 'r>(
-    c: &Compression,
-    body: R,
-) -> Result<Box<dyn Read + 'r>, Unsupported> {
+pub fn decoder<'r, R: Read + 'r>(c: &Compression, body: R) -> Result<Box<dyn Read + 'r>, Unsupported> {
     Ok(match c {
         Compression::None => Box::new(body),
         Compression::Zstd => Box::new(ZstdReader::new(body)),
-        Compression::Xz => Box::new(Labelled(
-            "xz",
-            lzma_rust2::XzReader::new_mem_limit(body, true, XZ_MEM_LIMIT_KIB),
-        )),
+        Compression::Xz => Box::new(Labelled("xz", lzma_rust2::XzReader::new_mem_limit(body, true, XZ_MEM_LIMIT_KIB))),
         other => return Err(Unsupported(other.as_str().to_owned())),
     })
 }
@@ -56,9 +46,7 @@ struct Labelled<R>(&'static str, R);
 
 impl<R: Read> Read for Labelled<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.1
-            .read(buf)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.0)))
+        self.1.read(buf).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.0)))
     }
 }
 
@@ -79,12 +67,7 @@ impl<R: Read> ZstdReader<R> {
     pub fn new(source: R) -> Self {
         let mut frame = FrameDecoder::new();
         frame.set_max_window_size(ZSTD_MAX_WINDOW);
-        ZstdReader {
-            source: BufReader::with_capacity(128 << 10, source),
-            frame,
-            started: false,
-            done: false,
-        }
+        ZstdReader { source: BufReader::with_capacity(128 << 10, source), frame, started: false, done: false }
     }
 
     /// Starts the next frame, or notes a clean end of stream.
@@ -96,9 +79,7 @@ impl<R: Read> ZstdReader<R> {
             self.done = true;
             return Ok(());
         }
-        self.frame
-            .reset(&mut self.source)
-            .map_err(|e| invalid(format!("zstd: {e}")))?;
+        self.frame.reset(&mut self.source).map_err(|e| invalid(format!("zstd: {e}")))?;
         self.started = true;
         Ok(())
     }
@@ -133,24 +114,18 @@ impl<R: Read> Read for ZstdReader<R> {
                 continue;
             }
             self.frame
-                .decode_blocks(
-                    &mut self.source,
-                    ruzstd::decoding::BlockDecodingStrategy::UptoBytes(256 << 10),
-                )
+                .decode_blocks(&mut self.source, ruzstd::decoding::BlockDecodingStrategy::UptoBytes(256 << 10))
                 .map_err(|e| {
-                    if matches!(
-                        &e,
-                        ruzstd::decoding::errors::FrameDecoderError::FailedToReadBlockHeader(_)
-                            | ruzstd::decoding::errors::FrameDecoderError::FailedToReadBlockBody(_)
-                    ) {
-                        io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            format!("zstd: truncated: {e}"),
-                        )
-                    } else {
-                        invalid(format!("zstd: {e}"))
-                    }
-                })?;
+                if matches!(
+                    &e,
+                    ruzstd::decoding::errors::FrameDecoderError::FailedToReadBlockHeader(_)
+                        | ruzstd::decoding::errors::FrameDecoderError::FailedToReadBlockBody(_)
+                ) {
+                    io::Error::new(io::ErrorKind::UnexpectedEof, format!("zstd: truncated: {e}"))
+                } else {
+                    invalid(format!("zstd: {e}"))
+                }
+            })?;
         }
     }
 }
@@ -163,9 +138,7 @@ mod tests {
     fn refuses_bzip2_and_others_by_name() {
         let e = decoder(&Compression::Bzip2, &b""[..]).err().unwrap();
         assert!(e.to_string().contains("bzip2"));
-        let e = decoder(&Compression::Other("br".into()), &b""[..])
-            .err()
-            .unwrap();
+        let e = decoder(&Compression::Other("br".into()), &b""[..]).err().unwrap();
         assert!(e.to_string().contains("\"br\""));
     }
 
@@ -173,8 +146,6 @@ mod tests {
     fn zstd_garbage_and_empty_are_errors() {
         let mut out = Vec::new();
         assert!(ZstdReader::new(&b""[..]).read_to_end(&mut out).is_err());
-        assert!(ZstdReader::new(&b"not zstd at all"[..])
-            .read_to_end(&mut out)
-            .is_err());
+        assert!(ZstdReader::new(&b"not zstd at all"[..]).read_to_end(&mut out).is_err());
     }
 }

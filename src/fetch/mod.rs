@@ -42,9 +42,7 @@ impl CacheUrl {
             }
             Ok(CacheUrl::Http(s.to_owned()))
         } else {
-            Err(format!(
-                "cache URL {s:?}: expected http://, https:// or file://"
-            ))
+            Err(format!("cache URL {s:?}: expected http://, https:// or file://"))
         }
     }
 }
@@ -229,15 +227,9 @@ impl Fetcher {
                     if !transient_status(status) {
                         return Ok((status, resp));
                     }
-                    FetchError::Http {
-                        url: url.to_owned(),
-                        status,
-                    }
+                    FetchError::Http { url: url.to_owned(), status }
                 }
-                Err(e) => FetchError::Transport {
-                    url: url.to_owned(),
-                    msg: e.to_string(),
-                },
+                Err(e) => FetchError::Transport { url: url.to_owned(), msg: e.to_string() },
             };
             if attempt >= self.opts.retries {
                 return Err(outcome);
@@ -250,12 +242,7 @@ impl Fetcher {
     }
 
     /// Reads `rel` (relative to cache `idx`) whole, up to `limit` bytes.
-    fn get_small(
-        &mut self,
-        idx: usize,
-        rel: &str,
-        limit: u64,
-    ) -> Result<Option<Vec<u8>>, FetchError> {
+    fn get_small(&mut self, idx: usize, rel: &str, limit: u64) -> Result<Option<Vec<u8>>, FetchError> {
         match self.open(idx, rel, 0)? {
             Answer::Missing => Ok(None),
             Answer::Found(body) => {
@@ -263,10 +250,7 @@ impl Fetcher {
                 let mut buf = Vec::new();
                 body.take(limit + 1)
                     .read_to_end(&mut buf)
-                    .map_err(|e| FetchError::Transport {
-                        url: url.clone(),
-                        msg: e.to_string(),
-                    })?;
+                    .map_err(|e| FetchError::Transport { url: url.clone(), msg: e.to_string() })?;
                 if buf.len() as u64 > limit {
                     return Err(FetchError::TooLarge { url, limit });
                 }
@@ -277,12 +261,7 @@ impl Fetcher {
 
     /// Opens `rel` in cache `idx` from byte `offset` (which must be honoured:
     /// a server ignoring Range has its first `offset` bytes skipped).
-    pub(crate) fn open(
-        &mut self,
-        idx: usize,
-        rel: &str,
-        offset: u64,
-    ) -> Result<Answer, FetchError> {
+    pub(crate) fn open(&mut self, idx: usize, rel: &str, offset: u64) -> Result<Answer, FetchError> {
         match self.caches[idx].0.clone() {
             CacheUrl::File(dir) => {
                 // A query string means nothing to a directory.
@@ -318,20 +297,21 @@ impl Fetcher {
                                 .and_then(|v| v.split('-').next())
                                 .and_then(|v| v.parse::<u64>().ok());
                             if start != Some(offset) {
-                                return Err(FetchError::Transport { url, msg: format!("asked for bytes from {offset}, got Content-Range starting at {start:?}") });
+                                return Err(FetchError::Transport {
+                                    url,
+                                    msg: format!(
+                                        "asked for bytes from {offset}, got Content-Range starting at {start:?}"
+                                    ),
+                                });
                             }
                         }
-                        let mut body: Box<dyn Read + Send> =
-                            Box::new(resp.into_body().into_reader());
+                        let mut body: Box<dyn Read + Send> = Box::new(resp.into_body().into_reader());
                         if offset > 0 && !got_range {
                             // The server ignored Range: start over from zero
                             // on the wire, skipping what we already have.
                             log::info!("{url}: server ignored Range, re-reading {offset} bytes");
                             let skipped = io::copy(&mut (&mut body).take(offset), &mut io::sink())
-                                .map_err(|e| FetchError::Transport {
-                                    url: url.clone(),
-                                    msg: e.to_string(),
-                                })?;
+                                .map_err(|e| FetchError::Transport { url: url.clone(), msg: e.to_string() })?;
                             if skipped != offset {
                                 return Err(FetchError::Transport {
                                     url,
@@ -352,10 +332,7 @@ impl Fetcher {
     /// `None` on 404 or a missing file. For deploy documents and their
     /// signatures (poll mode).
     pub fn get_url(&mut self, url: &str, limit: u64) -> Result<Option<Vec<u8>>, FetchError> {
-        let transport = |msg: String| FetchError::Transport {
-            url: url.to_owned(),
-            msg,
-        };
+        let transport = |msg: String| FetchError::Transport { url: url.to_owned(), msg };
         let body: Box<dyn Read> = if let Some(path) = url.strip_prefix("file://") {
             match std::fs::File::open(path) {
                 Ok(f) => Box::new(f),
@@ -367,23 +344,13 @@ impl Fetcher {
             match status {
                 200 => Box::new(resp.into_body().into_reader()),
                 404 | 410 => return Ok(None),
-                _ => {
-                    return Err(FetchError::Http {
-                        url: url.to_owned(),
-                        status,
-                    })
-                }
+                _ => return Err(FetchError::Http { url: url.to_owned(), status }),
             }
         };
         let mut buf = Vec::new();
-        body.take(limit + 1)
-            .read_to_end(&mut buf)
-            .map_err(|e| transport(e.to_string()))?;
+        body.take(limit + 1).read_to_end(&mut buf).map_err(|e| transport(e.to_string()))?;
         if buf.len() as u64 > limit {
-            return Err(FetchError::TooLarge {
-                url: url.to_owned(),
-                limit,
-            });
+            return Err(FetchError::TooLarge { url: url.to_owned(), limit });
         }
         Ok(Some(buf))
     }
@@ -393,10 +360,7 @@ impl Fetcher {
     pub fn probe(&mut self, idx: usize) -> Result<(), FetchError> {
         match self.get_small(idx, "nix-cache-info", 64 << 10)? {
             Some(_) => Ok(()),
-            None => Err(FetchError::Http {
-                url: format!("{}/nix-cache-info", self.caches[idx].0),
-                status: 404,
-            }),
+            None => Err(FetchError::Http { url: format!("{}/nix-cache-info", self.caches[idx].0), status: 404 }),
         }
     }
 
@@ -412,10 +376,8 @@ impl Fetcher {
         let health = match self.get_small(idx, "nix-cache-info", 64 << 10) {
             Ok(Some(bytes)) => {
                 let text = String::from_utf8_lossy(&bytes);
-                cache_info::parse(&text).map_err(|e| FetchError::CacheInfo {
-                    cache: cache.clone(),
-                    msg: e.to_string(),
-                })?;
+                cache_info::parse(&text)
+                    .map_err(|e| FetchError::CacheInfo { cache: cache.clone(), msg: e.to_string() })?;
                 Health::Ok
             }
             Ok(None) => Health::Down(format!("{cache}: no nix-cache-info (not a binary cache)")),
@@ -431,11 +393,7 @@ impl Fetcher {
 
     /// Finds `path`'s narinfo in the first cache from index `from` on that
     /// has it: the text and the index of that cache.
-    pub fn narinfo(
-        &mut self,
-        path: &StorePath,
-        from: usize,
-    ) -> Result<(usize, String), FetchError> {
+    pub fn narinfo(&mut self, path: &StorePath, from: usize) -> Result<(usize, String), FetchError> {
         let rel = format!("{}.narinfo", path.hash_part());
         let mut unreachable = Vec::new();
         for idx in from..self.caches.len() {
@@ -458,9 +416,6 @@ impl Fetcher {
                 Err(e) => unreachable.push(e.to_string()),
             }
         }
-        Err(FetchError::NotFound {
-            path: path.to_string(),
-            unreachable,
-        })
+        Err(FetchError::NotFound { path: path.to_string(), unreachable })
     }
 }

@@ -60,26 +60,12 @@ impl std::fmt::Display for PipelineError {
             PipelineError::Unsupported(e) => e.fmt(f),
             PipelineError::Read { url, source } => write!(f, "{url}: {source}"),
             PipelineError::TooLong { what, limit } => {
-                write!(
-                    f,
-                    "{what} exceeds the {limit} bytes the narinfo announced; cut off"
-                )
+                write!(f, "{what} exceeds the {limit} bytes the narinfo announced; cut off")
             }
-            PipelineError::Size {
-                what,
-                expected,
-                got,
-            } => {
-                write!(
-                    f,
-                    "{what} mismatch: narinfo says {expected} bytes, got {got}"
-                )
+            PipelineError::Size { what, expected, got } => {
+                write!(f, "{what} mismatch: narinfo says {expected} bytes, got {got}")
             }
-            PipelineError::Hash {
-                what,
-                expected,
-                got,
-            } => {
+            PipelineError::Hash { what, expected, got } => {
                 write!(f, "{what} mismatch: narinfo says {expected}, got {got}")
             }
             PipelineError::Nar(e) => e.fmt(f),
@@ -148,9 +134,7 @@ pub fn fetch_nar(
 ) -> Result<Stats, PipelineError> {
     let body = ResumableBody::open(fetcher, idx, info.url).map_err(PipelineError::Fetch)?;
     let Some(body) = body else {
-        return Err(PipelineError::MissingNar {
-            url: format!("{}/{}", fetcher.cache_url(idx), info.url),
-        });
+        return Err(PipelineError::MissingNar { url: format!("{}/{}", fetcher.cache_url(idx), info.url) });
     };
     let url = body.url();
     process(body, &url, info, sink, progress)
@@ -164,31 +148,20 @@ pub fn process<R: Read + ResumeCount>(
     sink: &mut dyn FnMut(Event<'_>) -> Result<(), NarError>,
     progress: &mut dyn FnMut(u64),
 ) -> Result<Stats, PipelineError> {
-    let mut file = Metered {
-        inner: body,
-        count: 0,
-        limit: info.file_size,
-        hasher: info.file_hash.map(|_| Hasher::new()),
-    };
+    let mut file =
+        Metered { inner: body, count: 0, limit: info.file_size, hasher: info.file_hash.map(|_| Hasher::new()) };
     let file_limit = info.file_size.unwrap_or(0);
     let read_err = |e: io::Error| -> PipelineError {
         if e.kind() == io::ErrorKind::FileTooLarge {
-            return PipelineError::TooLong {
-                what: "file",
-                limit: file_limit,
-            };
+            return PipelineError::TooLong { what: "file", limit: file_limit };
         }
-        PipelineError::Read {
-            url: url.to_owned(),
-            source: e,
-        }
+        PipelineError::Read { url: url.to_owned(), source: e }
     };
     let mut nar_hasher = Hasher::new();
     let mut nar_bytes = 0u64;
     let mut parser = Parser::new();
     {
-        let mut decoder = decompress::decoder(&info.compression, &mut file)
-            .map_err(PipelineError::Unsupported)?;
+        let mut decoder = decompress::decoder(&info.compression, &mut file).map_err(PipelineError::Unsupported)?;
         let mut buf = vec![0u8; CHUNK];
         loop {
             let n = match decoder.read(&mut buf) {
@@ -199,10 +172,7 @@ pub fn process<R: Read + ResumeCount>(
             };
             nar_bytes += n as u64;
             if nar_bytes > info.nar_size {
-                return Err(PipelineError::TooLong {
-                    what: "NAR",
-                    limit: info.nar_size,
-                });
+                return Err(PipelineError::TooLong { what: "NAR", limit: info.nar_size });
             }
             let chunk = &buf[..n];
             nar_hasher.update(chunk);
@@ -214,48 +184,26 @@ pub fn process<R: Read + ResumeCount>(
     // belongs to the file: read it so FileSize/FileHash cover every byte and
     // the connection can go back to the pool.
     io::copy(&mut file, &mut io::sink()).map_err(read_err)?;
-    parser
-        .finish()
-        .map_err(|e| PipelineError::Nar(NarError::Parse(e)))?;
+    parser.finish().map_err(|e| PipelineError::Nar(NarError::Parse(e)))?;
     if nar_bytes != info.nar_size {
-        return Err(PipelineError::Size {
-            what: "NarSize",
-            expected: info.nar_size,
-            got: nar_bytes,
-        });
+        return Err(PipelineError::Size { what: "NarSize", expected: info.nar_size, got: nar_bytes });
     }
     let got = digest(nar_hasher);
     if got != info.nar_hash {
-        return Err(PipelineError::Hash {
-            what: "NarHash",
-            expected: info.nar_hash,
-            got,
-        });
+        return Err(PipelineError::Hash { what: "NarHash", expected: info.nar_hash, got });
     }
     if let Some(expected) = info.file_size {
         if file.count != expected {
-            return Err(PipelineError::Size {
-                what: "FileSize",
-                expected,
-                got: file.count,
-            });
+            return Err(PipelineError::Size { what: "FileSize", expected, got: file.count });
         }
     }
     if let (Some(expected), Some(h)) = (info.file_hash, file.hasher.take()) {
         let got = digest(h);
         if got != expected {
-            return Err(PipelineError::Hash {
-                what: "FileHash",
-                expected,
-                got,
-            });
+            return Err(PipelineError::Hash { what: "FileHash", expected, got });
         }
     }
-    Ok(Stats {
-        file_bytes: file.count,
-        nar_bytes,
-        resumes: file.inner.resumes(),
-    })
+    Ok(Stats { file_bytes: file.count, nar_bytes, resumes: file.inner.resumes() })
 }
 
 /// How often a source had to resume (0 for plain readers).

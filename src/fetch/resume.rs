@@ -26,25 +26,13 @@ pub struct ResumableBody<'f> {
 
 impl<'f> ResumableBody<'f> {
     /// Opens `rel` in cache `idx`; `None` if the cache does not have it.
-    pub fn open(
-        fetcher: &'f mut Fetcher,
-        idx: usize,
-        rel: &str,
-    ) -> Result<Option<Self>, super::FetchError> {
+    pub fn open(fetcher: &'f mut Fetcher, idx: usize, rel: &str) -> Result<Option<Self>, super::FetchError> {
         let inner = match fetcher.open(idx, rel, 0)? {
             Answer::Found(r) => r,
             Answer::Missing => return Ok(None),
         };
         let resumes_left = fetcher.options().retries;
-        Ok(Some(ResumableBody {
-            fetcher,
-            idx,
-            rel: rel.to_owned(),
-            inner,
-            pos: 0,
-            resumes_left,
-            resumes: 0,
-        }))
+        Ok(Some(ResumableBody { fetcher, idx, rel: rel.to_owned(), inner, pos: 0, resumes_left, resumes: 0 }))
     }
 
     pub fn url(&self) -> String {
@@ -54,10 +42,7 @@ impl<'f> ResumableBody<'f> {
     fn reopen(&mut self, cause: &io::Error) -> io::Result<()> {
         let is_file = matches!(self.fetcher.cache_url(self.idx), super::CacheUrl::File(_));
         if self.resumes_left == 0 || is_file {
-            return Err(io::Error::new(
-                cause.kind(),
-                format!("{}: {cause}", self.url()),
-            ));
+            return Err(io::Error::new(cause.kind(), format!("{}: {cause}", self.url())));
         }
         self.resumes_left -= 1;
         self.resumes += 1;
@@ -69,10 +54,9 @@ impl<'f> ResumableBody<'f> {
                 self.inner = r;
                 Ok(())
             }
-            Ok(Answer::Missing) => Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("{}: vanished mid-download", self.url()),
-            )),
+            Ok(Answer::Missing) => {
+                Err(io::Error::new(io::ErrorKind::NotFound, format!("{}: vanished mid-download", self.url())))
+            }
             Err(e) => Err(io::Error::other(e.to_string())),
         }
     }

@@ -40,11 +40,7 @@ impl std::fmt::Display for NarError {
 impl std::error::Error for NarError {}
 
 /// Parses and unpacks a whole in-memory NAR as `name` inside `dir`.
-pub fn unpack_bytes(
-    dir: rustix::fd::BorrowedFd<'_>,
-    name: &[u8],
-    nar: &[u8],
-) -> Result<(), NarError> {
+pub fn unpack_bytes(dir: rustix::fd::BorrowedFd<'_>, name: &[u8], nar: &[u8]) -> Result<(), NarError> {
     let mut parser = Parser::new();
     let mut unpacker = Unpacker::new(dir, name);
     parser.feed(nar, &mut |ev| unpacker.event(ev).map_err(NarError::from))?;

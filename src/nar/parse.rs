@@ -100,11 +100,7 @@ impl std::fmt::Display for ParseError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Escaped: a name may hold newlines or escape sequences, and an
         // error must stay one honest line.
-        let at = if self.path.is_empty() {
-            "<root>".to_string()
-        } else {
-            format!("{:?}", self.path)
-        };
+        let at = if self.path.is_empty() { "<root>".to_string() } else { format!("{:?}", self.path) };
         write!(f, "invalid NAR at byte {} (entry {at}): ", self.offset)?;
         match &self.kind {
             ErrorKind::BadMagic => write!(f, "not a NAR (bad magic)"),
@@ -118,10 +114,7 @@ impl std::fmt::Display for ParseError {
             ErrorKind::EmptyName => write!(f, "empty entry name"),
             ErrorKind::InvalidName(n) => write!(f, "invalid entry name {n:?}"),
             ErrorKind::Unordered { prev, name } => {
-                write!(
-                    f,
-                    "entry {name:?} does not sort after {prev:?} (unordered or duplicate)"
-                )
+                write!(f, "entry {name:?} does not sort after {prev:?} (unordered or duplicate)")
             }
             ErrorKind::EmptyTarget => write!(f, "empty symlink target"),
             ErrorKind::TargetNul => write!(f, "symlink target contains NUL"),
@@ -237,11 +230,7 @@ impl Parser {
     }
 
     fn err(&self, kind: ErrorKind) -> ParseError {
-        ParseError {
-            offset: self.offset,
-            path: String::from_utf8_lossy(&self.path).into_owned(),
-            kind,
-        }
+        ParseError { offset: self.offset, path: String::from_utf8_lossy(&self.path).into_owned(), kind }
     }
 
     /// Call after the last chunk: the NAR must be complete.
@@ -317,11 +306,7 @@ impl Parser {
     ) -> Result<(), E> {
         sink(Event::RegularEnd)?;
         self.remaining = pad_len(self.contents_len) as u64;
-        self.expect = if self.remaining == 0 {
-            Expect::NodeClose
-        } else {
-            Expect::ContentsPad
-        };
+        self.expect = if self.remaining == 0 { Expect::NodeClose } else { Expect::ContentsPad };
         Ok(())
     }
 
@@ -401,11 +386,7 @@ impl Parser {
         sink: &mut F,
     ) -> Result<(), E> {
         self.tok = Tok::Len;
-        sink(Event::Regular {
-            name: self.current_name(),
-            executable: self.executable,
-            size: len,
-        })?;
+        sink(Event::Regular { name: self.current_name(), executable: self.executable, size: len })?;
         self.remaining = len;
         self.contents_len = len;
         self.expect = Expect::Contents;
@@ -419,10 +400,8 @@ impl Parser {
         if self.buf == want.as_bytes() {
             Ok(())
         } else {
-            Err(self.err(ErrorKind::UnexpectedTag {
-                expected: want,
-                got: String::from_utf8_lossy(&self.buf).into_owned(),
-            }))
+            Err(self
+                .err(ErrorKind::UnexpectedTag { expected: want, got: String::from_utf8_lossy(&self.buf).into_owned() }))
         }
     }
 
@@ -458,9 +437,7 @@ impl Parser {
                     if self.dirs.len() >= MAX_DEPTH {
                         return Err(self.err(ErrorKind::TooDeep).into());
                     }
-                    sink(Event::Directory {
-                        name: self.current_name(),
-                    })?;
+                    sink(Event::Directory { name: self.current_name() })?;
                     self.dirs.push(DirFrame { prev: Vec::new() });
                     self.expect = Expect::DirTag;
                 }
@@ -502,10 +479,7 @@ impl Parser {
                     Some(&s) => &self.path[s..],
                     None => &[],
                 };
-                sink(Event::Symlink {
-                    name,
-                    target: &self.buf,
-                })?;
+                sink(Event::Symlink { name, target: &self.buf })?;
                 self.expect = Expect::NodeClose;
             }
             Expect::NodeClose => {
@@ -531,10 +505,7 @@ impl Parser {
             }
             Expect::Name => {
                 self.check_name()?;
-                let frame = self
-                    .dirs
-                    .last_mut()
-                    .expect("entries only inside directories");
+                let frame = self.dirs.last_mut().expect("entries only inside directories");
                 frame.prev.clear();
                 frame.prev.extend_from_slice(&self.buf);
                 if !self.path.is_empty() {
@@ -582,20 +553,13 @@ impl Parser {
         }
         let prev = &self.dirs.last().expect("inside a directory").prev;
         if !prev.is_empty() && name <= prev.as_slice() {
-            return Err(err(ErrorKind::Unordered {
-                prev: String::from_utf8_lossy(prev).into_owned(),
-                name: shown(),
-            }));
+            return Err(err(ErrorKind::Unordered { prev: String::from_utf8_lossy(prev).into_owned(), name: shown() }));
         }
         Ok(())
     }
 
     /// A node's closing `)` was read: the root is done, or its entry closes.
     fn node_done(&mut self) {
-        self.expect = if self.name_start.is_empty() {
-            Expect::Done
-        } else {
-            Expect::EntryClose
-        };
+        self.expect = if self.name_start.is_empty() { Expect::Done } else { Expect::EntryClose };
     }
 }

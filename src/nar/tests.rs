@@ -27,46 +27,23 @@ fn parse_tree(nar: &[u8], chunk: usize) -> Result<Node, ParseError> {
             match ev {
                 Event::Directory { name } => stack.push(Open::Dir(name.to_vec(), Vec::new())),
                 Event::DirectoryEnd => {
-                    let Some(Open::Dir(name, entries)) = stack.pop() else {
-                        panic!("unbalanced")
-                    };
+                    let Some(Open::Dir(name, entries)) = stack.pop() else { panic!("unbalanced") };
                     attach(&mut stack, &mut done, name, Node::Directory(entries));
                 }
-                Event::Regular {
-                    name,
-                    executable,
-                    size,
-                } => stack.push(Open::File(
-                    name.to_vec(),
-                    executable,
-                    Vec::with_capacity(size as usize),
-                )),
+                Event::Regular { name, executable, size } => {
+                    stack.push(Open::File(name.to_vec(), executable, Vec::with_capacity(size as usize)))
+                }
                 Event::Data(d) => {
-                    let Some(Open::File(_, _, c)) = stack.last_mut() else {
-                        panic!("data outside file")
-                    };
+                    let Some(Open::File(_, _, c)) = stack.last_mut() else { panic!("data outside file") };
                     c.extend_from_slice(d);
                 }
                 Event::RegularEnd => {
-                    let Some(Open::File(name, executable, contents)) = stack.pop() else {
-                        panic!()
-                    };
-                    attach(
-                        &mut stack,
-                        &mut done,
-                        name,
-                        Node::Regular {
-                            executable,
-                            contents,
-                        },
-                    );
+                    let Some(Open::File(name, executable, contents)) = stack.pop() else { panic!() };
+                    attach(&mut stack, &mut done, name, Node::Regular { executable, contents });
                 }
-                Event::Symlink { name, target } => attach(
-                    &mut stack,
-                    &mut done,
-                    name.to_vec(),
-                    Node::Symlink(target.to_vec()),
-                ),
+                Event::Symlink { name, target } => {
+                    attach(&mut stack, &mut done, name.to_vec(), Node::Symlink(target.to_vec()))
+                }
             }
             Ok(())
         })?;
@@ -80,33 +57,19 @@ fn parse_tree(nar: &[u8], chunk: usize) -> Result<Node, ParseError> {
 
 fn sample() -> Node {
     Node::dir(vec![
-        (
-            b"bin",
-            Node::dir(vec![(b"hello", Node::exe(b"#!/bin/sh\necho hi\n"))]),
-        ),
+        (b"bin", Node::dir(vec![(b"hello", Node::exe(b"#!/bin/sh\necho hi\n"))])),
         (b"eight", Node::file(b"12345678")),
         (b"empty", Node::file(b"")),
         (b"emptydir", Node::dir(vec![])),
         (b"link", Node::link(b"bin/hello")),
         (b"n\xc3\xbc \xe6\x97\xa5", Node::file(b"unicode name")),
-        (
-            b"share",
-            Node::dir(vec![
-                (b"abs", Node::link(b"/etc/hostname")),
-                (b"dangling", Node::link(b"../nope")),
-            ]),
-        ),
+        (b"share", Node::dir(vec![(b"abs", Node::link(b"/etc/hostname")), (b"dangling", Node::link(b"../nope"))])),
     ])
 }
 
 #[test]
 fn roundtrips_at_every_chunk_size() {
-    for tree in [
-        sample(),
-        Node::file(b"just a file"),
-        Node::exe(b""),
-        Node::link(b"/bin/sh"),
-    ] {
+    for tree in [sample(), Node::file(b"just a file"), Node::exe(b""), Node::link(b"/bin/sh")] {
         let nar = encode(&tree);
         for chunk in [1, 2, 3, 7, 8, 9, 64, 4096, nar.len()] {
             assert_eq!(parse_tree(&nar, chunk).unwrap(), tree, "chunk {chunk}");
@@ -126,19 +89,10 @@ fn in_dir(name: &[u8], node: Node) -> Node {
 fn refuses_bad_names() {
     assert_eq!(kind(&in_dir(b"", Node::file(b""))), ErrorKind::EmptyName);
     for bad in [&b"."[..], b"..", b"a/b", b"/", b"a\0b"] {
-        assert!(
-            matches!(
-                kind(&in_dir(bad, Node::file(b""))),
-                ErrorKind::InvalidName(_)
-            ),
-            "{bad:?}"
-        );
+        assert!(matches!(kind(&in_dir(bad, Node::file(b""))), ErrorKind::InvalidName(_)), "{bad:?}");
     }
     let long = vec![b'a'; 256];
-    assert!(matches!(
-        kind(&in_dir(&long, Node::file(b""))),
-        ErrorKind::TooLong { max: 255, .. }
-    ));
+    assert!(matches!(kind(&in_dir(&long, Node::file(b""))), ErrorKind::TooLong { max: 255, .. }));
     assert!(parse_tree(&encode(&in_dir(&long[..255], Node::file(b""))), 5).is_ok());
 }
 
@@ -158,10 +112,7 @@ fn refuses_bad_symlinks() {
     assert_eq!(kind(&Node::link(b"")), ErrorKind::EmptyTarget);
     assert_eq!(kind(&Node::link(b"a\0b")), ErrorKind::TargetNul);
     let long = vec![b'x'; 4096];
-    assert!(matches!(
-        kind(&Node::link(&long)),
-        ErrorKind::TooLong { max: 4095, .. }
-    ));
+    assert!(matches!(kind(&Node::link(&long)), ErrorKind::TooLong { max: 4095, .. }));
     assert!(parse_tree(&encode(&Node::link(&long[..4095])), 100).is_ok());
 }
 
@@ -185,10 +136,7 @@ fn retoken(nar: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
         v
     };
     let (f, t) = (tok(from), tok(to));
-    let at = nar
-        .windows(f.len())
-        .position(|w| w == f)
-        .expect("token present");
+    let at = nar.windows(f.len()).position(|w| w == f).expect("token present");
     [&nar[..at], &t[..], &nar[at + f.len()..]].concat()
 }
 
@@ -209,72 +157,21 @@ fn kind_bytes(nar: &[u8]) -> ErrorKind {
 
 #[test]
 fn refuses_grammar_violations() {
-    let exe = toks(&[
-        b"nix-archive-1",
-        b"(",
-        b"type",
-        b"regular",
-        b"executable",
-        b"1",
-        b"contents",
-        b"",
-        b")",
-    ]);
+    let exe = toks(&[b"nix-archive-1", b"(", b"type", b"regular", b"executable", b"1", b"contents", b"", b")"]);
     assert_eq!(kind_bytes(&exe), ErrorKind::ExecutableMarker);
-    let exe_ok = toks(&[
-        b"nix-archive-1",
-        b"(",
-        b"type",
-        b"regular",
-        b"executable",
-        b"",
-        b"contents",
-        b"",
-        b")",
-    ]);
+    let exe_ok = toks(&[b"nix-archive-1", b"(", b"type", b"regular", b"executable", b"", b"contents", b"", b")"]);
     assert_eq!(parse_tree(&exe_ok, 3).unwrap(), Node::exe(b""));
     // `executable` after `contents`: the grammar wants `)` there.
-    let after = toks(&[
-        b"nix-archive-1",
-        b"(",
-        b"type",
-        b"regular",
-        b"contents",
-        b"x",
-        b"executable",
-        b"",
-        b")",
-    ]);
-    assert!(matches!(
-        kind_bytes(&after),
-        ErrorKind::UnexpectedTag { expected: ")", .. }
-    ));
+    let after = toks(&[b"nix-archive-1", b"(", b"type", b"regular", b"contents", b"x", b"executable", b"", b")"]);
+    assert!(matches!(kind_bytes(&after), ErrorKind::UnexpectedTag { expected: ")", .. }));
     let file = encode(&Node::file(b"x"));
-    assert_eq!(
-        kind_bytes(&retoken(&file, b"regular", b"fifo")),
-        ErrorKind::UnknownType("fifo".into())
-    );
-    assert!(matches!(
-        kind_bytes(&retoken(&file, b"contents", b"content")),
-        ErrorKind::UnexpectedTag { .. }
-    ));
-    assert!(matches!(
-        kind_bytes(&retoken(&file, b"type", b"kind")),
-        ErrorKind::UnexpectedTag { .. }
-    ));
-    assert_eq!(
-        kind_bytes(&retoken(&file, b"nix-archive-1", b"nix-archive-2")),
-        ErrorKind::BadMagic
-    );
+    assert_eq!(kind_bytes(&retoken(&file, b"regular", b"fifo")), ErrorKind::UnknownType("fifo".into()));
+    assert!(matches!(kind_bytes(&retoken(&file, b"contents", b"content")), ErrorKind::UnexpectedTag { .. }));
+    assert!(matches!(kind_bytes(&retoken(&file, b"type", b"kind")), ErrorKind::UnexpectedTag { .. }));
+    assert_eq!(kind_bytes(&retoken(&file, b"nix-archive-1", b"nix-archive-2")), ErrorKind::BadMagic);
     let dir = encode(&in_dir(b"a", Node::file(b"")));
-    assert!(matches!(
-        kind_bytes(&retoken(&dir, b"entry", b"entries")),
-        ErrorKind::UnexpectedTag { .. }
-    ));
-    assert!(matches!(
-        kind_bytes(&retoken(&dir, b"name", b"nom")),
-        ErrorKind::UnexpectedTag { .. }
-    ));
+    assert!(matches!(kind_bytes(&retoken(&dir, b"entry", b"entries")), ErrorKind::UnexpectedTag { .. }));
+    assert!(matches!(kind_bytes(&retoken(&dir, b"name", b"nom")), ErrorKind::UnexpectedTag { .. }));
     // A huge length where a tag belongs is refused before any allocation.
     let mut huge = file.clone();
     huge[24..32].copy_from_slice(&u64::MAX.to_le_bytes());
@@ -309,10 +206,7 @@ fn refuses_truncation_at_every_length_and_trailing_bytes() {
 
 #[test]
 fn errors_name_entry_and_offset() {
-    let tree = Node::dir(vec![(
-        b"sub",
-        Node::dir(vec![(b"x", Node::file(b"")), (b"x", Node::file(b""))]),
-    )]);
+    let tree = Node::dir(vec![(b"sub", Node::dir(vec![(b"x", Node::file(b"")), (b"x", Node::file(b""))]))]);
     let err = parse_tree(&encode(&tree), 1).unwrap_err();
     assert_eq!(err.path, "sub/x");
     assert!(err.offset > 0);
@@ -343,18 +237,8 @@ fn unpacks_with_canonical_metadata_and_dumps_back() {
             assert!(mode == 0o444 || mode == 0o555, "{entry:?} {mode:o}");
         }
     }
-    assert_eq!(
-        std::fs::symlink_metadata(out.join("bin/hello"))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777,
-        0o555
-    );
-    assert_eq!(
-        std::fs::read_link(out.join("share/abs")).unwrap(),
-        std::path::Path::new("/etc/hostname")
-    );
+    assert_eq!(std::fs::symlink_metadata(out.join("bin/hello")).unwrap().permissions().mode() & 0o777, 0o555);
+    assert_eq!(std::fs::read_link(out.join("share/abs")).unwrap(), std::path::Path::new("/etc/hostname"));
     let dir = std::fs::File::open(tmp.path()).unwrap();
     let mut dumped = Vec::new();
     write::dump(rustix::fd::AsFd::as_fd(&dir), b"out", &mut dumped).unwrap();
@@ -393,20 +277,9 @@ fn unpacker_never_follows_or_replaces() {
     let target = outside.path().as_os_str().as_encoded_bytes();
     u.event(Event::Symlink { name: b"a", target }).unwrap();
     assert!(u.event(Event::Directory { name: b"a" }).is_err());
-    let e = u
-        .event(Event::Regular {
-            name: b"a",
-            executable: false,
-            size: 1,
-        })
-        .unwrap_err();
+    let e = u.event(Event::Regular { name: b"a", executable: false, size: 1 }).unwrap_err();
     assert_eq!(e.source.raw_os_error(), Some(libc_eexist()));
-    assert!(u
-        .event(Event::Symlink {
-            name: b"a",
-            target: b"x"
-        })
-        .is_err());
+    assert!(u.event(Event::Symlink { name: b"a", target: b"x" }).is_err());
     assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
     drop(u);
     make_writable(tmp.path());

@@ -22,14 +22,8 @@ use std::io::{self, Write};
 pub const STORE_MTIME: i64 = 1;
 
 const TIMES: Timestamps = Timestamps {
-    last_access: Timespec {
-        tv_sec: STORE_MTIME,
-        tv_nsec: 0,
-    },
-    last_modification: Timespec {
-        tv_sec: STORE_MTIME,
-        tv_nsec: 0,
-    },
+    last_access: Timespec { tv_sec: STORE_MTIME, tv_nsec: 0 },
+    last_modification: Timespec { tv_sec: STORE_MTIME, tv_nsec: 0 },
 };
 
 /// An I/O failure while unpacking, with the entry it concerned.
@@ -85,11 +79,7 @@ impl<'d> Unpacker<'d> {
     }
 
     fn err(&self, op: &'static str, e: impl Into<io::Error>) -> UnpackError {
-        UnpackError {
-            op,
-            path: String::from_utf8_lossy(&self.path).into_owned(),
-            source: e.into(),
-        }
+        UnpackError { op, path: String::from_utf8_lossy(&self.path).into_owned(), source: e.into() }
     }
 
     /// The directory a new node goes into, and the name it gets there.
@@ -142,18 +132,10 @@ impl<'d> Unpacker<'d> {
                     self.leave();
                 }
             }
-            Event::Regular {
-                name,
-                executable,
-                size: _,
-            } => {
+            Event::Regular { name, executable, size: _ } => {
                 let (at, n) = self.place(name);
                 let mode = if executable { 0o555 } else { 0o444 };
-                let flags = OFlags::WRONLY
-                    | OFlags::CREATE
-                    | OFlags::EXCL
-                    | OFlags::NOFOLLOW
-                    | OFlags::CLOEXEC;
+                let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
                 let made = rfs::openat(at, n, flags, Mode::from_raw_mode(mode));
                 self.enter(name);
                 let fd = made.map_err(|e| self.err("create file", e))?;

@@ -25,17 +25,11 @@ pub enum Node {
 
 impl Node {
     pub fn file(contents: &[u8]) -> Node {
-        Node::Regular {
-            executable: false,
-            contents: contents.to_vec(),
-        }
+        Node::Regular { executable: false, contents: contents.to_vec() }
     }
 
     pub fn exe(contents: &[u8]) -> Node {
-        Node::Regular {
-            executable: true,
-            contents: contents.to_vec(),
-        }
+        Node::Regular { executable: true, contents: contents.to_vec() }
     }
 
     pub fn link(target: &[u8]) -> Node {
@@ -59,10 +53,7 @@ fn encode_node(out: &mut Vec<u8>, node: &Node) {
     put_str(out, b"(").unwrap();
     put_str(out, b"type").unwrap();
     match node {
-        Node::Regular {
-            executable,
-            contents,
-        } => {
+        Node::Regular { executable, contents } => {
             put_str(out, b"regular").unwrap();
             if *executable {
                 put_str(out, b"executable").unwrap();
@@ -128,11 +119,7 @@ pub fn dump(dir: BorrowedFd<'_>, name: &[u8], out: &mut impl Write) -> io::Resul
 
 /// Writes one node; for a directory only its opening, returning the frame
 /// whose entries the caller writes.
-fn dump_node(
-    at: BorrowedFd<'_>,
-    name: &[u8],
-    out: &mut impl Write,
-) -> io::Result<Option<(OwnedFd, Vec<Vec<u8>>)>> {
+fn dump_node(at: BorrowedFd<'_>, name: &[u8], out: &mut impl Write) -> io::Result<Option<(OwnedFd, Vec<Vec<u8>>)>> {
     let st = rfs::statat(at, name, rfs::AtFlags::SYMLINK_NOFOLLOW)?;
     put_str(out, b"(")?;
     put_str(out, b"type")?;
@@ -149,10 +136,7 @@ fn dump_node(
             let size = st.st_size as u64;
             out.write_all(&size.to_le_bytes())?;
             if io::copy(&mut (&mut f).take(size), out)? != size {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "file shrank while reading",
-                ));
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file shrank while reading"));
             }
             out.write_all(&[0u8; 8][..(8 - (size % 8) as usize) % 8])?;
             put_str(out, b")")?;
@@ -181,10 +165,7 @@ fn dump_node(
         }
         _ => Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!(
-                "{}: not a regular file, directory or symlink",
-                String::from_utf8_lossy(name)
-            ),
+            format!("{}: not a regular file, directory or symlink", String::from_utf8_lossy(name)),
         )),
     }
 }

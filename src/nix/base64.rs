@@ -11,11 +11,7 @@ const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwx
 pub fn encode(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -48,11 +44,7 @@ pub fn decode(s: &[u8]) -> Option<Vec<u8>> {
     let groups = s.len() / 4;
     for (g, quad) in s.chunks(4).enumerate() {
         let last = g + 1 == groups;
-        let pad = if last {
-            quad.iter().rev().take_while(|&&c| c == b'=').count()
-        } else {
-            0
-        };
+        let pad = if last { quad.iter().rev().take_while(|&&c| c == b'=').count() } else { 0 };
         if pad > 2 {
             return None;
         }

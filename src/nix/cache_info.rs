@@ -63,25 +63,10 @@ mod tests {
     #[test]
     fn real_and_foreign() {
         // As `nix copy --to file://…` (Nix 2.8) writes it.
-        assert_eq!(
-            parse("StoreDir: /nix/store\n").unwrap(),
-            CacheInfo::default()
-        );
+        assert_eq!(parse("StoreDir: /nix/store\n").unwrap(), CacheInfo::default());
         let cachix = "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 41\n";
-        assert_eq!(
-            parse(cachix).unwrap(),
-            CacheInfo {
-                priority: Some(41),
-                want_mass_query: true
-            }
-        );
-        assert_eq!(
-            parse("StoreDir: /gnu/store\n"),
-            Err(CacheInfoError::StoreDir("/gnu/store".into()))
-        );
-        assert_eq!(
-            parse("StoreDir /nix/store\n"),
-            Err(CacheInfoError::Syntax(1))
-        );
+        assert_eq!(parse(cachix).unwrap(), CacheInfo { priority: Some(41), want_mass_query: true });
+        assert_eq!(parse("StoreDir: /gnu/store\n"), Err(CacheInfoError::StoreDir("/gnu/store".into())));
+        assert_eq!(parse("StoreDir /nix/store\n"), Err(CacheInfoError::Syntax(1)));
     }
 }

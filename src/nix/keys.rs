@@ -65,10 +65,7 @@ impl PublicKey {
         let (name, b64) = split(s)?;
         let bytes = base64::decode_exact::<32>(b64.as_bytes()).ok_or(KeyError::Encoding)?;
         let key = ed::PublicKey::from_slice(&bytes).map_err(|_| KeyError::Encoding)?;
-        Ok(PublicKey {
-            name: name.to_owned(),
-            key,
-        })
+        Ok(PublicKey { name: name.to_owned(), key })
     }
 
     pub fn name(&self) -> &str {
@@ -79,9 +76,7 @@ impl PublicKey {
     /// under another name is not.
     pub fn verifies(&self, msg: &[u8], sig: &Signature) -> bool {
         sig.name == self.name
-            && ed::Signature::from_slice(&sig.bytes)
-                .map(|s| self.key.verify(msg, &s).is_ok())
-                .unwrap_or(false)
+            && ed::Signature::from_slice(&sig.bytes).map(|s| self.key.verify(msg, &s).is_ok()).unwrap_or(false)
     }
 }
 
@@ -103,16 +98,12 @@ impl SecretKey {
         let (name, b64) = split(s)?;
         let bytes = base64::decode_exact::<64>(b64.as_bytes()).ok_or(KeyError::Encoding)?;
         let key = ed::SecretKey::from_slice(&bytes).map_err(|_| KeyError::Encoding)?;
-        key.validate_public_key(&key.public_key())
-            .map_err(|_| KeyError::Mismatch)?;
+        key.validate_public_key(&key.public_key()).map_err(|_| KeyError::Mismatch)?;
         let seed_pk = ed::KeyPair::from_seed(key.seed()).pk;
         if seed_pk != key.public_key() {
             return Err(KeyError::Mismatch);
         }
-        Ok(SecretKey {
-            name: name.to_owned(),
-            key,
-        })
+        Ok(SecretKey { name: name.to_owned(), key })
     }
 
     /// A fresh key from the OS's random source.
@@ -121,17 +112,11 @@ impl SecretKey {
             return Err(KeyError::Name);
         }
         let kp = ed::KeyPair::from_seed(ed::Seed::generate());
-        Ok(SecretKey {
-            name: name.to_owned(),
-            key: kp.sk,
-        })
+        Ok(SecretKey { name: name.to_owned(), key: kp.sk })
     }
 
     pub fn public(&self) -> PublicKey {
-        PublicKey {
-            name: self.name.clone(),
-            key: self.key.public_key(),
-        }
+        PublicKey { name: self.name.clone(), key: self.key.public_key() }
     }
 
     /// `name:base64(signature)`; deterministic (no noise), as Nix's libsodium
@@ -182,29 +167,15 @@ impl TrustedKeys {
     }
 
     /// The name of the first trusted key with a valid signature among `sigs`.
-    pub fn verify_any<'s>(
-        &self,
-        msg: &[u8],
-        sigs: impl IntoIterator<Item = &'s str>,
-    ) -> Option<&str> {
+    pub fn verify_any<'s>(&self, msg: &[u8], sigs: impl IntoIterator<Item = &'s str>) -> Option<&str> {
         sigs.into_iter()
             .filter_map(Signature::parse)
-            .find_map(|sig| {
-                self.0
-                    .iter()
-                    .find(|k| k.verifies(msg, &sig))
-                    .map(|k| k.name())
-            })
+            .find_map(|sig| self.0.iter().find(|k| k.verifies(msg, &sig)).map(|k| k.name()))
     }
 }
 
 /// The message a cache signs for a store path.
-pub fn fingerprint(
-    path: &StorePath,
-    nar_hash: &Sha256,
-    nar_size: u64,
-    refs: &[StorePath],
-) -> String {
+pub fn fingerprint(path: &StorePath, nar_hash: &Sha256, nar_size: u64, refs: &[StorePath]) -> String {
     let mut full: Vec<String> = refs.iter().map(StorePath::to_absolute).collect();
     full.sort();
     format!("1;{path};{nar_hash};{nar_size};{}", full.join(","))
@@ -253,10 +224,7 @@ mod tests {
         let a = StorePath::from_base("00000000000000000000000000000000-z").unwrap();
         let b = StorePath::from_base("zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz-a").unwrap();
         let h = Sha256::parse(NAR_HASH).unwrap();
-        assert_eq!(
-            fingerprint(&path, &h, 1, &[b.clone(), a.clone()]),
-            format!("1;{PATH};{NAR_HASH};1;{a},{b}")
-        );
+        assert_eq!(fingerprint(&path, &h, 1, &[b.clone(), a.clone()]), format!("1;{PATH};{NAR_HASH};1;{a},{b}"));
     }
 
     #[test]
@@ -289,9 +257,6 @@ mod tests {
         assert_eq!(PublicKey::parse(":AAAA"), Err(KeyError::Name));
         assert_eq!(PublicKey::parse("k:AAAA"), Err(KeyError::Encoding));
         assert!(SecretKey::parse(PK).is_err());
-        assert_eq!(
-            PublicKey::parse(&format!("{PK}\n")).unwrap().to_string(),
-            PK
-        );
+        assert_eq!(PublicKey::parse(&format!("{PK}\n")).unwrap().to_string(), PK);
     }
 }

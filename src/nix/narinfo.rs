@@ -179,8 +179,7 @@ impl<'a> NarInfo<'a> {
                 "StorePath" => once!(
                     store_path,
                     "StorePath",
-                    StorePath::from_absolute(value)
-                        .map_err(|e| err(ErrorKind::Path("StorePath", e)))?
+                    StorePath::from_absolute(value).map_err(|e| err(ErrorKind::Path("StorePath", e)))?
                 ),
                 "URL" => once!(url, "URL", {
                     if !url_ok(value) {
@@ -189,21 +188,13 @@ impl<'a> NarInfo<'a> {
                     value
                 }),
                 "Compression" => once!(compression, "Compression", Compression::parse(value)),
-                "FileHash" => once!(
-                    file_hash,
-                    "FileHash",
-                    Sha256::parse(value).map_err(|e| err(ErrorKind::Hash("FileHash", e)))?
-                ),
-                "FileSize" => once!(
-                    file_size,
-                    "FileSize",
-                    number(value).ok_or(err(ErrorKind::Number("FileSize")))?
-                ),
-                "NarHash" => once!(
-                    nar_hash,
-                    "NarHash",
-                    Sha256::parse(value).map_err(|e| err(ErrorKind::Hash("NarHash", e)))?
-                ),
+                "FileHash" => {
+                    once!(file_hash, "FileHash", Sha256::parse(value).map_err(|e| err(ErrorKind::Hash("FileHash", e)))?)
+                }
+                "FileSize" => once!(file_size, "FileSize", number(value).ok_or(err(ErrorKind::Number("FileSize")))?),
+                "NarHash" => {
+                    once!(nar_hash, "NarHash", Sha256::parse(value).map_err(|e| err(ErrorKind::Hash("NarHash", e)))?)
+                }
                 "NarSize" => once!(
                     nar_size,
                     "NarSize",
@@ -230,19 +221,13 @@ impl<'a> NarInfo<'a> {
             }
         }
 
-        let missing = |k| NarInfoError {
-            line: 0,
-            kind: ErrorKind::Missing(k),
-        };
+        let missing = |k| NarInfoError { line: 0, kind: ErrorKind::Missing(k) };
         let store_path = store_path.ok_or(missing("StorePath"))?;
         if let Some(expected) = expected {
             if *expected != store_path {
                 return Err(NarInfoError {
                     line: 0,
-                    kind: ErrorKind::WrongPath {
-                        expected: expected.to_string(),
-                        got: store_path.to_string(),
-                    },
+                    kind: ErrorKind::WrongPath { expected: expected.to_string(), got: store_path.to_string() },
                 });
             }
         }
@@ -263,12 +248,7 @@ impl<'a> NarInfo<'a> {
 
     /// The message a cache key signs for this path.
     pub fn fingerprint(&self) -> String {
-        fingerprint(
-            &self.store_path,
-            &self.nar_hash,
-            self.nar_size,
-            &self.references,
-        )
+        fingerprint(&self.store_path, &self.nar_hash, self.nar_size, &self.references)
     }
 
     /// The name of a trusted key that signed this narinfo, or `Untrusted`.
@@ -276,17 +256,12 @@ impl<'a> NarInfo<'a> {
     pub fn verify(&self, keys: &TrustedKeys) -> Result<String, NarInfoError> {
         keys.verify_any(self.fingerprint().as_bytes(), self.sigs.iter().copied())
             .map(str::to_owned)
-            .ok_or(NarInfoError {
-                line: 0,
-                kind: ErrorKind::Untrusted,
-            })
+            .ok_or(NarInfoError { line: 0, kind: ErrorKind::Untrusted })
     }
 
     /// References other than the path itself.
     pub fn other_references(&self) -> impl Iterator<Item = &StorePath> {
-        self.references
-            .iter()
-            .filter(move |r| **r != self.store_path)
+        self.references.iter().filter(move |r| **r != self.store_path)
     }
 }
 
@@ -333,18 +308,12 @@ Sig: test1:gDGiYxttmta7cbTvb7UyceEn79ApMDiZ7hjTKJtbupdqh+3k8hSMA7cWuILOQ5usnV2dR
 
     #[test]
     fn edits_after_signing_break_the_signature() {
-        for (from, to) in [
-            ("NarSize: 168", "NarSize: 169"),
-            ("References: qx8l", "References: qx8m"),
-            ("0l1z12lc", "0l1z12ld"),
-        ] {
+        for (from, to) in
+            [("NarSize: 168", "NarSize: 169"), ("References: qx8l", "References: qx8m"), ("0l1z12lc", "0l1z12ld")]
+        {
             let edited = REAL.replace(from, to);
             let ni = NarInfo::parse(&edited, None).unwrap();
-            assert_eq!(
-                ni.verify(&keys()).unwrap_err().kind,
-                ErrorKind::Untrusted,
-                "{to}"
-            );
+            assert_eq!(ni.verify(&keys()).unwrap_err().kind, ErrorKind::Untrusted, "{to}");
         }
         // Fields outside the fingerprint may change (Nix does not sign them),
         // which is why NAR content is checked against NarHash, not FileHash.
@@ -371,48 +340,18 @@ Sig: test1:gDGiYxttmta7cbTvb7UyceEn79ApMDiZ7hjTKJtbupdqh+3k8hSMA7cWuILOQ5usnV2dR
 
     #[test]
     fn malformed() {
-        assert_eq!(
-            kind(&format!("{REAL}NarSize: 1\n")),
-            ErrorKind::Duplicate("NarSize")
-        );
-        assert_eq!(
-            kind(&format!("{REAL}StorePath: x\n")),
-            ErrorKind::Duplicate("StorePath")
-        );
+        assert_eq!(kind(&format!("{REAL}NarSize: 1\n")), ErrorKind::Duplicate("NarSize"));
+        assert_eq!(kind(&format!("{REAL}StorePath: x\n")), ErrorKind::Duplicate("StorePath"));
         assert_eq!(kind(&format!("{REAL}garbage\n")), ErrorKind::Syntax);
         assert_eq!(kind(&format!("{REAL}\n")), ErrorKind::Syntax);
-        assert_eq!(
-            kind(&REAL.replace("NarSize: ", "NarSize:")),
-            ErrorKind::Syntax
-        );
-        assert_eq!(
-            kind(&REAL.replace("NarSize: 168", "NarSize: 0")),
-            ErrorKind::EmptyNar
-        );
-        assert_eq!(
-            kind(&REAL.replace("NarSize: 168", "NarSize: +168")),
-            ErrorKind::Number("NarSize")
-        );
-        assert_eq!(
-            kind(&REAL.replace("FileSize: 133", "FileSize: -1")),
-            ErrorKind::Number("FileSize")
-        );
-        assert_eq!(
-            kind(&REAL.replace("NarSize: 168\n", "")),
-            ErrorKind::Missing("NarSize")
-        );
-        assert_eq!(
-            kind(&REAL.replace("URL: nar/", "URL: /nar/")),
-            ErrorKind::Url
-        );
-        assert_eq!(
-            kind(&REAL.replace("URL: nar/", "URL: ../nar/")),
-            ErrorKind::Url
-        );
-        assert_eq!(
-            kind(&REAL.replace("URL: nar/", "URL: http://evil/")),
-            ErrorKind::Url
-        );
+        assert_eq!(kind(&REAL.replace("NarSize: ", "NarSize:")), ErrorKind::Syntax);
+        assert_eq!(kind(&REAL.replace("NarSize: 168", "NarSize: 0")), ErrorKind::EmptyNar);
+        assert_eq!(kind(&REAL.replace("NarSize: 168", "NarSize: +168")), ErrorKind::Number("NarSize"));
+        assert_eq!(kind(&REAL.replace("FileSize: 133", "FileSize: -1")), ErrorKind::Number("FileSize"));
+        assert_eq!(kind(&REAL.replace("NarSize: 168\n", "")), ErrorKind::Missing("NarSize"));
+        assert_eq!(kind(&REAL.replace("URL: nar/", "URL: /nar/")), ErrorKind::Url);
+        assert_eq!(kind(&REAL.replace("URL: nar/", "URL: ../nar/")), ErrorKind::Url);
+        assert_eq!(kind(&REAL.replace("URL: nar/", "URL: http://evil/")), ErrorKind::Url);
         assert!(matches!(
             kind(&REAL.replace("References: qx8l", "References: /nix/store/qx8l")),
             ErrorKind::Path("References", _)
@@ -432,19 +371,13 @@ Sig: test1:gDGiYxttmta7cbTvb7UyceEn79ApMDiZ7hjTKJtbupdqh+3k8hSMA7cWuILOQ5usnV2dR
         assert!(ni.sigs.is_empty());
         assert!(ni.verify(&keys()).is_err());
         let with_query = minimal.replace("URL: x.nar", "URL: nar/x.nar?hash=abc");
-        assert_eq!(
-            NarInfo::parse(&with_query, None).unwrap().url,
-            "nar/x.nar?hash=abc"
-        );
+        assert_eq!(NarInfo::parse(&with_query, None).unwrap().url, "nar/x.nar?hash=abc");
     }
 
     #[test]
     fn must_be_the_path_asked_for() {
         let other = StorePath::from_base("qx8l0zlfvk6k8whfjvianr1mywbz9k4v-hello-test").unwrap();
-        assert!(matches!(
-            NarInfo::parse(REAL, Some(&other)).unwrap_err().kind,
-            ErrorKind::WrongPath { .. }
-        ));
+        assert!(matches!(NarInfo::parse(REAL, Some(&other)).unwrap_err().kind, ErrorKind::WrongPath { .. }));
         let me = StorePath::from_base("cy9y0rrdjzqn5hkl1ywf07f0pm3f7689-top").unwrap();
         assert!(NarInfo::parse(REAL, Some(&me)).is_ok());
     }

@@ -31,11 +31,7 @@ pub fn encode(bytes: &[u8]) -> String {
         let i = b / 8;
         let j = b % 8;
         let lo = u16::from(bytes[i]) >> j;
-        let hi = if i + 1 < bytes.len() {
-            u16::from(bytes[i + 1]) << (8 - j)
-        } else {
-            0
-        };
+        let hi = if i + 1 < bytes.len() { u16::from(bytes[i + 1]) << (8 - j) } else { 0 };
         out.push(ALPHABET[((lo | hi) & 0x1f) as usize] as char);
     }
     out
@@ -100,9 +96,7 @@ mod tests {
     fn sha256_of_empty_string() {
         // sha256("") = e3b0c442...b855; `nix hash to-base32 --type sha256 e3b0...`
         let hex = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
-        let bytes: Vec<u8> = (0..32)
-            .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
-            .collect();
+        let bytes: Vec<u8> = (0..32).map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap()).collect();
         let enc = encode(&bytes);
         assert_eq!(enc, "0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73");
         assert_eq!(decode_exact::<32>(enc.as_bytes()).unwrap().to_vec(), bytes);
@@ -133,10 +127,7 @@ mod tests {
     #[test]
     fn refuses_bad_input() {
         let good = "0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73";
-        assert_eq!(
-            decode_exact::<32>(&good.as_bytes()[1..]),
-            Err(Error::Length(51))
-        );
+        assert_eq!(decode_exact::<32>(&good.as_bytes()[1..]), Err(Error::Length(51)));
         let mut bad = good.as_bytes().to_vec();
         bad[3] = b'e';
         assert_eq!(decode_exact::<32>(&bad), Err(Error::Character(3)));

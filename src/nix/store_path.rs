@@ -53,11 +53,8 @@ impl std::error::Error for StorePathError {}
 /// Checks a store path name (the part after `<hash>-`).
 pub fn validate_name(name: &[u8]) -> Result<(), StorePathError> {
     let ok_len = !name.is_empty() && name.len() <= MAX_NAME_LEN;
-    let ok_chars = name
-        .iter()
-        .all(|&c| c.is_ascii_alphanumeric() || b"+-._?=".contains(&c));
-    let reserved =
-        name == b"." || name == b".." || name.starts_with(b".-") || name.starts_with(b"..-");
+    let ok_chars = name.iter().all(|&c| c.is_ascii_alphanumeric() || b"+-._?=".contains(&c));
+    let reserved = name == b"." || name == b".." || name.starts_with(b".-") || name.starts_with(b"..-");
     if ok_len && ok_chars && !reserved {
         Ok(())
     } else {
@@ -74,17 +71,12 @@ impl StorePath {
         }
         nixbase32::decode_exact::<20>(&b[..HASH_LEN]).map_err(|_| StorePathError::Hash)?;
         validate_name(&b[HASH_LEN + 1..])?;
-        Ok(StorePath {
-            base: base.to_owned(),
-        })
+        Ok(StorePath { base: base.to_owned() })
     }
 
     /// Parses an absolute path `/nix/store/<hash>-<name>`.
     pub fn from_absolute(path: &str) -> Result<Self, StorePathError> {
-        let base = path
-            .strip_prefix(STORE_DIR)
-            .and_then(|r| r.strip_prefix('/'))
-            .ok_or(StorePathError::NotInStore)?;
+        let base = path.strip_prefix(STORE_DIR).and_then(|r| r.strip_prefix('/')).ok_or(StorePathError::NotInStore)?;
         if base.contains('/') {
             return Err(StorePathError::NotInStore);
         }
@@ -143,44 +135,20 @@ mod tests {
 
     #[test]
     fn refuses_bad_names() {
-        for name in [
-            "", ".", "..", ".-x", "..-x", "a/b", "a b", "ü", "a\0", "a:b",
-        ] {
-            assert_eq!(
-                StorePath::from_base(&format!("{H}-{name}")),
-                Err(StorePathError::Name),
-                "{name:?}"
-            );
+        for name in ["", ".", "..", ".-x", "..-x", "a/b", "a b", "ü", "a\0", "a:b"] {
+            assert_eq!(StorePath::from_base(&format!("{H}-{name}")), Err(StorePathError::Name), "{name:?}");
         }
-        assert_eq!(
-            StorePath::from_base(&format!("{H}-{}", "a".repeat(212))),
-            Err(StorePathError::Name)
-        );
+        assert_eq!(StorePath::from_base(&format!("{H}-{}", "a".repeat(212))), Err(StorePathError::Name));
     }
 
     #[test]
     fn refuses_bad_hashes_and_dirs() {
         let e = "eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee";
-        assert_eq!(
-            StorePath::from_base(&format!("{e}-x")),
-            Err(StorePathError::Hash)
-        );
-        assert_eq!(
-            StorePath::from_base(&format!("{}-x", &H[1..])),
-            Err(StorePathError::Hash)
-        );
+        assert_eq!(StorePath::from_base(&format!("{e}-x")), Err(StorePathError::Hash));
+        assert_eq!(StorePath::from_base(&format!("{}-x", &H[1..])), Err(StorePathError::Hash));
         assert_eq!(StorePath::from_base(H), Err(StorePathError::Hash));
-        assert_eq!(
-            StorePath::from_absolute(&format!("/nix/stor/{H}-x")),
-            Err(StorePathError::NotInStore)
-        );
-        assert_eq!(
-            StorePath::from_absolute(&format!("/nix/store/{H}-x/bin")),
-            Err(StorePathError::NotInStore)
-        );
-        assert_eq!(
-            StorePath::from_absolute(&format!("/nix/store//{H}-x")),
-            Err(StorePathError::NotInStore)
-        );
+        assert_eq!(StorePath::from_absolute(&format!("/nix/stor/{H}-x")), Err(StorePathError::NotInStore));
+        assert_eq!(StorePath::from_absolute(&format!("/nix/store/{H}-x/bin")), Err(StorePathError::NotInStore));
+        assert_eq!(StorePath::from_absolute(&format!("/nix/store//{H}-x")), Err(StorePathError::NotInStore));
     }
 }

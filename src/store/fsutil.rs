@@ -9,20 +9,11 @@ use std::io::{self, Write};
 use std::path::Path;
 
 pub fn open_dir(path: &Path) -> io::Result<OwnedFd> {
-    Ok(rfs::open(
-        path,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?)
+    Ok(rfs::open(path, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?)
 }
 
 pub fn open_dir_at(at: BorrowedFd<'_>, name: &[u8]) -> io::Result<OwnedFd> {
-    Ok(rfs::openat(
-        at,
-        name,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?)
+    Ok(rfs::openat(at, name, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?)
 }
 
 /// Writes `name` in `dir` atomically: a temp file, written and (if
@@ -145,13 +136,7 @@ mod tests {
             rfs::mkdirat(&at, name, Mode::from_raw_mode(0o755)).unwrap();
             let next = open_dir_at(at.as_fd(), name.as_bytes()).unwrap();
             rfs::symlinkat("/", &next, "l").unwrap();
-            let f = rfs::openat(
-                &next,
-                "f",
-                OFlags::CREATE | OFlags::WRONLY,
-                Mode::from_raw_mode(0o444),
-            )
-            .unwrap();
+            let f = rfs::openat(&next, "f", OFlags::CREATE | OFlags::WRONLY, Mode::from_raw_mode(0o444)).unwrap();
             drop(f);
             fds.push(std::mem::replace(&mut at, next));
         }

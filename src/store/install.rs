@@ -64,15 +64,8 @@ impl std::fmt::Display for InstallError {
 
 impl std::error::Error for InstallError {}
 
-fn io_err(
-    op: &'static str,
-    path: impl std::fmt::Display,
-) -> impl FnOnce(io::Error) -> InstallError {
-    move |err| InstallError::Io {
-        op,
-        path: path.to_string(),
-        err,
-    }
+fn io_err(op: &'static str, path: impl std::fmt::Display) -> impl FnOnce(io::Error) -> InstallError {
+    move |err| InstallError::Io { op, path: path.to_string(), err }
 }
 
 /// One path to install: where its verified narinfo came from, and the text.
@@ -117,11 +110,7 @@ pub type Provided = BTreeMap<String, String>;
 pub fn provided_from(texts: &[String]) -> Provided {
     texts
         .iter()
-        .filter_map(|t| {
-            NarInfo::parse(t, None)
-                .ok()
-                .map(|ni| (ni.store_path.hash_part().to_owned(), t.clone()))
-        })
+        .filter_map(|t| NarInfo::parse(t, None).ok().map(|ni| (ni.store_path.hash_part().to_owned(), t.clone())))
         .collect()
 }
 
@@ -156,10 +145,7 @@ pub fn resolve_with(
             present.insert(path);
             continue;
         }
-        let item = match provided
-            .get(path.hash_part())
-            .and_then(|t| checked_provided(t, keys, &path))
-        {
+        let item = match provided.get(path.hash_part()).and_then(|t| checked_provided(t, keys, &path)) {
             Some(item) => item,
             None => find_narinfo(fetcher, keys, &path)?,
         };
@@ -171,10 +157,7 @@ pub fn resolve_with(
         }
         found.insert(path, item);
     }
-    Ok(Plan {
-        items: topo_order(found)?,
-        present: present.len(),
-    })
+    Ok(Plan { items: topo_order(found)?, present: present.len() })
 }
 
 fn checked_provided(text: &str, keys: &TrustedKeys, path: &StorePath) -> Option<PlanItem> {
@@ -193,13 +176,14 @@ fn checked_provided(text: &str, keys: &TrustedKeys, path: &StorePath) -> Option<
     }
 }
 
+/// [`find_narinfo`] for one path (GC learns references with it).
+pub fn narinfo_for(fetcher: &mut Fetcher, keys: &TrustedKeys, path: &StorePath) -> Result<PlanItem, InstallError> {
+    find_narinfo(fetcher, keys, path)
+}
+
 /// The first cache's narinfo for `path` that parses, is for `path` and is
 /// signed by a trusted key; later caches are tried when one fails.
-fn find_narinfo(
-    fetcher: &mut Fetcher,
-    keys: &TrustedKeys,
-    path: &StorePath,
-) -> Result<PlanItem, InstallError> {
+fn find_narinfo(fetcher: &mut Fetcher, keys: &TrustedKeys, path: &StorePath) -> Result<PlanItem, InstallError> {
     let mut first_err: Option<InstallError> = None;
     let mut from = 0;
     while from < fetcher.cache_count() {
@@ -212,23 +196,13 @@ fn find_narinfo(
         match checked {
             Ok(ni) => {
                 let (nar_size, references) = (ni.nar_size, ni.references.clone());
-                return Ok(PlanItem {
-                    path: path.clone(),
-                    cache: idx,
-                    narinfo: text,
-                    nar_size,
-                    references,
-                });
+                return Ok(PlanItem { path: path.clone(), cache: idx, narinfo: text, nar_size, references });
             }
             Err(err) => {
                 if idx + 1 < fetcher.cache_count() {
                     log::warn!("{path}: narinfo from {cache}: {err}; trying the next cache");
                 }
-                first_err.get_or_insert(InstallError::NarInfo {
-                    path: path.clone(),
-                    cache,
-                    err,
-                });
+                first_err.get_or_insert(InstallError::NarInfo { path: path.clone(), cache, err });
                 from = idx + 1;
             }
         }
@@ -242,21 +216,13 @@ fn topo_order(mut found: BTreeMap<StorePath, PlanItem>) -> Result<Vec<PlanItem>,
     let mut pending: BTreeMap<StorePath, usize> = BTreeMap::new();
     let mut referrers: BTreeMap<StorePath, Vec<StorePath>> = BTreeMap::new();
     for (p, item) in &found {
-        let deps: BTreeSet<&StorePath> = item
-            .references
-            .iter()
-            .filter(|r| *r != p && found.contains_key(*r))
-            .collect();
+        let deps: BTreeSet<&StorePath> = item.references.iter().filter(|r| *r != p && found.contains_key(*r)).collect();
         pending.insert(p.clone(), deps.len());
         for d in deps {
             referrers.entry(d.clone()).or_default().push(p.clone());
         }
     }
-    let mut ready: BTreeSet<StorePath> = pending
-        .iter()
-        .filter(|(_, n)| **n == 0)
-        .map(|(p, _)| p.clone())
-        .collect();
+    let mut ready: BTreeSet<StorePath> = pending.iter().filter(|(_, n)| **n == 0).map(|(p, _)| p.clone()).collect();
     let mut out = Vec::with_capacity(found.len());
     while let Some(p) = ready.pop_first() {
         for r in referrers.remove(&p).unwrap_or_default() {
@@ -295,10 +261,7 @@ pub struct BatchLimits {
 
 impl Default for BatchLimits {
     fn default() -> Self {
-        BatchLimits {
-            paths: 1000,
-            nar_bytes: 512 << 20,
-        }
+        BatchLimits { paths: 1000, nar_bytes: 512 << 20 }
     }
 }
 
@@ -314,11 +277,7 @@ pub fn install_plan(
     limits: BatchLimits,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Progress, InstallError> {
-    let mut prog = Progress {
-        paths_total: plan.items.len(),
-        nar_bytes_total: plan.nar_bytes(),
-        ..Progress::default()
-    };
+    let mut prog = Progress { paths_total: plan.items.len(), nar_bytes_total: plan.nar_bytes(), ..Progress::default() };
     let mut batch: Vec<&PlanItem> = Vec::new();
     let mut batch_bytes = 0;
     let result = (|| {
@@ -365,31 +324,17 @@ fn fetch_into_temp(
     let info = item.info();
     let mut unpacker = Unpacker::new(store.store_fd(), tmp.as_bytes());
     let before = prog.nar_bytes_done;
-    let caches: Vec<usize> = if item.cache == ANY_CACHE {
-        (0..fetcher.cache_count()).collect()
-    } else {
-        vec![item.cache]
-    };
-    let mut stats = Err(PipelineError::MissingNar {
-        url: info.url.to_owned(),
-    });
+    let caches: Vec<usize> =
+        if item.cache == ANY_CACHE { (0..fetcher.cache_count()).collect() } else { vec![item.cache] };
+    let mut stats = Err(PipelineError::MissingNar { url: info.url.to_owned() });
     for idx in caches {
-        stats = pipeline::fetch_nar(
-            fetcher,
-            idx,
-            &info,
-            &mut |ev| unpacker.event(ev).map_err(NarError::from),
-            &mut |n| {
+        stats =
+            pipeline::fetch_nar(fetcher, idx, &info, &mut |ev| unpacker.event(ev).map_err(NarError::from), &mut |n| {
                 prog.nar_bytes_done += n;
                 progress(prog);
-            },
-        );
+            });
         match &stats {
-            Err(PipelineError::MissingNar { .. }) | Err(PipelineError::Fetch(_))
-                if item.cache == ANY_CACHE =>
-            {
-                continue
-            }
+            Err(PipelineError::MissingNar { .. }) | Err(PipelineError::Fetch(_)) if item.cache == ANY_CACHE => continue,
             _ => break,
         }
     }
@@ -402,10 +347,7 @@ fn fetch_into_temp(
             prog.nar_bytes_done = before;
             drop(unpacker);
             let _ = fsutil::remove_tree(store.store_fd(), tmp.as_bytes());
-            Err(InstallError::Nar {
-                path: item.path.clone(),
-                err,
-            })
+            Err(InstallError::Nar { path: item.path.clone(), err })
         }
     }
 }
@@ -422,16 +364,13 @@ fn commit_batch(store: &Store, batch: &[&PlanItem]) -> Result<(), InstallError> 
             nar_size: info.nar_size,
             references: info.references.clone(),
         };
-        store
-            .write_record(&rec)
-            .map_err(io_err("write record of", &item.path))?;
+        store.write_record(&rec).map_err(io_err("write record of", &item.path))?;
     }
     let dir = store.store_dir().display();
     rfs::syncfs(store.store_fd()).map_err(|e| io_err("syncfs", &dir)(e.into()))?;
     let same_fs = fsutil::device(store.store_fd()).ok() == fsutil::device(store.paths_fd()).ok();
     if !same_fs {
-        rfs::syncfs(store.paths_fd())
-            .map_err(|e| io_err("syncfs", store.state_dir().display())(e.into()))?;
+        rfs::syncfs(store.paths_fd()).map_err(|e| io_err("syncfs", store.state_dir().display())(e.into()))?;
     }
     for item in batch {
         let tmp = temp_name(&item.path);
@@ -445,8 +384,7 @@ fn commit_batch(store: &Store, batch: &[&PlanItem]) -> Result<(), InstallError> 
             Ok(()) => {}
             // Someone else installed it meanwhile: theirs is as good.
             Err(rustix::io::Errno::EXIST) => {
-                fsutil::remove_tree(store.store_fd(), tmp.as_bytes())
-                    .map_err(io_err("remove", &tmp))?;
+                fsutil::remove_tree(store.store_fd(), tmp.as_bytes()).map_err(io_err("remove", &tmp))?;
             }
             Err(e) => return Err(io_err("rename into place", &item.path)(e.into())),
         }
@@ -475,9 +413,7 @@ pub fn install_with(
     provided: &Provided,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<(Plan, Progress), InstallError> {
-    store
-        .clean_temps()
-        .map_err(io_err("clean", store.store_dir().display()))?;
+    store.clean_temps().map_err(io_err("clean", store.store_dir().display()))?;
     let plan = resolve_with(fetcher, store, keys, roots, provided)?;
     let prog = install_plan(fetcher, store, &plan, BatchLimits::default(), progress)?;
     Ok((plan, prog))

@@ -85,19 +85,14 @@ impl Store {
     /// Writes a path's record (not yet durable: the install batch's syncfs
     /// makes it so, before the path itself appears).
     pub fn write_record(&self, r: &Record) -> io::Result<()> {
-        fsutil::write_atomic(
-            self.paths_fd(),
-            r.path.base(),
-            r.to_text().as_bytes(),
-            false,
-        )
+        fsutil::write_atomic(self.paths_fd(), r.path.base(), r.to_text().as_bytes(), false)
     }
 
     pub fn read_record(&self, p: &StorePath) -> io::Result<Option<Record>> {
         match std::fs::read_to_string(self.state_dir.join("paths").join(p.base())) {
-            Ok(text) => Record::parse(&text).map(Some).map_err(|e| {
-                io::Error::new(io::ErrorKind::InvalidData, format!("record of {p}: {e}"))
-            }),
+            Ok(text) => Record::parse(&text)
+                .map(Some)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("record of {p}: {e}"))),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
@@ -136,3 +131,4 @@ impl Store {
         Ok((crate::nix::Sha256(h.finalize().into()), n))
     }
 }
+pub mod gc;

@@ -34,10 +34,7 @@ impl Record {
     pub fn parse(text: &str) -> Result<Self, String> {
         let (mut path, mut hash, mut size, mut refs) = (None, None, None, None);
         for line in text.lines() {
-            let (k, v) = line
-                .split_once(": ")
-                .or_else(|| line.split_once(':'))
-                .ok_or(format!("bad line {line:?}"))?;
+            let (k, v) = line.split_once(": ").or_else(|| line.split_once(':')).ok_or(format!("bad line {line:?}"))?;
             match k {
                 "StorePath" => path = Some(StorePath::from_absolute(v).map_err(|e| e.to_string())?),
                 "NarHash" => hash = Some(Sha256::parse(v).map_err(|e| e.to_string())?),
@@ -71,18 +68,12 @@ mod tests {
     fn roundtrip() {
         let r = Record {
             path: StorePath::from_base("cy9y0rrdjzqn5hkl1ywf07f0pm3f7689-top").unwrap(),
-            nar_hash: Sha256::parse("sha256:0l1z12lcbracxgmvimqkpxxmz7w3fjm0hgp2k9shx1ph1yny4q00")
-                .unwrap(),
+            nar_hash: Sha256::parse("sha256:0l1z12lcbracxgmvimqkpxxmz7w3fjm0hgp2k9shx1ph1yny4q00").unwrap(),
             nar_size: 168,
-            references: vec![
-                StorePath::from_base("qx8l0zlfvk6k8whfjvianr1mywbz9k4v-hello-test").unwrap(),
-            ],
+            references: vec![StorePath::from_base("qx8l0zlfvk6k8whfjvianr1mywbz9k4v-hello-test").unwrap()],
         };
         assert_eq!(Record::parse(&r.to_text()).unwrap(), r);
-        let none = Record {
-            references: vec![],
-            ..r
-        };
+        let none = Record { references: vec![], ..r };
         assert_eq!(Record::parse(&none.to_text()).unwrap(), none);
         assert!(Record::parse("StorePath: /nix/store/x\n").is_err());
     }

@@ -9,6 +9,9 @@
 //!               anything, so a request is never carried out twice)
 //! result.json   {"id":N,"code":C|null,"tail":"last lines of output"}
 //!               written by the helper when switch-to-configuration exits
+//!               (code -2: the helper refused, e.g. system not installed)
+//! health-request.json {"id":N}          the agent asks for the health checks
+//! health-result.json  {"id":N,"code":C|null,"tail":"…"}
 //! ```
 //! The helper runs a request only if neither `started` nor `result.json`
 //! names its id; the agent reads `result.json` and acts on the result for the
@@ -25,6 +28,8 @@ pub const DIR: &str = "switch";
 pub const REQUEST: &str = "request.json";
 pub const STARTED: &str = "started";
 pub const RESULT: &str = "result.json";
+pub const HEALTH_REQUEST: &str = "health-request.json";
+pub const HEALTH_RESULT: &str = "health-result.json";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
@@ -60,12 +65,7 @@ pub fn dir(state_dir: &Path) -> PathBuf {
 
 impl Request {
     pub fn to_json(&self) -> String {
-        format!(
-            "{{\"id\":{},\"step\":\"{}\",\"system\":{}}}\n",
-            self.id,
-            self.step.as_str(),
-            json_string(&self.system)
-        )
+        format!("{{\"id\":{},\"step\":\"{}\",\"system\":{}}}\n", self.id, self.step.as_str(), json_string(&self.system))
     }
 
     pub fn parse(b: &[u8]) -> Result<Request, String> {
@@ -73,36 +73,21 @@ impl Request {
         let (w, _): (WireRequest, _) =
             serde_json_core::from_slice_escaped(b, &mut scratch).map_err(|e| e.to_string())?;
         let step = Step::parse(&w.step).ok_or(format!("unknown step {:?}", w.step))?;
-        Ok(Request {
-            id: w.id,
-            step,
-            system: w.system,
-        })
+        Ok(Request { id: w.id, step, system: w.system })
     }
 }
 
 impl Outcome {
     pub fn to_json(&self) -> String {
-        let code = self
-            .code
-            .map(|c| c.to_string())
-            .unwrap_or_else(|| "null".into());
-        format!(
-            "{{\"id\":{},\"code\":{code},\"tail\":{}}}\n",
-            self.id,
-            json_string(&self.tail)
-        )
+        let code = self.code.map(|c| c.to_string()).unwrap_or_else(|| "null".into());
+        format!("{{\"id\":{},\"code\":{code},\"tail\":{}}}\n", self.id, json_string(&self.tail))
     }
 
     pub fn parse(b: &[u8]) -> Result<Outcome, String> {
         let mut scratch = vec![0u8; b.len()];
         let (w, _): (WireOutcome, _) =
             serde_json_core::from_slice_escaped(b, &mut scratch).map_err(|e| e.to_string())?;
-        Ok(Outcome {
-            id: w.id,
-            code: w.code,
-            tail: w.tail,
-        })
+        Ok(Outcome { id: w.id, code: w.code, tail: w.tail })
     }
 }
 
@@ -119,9 +104,7 @@ pub fn read_result(state_dir: &Path) -> Option<Outcome> {
 }
 
 pub fn read_started(state_dir: &Path) -> Option<u64> {
-    read(state_dir, STARTED)
-        .and_then(|b| String::from_utf8(b).ok())
-        .and_then(|s| s.trim().parse().ok())
+    read(state_dir, STARTED).and_then(|b| String::from_utf8(b).ok()).and_then(|s| s.trim().parse().ok())
 }
 
 fn write(state_dir: &Path, name: &str, data: &[u8]) -> std::io::Result<()> {
@@ -145,6 +128,29 @@ pub fn ensure_request(state_dir: &Path, req: &Request) -> std::io::Result<bool> 
     Ok(true)
 }
 
+/// Health requests carry only an id: the helper knows the checks from
+/// the config. `{"id":N}`
+pub fn write_health_request(state_dir: &Path, id: u64) -> std::io::Result<()> {
+    write(state_dir, HEALTH_REQUEST, format!("{{\"id\":{id}}}\n").as_bytes())
+}
+
+pub fn read_health_request(state_dir: &Path) -> Option<u64> {
+    #[derive(Deserialize)]
+    struct W {
+        id: u64,
+    }
+    let b = read(state_dir, HEALTH_REQUEST)?;
+    serde_json_core::from_slice::<W>(&b).ok().map(|(w, _)| w.id)
+}
+
+pub fn write_health_result(state_dir: &Path, o: &Outcome) -> std::io::Result<()> {
+    write(state_dir, HEALTH_RESULT, o.to_json().as_bytes())
+}
+
+pub fn read_health_result(state_dir: &Path) -> Option<Outcome> {
+    read(state_dir, HEALTH_RESULT).and_then(|b| Outcome::parse(&b).ok())
+}
+
 pub fn write_started(state_dir: &Path, id: u64) -> std::io::Result<()> {
     write(state_dir, STARTED, format!("{id}\n").as_bytes())
 }
@@ -160,23 +166,12 @@ mod tests {
     #[test]
     fn roundtrip_and_idempotent_requests() {
         let tmp = tempfile::tempdir().unwrap();
-        let r = Request {
-            id: 3,
-            step: Step::Test,
-            system: "/nix/store/x-\"y\"".into(),
-        };
+        let r = Request { id: 3, step: Step::Test, system: "/nix/store/x-\"y\"".into() };
         assert_eq!(Request::parse(r.to_json().as_bytes()).unwrap(), r);
         assert!(ensure_request(tmp.path(), &r).unwrap());
-        assert!(
-            !ensure_request(tmp.path(), &r).unwrap(),
-            "written once only"
-        );
+        assert!(!ensure_request(tmp.path(), &r).unwrap(), "written once only");
         assert_eq!(read_request(tmp.path()), Some(r.clone()));
-        let o = Outcome {
-            id: 3,
-            code: None,
-            tail: "a\nb\\c".into(),
-        };
+        let o = Outcome { id: 3, code: None, tail: "a\nb\\c".into() };
         write_result(tmp.path(), &o).unwrap();
         assert_eq!(read_result(tmp.path()), Some(o));
         // A lost request whose id already has a result is not re-issued.

@@ -1,19 +1,11 @@
 use super::*;
 
-const T: Timing = Timing {
-    health_timeout_secs: 60,
-};
+const T: Timing = Timing { health_timeout_secs: 60 };
 const NEW: &str = "/nix/store/00000000000000000000000000000000-nixos-system-new";
 const OLD: &str = "/nix/store/11111111111111111111111111111111-nixos-system-old";
 
 fn accepted(seq: u64, action: Action) -> Event {
-    Event::Accepted {
-        seq,
-        action,
-        system: NEW.into(),
-        previous: Some(OLD.into()),
-        boot_id: Some("boot-1".into()),
-    }
+    Event::Accepted { seq, action, system: NEW.into(), previous: Some(OLD.into()), boot_id: Some("boot-1".into()) }
 }
 
 fn run(events: Vec<Event>) -> (State, Vec<Vec<Effect>>) {
@@ -28,22 +20,11 @@ fn run(events: Vec<Event>) -> (State, Vec<Vec<Effect>>) {
 }
 
 fn result(id: u64, code: i32) -> Event {
-    Event::SwitchResult {
-        id,
-        code: Some(code),
-        tail: String::new(),
-    }
+    Event::SwitchResult { id, code: Some(code), tail: String::new() }
 }
 
 fn happy_switch() -> Vec<Event> {
-    vec![
-        accepted(5, Action::Switch),
-        Event::FetchOk,
-        result(1, 0),
-        Event::Healthy,
-        Event::CommitOk,
-        result(2, 0),
-    ]
+    vec![accepted(5, Action::Switch), Event::FetchOk, result(1, 0), Event::Healthy, Event::CommitOk, result(2, 0)]
 }
 
 #[test]
@@ -53,96 +34,51 @@ fn happy_switch_commits() {
         effects,
         vec![
             vec![Effect::Fetch],
-            vec![Effect::RequestSwitch {
-                id: 1,
-                step: Step::Test,
-                system: NEW.into()
-            }],
+            vec![Effect::RequestSwitch { id: 1, step: Step::Test, system: NEW.into() }],
             vec![Effect::CheckHealth],
             vec![Effect::Commit],
-            vec![Effect::RequestSwitch {
-                id: 2,
-                step: Step::Boot,
-                system: NEW.into()
-            }],
+            vec![Effect::RequestSwitch { id: 2, step: Step::Boot, system: NEW.into() }],
             vec![],
         ]
     );
     assert_eq!(s.phase, Phase::Idle);
     assert_eq!(s.highest_seq, 5);
     let last = s.last.unwrap();
-    assert_eq!(
-        (last.outcome, last.seq, last.system.as_str()),
-        (Outcome::Committed, 5, NEW)
-    );
+    assert_eq!((last.outcome, last.seq, last.system.as_str()), (Outcome::Committed, 5, NEW));
     assert_eq!(s.outcomes[0], 1);
     assert!(s.job.is_none());
 }
 
 #[test]
 fn boot_deploy_skips_the_live_switch() {
-    let (s, effects) = run(vec![
-        accepted(1, Action::Boot),
-        Event::FetchOk,
-        Event::CommitOk,
-        result(1, 0),
-    ]);
+    let (s, effects) = run(vec![accepted(1, Action::Boot), Event::FetchOk, Event::CommitOk, result(1, 0)]);
     assert_eq!(effects[1], vec![Effect::Commit]);
-    assert_eq!(
-        effects[2],
-        vec![Effect::RequestSwitch {
-            id: 1,
-            step: Step::Boot,
-            system: NEW.into()
-        }]
-    );
+    assert_eq!(effects[2], vec![Effect::RequestSwitch { id: 1, step: Step::Boot, system: NEW.into() }]);
     assert_eq!(s.last.unwrap().outcome, Outcome::Committed);
 }
 
 #[test]
 fn failed_switch_rolls_back_with_the_reason() {
-    for (code, needle) in [
-        (Some(2), "activation failed"),
-        (Some(4), "units failed"),
-        (Some(100), "reboot"),
-        (None, "no result"),
-    ] {
+    for (code, needle) in
+        [(Some(2), "activation failed"), (Some(4), "units failed"), (Some(100), "reboot"), (None, "no result")]
+    {
         let (s, effects) = run(vec![
             accepted(1, Action::Switch),
             Event::FetchOk,
-            Event::SwitchResult {
-                id: 1,
-                code,
-                tail: "line one\nthe last line\n".into(),
-            },
+            Event::SwitchResult { id: 1, code, tail: "line one\nthe last line\n".into() },
             result(2, 0),
         ]);
-        assert_eq!(
-            effects[2],
-            vec![Effect::RequestSwitch {
-                id: 2,
-                step: Step::RollbackTest,
-                system: OLD.into()
-            }]
-        );
+        assert_eq!(effects[2], vec![Effect::RequestSwitch { id: 2, step: Step::RollbackTest, system: OLD.into() }]);
         let last = s.last.unwrap();
         assert_eq!(last.outcome, Outcome::RolledBack, "{code:?}");
         let reason = last.reason.unwrap();
-        assert!(
-            reason.contains(needle) && reason.contains("the last line"),
-            "{reason}"
-        );
+        assert!(reason.contains(needle) && reason.contains("the last line"), "{reason}");
     }
 }
 
 #[test]
 fn failed_rollback_is_reported_as_such() {
-    let (s, _) = run(vec![
-        accepted(1, Action::Switch),
-        Event::FetchOk,
-        result(1, 2),
-        result(2, 2),
-    ]);
+    let (s, _) = run(vec![accepted(1, Action::Switch), Event::FetchOk, result(1, 2), result(2, 2)]);
     let last = s.last.unwrap();
     assert_eq!(last.outcome, Outcome::RollbackFailed);
     assert!(last.reason.unwrap().contains("rollback failed"));
@@ -150,13 +86,7 @@ fn failed_rollback_is_reported_as_such() {
 
 #[test]
 fn no_previous_system_means_rollback_failed() {
-    let ev = Event::Accepted {
-        seq: 1,
-        action: Action::Switch,
-        system: NEW.into(),
-        previous: None,
-        boot_id: None,
-    };
+    let ev = Event::Accepted { seq: 1, action: Action::Switch, system: NEW.into(), previous: None, boot_id: None };
     let (s, _) = run(vec![ev, Event::FetchOk, result(1, 2)]);
     assert_eq!(s.last.unwrap().outcome, Outcome::RollbackFailed);
 }
@@ -170,42 +100,21 @@ fn unhealthy_rolls_back_and_fetch_failure_fails() {
         Event::Unhealthy("cache unreachable".into()),
         result(2, 0),
     ]);
-    assert_eq!(
-        effects[3],
-        vec![Effect::RequestSwitch {
-            id: 2,
-            step: Step::RollbackTest,
-            system: OLD.into()
-        }]
-    );
+    assert_eq!(effects[3], vec![Effect::RequestSwitch { id: 2, step: Step::RollbackTest, system: OLD.into() }]);
     let last = s.last.unwrap();
     assert_eq!(last.outcome, Outcome::RolledBack);
     assert!(last.reason.unwrap().contains("cache unreachable"));
 
-    let (s, _) = run(vec![
-        accepted(1, Action::Switch),
-        Event::FetchFailed("404".into()),
-    ]);
+    let (s, _) = run(vec![accepted(1, Action::Switch), Event::FetchFailed("404".into())]);
     assert_eq!(s.last.as_ref().unwrap().outcome, Outcome::Failed);
     assert_eq!(s.highest_seq, 1, "a failed sequence is still used up");
 }
 
 #[test]
 fn stale_results_and_foreign_events_change_nothing() {
-    let (s, effects) = run(vec![
-        accepted(1, Action::Switch),
-        Event::FetchOk,
-        result(7, 2),
-        Event::Healthy,
-        Event::CommitOk,
-    ]);
-    assert_eq!(
-        s.phase,
-        Phase::Switching {
-            step: Step::Test,
-            id: 1
-        }
-    );
+    let (s, effects) =
+        run(vec![accepted(1, Action::Switch), Event::FetchOk, result(7, 2), Event::Healthy, Event::CommitOk]);
+    assert_eq!(s.phase, Phase::Switching { step: Step::Test, id: 1 });
     assert!(effects[2..].iter().all(Vec::is_empty));
 }
 
@@ -218,26 +127,10 @@ fn rollback_and_gc_actions() {
         previous: Some(NEW.into()),
         boot_id: None,
     };
-    let (s, effects) = run(vec![
-        ev,
-        result(1, 0),
-        Event::Healthy,
-        Event::CommitOk,
-        result(2, 0),
-    ]);
-    assert_eq!(
-        effects[0],
-        vec![Effect::RequestSwitch {
-            id: 1,
-            step: Step::Test,
-            system: OLD.into()
-        }]
-    );
+    let (s, effects) = run(vec![ev, result(1, 0), Event::Healthy, Event::CommitOk, result(2, 0)]);
+    assert_eq!(effects[0], vec![Effect::RequestSwitch { id: 1, step: Step::Test, system: OLD.into() }]);
     assert_eq!(s.last.unwrap().outcome, Outcome::Committed);
-    let (s, effects) = run(vec![
-        accepted(3, Action::Gc),
-        Event::GcDone(Ok("freed 3 paths".into())),
-    ]);
+    let (s, effects) = run(vec![accepted(3, Action::Gc), Event::GcDone(Ok("freed 3 paths".into()))]);
     assert_eq!(effects[0], vec![Effect::CollectGarbage]);
     assert_eq!(s.last.unwrap().outcome, Outcome::Collected);
 }
@@ -249,14 +142,7 @@ fn reboot_before_commit_fails_the_update_for_good() {
         vec![accepted(1, Action::Switch), Event::FetchOk, result(1, 0)],
     ] {
         let (s, _) = run(events);
-        let (s, effects) = step(
-            &s,
-            Event::Resumed {
-                boot_id: Some("boot-2".into()),
-            },
-            5000,
-            T,
-        );
+        let (s, effects) = step(&s, Event::Resumed { boot_id: Some("boot-2".into()) }, 5000, T);
         assert!(effects.is_empty());
         let last = s.last.unwrap();
         assert_eq!(last.outcome, Outcome::Failed);
@@ -279,11 +165,9 @@ fn every_crash_point_resumes_to_the_same_end() {
                 if let Effect::RequestSwitch { id, step, system } = e {
                     let same = issued.iter().find(|(i, _, _)| i == id);
                     match same {
-                        Some(prev) => assert_eq!(
-                            prev,
-                            &(*id, *step, system.clone()),
-                            "id {id} reused for another switch"
-                        ),
+                        Some(prev) => {
+                            assert_eq!(prev, &(*id, *step, system.clone()), "id {id} reused for another switch")
+                        }
                         None => issued.push((*id, *step, system.clone())),
                     }
                 }
@@ -291,14 +175,7 @@ fn every_crash_point_resumes_to_the_same_end() {
         };
         for (i, ev) in events.iter().enumerate() {
             if i == crash_after {
-                let (n, effects) = step(
-                    &s,
-                    Event::Resumed {
-                        boot_id: Some("boot-1".into()),
-                    },
-                    2000,
-                    T,
-                );
+                let (n, effects) = step(&s, Event::Resumed { boot_id: Some("boot-1".into()) }, 2000, T);
                 record(&effects, &mut issued);
                 s = n;
             }
@@ -306,16 +183,8 @@ fn every_crash_point_resumes_to_the_same_end() {
             record(&effects, &mut issued);
             s = n;
         }
-        assert_eq!(
-            s.last.as_ref().unwrap().outcome,
-            Outcome::Committed,
-            "crash after {crash_after}"
-        );
-        assert_eq!(
-            issued.len(),
-            2,
-            "one test switch and one boot switch, whatever the crash point"
-        );
+        assert_eq!(s.last.as_ref().unwrap().outcome, Outcome::Committed, "crash after {crash_after}");
+        assert_eq!(issued.len(), 2, "one test switch and one boot switch, whatever the crash point");
     }
 }
 
@@ -323,15 +192,7 @@ fn every_crash_point_resumes_to_the_same_end() {
 fn restart_loops_are_bounded() {
     let (mut s, _) = run(vec![accepted(1, Action::Switch)]);
     for _ in 0..=MAX_TRANSITIONS {
-        s = step(
-            &s,
-            Event::Resumed {
-                boot_id: Some("boot-1".into()),
-            },
-            1,
-            T,
-        )
-        .0;
+        s = step(&s, Event::Resumed { boot_id: Some("boot-1".into()) }, 1, T).0;
     }
     let last = s.last.clone().unwrap();
     assert_eq!(last.outcome, Outcome::Failed);

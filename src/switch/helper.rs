@@ -1,0 +1,211 @@
+//! `nixless switch-helper`: what `nixless-switch.service` runs.
+//!
+//! The agent never execs; this oneshot unit does, outside the agent's
+//! cgroup, so a switch that restarts or replaces the agent carries on. For
+//! a pending switch request it checks the named system (a store path that
+//! is installed, complete, with `bin/switch-to-configuration`), marks the
+//! request started (durably: a request is never run twice), runs
+//! `switch-to-configuration test|boot`, and writes the exit code and the
+//! output's tail as the result. A pending health request runs the
+//! configured checks (`systemctl is-active` of the health units, then the
+//! health command) and writes their result the same way.
+
+use super::protocol::{self, Outcome, Request};
+use crate::agent::config::Config;
+use crate::nix::StorePath;
+use crate::store::Store;
+use rustix::event::{PollFd, PollFlags};
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Result code for a request the helper refused to run.
+pub const REFUSED: i32 = -2;
+/// Bytes of output kept for the result.
+const TAIL: usize = 4096;
+
+/// Runs a command with stdout and stderr merged into one pipe, echoing it
+/// to our stderr (the journal) and keeping the tail. With a timeout, the
+/// command is killed when it runs out (code `None`).
+pub fn run_captured(cmd: &mut Command, timeout: Option<Duration>) -> (Option<i32>, String) {
+    let (r, w) = match rustix::pipe::pipe() {
+        Ok(p) => p,
+        Err(e) => return (None, format!("pipe: {e}")),
+    };
+    let w2 = match w.try_clone() {
+        Ok(w2) => w2,
+        Err(e) => return (None, format!("pipe: {e}")),
+    };
+    let child = cmd.stdin(Stdio::null()).stdout(Stdio::from(w)).stderr(Stdio::from(w2)).spawn();
+    // Drop our copies of the write end (the Command holds them) so EOF comes.
+    let program = format!("{:?}", cmd.get_program());
+    drop(std::mem::replace(cmd, Command::new("/")));
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => return (None, format!("cannot run {program}: {e}")),
+    };
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let mut out = std::fs::File::from(r);
+    let mut tail: Vec<u8> = Vec::new();
+    let mut buf = [0u8; 8192];
+    let mut timed_out = false;
+    loop {
+        if let Some(d) = deadline {
+            let left = d.saturating_duration_since(Instant::now());
+            let mut fds = [PollFd::new(&out, PollFlags::IN)];
+            let ts =
+                rustix::event::Timespec::try_from(left).unwrap_or(rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 });
+            match rustix::event::poll(&mut fds, Some(&ts)) {
+                Ok(0) => {
+                    timed_out = true;
+                    break;
+                }
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(_) => break,
+            }
+            if fds[0].revents().is_empty() {
+                continue;
+            }
+        }
+        match out.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                let _ = std::io::Write::write_all(&mut std::io::stderr(), &buf[..n]);
+                tail.extend_from_slice(&buf[..n]);
+                if tail.len() > 2 * TAIL {
+                    tail.drain(..tail.len() - TAIL);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        }
+    }
+    if timed_out {
+        let _ = child.kill();
+    }
+    let status = child.wait().ok();
+    if tail.len() > TAIL {
+        tail.drain(..tail.len() - TAIL);
+    }
+    let mut text = String::from_utf8_lossy(&tail).into_owned();
+    if timed_out {
+        text.push_str(&format!("\nkilled after {} s", timeout.unwrap_or_default().as_secs()));
+        return (None, text);
+    }
+    (status.and_then(|s| s.code()), text)
+}
+
+/// Why a system cannot be switched to, if it cannot.
+pub fn check_system(root: &Path, store: &Store, system: &str) -> Result<std::path::PathBuf, String> {
+    let sp = StorePath::from_absolute(system).map_err(|e| format!("{system}: {e}"))?;
+    if !store.is_present(&sp) {
+        return Err(format!("{system} is not installed"));
+    }
+    // The closure must be complete: follow the records as far as they go
+    // (paths installed before nixless have none and count as complete).
+    let mut queue = vec![sp.clone()];
+    let mut seen = std::collections::BTreeSet::new();
+    while let Some(p) = queue.pop() {
+        if !seen.insert(p.clone()) {
+            continue;
+        }
+        if !store.is_present(&p) {
+            return Err(format!("{system}: closure incomplete, {p} is missing"));
+        }
+        if let Ok(Some(rec)) = store.read_record(&p) {
+            queue.extend(rec.references.into_iter().filter(|r| *r != p));
+        }
+    }
+    let stc = root.join(system.trim_start_matches('/')).join("bin/switch-to-configuration");
+    match std::fs::metadata(&stc) {
+        Ok(m) if std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0 => Ok(stc),
+        Ok(_) => Err(format!("{} is not executable", stc.display())),
+        Err(_) => Err(format!("{system} has no bin/switch-to-configuration (not a NixOS system)")),
+    }
+}
+
+/// Handles the pending switch request, if any; `true` if it ran one.
+fn handle_switch(cfg: &Config, store: &Store) -> Result<bool, String> {
+    let dir = &cfg.state_dir;
+    let Some(req) = protocol::read_request(dir) else { return Ok(false) };
+    if protocol::read_result(dir).is_some_and(|r| r.id >= req.id) {
+        return Ok(false); // already done
+    }
+    if protocol::read_started(dir).is_some_and(|id| id >= req.id) {
+        // A previous helper began this request and died (killed, or the
+        // machine rebooted): never run it again; say so.
+        let tail = format!("switch helper was interrupted while running request {}; not repeated", req.id);
+        log::warn!("{tail}");
+        protocol::write_result(dir, &Outcome { id: req.id, code: None, tail })
+            .map_err(|e| format!("writing result: {e}"))?;
+        return Ok(true);
+    }
+    let outcome = match check_system(&cfg.root, store, &req.system) {
+        Err(why) => Outcome { id: req.id, code: Some(REFUSED), tail: format!("refused: {why}") },
+        Ok(stc) => {
+            protocol::write_started(dir, req.id).map_err(|e| format!("marking request started: {e}"))?;
+            let action = req.step.stc_action();
+            log::info!("request {}: {} {action}", req.id, stc.display());
+            // Killed a little before the agent gives up on it, so the result
+            // says why.
+            let limit = cfg.switch_timeout.saturating_sub(Duration::from_secs(5)).max(Duration::from_secs(1));
+            let (code, tail) = run_captured(Command::new(&stc).arg(action), Some(limit));
+            log::info!("request {}: exit {code:?}", req.id);
+            Outcome { id: req.id, code, tail }
+        }
+    };
+    protocol::write_result(dir, &outcome).map_err(|e| format!("writing result: {e}"))?;
+    Ok(true)
+}
+
+/// Runs the configured health checks; `(code, output)`.
+pub fn run_health_checks(cfg: &Config) -> (Option<i32>, String) {
+    if !cfg.health_units.is_empty() {
+        let mut cmd = Command::new("systemctl");
+        cmd.arg("is-active").args(&cfg.health_units);
+        let (code, out) = run_captured(&mut cmd, Some(cfg.health_timeout));
+        if code != Some(0) {
+            return (code, format!("units not active: {}", out.split_whitespace().collect::<Vec<_>>().join(" ")));
+        }
+    }
+    if let Some((prog, args)) = cfg.health_command.split_first() {
+        let (code, out) = run_captured(Command::new(prog).args(args), Some(cfg.health_timeout));
+        if code != Some(0) {
+            return (code, format!("health command {prog} exited {code:?}: {}", out.trim()));
+        }
+    }
+    (Some(0), String::new())
+}
+
+fn handle_health(cfg: &Config) -> Result<bool, String> {
+    let dir = &cfg.state_dir;
+    let Some(id) = protocol::read_health_request(dir) else { return Ok(false) };
+    if protocol::read_health_result(dir).is_some_and(|r| r.id >= id) {
+        return Ok(false);
+    }
+    let (code, tail) = run_health_checks(cfg);
+    protocol::write_health_result(dir, &Outcome { id, code, tail })
+        .map_err(|e| format!("writing health result: {e}"))?;
+    Ok(true)
+}
+
+/// `nixless switch-helper --config FILE`.
+pub fn main(config: &Path) -> Result<(), String> {
+    let cfg = Config::load(config)?;
+    let store = Store::open(&cfg.root, &cfg.state_dir).map_err(|e| format!("opening store: {e}"))?;
+    // Requests written while we ran (a rollback after a timed-out switch,
+    // the next health round) may not start the unit again: drain them.
+    for _ in 0..16 {
+        let ran = handle_switch(&cfg, &store)? | handle_health(&cfg)?;
+        if !ran {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Serialises a request for tests and the emulated path unit.
+pub fn describe(req: &Request) -> String {
+    format!("{} {} {}", req.id, req.step.as_str(), req.system)
+}

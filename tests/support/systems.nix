@@ -1,0 +1,72 @@
+# Fake NixOS systems for the switch tests: each is a store path with a
+# bin/switch-to-configuration that records its calls and behaves as the
+# test tells it at run time (through files in $FAKE_NIXOS_DIR), so a few
+# builds cover every failure mode:
+#   $FAKE_NIXOS_DIR/calls                 "<name> <action>" per call
+#   $FAKE_NIXOS_DIR/behaviour-<name>      ok | fail2 | exit4 | exit100 | hang | unhealthy | bootfail
+#   $FAKE_NIXOS_DIR/current               name of the system last activated
+#   $FAKE_NIXOS_DIR/boot-default          name of the system last made the boot default
+#   $FAKE_NIXOS_DIR/unhealthy             exists while an "unhealthy" system runs
+#   $FAKE_NIXOS_ROOT/run/current-system   symlink to the active system, as NixOS keeps it
+{ salt ? "" }:
+let
+  sh = "/bin/sh";
+  # A dependency, so each system has a closure of more than one path.
+  lib = name: derivation {
+    name = "nixless-fake-lib-${name}";
+    system = "x86_64-linux";
+    builder = sh;
+    inherit salt;
+    args = [ "-c" "export PATH=/usr/bin:/bin; mkdir -p $out/lib; echo 'lib ${name}' > $out/lib/libfake.so" ];
+  };
+  fakeSystem = name: derivation {
+    name = "nixless-fake-system-${name}";
+    system = "x86_64-linux";
+    builder = sh;
+    inherit salt;
+    dep = lib name;
+    script = ''
+      #!/bin/sh
+      name=${name}
+      action="$1"
+      self=$(cd "$(dirname "$0")/.." && pwd -P)
+      d="''${FAKE_NIXOS_DIR:?}"
+      echo "$name $action" >> "$d/calls"
+      b=$(cat "$d/behaviour-$name" 2>/dev/null || echo ok)
+      echo "switch-to-configuration $action of $name ($b)"
+      if [ "$action" = test ] || [ "$action" = switch ]; then
+        case "$b" in
+          fail2) echo "error: activation script snippet 'etc' failed"; exit 2 ;;
+          exit4) echo "warning: the following units failed: broken.service"; exit 4 ;;
+          exit100) echo "a reboot is required"; exit 100 ;;
+          hang) sleep 3600 ;;
+        esac
+        echo "$name" > "$d/current"
+        if [ "$b" = unhealthy ]; then touch "$d/unhealthy"; else rm -f "$d/unhealthy"; fi
+        if [ -n "''${FAKE_NIXOS_ROOT:-}" ]; then
+          mkdir -p "$FAKE_NIXOS_ROOT/run"
+          ln -sfn "/nix/store/$(basename "$self")" "$FAKE_NIXOS_ROOT/run/current-system"
+        fi
+      fi
+      if [ "$action" = boot ] || [ "$action" = switch ]; then
+        [ "$b" = bootfail ] && { echo "error: installing the boot loader failed"; exit 1; }
+        echo "$name" > "$d/boot-default"
+      fi
+      exit 0
+    '';
+    passAsFile = [ "script" ];
+    args = [ "-c" ''
+      export PATH=/usr/bin:/bin
+      mkdir -p $out/bin
+      cp $scriptPath $out/bin/switch-to-configuration
+      chmod 555 $out/bin/switch-to-configuration
+      echo ${name} > $out/nixos-version
+      ln -s $dep $out/lib
+    '' ];
+  };
+in
+{
+  a = fakeSystem "a";
+  b = fakeSystem "b";
+  c = fakeSystem "c";
+}
