@@ -3,7 +3,8 @@
 # test tells it at run time (through files in $FAKE_NIXOS_DIR), so a few
 # builds cover every failure mode:
 #   $FAKE_NIXOS_DIR/calls                 "<name> <action>" per call
-#   $FAKE_NIXOS_DIR/behaviour-<name>      ok | fail2 | exit4 | exit100 | hang | unhealthy | bootfail
+#   $FAKE_NIXOS_DIR/behaviour-<name>      ok | fail2 | exit4 | exit100 | hang | slow | unhealthy | bootfail | kill-agent
+#   $FAKE_NIXOS_DIR/agent.pid             the agent kill-agent kills (self-update: the switch restarts it)
 #   $FAKE_NIXOS_DIR/current               name of the system last activated
 #   $FAKE_NIXOS_DIR/boot-default          name of the system last made the boot default
 #   $FAKE_NIXOS_DIR/unhealthy             exists while an "unhealthy" system runs
@@ -40,6 +41,8 @@ let
           exit4) echo "warning: the following units failed: broken.service"; exit 4 ;;
           exit100) echo "a reboot is required"; exit 100 ;;
           hang) sleep 3600 ;;
+          slow) sleep 3 ;;
+          kill-agent) kill -9 "$(cat "$d/agent.pid")"; sleep 1 ;;
         esac
         echo "$name" > "$d/current"
         if [ "$b" = unhealthy ]; then touch "$d/unhealthy"; else rm -f "$d/unhealthy"; fi

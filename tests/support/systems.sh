@@ -7,10 +7,13 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 dir=${1:-${CARGO_TARGET_DIR:-./target}/fixtures}
 dir=$(cd "$dir" && pwd)
-[ -s "$dir/systems.env" ] && exit 0
+# Rebuilt when systems.nix changes.
+stamp=$(sha256sum "$here/systems.nix" | cut -c1-16)
+fresh() { [ -s "$dir/systems.env" ] && grep -q "^SYSTEMS_STAMP=$stamp\$" "$dir/systems.env"; }
+fresh && exit 0
 exec 8>"$dir/.systems.lock"
 flock 8
-[ -s "$dir/systems.env" ] && exit 0
+fresh && exit 0
 export NIX_CONFIG=$'build-users-group =\nexperimental-features = nix-command\nsandbox = false\nsubstituters ='
 mkdir -p "$dir/gcroots"
 declare -A sys
@@ -24,5 +27,6 @@ nix copy --to "file://$dir/cache-systems?compression=zstd&secret-key=$dir/keys/a
   echo "SYS_B=${sys[b]}"
   echo "SYS_C=${sys[c]}"
   echo "CACHE_SYSTEMS=$dir/cache-systems"
+  echo "SYSTEMS_STAMP=$stamp"
 } > "$dir/systems.env.tmp"
 mv "$dir/systems.env.tmp" "$dir/systems.env"

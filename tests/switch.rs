@@ -1,0 +1,630 @@
+//! Issue C end to end: a real agent, a real cache, fake NixOS systems built
+//! by real Nix (tests/support/systems.nix) whose switch-to-configuration
+//! records its calls and misbehaves on request, and a harness that plays
+//! systemd: the path unit (runs `nixless switch-helper` when a request file
+//! changes) and `Restart=always` for the agent.
+
+mod common;
+
+use common::*;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+fn systems() -> &'static BTreeMap<String, String> {
+    static S: OnceLock<BTreeMap<String, String>> = OnceLock::new();
+    S.get_or_init(|| {
+        let f = fixtures();
+        let dir = f.path("FIXTURES");
+        let st = Command::new("bash").arg(repo().join("tests/support/systems.sh")).arg(&dir).status().unwrap();
+        assert!(st.success(), "systems.sh failed");
+        std::fs::read_to_string(dir.join("systems.env"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    })
+}
+
+fn sys(name: &str) -> String {
+    systems()[&format!("SYS_{}", name.to_uppercase())].clone()
+}
+
+struct Opts {
+    health_timeout: u64,
+    switch_timeout: u64,
+    generations: u64,
+    boot_id: String,
+    /// JSON list for health_command (default: fails while `unhealthy` exists).
+    health_command: Option<String>,
+    extra: String,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            health_timeout: 4,
+            switch_timeout: 20,
+            generations: 5,
+            boot_id: "boot-1".into(),
+            health_command: None,
+            extra: String::new(),
+        }
+    }
+}
+
+/// A device: a root with system A installed and active, an agent, and the
+/// emulated path unit.
+struct Device {
+    root: tempfile::TempDir,
+    fake: tempfile::TempDir,
+    config: PathBuf,
+    port: u16,
+    key: nixless::nix::SecretKey,
+    agent: Arc<Mutex<Option<Child>>>,
+    boot_id: Arc<Mutex<String>>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    /// How often the emulated path unit started the helper.
+    helper_runs: Arc<Mutex<u32>>,
+}
+
+fn spawn_agent(config: &Path, fake: &Path, root: &Path, boot_id: &str) -> Child {
+    let child = Command::new(bin())
+        .args(["agent", "--config", config.to_str().unwrap()])
+        .env("NIXLESS_BOOT_ID", boot_id)
+        .env("FAKE_NIXOS_DIR", fake)
+        .env("FAKE_NIXOS_ROOT", root)
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(
+            std::fs::OpenOptions::new().create(true).append(true).open(fake.join("agent.log")).unwrap(),
+        ))
+        .spawn()
+        .unwrap();
+    std::fs::write(fake.join("agent.pid"), child.id().to_string()).unwrap();
+    child
+}
+
+impl Device {
+    fn new(o: Opts) -> Device {
+        let f = fixtures();
+        let root = tempfile::Builder::new().prefix("nixless-dev-").tempdir().unwrap();
+        let fake = tempfile::Builder::new().prefix("nixless-fake-").tempdir().unwrap();
+        let cache = f.path("FIXTURES").join("cache-systems");
+        // System A: installed, generation 1, running and the boot default.
+        let out = nixless(&[
+            "install",
+            "--root",
+            root.path().to_str().unwrap(),
+            "--cache",
+            &format!("file://{}", cache.display()),
+            "--trusted-key",
+            f.get("PK_A"),
+            &sys("a"),
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        nixless::switch::profile::commit(root.path(), &sys("a")).unwrap();
+        std::fs::create_dir_all(root.path().join("run")).unwrap();
+        std::os::unix::fs::symlink(sys("a"), root.path().join("run/current-system")).unwrap();
+        std::os::unix::fs::symlink(sys("a"), root.path().join("run/booted-system")).unwrap();
+        std::fs::write(fake.path().join("current"), "a\n").unwrap();
+        std::fs::write(fake.path().join("boot-default"), "a\n").unwrap();
+
+        let key = nixless::nix::SecretKey::generate("admin-1").unwrap();
+        let port = free_port();
+        let config = fake.path().join("agent.json");
+        let health = o
+            .health_command
+            .clone()
+            .unwrap_or_else(|| format!(r#"["/bin/sh","-c","test ! -e {}/unhealthy"]"#, fake.path().display()));
+        std::fs::write(
+            &config,
+            format!(
+                r#"{{"host":"dev","listen":["127.0.0.1:{port}"],"caches":["file://{}"],"cache_keys":["{}"],"deploy_keys":["{}"],"root":"{}","health_timeout_secs":{},"health_command":{health},"switch_timeout_secs":{},"generations_to_keep":{}{}}}"#,
+                cache.display(),
+                f.get("PK_A"),
+                key.public(),
+                root.path().display(),
+                o.health_timeout,
+                o.switch_timeout,
+                o.generations,
+                o.extra
+            ),
+        )
+        .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let boot_id = Arc::new(Mutex::new(o.boot_id.clone()));
+        let agent = Arc::new(Mutex::new(Some(spawn_agent(&config, fake.path(), root.path(), &o.boot_id))));
+        let helper_runs = Arc::new(Mutex::new(0));
+        let mut threads = Vec::new();
+        // The path unit: start the helper whenever a request file changes.
+        {
+            let (stop, config, fakep, rootp, runs) =
+                (stop.clone(), config.clone(), fake.path().to_owned(), root.path().to_owned(), helper_runs.clone());
+            let sw = root.path().join("var/lib/nixless/switch");
+            threads.push(std::thread::spawn(move || {
+                let mut seen: (Vec<u8>, Vec<u8>) = Default::default();
+                let deadline = Instant::now() + Duration::from_secs(600);
+                while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+                    let now = (
+                        std::fs::read(sw.join("request.json")).unwrap_or_default(),
+                        std::fs::read(sw.join("health-request.json")).unwrap_or_default(),
+                    );
+                    if now != seen && (!now.0.is_empty() || !now.1.is_empty()) {
+                        seen = now;
+                        *runs.lock().unwrap() += 1;
+                        let mut child = Command::new(bin())
+                            .args(["switch-helper", "--config", config.to_str().unwrap()])
+                            .env("FAKE_NIXOS_DIR", &fakep)
+                            .env("FAKE_NIXOS_ROOT", &rootp)
+                            .stdout(Stdio::null())
+                            .stderr(Stdio::from(
+                                std::fs::OpenOptions::new()
+                                    .create(true)
+                                    .append(true)
+                                    .open(fakep.join("helper.log"))
+                                    .unwrap(),
+                            ))
+                            .spawn()
+                            .unwrap();
+                        std::fs::write(fakep.join("helper.pid"), child.id().to_string()).unwrap();
+                        let _ = child.wait();
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }));
+        }
+        // Restart=always for the agent.
+        {
+            let (stop, agent, config, fakep, rootp, boot) = (
+                stop.clone(),
+                agent.clone(),
+                config.clone(),
+                fake.path().to_owned(),
+                root.path().to_owned(),
+                boot_id.clone(),
+            );
+            threads.push(std::thread::spawn(move || {
+                let deadline = Instant::now() + Duration::from_secs(600);
+                while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+                    {
+                        let mut a = agent.lock().unwrap();
+                        let dead = match a.as_mut() {
+                            Some(c) => c.try_wait().unwrap().is_some(),
+                            None => false,
+                        };
+                        if dead {
+                            std::thread::sleep(Duration::from_millis(200));
+                            *a = Some(spawn_agent(&config, &fakep, &rootp, &boot.lock().unwrap()));
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }));
+        }
+        let d = Device { root, fake, config, port, key, agent, boot_id, stop, threads, helper_runs };
+        d.wait_for(|s| s.contains("\"phase\":\"idle\""), 20);
+        d
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn behave(&self, system: &str, how: &str) {
+        std::fs::write(self.fake.path().join(format!("behaviour-{system}")), how).unwrap();
+    }
+
+    fn calls(&self) -> Vec<String> {
+        std::fs::read_to_string(self.fake.path().join("calls")).unwrap_or_default().lines().map(str::to_owned).collect()
+    }
+
+    fn fake_file(&self, name: &str) -> String {
+        std::fs::read_to_string(self.fake.path().join(name)).unwrap_or_default().trim().to_owned()
+    }
+
+    fn status(&self) -> String {
+        ureq::get(&format!("{}/v1/status", self.url()))
+            .call()
+            .ok()
+            .and_then(|r| r.into_body().read_to_string().ok())
+            .unwrap_or_default()
+    }
+
+    /// Polls status until `pred` holds; panics with logs after `secs`.
+    fn wait_for(&self, pred: impl Fn(&str) -> bool, secs: u64) -> String {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let s = self.status();
+            if pred(&s) {
+                return s;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out; status: {s}\nagent log:\n{}\nhelper log:\n{}\ncalls: {:?}",
+                    self.fake_file("agent.log"),
+                    self.fake_file("helper.log"),
+                    self.calls()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn deploy(&self, system: Option<&str>, action: &str, seq: u64) {
+        let action = nixless::agent::machine::Action::parse(action).unwrap();
+        let doc = nixless::agent::deploy::render("dev", system, seq, action, &[], &[]);
+        let sig = nixless::agent::deploy::sign(&self.key, doc.as_bytes());
+        let resp = ureq::post(&format!("{}/v1/deploy", self.url()))
+            .header("Nixless-Signature", &sig)
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .send(doc.as_bytes())
+            .unwrap();
+        let status = resp.status().as_u16();
+        assert_eq!(status, 202, "{}", resp.into_body().read_to_string().unwrap_or_default());
+    }
+
+    /// Waits until the deploy `seq` finished; returns (outcome, status JSON).
+    fn finish(&self, seq: u64, secs: u64) -> (String, String) {
+        let needle = format!("\"last_result\":{{\"seq\":{seq},");
+        let s = self.wait_for(|s| s.contains(&needle) && s.contains("\"phase\":\"idle\""), secs);
+        let i = s.find("\"outcome\":\"").unwrap() + 11;
+        (s[i..].split('"').next().unwrap().to_owned(), s)
+    }
+
+    fn kill_agent(&self) {
+        let mut a = self.agent.lock().unwrap();
+        if let Some(c) = a.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // The supervisor restarts it.
+        drop(a);
+    }
+
+    fn profile(&self) -> Option<(u64, String)> {
+        nixless::switch::profile::current(self.root.path())
+    }
+
+    fn current_system(&self) -> String {
+        std::fs::read_link(self.root.path().join("run/current-system")).unwrap().to_str().unwrap().to_owned()
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // A hung helper must not hold the test: kill it first.
+        if let Ok(pid) = std::fs::read_to_string(self.fake.path().join("helper.pid")) {
+            let _ = Command::new("kill").arg("-9").arg(pid.trim()).stderr(Stdio::null()).status();
+        }
+        let _ = Command::new("pkill").arg("-9").arg("-f").arg(self.fake.path().to_str().unwrap()).status();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        if let Some(mut c) = self.agent.lock().unwrap().take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        rm_rf(self.root.path());
+    }
+}
+
+#[test]
+fn happy_switch_commits_profile_and_bootloader() {
+    let d = Device::new(Opts::default());
+    d.deploy(Some(&sys("b")), "switch", 10);
+    let (outcome, status) = d.finish(10, 60);
+    assert_eq!(outcome, "committed", "{status}");
+    assert_eq!(d.calls(), vec!["b test", "b boot"], "test first, boot only after health");
+    assert!(*d.helper_runs.lock().unwrap() >= 2, "both switches went through the helper (path unit)");
+    assert_eq!(d.profile(), Some((2, sys("b"))));
+    assert_eq!(d.fake_file("boot-default"), "b");
+    assert_eq!(d.current_system(), sys("b"));
+    // Generation 1 is still there for a rollback.
+    assert_eq!(nixless::switch::profile::previous(d.root.path()), Some((1, sys("a"))));
+}
+
+#[test]
+fn failed_switches_roll_back_with_the_reason() {
+    for (how, needle) in [("fail2", "activation failed"), ("exit4", "units failed"), ("exit100", "reboot")] {
+        let d = Device::new(Opts::default());
+        d.behave("b", how);
+        d.deploy(Some(&sys("b")), "switch", 20);
+        let (outcome, status) = d.finish(20, 60);
+        assert_eq!(outcome, "rolled-back", "{how}: {status}");
+        assert!(status.contains(needle), "{how}: {status}");
+        assert_eq!(d.calls(), vec!["b test", "a test"], "{how}");
+        assert_eq!(d.profile(), Some((1, sys("a"))), "{how}: profile unchanged");
+        assert_eq!(d.fake_file("boot-default"), "a", "{how}: boot default unchanged");
+        assert_eq!(d.current_system(), sys("a"));
+    }
+}
+
+#[test]
+fn failed_health_and_health_timeout_roll_back() {
+    let d = Device::new(Opts::default());
+    d.behave("b", "unhealthy");
+    d.deploy(Some(&sys("b")), "switch", 30);
+    let (outcome, status) = d.finish(30, 60);
+    assert_eq!(outcome, "rolled-back", "{status}");
+    assert!(status.contains("health check failed"), "{status}");
+    assert_eq!(d.calls(), vec!["b test", "a test"]);
+    assert_eq!(d.profile(), Some((1, sys("a"))));
+    assert!(!d.fake.path().join("unhealthy").exists(), "the rollback restored health");
+
+    // A health command that never answers: the deadline decides.
+    let slow = Some(r#"["/bin/sleep","30"]"#.to_string());
+    let d = Device::new(Opts { health_timeout: 3, health_command: slow, ..Opts::default() });
+    d.deploy(Some(&sys("c")), "switch", 31);
+    let (outcome, status) = d.finish(31, 60);
+    assert_eq!(outcome, "rolled-back", "{status}");
+    assert!(status.contains("not healthy within 3 s"), "{status}");
+}
+
+#[test]
+fn failed_rollback_is_reported() {
+    let d = Device::new(Opts::default());
+    d.behave("b", "fail2");
+    d.behave("a", "fail2");
+    d.deploy(Some(&sys("b")), "switch", 40);
+    let (outcome, status) = d.finish(40, 60);
+    assert_eq!(outcome, "rollback-failed", "{status}");
+    assert!(status.contains("rollback failed"), "{status}");
+}
+
+#[test]
+fn boot_deploy_commits_without_a_live_switch() {
+    let d = Device::new(Opts::default());
+    d.deploy(Some(&sys("c")), "boot", 50);
+    let (outcome, status) = d.finish(50, 60);
+    assert_eq!(outcome, "committed", "{status}");
+    assert_eq!(d.calls(), vec!["c boot"]);
+    assert_eq!(d.fake_file("current"), "a", "still running the old system");
+    assert_eq!(d.fake_file("boot-default"), "c");
+    assert_eq!(d.profile(), Some((2, sys("c"))));
+}
+
+#[test]
+fn agent_killed_at_every_step_resumes_and_never_repeats_a_switch() {
+    // Kill -9 the agent once it reaches each phase; the supervisor restarts
+    // it; the deploy must still commit, with each switch run exactly once.
+    for phase in ["fetching", "switching", "verifying"] {
+        let d = Device::new(Opts { health_timeout: 6, ..Opts::default() });
+        if phase == "switching" {
+            d.behave("b", "slow");
+        }
+        d.deploy(Some(&sys("b")), "switch", 60);
+        d.wait_for(|s| s.contains(&format!("\"phase\":\"{phase}\"")) || s.contains("\"outcome\""), 60);
+        d.kill_agent();
+        let (outcome, status) = d.finish(60, 90);
+        assert_eq!(outcome, "committed", "killed in {phase}: {status}");
+        assert_eq!(d.calls(), vec!["b test", "b boot"], "killed in {phase}");
+        assert_eq!(d.profile(), Some((2, sys("b"))));
+    }
+}
+
+#[test]
+fn switch_that_restarts_the_agent_still_commits() {
+    // Self-update: the new system's activation kills the running agent
+    // while the switch runs in the helper; the supervisor (Restart=always)
+    // starts it again, and the new agent picks up the result and commits.
+    let d = Device::new(Opts::default());
+    d.behave("b", "kill-agent");
+    let pid_before = std::fs::read_to_string(d.fake.path().join("agent.pid")).unwrap();
+    d.deploy(Some(&sys("b")), "switch", 70);
+    let (outcome, status) = d.finish(70, 90);
+    assert_eq!(outcome, "committed", "{status}");
+    assert_eq!(d.calls(), vec!["b test", "b boot"], "the switch ran once");
+    let pid_after = std::fs::read_to_string(d.fake.path().join("agent.pid")).unwrap();
+    assert_ne!(pid_before, pid_after, "the agent was restarted mid-switch");
+}
+
+#[test]
+fn reboot_before_commit_fails_for_good() {
+    let slow = Some(r#"["/bin/sleep","20"]"#.to_string());
+    let d = Device::new(Opts { health_timeout: 30, health_command: slow, ..Opts::default() });
+    d.deploy(Some(&sys("b")), "switch", 80);
+    d.wait_for(|s| s.contains("\"phase\":\"verifying\""), 60);
+    // "Reboot": the old default boots (system A runs), new boot id.
+    *d.boot_id.lock().unwrap() = "boot-2".into();
+    std::fs::remove_file(d.root.path().join("run/current-system")).unwrap();
+    std::os::unix::fs::symlink(sys("a"), d.root.path().join("run/current-system")).unwrap();
+    d.kill_agent();
+    let (outcome, status) = d.finish(80, 60);
+    assert_eq!(outcome, "failed", "{status}");
+    assert!(status.contains("rebooted before the update was committed"), "{status}");
+    assert_eq!(d.profile(), Some((1, sys("a"))), "never committed");
+    // And it is not attempted again by itself.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(d.calls(), vec!["b test"]);
+}
+
+#[test]
+fn hung_switch_times_out_and_rolls_back() {
+    let d = Device::new(Opts { switch_timeout: 8, ..Opts::default() });
+    d.behave("b", "hang");
+    d.deploy(Some(&sys("b")), "switch", 90);
+    let (outcome, status) = d.finish(90, 90);
+    assert_eq!(outcome, "rolled-back", "{status}");
+    assert!(status.contains("killed after") || status.contains("no result"), "{status}");
+    assert_eq!(d.calls(), vec!["b test", "a test"]);
+    assert_eq!(d.profile(), Some((1, sys("a"))));
+}
+
+#[test]
+fn signed_rollback_and_gc_actions() {
+    let d = Device::new(Opts { generations: 1, ..Opts::default() });
+    d.deploy(Some(&sys("b")), "switch", 100);
+    assert_eq!(d.finish(100, 60).0, "committed");
+    // Roll back to the previous generation (A) by a signed document.
+    d.deploy(None, "rollback", 101);
+    let (outcome, status) = d.finish(101, 60);
+    assert_eq!(outcome, "committed", "{status}");
+    assert_eq!(d.current_system(), sys("a"));
+    assert_eq!(d.profile().unwrap().1, sys("a"));
+    assert_eq!(d.fake_file("boot-default"), "a");
+    // GC keeping one generation (plus current and booted): B's closure goes
+    // (booted is A), A's stays.
+    let store = d.root.path().join("nix/store");
+    let b_base = sys("b").rsplit('/').next().unwrap().to_owned();
+    assert!(store.join(&b_base).exists());
+    d.deploy(None, "gc", 102);
+    let (outcome, status) = d.finish(102, 60);
+    assert_eq!(outcome, "collected", "{status}");
+    assert!(!store.join(&b_base).exists(), "B collected: {status}");
+    assert!(store.join(sys("a").rsplit('/').next().unwrap()).exists());
+    let v = nixless(&["verify", "--root", d.root.path().to_str().unwrap()]);
+    assert!(v.status.success(), "what is left verifies: {}", stderr(&v));
+}
+
+#[test]
+fn gc_keeps_exactly_what_it_must() {
+    let d = Device::new(Opts { generations: 2, ..Opts::default() });
+    for (seq, s) in [(110, "b"), (111, "c")] {
+        d.deploy(Some(&sys(s)), "switch", seq);
+        assert_eq!(d.finish(seq, 60).0, "committed");
+    }
+    // Generations: 1=A, 2=B, 3=C (current). Booted: A. Keep 2 → B, C; A stays
+    // as the booted system. An unrelated recorded path, and one without a
+    // record, both dead.
+    let f = fixtures();
+    let out = nixless(&[
+        "install",
+        "--root",
+        d.root.path().to_str().unwrap(),
+        "--cache",
+        &format!("file://{}", f.get("CACHE_ZSTD")),
+        "--trusted-key",
+        f.get("PK_A"),
+        f.get("P_CHAIN_A"),
+    ]);
+    assert!(out.status.success());
+    let chain: Vec<String> = closure_of(f.get("P_CHAIN_A"));
+    let norecord = d.root.path().join("nix/store/00000000000000000000000000000000-unrecorded");
+    std::fs::write(&norecord, "x").unwrap();
+    let store = d.root.path().join("nix/store");
+    let before: Vec<String> =
+        std::fs::read_dir(&store).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+
+    // Booted system is A: move it to B so A becomes collectable... no: keep
+    // A booted, and check the dry run lists exactly the dead chain.
+    let cfg = d.config.to_str().unwrap();
+    let dry = nixless(&["gc", "--config", cfg, "--dry-run"]);
+    assert!(dry.status.success(), "{}", stderr(&dry));
+    let listed: Vec<String> =
+        String::from_utf8_lossy(&dry.stdout).lines().map(|l| l.rsplit(' ').next().unwrap().to_owned()).collect();
+    let mut want = chain.clone();
+    want.sort();
+    let mut got = listed.clone();
+    got.sort();
+    assert_eq!(got, want, "dry run lists exactly the dead, recorded paths");
+    let after_dry: Vec<String> =
+        std::fs::read_dir(&store).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    assert_eq!(after_dry.len(), before.len(), "dry run deletes nothing");
+
+    let real = nixless(&["gc", "--config", cfg]);
+    assert!(real.status.success(), "{}", stderr(&real));
+    for p in &chain {
+        assert!(!d.root.path().join(p.trim_start_matches('/')).exists(), "{p} collected");
+    }
+    assert!(norecord.exists(), "a path without a record is never deleted");
+    for s in ["a", "b", "c"] {
+        for p in closure_of(&sys(s)) {
+            assert!(d.root.path().join(p.trim_start_matches('/')).exists(), "{p} of system {s} kept");
+        }
+    }
+    // Generation 1 (A) is beyond the two kept, but A is booted: its link
+    // goes, its closure stays.
+    let gens: Vec<u64> = nixless::switch::profile::generations(d.root.path()).iter().map(|g| g.0).collect();
+    assert_eq!(gens, vec![2, 3]);
+    let v = nixless(&["verify", "--root", d.root.path().to_str().unwrap()]);
+    assert!(v.status.success(), "{}", stderr(&v));
+}
+
+#[test]
+fn console_rollback_switches_to_the_previous_generation() {
+    let d = Device::new(Opts::default());
+    d.deploy(Some(&sys("b")), "switch", 120);
+    assert_eq!(d.finish(120, 60).0, "committed");
+    let cfg = d.config.to_str().unwrap();
+    let out = Command::new(bin())
+        .args(["rollback", "--config", cfg])
+        .env("FAKE_NIXOS_DIR", d.fake.path())
+        .env("FAKE_NIXOS_ROOT", d.root.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(d.profile(), Some((1, sys("a"))));
+    assert_eq!(d.calls().last().map(String::as_str), Some("a switch"));
+    assert_eq!(d.fake_file("boot-default"), "a");
+}
+
+#[test]
+fn disk_full_refuses_the_deploy_and_changes_nothing() {
+    // The store on a 3 MiB tmpfs; the big fixture path (24 MiB) cannot fit.
+    let d = Device::new(Opts::default());
+    let small = tempfile::tempdir().unwrap();
+    let st = Command::new("mount").args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"]).arg(small.path()).status().unwrap();
+    assert!(st.success(), "mount tmpfs (tests run as root)");
+    struct Umount(PathBuf);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Umount(small.path().to_owned());
+    let f = fixtures();
+    let key = &d.key;
+    let port = free_port();
+    let cfg = small.path().join("agent.json");
+    let root = small.path().join("root");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"{{"host":"dev","listen":["127.0.0.1:{port}"],"caches":["file://{}"],"cache_keys":["{}"],"deploy_keys":["{}"],"root":"{}"}}"#,
+            f.get("CACHE_ZSTD"),
+            f.get("PK_A"),
+            key.public(),
+            root.display()
+        ),
+    )
+    .unwrap();
+    let mut agent = spawn_agent(&cfg, d.fake.path(), &root, "boot-1");
+    let url = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ureq::get(&format!("{url}/v1/status")).call().is_err() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let doc = nixless::agent::deploy::render(
+        "dev",
+        Some(f.get("P_BIG")),
+        5,
+        nixless::agent::machine::Action::Switch,
+        &[],
+        &[],
+    );
+    let sig = nixless::agent::deploy::sign(key, doc.as_bytes());
+    let r = ureq::post(&format!("{url}/v1/deploy")).header("Nixless-Signature", &sig).send(doc.as_bytes()).unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let s = ureq::get(&format!("{url}/v1/status")).call().unwrap().into_body().read_to_string().unwrap();
+        if s.contains("\"outcome\"") || Instant::now() > deadline {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert!(status.contains("\"outcome\":\"rejected\""), "{status}");
+    assert!(status.contains("not enough disk space"), "{status}");
+    let left: Vec<_> = std::fs::read_dir(root.join("nix/store")).unwrap().collect();
+    assert!(left.is_empty(), "nothing written to the store");
+}
