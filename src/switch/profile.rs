@@ -50,7 +50,7 @@ pub fn current(root: &Path) -> Option<(u64, String)> {
 /// The newest generation older than the current one.
 pub fn previous(root: &Path) -> Option<(u64, String)> {
     let (cur, _) = current(root)?;
-    generations(root).into_iter().filter(|(k, _)| *k < cur).next_back()
+    generations(root).into_iter().rfind(|(k, _)| *k < cur)
 }
 
 fn replace_link(dir: &Path, name: &str, target: &str) -> std::io::Result<()> {
