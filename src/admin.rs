@@ -211,7 +211,7 @@ pub fn status(agents: &[String]) -> Result<(), String> {
             Ok(s) => {
                 let sys = s.current_system.as_deref().unwrap_or("-");
                 let p = &s.progress;
-                let progress = if p.paths_total > 0 {
+                let progress = if s.phase == "fetching" && p.paths_total > 0 {
                     format!("{}/{} {}MiB", p.paths_done, p.paths_total, p.bytes_done >> 20)
                 } else {
                     "-".into()
