@@ -24,30 +24,19 @@ fn main() {
     println!("cargo:rerun-if-changed={SOURCE}");
     println!("cargo:rerun-if-changed=build.rs");
 
-    let manifest =
-        PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
-    let out =
-        PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR")).join("seccomp_agent.bpf");
-    let json =
-        std::fs::read(manifest.join(SOURCE)).unwrap_or_else(|e| fail(format!("cannot read: {e}")));
+    let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
+    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR")).join("seccomp_agent.bpf");
+    let json = std::fs::read(manifest.join(SOURCE)).unwrap_or_else(|e| fail(format!("cannot read: {e}")));
 
-    let mut filters =
-        seccompiler::compile_from_json(json.as_slice(), seccompiler::TargetArch::x86_64)
-            .unwrap_or_else(|e| fail(format!("invalid seccomp filter: {e}")));
-    let prog = filters
-        .remove(FILTER)
-        .unwrap_or_else(|| fail(format!("no filter named {FILTER:?}")));
+    let mut filters = seccompiler::compile_from_json(json.as_slice(), seccompiler::TargetArch::x86_64)
+        .unwrap_or_else(|e| fail(format!("invalid seccomp filter: {e}")));
+    let prog = filters.remove(FILTER).unwrap_or_else(|| fail(format!("no filter named {FILTER:?}")));
     if let Some(other) = filters.keys().next() {
-        fail(format!(
-            "unexpected filter {other:?}: only {FILTER:?} is installed"
-        ));
+        fail(format!("unexpected filter {other:?}: only {FILTER:?} is installed"));
     }
     // BPF_MAXINSNS: the kernel refuses longer programs.
     if prog.is_empty() || prog.len() > 4096 {
-        fail(format!(
-            "filter has {} instructions (1..=4096 allowed)",
-            prog.len()
-        ));
+        fail(format!("filter has {} instructions (1..=4096 allowed)", prog.len()));
     }
 
     let mut bytes = Vec::new();

@@ -16,19 +16,11 @@ use std::process::{Command, Output};
 const SIGSYS: i32 = 31;
 
 fn selftest(args: &[&str]) -> Output {
-    Command::new(bin())
-        .arg("__seccomp-selftest")
-        .args(args)
-        .env_remove("NIXLESS_LOG")
-        .output()
-        .unwrap()
+    Command::new(bin()).arg("__seccomp-selftest").args(args).env_remove("NIXLESS_LOG").output().unwrap()
 }
 
 fn root() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("nixless-seccomp-root-")
-        .tempdir()
-        .unwrap()
+    tempfile::Builder::new().prefix("nixless-seccomp-root-").tempdir().unwrap()
 }
 
 #[test]
@@ -42,35 +34,14 @@ fn filter_compiled_for_x86_64() {
 #[test]
 fn allowed_operations_survive() {
     let out = selftest(&["allowed"]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "status {:?}: {}",
-        out.status,
-        stderr(&out)
-    );
+    assert_eq!(out.status.code(), Some(0), "status {:?}: {}", out.status, stderr(&out));
 }
 
 #[test]
 fn forbidden_calls_are_killed_with_sigsys() {
-    for what in [
-        "execve",
-        "spawn",
-        "fork",
-        "clone",
-        "ptrace",
-        "socket-netlink",
-        "ioctl-other",
-        "mmap-exec",
-    ] {
+    for what in ["execve", "spawn", "fork", "clone", "ptrace", "socket-netlink", "ioctl-other", "mmap-exec"] {
         let out = selftest(&[what]);
-        assert_eq!(
-            out.status.signal(),
-            Some(SIGSYS),
-            "{what}: status {:?}: {}",
-            out.status,
-            stderr(&out)
-        );
+        assert_eq!(out.status.signal(), Some(SIGSYS), "{what}: status {:?}: {}", out.status, stderr(&out));
     }
 }
 
@@ -85,11 +56,7 @@ fn panic_under_filter_is_not_a_seccomp_kill() {
         out.status,
         stderr(&out)
     );
-    assert!(
-        stderr(&out).contains("deliberate panic"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("deliberate panic"), "{}", stderr(&out));
 }
 
 #[test]
@@ -127,11 +94,7 @@ fn assert_installed(out: &Output, root: &Path, cache: &Path) {
     );
     let f = fixtures();
     let present = assert_store_sound(root, cache);
-    assert_eq!(
-        present.len(),
-        f.get("CLOSURE_SIZE").parse::<usize>().unwrap(),
-        "{present:?}"
-    );
+    assert_eq!(present.len(), f.get("CLOSURE_SIZE").parse::<usize>().unwrap(), "{present:?}");
 }
 
 #[test]
@@ -140,12 +103,7 @@ fn install_xz_from_file_cache_under_filter() {
     let r = root();
     let cache = f.path("CACHE_XZ");
     let url = format!("file://{}", cache.display());
-    let out = install_under_filter(
-        r.path(),
-        std::slice::from_ref(&url),
-        f.get("PK_A"),
-        &[f.get("TOP")],
-    );
+    let out = install_under_filter(r.path(), std::slice::from_ref(&url), f.get("PK_A"), &[f.get("TOP")]);
     assert_installed(&out, r.path(), &cache);
     // Again: everything present, nothing fetched.
     let out = install_under_filter(r.path(), &[url], f.get("PK_A"), &[f.get("TOP")]);
@@ -173,12 +131,7 @@ fn install_with_refused_first_cache_under_filter() {
     let cache = f.path("CACHE_ZSTD");
     let nginx = Nginx::start(&cache);
     let dead = format!("http://127.0.0.1:{}", free_port());
-    let out = install_under_filter(
-        r.path(),
-        &[dead, nginx.url()],
-        f.get("PK_A"),
-        &[f.get("TOP")],
-    );
+    let out = install_under_filter(r.path(), &[dead, nginx.url()], f.get("PK_A"), &[f.get("TOP")]);
     assert_installed(&out, r.path(), &cache);
     rm_rf(r.path());
 }
