@@ -13,20 +13,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 fn root() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("nixless-root-")
-        .tempdir()
-        .unwrap()
+    tempfile::Builder::new().prefix("nixless-root-").tempdir().unwrap()
 }
 
 fn install(root: &Path, caches: &[String], key: &str, paths: &[&str]) -> std::process::Output {
-    let mut args = vec![
-        "install".to_string(),
-        "--root".into(),
-        root.display().to_string(),
-        "--retries".into(),
-        "2".into(),
-    ];
+    let mut args =
+        vec!["install".to_string(), "--root".into(), root.display().to_string(), "--retries".into(), "2".into()];
     for c in caches {
         args.push("--cache".into());
         args.push(c.clone());
@@ -45,9 +37,7 @@ fn file_url(p: &Path) -> String {
 fn store_entries(root: &Path) -> Vec<String> {
     match std::fs::read_dir(root.join("nix/store")) {
         Ok(rd) => {
-            let mut v: Vec<String> = rd
-                .map(|e| e.unwrap().file_name().into_string().unwrap())
-                .collect();
+            let mut v: Vec<String> = rd.map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
             v.sort();
             v
         }
@@ -57,35 +47,16 @@ fn store_entries(root: &Path) -> Vec<String> {
 
 /// A failed install: non-zero exit, one `nixless: error:` line that
 /// contains `needle`, a sound store without `absent`.
-fn assert_refused(
-    out: &std::process::Output,
-    needle: &str,
-    root: &Path,
-    cache: &Path,
-    absent: &str,
-) {
+fn assert_refused(out: &std::process::Output, needle: &str, root: &Path, cache: &Path, absent: &str) {
     let err = stderr(out);
-    assert!(
-        !out.status.success(),
-        "expected failure, got success: {err}"
-    );
-    let lines: Vec<&str> = err
-        .lines()
-        .filter(|l| !l.starts_with("nixless: warning:"))
-        .collect();
+    assert!(!out.status.success(), "expected failure, got success: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.starts_with("nixless: warning:")).collect();
     assert_eq!(lines.len(), 1, "want one error line, got: {err}");
     assert!(lines[0].starts_with("nixless: error: "), "{err}");
-    assert!(
-        lines[0].contains(needle),
-        "error {:?} does not mention {needle:?}",
-        lines[0]
-    );
+    assert!(lines[0].contains(needle), "error {:?} does not mention {needle:?}", lines[0]);
     let present = assert_store_sound(root, cache);
     let base = absent.rsplit('/').next().unwrap();
-    assert!(
-        !present.iter().any(|p| p == base),
-        "{base} was installed despite the error"
-    );
+    assert!(!present.iter().any(|p| p == base), "{base} was installed despite the error");
 }
 
 #[test]
@@ -106,19 +77,12 @@ fn installs_real_closures_from_every_compression_and_transport() {
         let present = assert_store_sound(r.path(), &f.path(cache));
         assert_eq!(present.len(), closure.len(), "{url}");
         let summary = stderr(&out);
-        assert!(
-            summary.contains(&format!("installed {} paths", closure.len())),
-            "{summary}"
-        );
+        assert!(summary.contains(&format!("installed {} paths", closure.len())), "{summary}");
 
         // Already there: nothing fetched.
         let again = install(r.path(), std::slice::from_ref(&url), f.get("PK_A"), &[top]);
         assert!(again.status.success());
-        assert!(
-            stderr(&again).contains(&format!("installed 0 paths ({} already present)", 1)),
-            "{}",
-            stderr(&again)
-        );
+        assert!(stderr(&again).contains(&format!("installed 0 paths ({} already present)", 1)), "{}", stderr(&again));
 
         let v = nixless(&["verify", "--root", r.path().to_str().unwrap()]);
         assert!(v.status.success(), "{}", stderr(&v));
@@ -131,28 +95,15 @@ fn installs_special_shapes_exactly() {
     let f = fixtures();
     let r = root();
     let cache = f.path("CACHE_ZSTD");
-    let paths = [
-        "P_FILE",
-        "P_EXEC_FILE",
-        "P_SYMLINK",
-        "P_SELFREF",
-        "P_DEEP",
-        "P_NAMES",
-        "P_DIR",
-    ];
+    let paths = ["P_FILE", "P_EXEC_FILE", "P_SYMLINK", "P_SELFREF", "P_DEEP", "P_NAMES", "P_DIR"];
     let args: Vec<&str> = paths.iter().map(|k| f.get(k)).collect();
     let out = install(r.path(), &[file_url(&cache)], f.get("PK_A"), &args);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_store_sound(r.path(), &cache);
     let store = r.path().join("nix/store");
     let base = |k: &str| f.get(k).rsplit('/').next().unwrap().to_owned();
-    assert!(std::fs::symlink_metadata(store.join(base("P_FILE")))
-        .unwrap()
-        .is_file());
-    assert!(std::fs::symlink_metadata(store.join(base("P_SYMLINK")))
-        .unwrap()
-        .file_type()
-        .is_symlink());
+    assert!(std::fs::symlink_metadata(store.join(base("P_FILE"))).unwrap().is_file());
+    assert!(std::fs::symlink_metadata(store.join(base("P_SYMLINK"))).unwrap().file_type().is_symlink());
     assert_eq!(
         std::fs::read_link(store.join(base("P_SYMLINK"))).unwrap(),
         std::fs::read_link(f.get("P_SYMLINK")).unwrap()
@@ -163,31 +114,18 @@ fn installs_special_shapes_exactly() {
 fn caches_are_tried_in_order_and_fall_through() {
     let f = fixtures();
     let empty = tempfile::tempdir().unwrap();
-    std::fs::write(
-        empty.path().join("nix-cache-info"),
-        "StoreDir: /nix/store\n",
-    )
-    .unwrap();
+    std::fs::write(empty.path().join("nix-cache-info"), "StoreDir: /nix/store\n").unwrap();
     let missing_dir = "file:///nonexistent/nixless-cache".to_string();
     let r = root();
-    let caches = [
-        missing_dir,
-        file_url(empty.path()),
-        file_url(&f.path("CACHE_EVIL")),
-        file_url(&f.path("CACHE_ZSTD")),
-    ];
+    let caches =
+        [missing_dir, file_url(empty.path()), file_url(&f.path("CACHE_EVIL")), file_url(&f.path("CACHE_ZSTD"))];
     let out = install(r.path(), &caches, f.get("PK_A"), &[f.get("P_DIAMOND_TOP")]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(assert_store_sound(r.path(), &f.path("CACHE_ZSTD")).len(), 4);
 
     // Key B's cache is only trusted with key B.
     let r = root();
-    let out = install(
-        r.path(),
-        &[file_url(&f.path("CACHE_B"))],
-        f.get("PK_B"),
-        &[f.get("P_CHAIN_A")],
-    );
+    let out = install(r.path(), &[file_url(&f.path("CACHE_B"))], f.get("PK_B"), &[f.get("P_CHAIN_A")]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
@@ -198,48 +136,20 @@ fn untrusted_unsigned_and_missing_are_refused() {
     for cache in ["CACHE_EVIL", "CACHE_UNSIGNED"] {
         let r = root();
         let out = install(r.path(), &[file_url(&f.path(cache))], f.get("PK_A"), &[top]);
-        assert_refused(
-            &out,
-            "no valid signature by a trusted cache key",
-            r.path(),
-            &f.path(cache),
-            top,
-        );
+        assert_refused(&out, "no valid signature by a trusted cache key", r.path(), &f.path(cache), top);
         assert!(store_entries(r.path()).is_empty());
     }
     // A well-formed path that no cache has.
     let r = root();
     let nowhere = "/nix/store/00000000000000000000000000000000-nowhere";
     let nginx = Nginx::start(&f.path("CACHE_ZSTD"));
-    let out = install(
-        r.path(),
-        &[nginx.url(), file_url(&f.path("CACHE_XZ"))],
-        f.get("PK_A"),
-        &[nowhere],
-    );
-    assert_refused(
-        &out,
-        "not found in any cache",
-        r.path(),
-        &f.path("CACHE_ZSTD"),
-        nowhere,
-    );
+    let out = install(r.path(), &[nginx.url(), file_url(&f.path("CACHE_XZ"))], f.get("PK_A"), &[nowhere]);
+    assert_refused(&out, "not found in any cache", r.path(), &f.path("CACHE_ZSTD"), nowhere);
     assert!(store_entries(r.path()).is_empty());
     // Nothing listening.
     let r = root();
-    let out = install(
-        r.path(),
-        &[format!("http://127.0.0.1:{}", free_port())],
-        f.get("PK_A"),
-        &[top],
-    );
-    assert_refused(
-        &out,
-        "not found in any cache (unreachable",
-        r.path(),
-        &f.path("CACHE_ZSTD"),
-        top,
-    );
+    let out = install(r.path(), &[format!("http://127.0.0.1:{}", free_port())], f.get("PK_A"), &[top]);
+    assert_refused(&out, "not found in any cache (unreachable", r.path(), &f.path("CACHE_ZSTD"), top);
 }
 
 /// A private copy of a cache, to tamper with.
@@ -271,8 +181,7 @@ impl Tampered {
     /// Re-signs a narinfo with the fixtures' key A after an edit, so only
     /// the NAR checks can catch the lie.
     fn resign(&self, p: &str) {
-        let sk_text =
-            std::fs::read_to_string(fixtures().path("FIXTURES").join("keys/a.sk")).unwrap();
+        let sk_text = std::fs::read_to_string(fixtures().path("FIXTURES").join("keys/a.sk")).unwrap();
         let sk = nixless::nix::SecretKey::parse(&sk_text).unwrap();
         self.edit_narinfo(p, |text| {
             let kept: Vec<&str> = text.lines().filter(|l| !l.starts_with("Sig: ")).collect();
@@ -299,13 +208,7 @@ impl Tampered {
 
 fn set_field(text: String, field: &str, value: &str) -> String {
     text.lines()
-        .map(|l| {
-            if l.starts_with(&format!("{field}: ")) {
-                format!("{field}: {value}")
-            } else {
-                l.to_owned()
-            }
-        })
+        .map(|l| if l.starts_with(&format!("{field}: ")) { format!("{field}: {value}") } else { l.to_owned() })
         .collect::<Vec<_>>()
         .join("\n")
         + "\n"
@@ -320,38 +223,13 @@ fn tampered_caches_are_refused_and_leave_nothing_partial() {
     let top = f.get("TOP");
     let nar_size = |c: &Path, p: &str| narinfo_field(c, p, "NarSize").parse::<u64>().unwrap();
 
-    type Case = (
-        &'static str,
-        &'static str,
-        Box<dyn Fn(&Tampered)>,
-        &'static str,
-    );
+    type Case = (&'static str, &'static str, Box<dyn Fn(&Tampered)>, &'static str);
     let cases: Vec<Case> = vec![
-        (
-            "CACHE_ZSTD",
-            "P_BIG",
-            Box::new(move |t| t.flip_byte(big, 0.5)),
-            "mismatch",
-        ),
-        (
-            "CACHE_XZ",
-            "P_BIG",
-            Box::new(move |t| t.flip_byte(big, 0.3)),
-            "xz: ",
-        ),
-        (
-            "CACHE_NONE",
-            "P_BIG",
-            Box::new(move |t| t.flip_byte(big, 0.5)),
-            "NarHash mismatch",
-        ),
+        ("CACHE_ZSTD", "P_BIG", Box::new(move |t| t.flip_byte(big, 0.5)), "mismatch"),
+        ("CACHE_XZ", "P_BIG", Box::new(move |t| t.flip_byte(big, 0.3)), "xz: "),
+        ("CACHE_NONE", "P_BIG", Box::new(move |t| t.flip_byte(big, 0.5)), "NarHash mismatch"),
         // A flip in NAR structure (no compression to catch it first).
-        (
-            "CACHE_NONE",
-            "P_FILE",
-            Box::new(move |t| t.flip_byte(file, 0.9)),
-            "invalid NAR at byte",
-        ),
+        ("CACHE_NONE", "P_FILE", Box::new(move |t| t.flip_byte(file, 0.9)), "invalid NAR at byte"),
         (
             "CACHE_ZSTD",
             "TOP",
@@ -373,11 +251,7 @@ fn tampered_caches_are_refused_and_leave_nothing_partial() {
         (
             "CACHE_ZSTD",
             "TOP",
-            Box::new(move |t| {
-                t.edit_narinfo(top, |s| {
-                    s.replace("\nCompression: zstd", "\nCompression: br")
-                })
-            }),
+            Box::new(move |t| t.edit_narinfo(top, |s| s.replace("\nCompression: zstd", "\nCompression: br"))),
             "\"br\"",
         ),
         (
@@ -396,11 +270,7 @@ fn tampered_caches_are_refused_and_leave_nothing_partial() {
             Box::new(move |t| {
                 let n = nar_size(t.path(), big);
                 t.edit_narinfo(big, |s| {
-                    set_field(
-                        set_field(s, "NarSize", &(n / 2).to_string()),
-                        "FileSize",
-                        &n.to_string(),
-                    )
+                    set_field(set_field(s, "NarSize", &(n / 2).to_string()), "FileSize", &n.to_string())
                 });
                 t.resign(big);
             }),
@@ -437,24 +307,14 @@ fn tampered_caches_are_refused_and_leave_nothing_partial() {
             }),
             "expected",
         ),
-        (
-            "CACHE_ZSTD",
-            "P_FILE",
-            Box::new(move |t| std::fs::remove_file(t.nar_file(file)).unwrap()),
-            "missing",
-        ),
+        ("CACHE_ZSTD", "P_FILE", Box::new(move |t| std::fs::remove_file(t.nar_file(file)).unwrap()), "missing"),
         (
             "CACHE_ZSTD",
             "P_BIG",
             Box::new(move |t| {
                 let nar = t.nar_file(big);
                 let len = std::fs::metadata(&nar).unwrap().len();
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(&nar)
-                    .unwrap()
-                    .set_len(len / 2)
-                    .unwrap();
+                std::fs::OpenOptions::new().write(true).open(&nar).unwrap().set_len(len / 2).unwrap();
             }),
             "",
         ),
@@ -503,14 +363,7 @@ fn serve_flaky(root: PathBuf, cfg: Flaky) -> FlakyServer {
             if reader.read_line(&mut line).is_err() {
                 continue;
             }
-            let path = line
-                .split(' ')
-                .nth(1)
-                .unwrap_or("/")
-                .split('?')
-                .next()
-                .unwrap()
-                .to_owned();
+            let path = line.split(' ').nth(1).unwrap_or("/").split('?').next().unwrap().to_owned();
             let mut range_start = None;
             loop {
                 let mut h = String::new();
@@ -525,31 +378,21 @@ fn serve_flaky(root: PathBuf, cfg: Flaky) -> FlakyServer {
                 rg.fetch_add(1, Ordering::SeqCst);
             }
             if n < cfg.fail_first {
-                let _ = conn.write_all(
-                    b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                );
+                let _ = conn.write_all(b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
                 continue;
             }
             let Ok(body) = std::fs::read(root.join(path.trim_start_matches('/'))) else {
-                let _ = conn.write_all(
-                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                );
+                let _ = conn.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
                 continue;
             };
             let (status, start) = match range_start {
                 Some(s) if !cfg.ignore_range && s < body.len() => ("206 Partial Content", s),
                 _ => ("200 OK", 0),
             };
-            let mut head = format!(
-                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
-                body.len() - start
-            );
+            let mut head =
+                format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n", body.len() - start);
             if start > 0 {
-                head += &format!(
-                    "Content-Range: bytes {start}-{}/{}\r\n",
-                    body.len() - 1,
-                    body.len()
-                );
+                head += &format!("Content-Range: bytes {start}-{}/{}\r\n", body.len() - 1, body.len());
             }
             head += "\r\n";
             let _ = conn.write_all(head.as_bytes());
@@ -566,11 +409,7 @@ fn serve_flaky(root: PathBuf, cfg: Flaky) -> FlakyServer {
             let _ = conn.shutdown(std::net::Shutdown::Both);
         }
     });
-    FlakyServer {
-        port,
-        requests,
-        ranges,
-    }
+    FlakyServer { port, requests, ranges }
 }
 
 #[test]
@@ -578,31 +417,12 @@ fn resumes_a_download_cut_mid_body() {
     let f = fixtures();
     let cache = f.path("CACHE_ZSTD");
     for ignore_range in [false, true] {
-        let srv = serve_flaky(
-            cache.clone(),
-            Flaky {
-                cut_first_nar_after: Some(1 << 20),
-                ignore_range,
-                ..Flaky::default()
-            },
-        );
+        let srv =
+            serve_flaky(cache.clone(), Flaky { cut_first_nar_after: Some(1 << 20), ignore_range, ..Flaky::default() });
         let r = root();
-        let out = install(
-            r.path(),
-            &[format!("http://127.0.0.1:{}", srv.port)],
-            f.get("PK_A"),
-            &[f.get("P_BIG")],
-        );
-        assert!(
-            out.status.success(),
-            "ignore_range={ignore_range}: {}",
-            stderr(&out)
-        );
-        assert!(
-            stderr(&out).contains("resuming at byte"),
-            "{}",
-            stderr(&out)
-        );
+        let out = install(r.path(), &[format!("http://127.0.0.1:{}", srv.port)], f.get("PK_A"), &[f.get("P_BIG")]);
+        assert!(out.status.success(), "ignore_range={ignore_range}: {}", stderr(&out));
+        assert!(stderr(&out).contains("resuming at byte"), "{}", stderr(&out));
         assert_eq!(srv.ranges.load(Ordering::SeqCst), 1, "one Range request");
         assert_eq!(assert_store_sound(r.path(), &cache).len(), 1);
     }
@@ -612,20 +432,9 @@ fn resumes_a_download_cut_mid_body() {
 fn retries_transient_server_errors() {
     let f = fixtures();
     let cache = f.path("CACHE_ZSTD");
-    let srv = serve_flaky(
-        cache.clone(),
-        Flaky {
-            fail_first: 2,
-            ..Flaky::default()
-        },
-    );
+    let srv = serve_flaky(cache.clone(), Flaky { fail_first: 2, ..Flaky::default() });
     let r = root();
-    let out = install(
-        r.path(),
-        &[format!("http://127.0.0.1:{}", srv.port)],
-        f.get("PK_A"),
-        &[f.get("P_CHAIN_A")],
-    );
+    let out = install(r.path(), &[format!("http://127.0.0.1:{}", srv.port)], f.get("PK_A"), &[f.get("P_CHAIN_A")]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(srv.requests.load(Ordering::SeqCst) > 2);
     assert_eq!(assert_store_sound(r.path(), &cache).len(), 3);
@@ -640,79 +449,23 @@ fn bad_arguments_are_one_line_errors_and_touch_nothing() {
     let good_cache = file_url(&f.path("CACHE_ZSTD"));
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
-            vec![
-                "install",
-                "--root",
-                rs,
-                "--cache",
-                &good_cache,
-                "--trusted-key",
-                f.get("PK_A"),
-                "/nix/store/short-x",
-            ],
+            vec!["install", "--root", rs, "--cache", &good_cache, "--trusted-key", f.get("PK_A"), "/nix/store/short-x"],
             "invalid hash part",
         ),
         (
-            vec![
-                "install",
-                "--root",
-                rs,
-                "--cache",
-                &good_cache,
-                "--trusted-key",
-                f.get("PK_A"),
-                "/tmp/x",
-            ],
+            vec!["install", "--root", rs, "--cache", &good_cache, "--trusted-key", f.get("PK_A"), "/tmp/x"],
             "not a path directly below /nix/store",
         ),
         (
-            vec![
-                "install",
-                "--root",
-                rs,
-                "--cache",
-                &good_cache,
-                "--trusted-key",
-                "nokey",
-                f.get("TOP"),
-            ],
+            vec!["install", "--root", rs, "--cache", &good_cache, "--trusted-key", "nokey", f.get("TOP")],
             "--trusted-key",
         ),
+        (vec!["install", "--root", rs, "--cache", &good_cache, f.get("TOP")], "no trusted cache key"),
         (
-            vec![
-                "install",
-                "--root",
-                rs,
-                "--cache",
-                &good_cache,
-                f.get("TOP"),
-            ],
-            "no trusted cache key",
-        ),
-        (
-            vec![
-                "install",
-                "--root",
-                rs,
-                "--cache",
-                "ftp://x",
-                "--trusted-key",
-                f.get("PK_A"),
-                f.get("TOP"),
-            ],
+            vec!["install", "--root", rs, "--cache", "ftp://x", "--trusted-key", f.get("PK_A"), f.get("TOP")],
             "expected http://",
         ),
-        (
-            vec![
-                "install",
-                "--root",
-                rs,
-                "--trusted-key",
-                f.get("PK_A"),
-                f.get("TOP"),
-            ],
-            "no cache given",
-        ),
+        (vec!["install", "--root", rs, "--trusted-key", f.get("PK_A"), f.get("TOP")], "no cache given"),
     ];
     for (args, needle) in cases {
         let out = nixless(&args);
@@ -743,16 +496,7 @@ fn kill_9_at_random_moments_then_rerun_completes() {
         seed ^= seed << 17;
         let delay_ms = 50 + seed % 1500;
         let mut child = std::process::Command::new(bin())
-            .args([
-                "install",
-                "--root",
-                &rs,
-                "--cache",
-                &url,
-                "--trusted-key",
-                f.get("PK_A"),
-                f.get("TOP"),
-            ])
+            .args(["install", "--root", &rs, "--cache", &url, "--trusted-key", f.get("PK_A"), f.get("TOP")])
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
@@ -765,10 +509,7 @@ fn kill_9_at_random_moments_then_rerun_completes() {
         // Whatever is in the store now is complete; temps may be left.
         check_complete_ignoring_temps(r.path(), &cache);
     }
-    assert!(
-        kills_mid_install >= 4,
-        "only {kills_mid_install} kills landed mid-install"
-    );
+    assert!(kills_mid_install >= 4, "only {kills_mid_install} kills landed mid-install");
     let out = install(r.path(), &[url], f.get("PK_A"), &[f.get("TOP")]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(assert_store_sound(r.path(), &cache).len(), closure.len());

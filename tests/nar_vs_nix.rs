@@ -86,37 +86,19 @@ const NIX28_LAXER: &[(&str, &str)] = &[
     // libutil/archive.cc in 2.8 declares `prevName` inside the per-entry
     // block, so the ordering check compares against "" and never fires;
     // only an exact duplicate fails, at creation time (EEXIST).
-    (
-        "unordered entries",
-        "2.8's sort check is dead code (prevName reset per entry)",
-    ),
+    ("unordered entries", "2.8's sort check is dead code (prevName reset per entry)"),
     // The parser loops over tags in any order inside a node.
-    (
-        "executable after contents",
-        "tags of a regular node are accepted in any order",
-    ),
-    (
-        "executable twice",
-        "tags of a regular node are accepted in any order",
-    ),
+    ("executable after contents", "tags of a regular node are accepted in any order"),
+    ("executable twice", "tags of a regular node are accepted in any order"),
     ("contents twice", "second contents is appended to the file"),
-    (
-        "regular without contents",
-        "an empty file is created at `type regular`",
-    ),
-    (
-        "entry with two name/node pairs",
-        "entry tags loop until `)`",
-    ),
+    ("regular without contents", "an empty file is created at `type regular`"),
+    ("entry with two name/node pairs", "entry tags loop until `)`"),
     ("entry without name or node", "an empty entry is skipped"),
     // Nix never looks past the root node.
     ("trailing 1 byte", "Nix ignores bytes after the root node"),
     ("trailing token", "Nix ignores bytes after the root node"),
     // symlink(2) gets a C string: the target is silently cut at the NUL.
-    (
-        "symlink target with NUL",
-        "target truncated at the NUL by symlink(2)",
-    ),
+    ("symlink target with NUL", "target truncated at the NUL by symlink(2)"),
     // Plain recursion, no depth limit in 2.8.
     ("nesting of 65 directories", "no depth limit in 2.8"),
 ];
@@ -127,40 +109,17 @@ fn cases(victim: &Path) -> Vec<Case> {
     let name256 = vec![b'n'; 256];
     let target4095 = vec![b't'; 4095];
     let target4096 = vec![b't'; 4096];
-    let big: Vec<u8> = (0..100_000u32)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
-    let small = encode(&dir(vec![
-        (b"a", file(b"hello")),
-        (b"b", Node::exe(b"#!/bin/sh\n")),
-    ]));
-    let reg = |c: &[u8]| {
-        cat(&[
-            &toks(&[b"(", b"type", b"regular", b"contents"]),
-            &s(c),
-            &toks(&[b")"]),
-        ])
-    };
+    let big: Vec<u8> = (0..100_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let small = encode(&dir(vec![(b"a", file(b"hello")), (b"b", Node::exe(b"#!/bin/sh\n"))]));
+    let reg = |c: &[u8]| cat(&[&toks(&[b"(", b"type", b"regular", b"contents"]), &s(c), &toks(&[b")"])]);
     let mut out = Vec::new();
-    let mut ok = |name, nar| {
-        out.push(Case {
-            name,
-            nar,
-            valid: true,
-        })
-    };
+    let mut ok = |name, nar| out.push(Case { name, nar, valid: true });
 
     // Valid shapes.
     ok(
         "nested directories",
         encode(&dir(vec![
-            (
-                b"a",
-                dir(vec![
-                    (b"b", dir(vec![(b"c", file(b"deep"))])),
-                    (b"x", file(b"x")),
-                ]),
-            ),
+            (b"a", dir(vec![(b"b", dir(vec![(b"c", file(b"deep"))])), (b"x", file(b"x"))])),
             (b"z", file(b"zz")),
         ])),
     );
@@ -169,27 +128,15 @@ fn cases(victim: &Path) -> Vec<Case> {
     ok("root file of 8 bytes", encode(&file(b"12345678")));
     ok("root file of 9 bytes", encode(&file(b"123456789")));
     ok("root file of 100000 bytes", encode(&file(&big)));
-    ok(
-        "root executable",
-        encode(&Node::exe(b"#!/bin/sh\necho hi\n")),
-    );
+    ok("root executable", encode(&Node::exe(b"#!/bin/sh\necho hi\n")));
     ok("root empty executable", encode(&Node::exe(b"")));
-    ok(
-        "empty file in directory",
-        encode(&dir(vec![(b"empty", file(b""))])),
-    );
+    ok("empty file in directory", encode(&dir(vec![(b"empty", file(b""))])));
     ok(
         "executable in directory",
-        encode(&dir(vec![(
-            b"bin",
-            dir(vec![(b"sh", Node::exe(b"#!x")), (b"txt", file(b"t"))]),
-        )])),
+        encode(&dir(vec![(b"bin", dir(vec![(b"sh", Node::exe(b"#!x")), (b"txt", file(b"t"))]))])),
     );
     ok("root empty directory", encode(&dir(vec![])));
-    ok(
-        "empty subdirectory",
-        encode(&dir(vec![(b"e", dir(vec![])), (b"f", file(b"f"))])),
-    );
+    ok("empty subdirectory", encode(&dir(vec![(b"e", dir(vec![])), (b"f", file(b"f"))])));
     ok(
         "symlinks relative/absolute/dangling",
         encode(&dir(vec![
@@ -210,16 +157,10 @@ fn cases(victim: &Path) -> Vec<Case> {
             ("\u{65e5}\u{672c}".as_bytes(), file(b"")),
         ])),
     );
-    ok(
-        "name of 255 bytes",
-        encode(&dir(vec![(&name255, file(b"long"))])),
-    );
+    ok("name of 255 bytes", encode(&dir(vec![(&name255, file(b"long"))])));
     ok("root symlink", encode(&Node::link(b"/nix/store/nowhere")));
     ok("root symlink to victim", encode(&Node::link(v)));
-    ok(
-        "symlink target of 4095 bytes",
-        encode(&Node::link(&target4095)),
-    );
+    ok("symlink target of 4095 bytes", encode(&Node::link(&target4095)));
     ok(
         "bytewise order B < a < a.b < ab < \\xff",
         encode(&dir(vec![
@@ -232,23 +173,14 @@ fn cases(victim: &Path) -> Vec<Case> {
     );
     ok("nesting of 64 directories", encode(&nested(64)));
 
-    let mut bad = |name, nar| {
-        out.push(Case {
-            name,
-            nar,
-            valid: false,
-        })
-    };
+    let mut bad = |name, nar| out.push(Case { name, nar, valid: false });
     let one = |n: &[u8], node: Node| encode(&dir(vec![(n, node)]));
 
     // Names.
     bad("empty name", one(b"", file(b"")));
     bad("name .", one(b".", file(b"")));
     bad("name ..", one(b"..", file(b"x")));
-    bad(
-        "name .. directory",
-        one(b"..", dir(vec![(b"escaped", file(b"x"))])),
-    );
+    bad("name .. directory", one(b"..", dir(vec![(b"escaped", file(b"x"))])));
     bad("name with /", one(b"a/b", file(b"")));
     bad("name with NUL", one(b"a\0b", file(b"")));
     bad("name of 256 bytes", one(&name256, file(b"")));
@@ -256,142 +188,39 @@ fn cases(victim: &Path) -> Vec<Case> {
     // Symlink targets.
     bad("symlink target empty", encode(&Node::link(b"")));
     bad("symlink target with NUL", encode(&Node::link(b"a\0b")));
-    bad(
-        "symlink target of 4096 bytes",
-        encode(&Node::link(&target4096)),
-    );
+    bad("symlink target of 4096 bytes", encode(&Node::link(&target4096)));
 
     // Order and duplicates.
-    bad(
-        "unordered entries",
-        encode(&dir(vec![(b"b", file(b"")), (b"a", file(b""))])),
-    );
-    bad(
-        "duplicate files",
-        encode(&dir(vec![(b"a", file(b"1")), (b"a", file(b"2"))])),
-    );
+    bad("unordered entries", encode(&dir(vec![(b"b", file(b"")), (b"a", file(b""))])));
+    bad("duplicate files", encode(&dir(vec![(b"a", file(b"1")), (b"a", file(b"2"))])));
     bad(
         "duplicate: symlink then directory (CVE-2024-45593)",
-        encode(&dir(vec![
-            (b"a", Node::link(v)),
-            (b"a", dir(vec![(b"f", file(b"pwned"))])),
-        ])),
+        encode(&dir(vec![(b"a", Node::link(v)), (b"a", dir(vec![(b"f", file(b"pwned"))]))])),
     );
-    bad(
-        "duplicate: symlink then file",
-        encode(&dir(vec![(b"a", Node::link(v)), (b"a", file(b"pwned"))])),
-    );
-    bad(
-        "duplicate: symlink then symlink",
-        encode(&dir(vec![
-            (b"a", Node::link(v)),
-            (b"a", Node::link(b"elsewhere")),
-        ])),
-    );
-    bad(
-        "duplicate: directory then file",
-        encode(&dir(vec![(b"a", dir(vec![])), (b"a", file(b"x"))])),
-    );
+    bad("duplicate: symlink then file", encode(&dir(vec![(b"a", Node::link(v)), (b"a", file(b"pwned"))])));
+    bad("duplicate: symlink then symlink", encode(&dir(vec![(b"a", Node::link(v)), (b"a", Node::link(b"elsewhere"))])));
+    bad("duplicate: directory then file", encode(&dir(vec![(b"a", dir(vec![])), (b"a", file(b"x"))])));
 
     // Regular-node tags.
     bad(
         "executable marker non-empty",
-        nar(toks(&[
-            b"(",
-            b"type",
-            b"regular",
-            b"executable",
-            b"x",
-            b"contents",
-            b"abc",
-            b")",
-        ])),
+        nar(toks(&[b"(", b"type", b"regular", b"executable", b"x", b"contents", b"abc", b")"])),
     );
     bad(
         "executable after contents",
-        nar(toks(&[
-            b"(",
-            b"type",
-            b"regular",
-            b"contents",
-            b"abc",
-            b"executable",
-            b"",
-            b")",
-        ])),
+        nar(toks(&[b"(", b"type", b"regular", b"contents", b"abc", b"executable", b"", b")"])),
     );
     bad(
         "executable twice",
-        nar(toks(&[
-            b"(",
-            b"type",
-            b"regular",
-            b"executable",
-            b"",
-            b"executable",
-            b"",
-            b"contents",
-            b"a",
-            b")",
-        ])),
+        nar(toks(&[b"(", b"type", b"regular", b"executable", b"", b"executable", b"", b"contents", b"a", b")"])),
     );
-    bad(
-        "contents twice",
-        nar(toks(&[
-            b"(",
-            b"type",
-            b"regular",
-            b"contents",
-            b"a",
-            b"contents",
-            b"b",
-            b")",
-        ])),
-    );
-    bad(
-        "regular without contents",
-        nar(toks(&[b"(", b"type", b"regular", b")"])),
-    );
-    bad(
-        "type twice",
-        nar(toks(&[
-            b"(",
-            b"type",
-            b"regular",
-            b"type",
-            b"regular",
-            b"contents",
-            b"",
-            b")",
-        ])),
-    );
-    bad(
-        "unknown tag",
-        nar(toks(&[
-            b"(",
-            b"type",
-            b"regular",
-            b"mode",
-            b"0644",
-            b"contents",
-            b"",
-            b")",
-        ])),
-    );
-    bad(
-        "unknown node type",
-        nar(toks(&[b"(", b"type", b"fifo", b")"])),
-    );
-    bad(
-        "symlink with contents tag",
-        nar(toks(&[b"(", b"type", b"symlink", b"contents", b"x", b")"])),
-    );
-    bad(
-        "symlink target twice",
-        nar(toks(&[
-            b"(", b"type", b"symlink", b"target", b"a", b"target", b"b", b")",
-        ])),
-    );
+    bad("contents twice", nar(toks(&[b"(", b"type", b"regular", b"contents", b"a", b"contents", b"b", b")"])));
+    bad("regular without contents", nar(toks(&[b"(", b"type", b"regular", b")"])));
+    bad("type twice", nar(toks(&[b"(", b"type", b"regular", b"type", b"regular", b"contents", b"", b")"])));
+    bad("unknown tag", nar(toks(&[b"(", b"type", b"regular", b"mode", b"0644", b"contents", b"", b")"])));
+    bad("unknown node type", nar(toks(&[b"(", b"type", b"fifo", b")"])));
+    bad("symlink with contents tag", nar(toks(&[b"(", b"type", b"symlink", b"contents", b"x", b")"])));
+    bad("symlink target twice", nar(toks(&[b"(", b"type", b"symlink", b"target", b"a", b"target", b"b", b")"])));
     bad("bad magic", cat(&[&s(b"nix-archive-2"), &reg(b"")]));
     bad("magic too long", cat(&[&s(b"nix-archive-1x"), &reg(b"")]));
 
@@ -408,19 +237,8 @@ fn cases(victim: &Path) -> Vec<Case> {
             &toks(&[b")", b")"]),
         ])),
     );
-    bad(
-        "entry without name or node",
-        nar(cat(&[&d_open, &toks(&[b")", b")"])])),
-    );
-    bad(
-        "entry node before name",
-        nar(cat(&[
-            &d_open,
-            &toks(&[b"node"]),
-            &reg(b""),
-            &toks(&[b")", b")"]),
-        ])),
-    );
+    bad("entry without name or node", nar(cat(&[&d_open, &toks(&[b")", b")"])])));
+    bad("entry node before name", nar(cat(&[&d_open, &toks(&[b"node"]), &reg(b""), &toks(&[b")", b")"])])));
 
     // Padding.
     {
@@ -441,10 +259,7 @@ fn cases(victim: &Path) -> Vec<Case> {
         ("truncated: after magic", magic().len()),
         ("truncated: inside a length prefix", magic().len() + 3),
         ("truncated: inside a tag", magic().len() + 8 + 1),
-        (
-            "truncated: inside contents",
-            small.len() - 16 * 2 - 16 - 8 - 3,
-        ),
+        ("truncated: inside contents", small.len() - 16 * 2 - 16 - 8 - 3),
         ("truncated: before final )", small.len() - 16),
         ("truncated: one byte short", small.len() - 1),
     ] {
@@ -463,29 +278,12 @@ fn cases(victim: &Path) -> Vec<Case> {
     bad("nesting of 65 directories", encode(&nested(65)));
     bad(
         "huge length prefix (name)",
-        cat(&[
-            &magic(),
-            &toks(&[b"(", b"type", b"directory", b"entry", b"(", b"name"]),
-            &u64::MAX.to_le_bytes(),
-        ]),
+        cat(&[&magic(), &toks(&[b"(", b"type", b"directory", b"entry", b"(", b"name"]), &u64::MAX.to_le_bytes()]),
     );
-    bad(
-        "huge length prefix (tag)",
-        cat(&[
-            &magic(),
-            &toks(&[b"("]),
-            &(1u64 << 62).to_le_bytes(),
-            b"type",
-        ]),
-    );
+    bad("huge length prefix (tag)", cat(&[&magic(), &toks(&[b"("]), &(1u64 << 62).to_le_bytes(), b"type"]));
     bad(
         "huge contents length, truncated",
-        cat(&[
-            &magic(),
-            &toks(&[b"(", b"type", b"regular", b"contents"]),
-            &(1u64 << 62).to_le_bytes(),
-            b"abc",
-        ]),
+        cat(&[&magic(), &toks(&[b"(", b"type", b"regular", b"contents"]), &(1u64 << 62).to_le_bytes(), b"abc"]),
     );
     out
 }
@@ -495,9 +293,7 @@ fn cases(victim: &Path) -> Vec<Case> {
 
 fn entries(p: &Path) -> Vec<String> {
     let mut v: Vec<String> = match std::fs::read_dir(p) {
-        Ok(rd) => rd
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect(),
+        Ok(rd) => rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect(),
         Err(_) => vec![],
     };
     v.sort();
@@ -508,11 +304,7 @@ fn nix_cmd(args: &[&str], stdin: Option<&[u8]>) -> (bool, Vec<u8>, String) {
     let mut child = Command::new(args[0])
         .args(&args[1..])
         .env("NIX_CONFIG", NIX_CONFIG)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -555,10 +347,7 @@ fn short(s: &str) -> String {
 
 #[test]
 fn nar_verdicts_agree_with_nix() {
-    let tmp = tempfile::Builder::new()
-        .prefix("nar-vs-nix")
-        .tempdir()
-        .unwrap();
+    let tmp = tempfile::Builder::new().prefix("nar-vs-nix").tempdir().unwrap();
     let victim = tmp.path().join("victim");
     std::fs::create_dir(&victim).unwrap();
     let cases = cases(&victim);
@@ -578,42 +367,28 @@ fn nar_verdicts_agree_with_nix() {
             fail(format!("our unpack created {left:?} next to `out`"));
         }
         if !entries(&victim).is_empty() {
-            fail(format!(
-                "our unpack wrote outside the target: victim holds {:?}",
-                entries(&victim)
-            ));
+            fail(format!("our unpack wrote outside the target: victim holds {:?}", entries(&victim)));
         }
         // The parser alone agrees with itself however the NAR is chunked.
         let one_shot = parse_chunked(&c.nar, c.nar.len().max(1));
         for chunk in [1, 7, 4096] {
             let chunked = parse_chunked(&c.nar, chunk);
             if chunked != one_shot {
-                fail(format!(
-                    "parser verdict differs with {chunk}-byte chunks: {chunked:?} vs {one_shot:?}"
-                ));
+                fail(format!("parser verdict differs with {chunk}-byte chunks: {chunked:?} vs {one_shot:?}"));
             }
         }
         if us.is_ok() != one_shot.is_ok() {
-            fail(format!(
-                "unpack_bytes says {us:?} but the parser alone says {one_shot:?}"
-            ));
+            fail(format!("unpack_bytes says {us:?} but the parser alone says {one_shot:?}"));
         }
 
         // Nix.
         let nix_out = nix_dir.join("out");
-        let (nix_ok, _, nix_err) = nix_cmd(
-            &["nix-store", "--restore", nix_out.to_str().unwrap()],
-            Some(&c.nar),
-        );
+        let (nix_ok, _, nix_err) = nix_cmd(&["nix-store", "--restore", nix_out.to_str().unwrap()], Some(&c.nar));
         if !entries(&victim).is_empty() {
             // Not our bug, but worth shouting about.
-            fail(format!(
-                "Nix wrote outside the target: victim holds {:?}",
-                entries(&victim)
-            ));
+            fail(format!("Nix wrote outside the target: victim holds {:?}", entries(&victim)));
             for e in entries(&victim) {
-                let _ = std::fs::remove_dir_all(victim.join(&e))
-                    .or_else(|_| std::fs::remove_file(victim.join(&e)));
+                let _ = std::fs::remove_dir_all(victim.join(&e)).or_else(|_| std::fs::remove_file(victim.join(&e)));
             }
         }
 
@@ -633,21 +408,15 @@ fn nar_verdicts_agree_with_nix() {
                 if u { "accept" } else { "refuse" }
             )),
             (true, false, None) => fail("Nix accepts, we refuse (not allowlisted)".into()),
-            (false, true, None) => fail(format!(
-                "Nix refuses ({}), we accept: BUG in our parser",
-                short(&nix_err)
-            )),
+            (false, true, None) => fail(format!("Nix refuses ({}), we accept: BUG in our parser", short(&nix_err))),
             _ => unreachable!(),
         }
 
         // Valid: both trees dump back to the very same bytes and hash alike.
         if c.valid && nix_ok && us.is_ok() {
-            let (ok, nix_dump, err) =
-                nix_cmd(&["nix-store", "--dump", nix_out.to_str().unwrap()], None);
+            let (ok, nix_dump, err) = nix_cmd(&["nix-store", "--dump", nix_out.to_str().unwrap()], None);
             if !ok || nix_dump != c.nar {
-                fail(format!(
-                    "nix-store --dump of Nix's tree differs from the NAR ({err})"
-                ));
+                fail(format!("nix-store --dump of Nix's tree differs from the NAR ({err})"));
             }
             let mut our_dump = Vec::new();
             let d = std::fs::File::open(&our_dir).unwrap();
@@ -655,22 +424,16 @@ fn nar_verdicts_agree_with_nix() {
             if our_dump != c.nar {
                 fail("our dump of our tree differs from the NAR".into());
             }
-            let (ok, nix_dump_ours, err) = nix_cmd(
-                &["nix-store", "--dump", our_dir.join("out").to_str().unwrap()],
-                None,
-            );
+            let (ok, nix_dump_ours, err) =
+                nix_cmd(&["nix-store", "--dump", our_dir.join("out").to_str().unwrap()], None);
             if !ok || nix_dump_ours != c.nar {
-                fail(format!(
-                    "nix-store --dump of our tree differs from the NAR ({err})"
-                ));
+                fail(format!("nix-store --dump of our tree differs from the NAR ({err})"));
             }
             let h_nix = nix_hash_path(&nix_out);
             let h_ours = nix_hash_path(&our_dir.join("out"));
             let want = sha256(&c.nar).to_nix32();
             if h_nix != h_ours || h_ours != want {
-                fail(format!(
-                    "nix hash path: Nix's tree {h_nix}, ours {h_ours}, sha256(NAR) {want}"
-                ));
+                fail(format!("nix hash path: Nix's tree {h_nix}, ours {h_ours}, sha256(NAR) {want}"));
             }
             common::assert_canonical(&our_dir.join("out"));
         }
@@ -684,11 +447,7 @@ fn nar_verdicts_agree_with_nix() {
             c.name,
             if nix_ok { "accept" } else { "refuse" },
             if us.is_ok() { "accept" } else { "refuse" },
-            if laxer.is_some() {
-                format!("allowlisted; {why}")
-            } else {
-                why
-            }
+            if laxer.is_some() { format!("allowlisted; {why}") } else { why }
         ));
         rm_rf(&base);
     }
@@ -697,18 +456,10 @@ fn nar_verdicts_agree_with_nix() {
         println!("{row}");
     }
     for (n, _) in NIX28_LAXER {
-        assert!(
-            cases.iter().any(|c| c.name == *n),
-            "allowlist names an unknown case {n:?}"
-        );
+        assert!(cases.iter().any(|c| c.name == *n), "allowlist names an unknown case {n:?}");
     }
     rm_rf(tmp.path());
-    assert!(
-        failures.is_empty(),
-        "{} failures:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
 }
 
 // ---------------------------------------------------------------------------
@@ -722,10 +473,7 @@ struct Cache {
 
 /// A cache holding one made-up path whose NAR is `nar`, correctly signed.
 fn signed_cache(nar: &[u8], seed: u8) -> Cache {
-    let dir = tempfile::Builder::new()
-        .prefix("hostile-cache")
-        .tempdir()
-        .unwrap();
+    let dir = tempfile::Builder::new().prefix("hostile-cache").tempdir().unwrap();
     let hash = nixbase32::encode(&[seed; 20]);
     let path = format!("/nix/store/{hash}-hostile");
     let sp = StorePath::from_absolute(&path).unwrap();
@@ -741,65 +489,34 @@ fn signed_cache(nar: &[u8], seed: u8) -> Cache {
         nar.len()
     );
     std::fs::write(dir.path().join(format!("{hash}.narinfo")), narinfo).unwrap();
-    Cache {
-        dir,
-        path,
-        pk: sk.public().to_string(),
-    }
+    Cache { dir, path, pk: sk.public().to_string() }
 }
 
 fn install(cache: &Cache, root: &Path) -> std::process::Output {
     let url = format!("file://{}", cache.dir.path().display());
-    nixless(&[
-        "install",
-        "--root",
-        root.to_str().unwrap(),
-        "--cache",
-        &url,
-        "--trusted-key",
-        &cache.pk,
-        &cache.path,
-    ])
+    nixless(&["install", "--root", root.to_str().unwrap(), "--cache", &url, "--trusted-key", &cache.pk, &cache.path])
 }
 
 #[test]
 fn hostile_nars_through_a_signed_cache() {
-    let victim = tempfile::Builder::new()
-        .prefix("hostile-victim")
-        .tempdir()
-        .unwrap();
+    let victim = tempfile::Builder::new().prefix("hostile-victim").tempdir().unwrap();
     let v = victim.path().as_os_str().as_encoded_bytes();
-    let small = encode(&dir(vec![
-        (b"a", file(b"hello")),
-        (b"b", Node::exe(b"#!/bin/sh\n")),
-    ]));
+    let small = encode(&dir(vec![(b"a", file(b"hello")), (b"b", Node::exe(b"#!/bin/sh\n"))]));
     let shapes: Vec<(&str, Vec<u8>)> = vec![
         (
             "duplicate symlink then directory",
-            encode(&dir(vec![
-                (b"a", Node::link(v)),
-                (b"a", dir(vec![(b"f", file(b"pwned"))])),
-            ])),
+            encode(&dir(vec![(b"a", Node::link(v)), (b"a", dir(vec![(b"f", file(b"pwned"))]))])),
         ),
-        (
-            "name ..",
-            encode(&dir(vec![(b"..", dir(vec![(b"f", file(b"pwned"))]))])),
-        ),
+        ("name ..", encode(&dir(vec![(b"..", dir(vec![(b"f", file(b"pwned"))]))]))),
         ("trailing bytes", cat(&[&small, &s(b")")])),
         ("truncated", small[..small.len() - 20].to_vec()),
-        (
-            "unordered",
-            encode(&dir(vec![(b"b", file(b"")), (b"a", file(b""))])),
-        ),
+        ("unordered", encode(&dir(vec![(b"b", file(b"")), (b"a", file(b""))]))),
         ("nesting of 65", encode(&nested(65))),
     ];
     let mut failures = Vec::new();
     for (i, (name, nar)) in shapes.iter().enumerate() {
         let cache = signed_cache(nar, i as u8 + 1);
-        let root = tempfile::Builder::new()
-            .prefix("hostile-root")
-            .tempdir()
-            .unwrap();
+        let root = tempfile::Builder::new().prefix("hostile-root").tempdir().unwrap();
         let out = install(&cache, root.path());
         let err = common::stderr(&out);
         let mut fail = |m: String| failures.push(format!("{name}: {m}\n  stderr: {err:?}"));
@@ -825,10 +542,7 @@ fn hostile_nars_through_a_signed_cache() {
             fail(format!("store holds {left:?} afterwards"));
         }
         if !entries(victim.path()).is_empty() {
-            fail(format!(
-                "wrote outside the store: victim holds {:?}",
-                entries(victim.path())
-            ));
+            fail(format!("wrote outside the store: victim holds {:?}", entries(victim.path())));
         }
         println!("{name}: {}", first);
         rm_rf(root.path());
@@ -836,41 +550,20 @@ fn hostile_nars_through_a_signed_cache() {
 
     // A valid NAR takes the same route and installs.
     let good = encode(&dir(vec![
-        (
-            b"bin",
-            dir(vec![(b"hello", Node::exe(b"#!/bin/sh\necho hello\n"))]),
-        ),
+        (b"bin", dir(vec![(b"hello", Node::exe(b"#!/bin/sh\necho hello\n"))])),
         (b"link", Node::link(b"bin/hello")),
-        (
-            b"share",
-            dir(vec![(b"empty", dir(vec![])), (b"f", file(b""))]),
-        ),
+        (b"share", dir(vec![(b"empty", dir(vec![])), (b"f", file(b""))])),
     ]));
     let cache = signed_cache(&good, 200);
-    let root = tempfile::Builder::new()
-        .prefix("hostile-root")
-        .tempdir()
-        .unwrap();
+    let root = tempfile::Builder::new().prefix("hostile-root").tempdir().unwrap();
     let out = install(&cache, root.path());
-    assert!(
-        out.status.success(),
-        "valid NAR failed to install: {}",
-        common::stderr(&out)
-    );
+    assert!(out.status.success(), "valid NAR failed to install: {}", common::stderr(&out));
     let installed = root.path().join(cache.path.trim_start_matches('/'));
     assert_eq!(nix_hash_path(&installed), sha256(&good).to_nix32());
-    assert_eq!(
-        common::assert_store_sound(root.path(), cache.dir.path()),
-        vec![cache.path[11..].to_owned()]
-    );
+    assert_eq!(common::assert_store_sound(root.path(), cache.dir.path()), vec![cache.path[11..].to_owned()]);
     rm_rf(root.path());
 
-    assert!(
-        failures.is_empty(),
-        "{} failures:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
 }
 
 /// Entry names may hold any byte but `/` and NUL, newlines included; an
@@ -878,23 +571,14 @@ fn hostile_nars_through_a_signed_cache() {
 /// must not let a NAR forge a second `nixless: error:` line).
 #[test]
 fn error_for_entry_with_newline_in_name_is_one_line() {
-    let nar = encode(&dir(vec![(
-        b"x\nnixless: error: forged",
-        dir(vec![(b"..", file(b""))]),
-    )]));
+    let nar = encode(&dir(vec![(b"x\nnixless: error: forged", dir(vec![(b"..", file(b""))]))]));
     let cache = signed_cache(&nar, 100);
-    let root = tempfile::Builder::new()
-        .prefix("hostile-root")
-        .tempdir()
-        .unwrap();
+    let root = tempfile::Builder::new().prefix("hostile-root").tempdir().unwrap();
     let out = install(&cache, root.path());
     let err = common::stderr(&out);
     assert!(!out.status.success());
     assert!(entries(&root.path().join("nix/store")).is_empty());
     rm_rf(root.path());
     assert_eq!(err.lines().count(), 1, "stderr is not one line: {err:?}");
-    assert!(
-        err.contains("at byte") && err.contains(&cache.path),
-        "{err:?}"
-    );
+    assert!(err.contains("at byte") && err.contains(&cache.path), "{err:?}");
 }
