@@ -114,6 +114,7 @@ fn snapshot(ctx: &Ctx, sh: &Shared) -> Snapshot {
         state: sh.state.clone(),
         progress: sh.progress,
         last_error: sh.last_error.clone(),
+        last_rejection: sh.last_rejection.clone(),
         bytes_fetched_total: sh.bytes_fetched_total,
         poll_url: ctx.cfg.poll_url.clone(),
         poll_last_check: sh.poll_last_check,

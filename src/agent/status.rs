@@ -24,6 +24,8 @@ pub struct Snapshot {
     pub state: State,
     pub progress: Progress,
     pub last_error: Option<String>,
+    /// The last refused deploy request or polled document, and why.
+    pub last_rejection: Option<String>,
     pub bytes_fetched_total: u64,
     pub poll_url: Option<String>,
     pub poll_last_check: Option<u64>,
@@ -90,8 +92,9 @@ pub fn status_json(s: &Snapshot) -> String {
         None => out += "\"last_result\":null,",
     }
     out += &format!(
-        "\"last_error\":{},\"poll\":{{\"url\":{},\"last_check\":{},\"error\":{}}},\"started\":{}}}",
+        "\"last_error\":{},\"last_rejection\":{},\"poll\":{{\"url\":{},\"last_check\":{},\"error\":{}}},\"started\":{}}}",
         opt_str(&s.last_error),
+        opt_str(&s.last_rejection),
         opt_str(&s.poll_url),
         opt_num(s.poll_last_check),
         opt_str(&s.poll_error),
