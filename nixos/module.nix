@@ -1,0 +1,423 @@
+# NixOS module for nixless: the agent, the switch helper and the path unit
+# that starts it. Meant for machines with `nix.enable = false`.
+#
+# The three systemd units are defined once, in ./units.json (also rendered
+# into plain unit files for non-NixOS hosts); this module substitutes the
+# placeholders and maps each JSON section onto the typed systemd options, so
+# `restartIfChanged`/`stopIfChanged` take effect the NixOS way.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+
+let
+  inherit (lib)
+    mkEnableOption
+    mkIf
+    mkOption
+    mkPackageOption
+    types
+    ;
+
+  cfg = config.services.nixless;
+
+  configPath = "/etc/nixless/agent.json";
+
+  # --- the agent's JSON config -------------------------------------------
+
+  # Exactly the keys of src/agent/config.rs; optional keys that are null are
+  # left out (the agent refuses unknown keys, and takes its own defaults).
+  agentSettings =
+    lib.filterAttrs (_: v: v != null) {
+      host = cfg.host;
+      listen = cfg.listen;
+      caches = cfg.caches;
+      cache_keys = cfg.cacheKeys;
+      deploy_keys = cfg.deployKeys;
+      state_dir = cfg.stateDir;
+      root = "/";
+      poll_url = cfg.pollUrl;
+      poll_interval_secs = cfg.pollIntervalSecs;
+      health_timeout_secs = cfg.health.timeoutSecs;
+      health_units = cfg.health.units;
+      health_command = cfg.health.command;
+      health_check_network = cfg.health.checkNetwork;
+      switch_timeout_secs = cfg.switchTimeoutSecs;
+      generations_to_keep = cfg.generationsToKeep;
+    }
+    // cfg.extraConfig;
+
+  configFile = pkgs.writeText "nixless-agent.json" (builtins.toJSON agentSettings);
+
+  # "addr:port", IPv6 as "[addr]:port": the port follows the last colon.
+  listenPorts = lib.unique (map (a: lib.toInt (lib.last (lib.splitString ":" a))) cfg.listen);
+
+  # --- the units, from units.json -----------------------------------------
+
+  units = builtins.fromJSON (builtins.readFile ./units.json);
+
+  substitute =
+    lib.replaceStrings
+      [ "@nixless@" "@config@" "@stateDir@" ]
+      [ (lib.getExe' cfg.package "nixless") configPath cfg.stateDir ];
+
+  substituteValue = v: if builtins.isList v then map substitute v else substitute v;
+
+  section = unit: name: lib.mapAttrs (_: substituteValue) (unit.${name} or { });
+
+  # The sections each unit may have; anything else in units.json is an error
+  # here rather than a silently dropped setting.
+  knownSections = {
+    "nixless-agent.service" = [ "Unit" "Service" "Install" ];
+    "nixless-switch.service" = [ "Unit" "Service" "Install" ];
+    "nixless-switch.path" = [ "Unit" "Path" "Install" ];
+  };
+
+  # [Unit] keys that have typed NixOS options; [Install] is handled by
+  # `wantedBy` (NixOS links units itself, it writes no [Install] section).
+  typedUnitKeys = [ "Description" "After" "Wants" ];
+  knownInstallKeys = [ "WantedBy" ];
+
+  # switch-to-configuration's own flags. units.json carries them as the keys
+  # NixOS would write (systemd ignores X- keys, so a rendered unit file on
+  # another distribution is unaffected); here they become the typed options
+  # and NixOS writes them back itself.
+  switchFlags = [ "X-RestartIfChanged" "X-StopIfChanged" ];
+  flag = unit: key: ((unit.Service or { }).${key} or "true") == "true";
+
+  commonOf =
+    unit:
+    let
+      u = section unit "Unit";
+    in
+    {
+      description = u.Description or "";
+      after = lib.toList (u.After or [ ]);
+      wants = lib.toList (u.Wants or [ ]);
+      wantedBy = lib.toList ((section unit "Install").WantedBy or [ ]);
+      unitConfig = removeAttrs u typedUnitKeys;
+    };
+
+  serviceOf =
+    name:
+    let
+      unit = units.${name};
+    in
+    commonOf unit
+    // {
+      serviceConfig = removeAttrs (section unit "Service") switchFlags;
+      restartIfChanged = flag unit "X-RestartIfChanged";
+      stopIfChanged = flag unit "X-StopIfChanged";
+    };
+
+  pathOf =
+    name:
+    let
+      unit = units.${name};
+    in
+    commonOf unit // { pathConfig = section unit "Path"; };
+
+  unitAssertions = lib.concatLists (
+    lib.mapAttrsToList (name: allowed: [
+      {
+        assertion = builtins.hasAttr name units;
+        message = "nixless: nixos/units.json has no ${name}";
+      }
+      {
+        assertion = lib.all (s: lib.elem s allowed) (lib.attrNames (units.${name} or { }));
+        message = "nixless: nixos/units.json: ${name} may only have the sections ${toString allowed}";
+      }
+      {
+        assertion = lib.all (k: lib.elem k knownInstallKeys) (lib.attrNames ((units.${name} or { }).Install or { }));
+        message = "nixless: nixos/units.json: ${name}: the module maps only ${toString knownInstallKeys} from [Install]";
+      }
+    ]) knownSections
+  );
+
+  # --- option types ---------------------------------------------------------
+
+  # Nix's public key format: name:base64(32 bytes).
+  publicKey = types.strMatching "[^:[:space:]]+:[A-Za-z0-9+/]{43}=";
+  cacheUrl = types.strMatching "(https?://|file:///).+";
+  listenAddr = types.strMatching "([[][0-9A-Fa-f:.]+[]]|[0-9.]+):[0-9]+";
+in
+{
+  options.services.nixless = {
+    enable = mkEnableOption "the nixless agent, which installs and switches to signed NixOS deploys without Nix";
+
+    package = mkPackageOption pkgs "nixless" {
+      extraDescription = ''
+        The flake's `nixosModules.default` sets this to its static (musl)
+        build; without the flake, provide `pkgs.nixless` through an overlay
+        (the flake's `overlays.default`) or set this option.
+      '';
+    };
+
+    host = mkOption {
+      type = types.strMatching "[^/[:space:]]+";
+      default = config.networking.hostName;
+      defaultText = lib.literalExpression "config.networking.hostName";
+      example = "kiosk-7";
+      description = ''
+        The name deploy documents must carry in their `host` field for this
+        machine to accept them.
+      '';
+    };
+
+    listen = mkOption {
+      type = types.listOf listenAddr;
+      default = [
+        "0.0.0.0:8731"
+        "[::]:8731"
+      ];
+      example = [ "10.0.0.7:8731" ];
+      description = ''
+        Addresses (`addr:port`, IPv6 as `[addr]:port`) the agent serves
+        `POST /v1/deploy`, `GET /v1/status` and `GET /metrics` on. Empty: the
+        agent only polls ({option}`services.nixless.pollUrl`).
+      '';
+    };
+
+    openFirewall = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Open the TCP ports of {option}`services.nixless.listen` in the firewall.";
+    };
+
+    caches = mkOption {
+      type = types.listOf cacheUrl;
+      default = [ ];
+      example = [ "https://cache.example.org" ];
+      description = ''
+        Binary caches to install from, in priority order: `http://`,
+        `https://` or `file:///` (a cache on removable media). A deploy
+        document may name further caches, tried first.
+      '';
+    };
+
+    cacheKeys = mkOption {
+      type = types.listOf publicKey;
+      default = [ ];
+      example = [ "cache.example.org-1:lUzG8lFb3QU4PAdGA2Rgqr/vMDZ8NSfHyYuPriOlg0g=" ];
+      description = ''
+        Public keys (`name:base64`, as written by
+        `nix-store --generate-binary-cache-key`) whose signature on a narinfo
+        makes the path trusted. Nothing unsigned is ever installed.
+      '';
+    };
+
+    deployKeys = mkOption {
+      type = types.listOf publicKey;
+      default = [ ];
+      example = [ "admin-1:Of7MmzdW/APYftiQQR5RlNuBS9XewDW/AZmX/5IZTxA=" ];
+      description = ''
+        Public keys (from `nixless keygen`) allowed to sign deploy documents.
+        Keep them distinct from {option}`services.nixless.cacheKeys`: a key
+        that can publish to the cache need not be able to move machines.
+      '';
+    };
+
+    pollUrl = mkOption {
+      type = types.nullOr cacheUrl;
+      default = null;
+      example = "https://deploy.example.org/kiosk-7.json";
+      description = ''
+        Where to poll for this machine's deploy document (the signature is
+        read from the same URL with `.sig` appended), for machines behind NAT.
+        `null`: no polling.
+      '';
+    };
+
+    pollIntervalSecs = mkOption {
+      type = types.ints.positive;
+      default = 300;
+      description = "Seconds between two polls of {option}`services.nixless.pollUrl`.";
+    };
+
+    health = {
+      timeoutSecs = mkOption {
+        type = types.ints.positive;
+        default = 120;
+        description = ''
+          How long the new system has to pass its health checks after
+          `switch-to-configuration test`; past it the previous system is
+          switched back to. The checks are those of the *new* system's
+          configuration.
+        '';
+      };
+
+      units = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        example = [ "kiosk.service" ];
+        description = "Units that must be active (`systemctl is-active`) for the new system to count as healthy.";
+      };
+
+      command = mkOption {
+        type = types.nullOr (types.listOf types.str);
+        default = null;
+        example = lib.literalExpression ''[ "''${pkgs.curl}/bin/curl" "-sf" "http://localhost:8080/health" ]'';
+        description = ''
+          A command (program and arguments, no shell) the switch helper runs
+          as root after the unit checks; exit 0 means healthy.
+        '';
+      };
+
+      checkNetwork = mkOption {
+        type = types.bool;
+        default = true;
+        description = ''
+          Require that a cache that was reachable before the switch is still
+          reachable after it, so an update that cuts the machine off is
+          rolled back.
+        '';
+      };
+    };
+
+    switchTimeoutSecs = mkOption {
+      type = types.ints.positive;
+      default = 900;
+      description = "Longest a `switch-to-configuration` run may take before the helper kills it and the agent rolls back.";
+    };
+
+    generationsToKeep = mkOption {
+      type = types.ints.positive;
+      default = 5;
+      description = "System generations (`system-N-link`) kept by the `gc` action; older ones and their paths are collected.";
+    };
+
+    stateDir = mkOption {
+      type = types.strMatching "/.*";
+      default = "/var/lib/nixless";
+      description = "The agent's state, path records and the switch request/result files.";
+    };
+
+    extraConfig = mkOption {
+      type = (pkgs.formats.json { }).type;
+      default = { };
+      example = {
+        max_connections = 16;
+        retries = 8;
+      };
+      description = ''
+        Further keys of the agent's JSON config (`max_body_bytes`,
+        `max_connections`, `request_timeout_secs`, `retries`), merged over
+        the generated ones. The agent refuses unknown keys.
+      '';
+    };
+
+    hardwareWatchdog = {
+      enable = mkOption {
+        type = types.bool;
+        default = true;
+        description = ''
+          Have systemd drive the hardware watchdog, so a machine that hangs
+          (for instance while a new system is being verified) is reset and
+          boots the last committed generation. Sets
+          {option}`systemd.watchdog.runtimeTime` and
+          {option}`systemd.watchdog.rebootTime` at `mkDefault` priority.
+        '';
+      };
+
+      runtimeSecs = mkOption {
+        type = types.ints.positive;
+        default = 30;
+        description = "Seconds PID 1 may go without pinging the watchdog before the machine is reset.";
+      };
+
+      rebootSecs = mkOption {
+        type = types.ints.positive;
+        default = 120;
+        description = "Seconds a reboot may take before the watchdog resets the machine.";
+      };
+    };
+  };
+
+  config = mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = cfg.deployKeys != [ ];
+        message = "services.nixless.deployKeys: at least one deploy key is needed, or no deploy is ever accepted.";
+      }
+      {
+        assertion = cfg.cacheKeys != [ ];
+        message = "services.nixless.cacheKeys: at least one trusted cache key is needed.";
+      }
+      {
+        assertion = cfg.caches != [ ];
+        message = "services.nixless.caches: at least one binary cache URL is needed.";
+      }
+      {
+        assertion = cfg.listen != [ ] || cfg.pollUrl != null;
+        message = "services.nixless: set listen or pollUrl (or both); with neither, no deploy can ever arrive.";
+      }
+      {
+        assertion = !(lib.elem "ro" config.boot.nixStoreMountOpts);
+        message = ''
+          services.nixless installs store paths itself, so /nix/store must not be
+          mounted read-only: remove "ro" from boot.nixStoreMountOpts.
+        '';
+      }
+    ]
+    ++ unitAssertions;
+
+    warnings = lib.optional config.nix.enable ''
+      services.nixless is enabled together with nix.enable: Nix's database does
+      not know the store paths nixless installs, and Nix's garbage collector
+      may delete them. nixless is meant for machines with nix.enable = false.
+    '';
+
+    environment.etc."nixless/agent.json".source = configFile;
+
+    # The admin commands on the console: `nixless status`, `verify`, `gc`,
+    # `rollback`.
+    environment.systemPackages = [ cfg.package ];
+
+    # NixOS bind-mounts the store read-only by default; the Nix daemon undoes
+    # that in its own mount namespace. nixless has no privileged daemon (the
+    # agent runs without CAP_SYS_ADMIN, under its own seccomp filter), and a
+    # unit's ReadWritePaths= cannot make a read-only mount writable, so the
+    # store stays writable for root, as on a system with Nix but no daemon.
+    boot.nixStoreMountOpts = lib.mkDefault [
+      "nodev"
+      "nosuid"
+    ];
+
+    # Activation scripts and the boot loader builders link into these even
+    # without Nix; the agent writes system-N-link and its GC roots there.
+    systemd.tmpfiles.rules = [
+      "d /nix/var/nix 0755 root root - -"
+      "d /nix/var/nix/profiles 0755 root root - -"
+      "d /nix/var/nix/gcroots 0755 root root - -"
+      "d ${cfg.stateDir} 0700 root root - -"
+    ];
+
+    systemd.services.nixless-agent = lib.mkMerge [
+      (serviceOf "nixless-agent.service")
+      {
+        # A switch that changes the agent's config (keys, caches, health
+        # checks) restarts the agent, exactly like one that changes its
+        # binary: the new agent then verifies the new system with the new
+        # system's health settings.
+        restartTriggers = [ configFile ];
+        serviceConfig.CapabilityBoundingSet = mkIf (lib.any (p: p < 1024) listenPorts) [
+          "CAP_NET_BIND_SERVICE"
+        ];
+      }
+    ];
+
+    # Never restarted or stopped by a switch: it is the process running it.
+    systemd.services.nixless-switch = serviceOf "nixless-switch.service";
+
+    systemd.paths.nixless-switch = pathOf "nixless-switch.path";
+
+    networking.firewall.allowedTCPPorts = mkIf cfg.openFirewall listenPorts;
+
+    systemd.watchdog = mkIf cfg.hardwareWatchdog.enable {
+      runtimeTime = lib.mkDefault "${toString cfg.hardwareWatchdog.runtimeSecs}s";
+      rebootTime = lib.mkDefault "${toString cfg.hardwareWatchdog.rebootSecs}s";
+    };
+  };
+}

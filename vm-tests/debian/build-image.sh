@@ -1,0 +1,207 @@
+#!/usr/bin/env bash
+# Builds (or finds cached) the Debian base image for the VM tests:
+#
+#   vm-tests/debian/build-image.sh        # prints the image directory on stdout
+#
+# The image directory, target/debian-vm/base-<key>/, holds
+#   disk.qcow2   ext4 root filesystem (no partition table; root=/dev/vda)
+#   vmlinuz      kernel, for qemu -kernel (direct boot, no bootloader)
+#   initrd.img   small initramfs (virtio, ext4, 9p modules only)
+#   cmdline      the kernel command line to boot it with
+# <key> is a hash of this script and of guest/ (the files baked in), so the
+# image is rebuilt only when one of them changes. Older base-* directories
+# are removed after a successful build.
+#
+# How: debootstrap (minbase + systemd, kernel, iproute2, curl, jq) into a
+# directory, configure it, then `mkfs.ext4 -d DIR` populates a raw image
+# without mounting it, and qemu-img turns it into qcow2. Needs root (as
+# debootstrap does) and the Debian mirror apt is configured with (override
+# with DEBIAN_MIRROR=URL). Takes a few minutes; about 350 MiB of image.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+cache=${VMTEST_CACHE:-$repo/target/debian-vm}
+suite=bookworm
+
+key=$(cat "$here/build-image.sh" $(find "$here/guest" -type f | LC_ALL=C sort) | sha256sum | cut -c1-16)
+out=$cache/base-$key
+if [ -e "$out/ok" ]; then
+  echo "$out"
+  exit 0
+fi
+
+log() { echo "build-image: $*" >&2; }
+[ "$(id -u)" -eq 0 ] || { log "needs root (debootstrap)"; exit 1; }
+for t in debootstrap mkfs.ext4 qemu-img; do
+  command -v "$t" >/dev/null || { log "missing $t (apt-get install debootstrap e2fsprogs qemu-utils)"; exit 1; }
+done
+
+mirror=${DEBIAN_MIRROR:-}
+if [ -z "$mirror" ]; then
+  # The first http(s) URI of apt's Debian source (deb822 or one-line format).
+  mirror=$(cat /etc/apt/sources.list.d/*.sources 2>/dev/null \
+    | awk '/^URIs:/ { for (i = 2; i <= NF; i++) if ($i ~ /^https?:\/\/.*\/debian\/?$/) { print $i; exit } }')
+fi
+if [ -z "$mirror" ]; then
+  mirror=$(grep -hE '^deb +(\[[^]]*\] +)?https?://[^ ]*/debian/? ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
+    | sed -E 's/^deb +(\[[^]]*\] +)?//' | awk '{ print $1; exit }')
+fi
+mirror=${mirror:-http://deb.debian.org/debian}
+
+mkdir -p "$cache/debs"
+build=$cache/build.$$
+root=$build/rootfs
+cleanup() {
+  for m in proc sys dev/pts dev; do
+    mountpoint -q "$root/$m" 2>/dev/null && umount -l "$root/$m" || true
+  done
+  rm -rf "$build"
+}
+trap cleanup EXIT
+mkdir -p "$build"
+t0=$(date +%s)
+
+log "debootstrap $suite from $mirror (log: $build/debootstrap.log)"
+pkgs=systemd,systemd-sysv,udev,linux-image-amd64,initramfs-tools,zstd,kmod,iproute2,procps,curl,jq,e2fsprogs
+if ! debootstrap --variant=minbase --include="$pkgs" --cache-dir="$cache/debs" \
+  "$suite" "$root" "$mirror" >"$build/debootstrap.log" 2>&1; then
+  tail -30 "$build/debootstrap.log" >&2
+  cat "$root/debootstrap/debootstrap.log" 2>/dev/null | tail -30 >&2 || true
+  exit 1
+fi
+log "debootstrap done in $(($(date +%s) - t0)) s"
+
+# ---- configuration -------------------------------------------------------
+echo vmtest >"$root/etc/hostname"
+printf '127.0.0.1 localhost\n127.0.1.1 vmtest\n::1 localhost\n' >"$root/etc/hosts"
+cat >"$root/etc/fstab" <<'FSTAB'
+/dev/vda / ext4 rw,errors=remount-ro 0 0
+FSTAB
+chroot "$root" passwd -d root >/dev/null
+# A root shell on the serial console, for debugging by hand (-serial stdio).
+mkdir -p "$root/etc/systemd/system/serial-getty@ttyS0.service.d"
+cat >"$root/etc/systemd/system/serial-getty@ttyS0.service.d/autologin.conf" <<'EOF'
+[Service]
+ExecStart=
+ExecStart=-/sbin/agetty -o '-p -f -- \\u' --keep-baud --autologin root 115200,57600,38400,9600 - $TERM
+EOF
+
+# User-mode networking: slirp's fixed addresses, configured statically (no
+# DHCP wait); the host reaches the guest only through hostfwd.
+cat >"$root/etc/systemd/network/80-vm.network" <<'EOF'
+[Match]
+Name=eth0
+
+[Network]
+Address=10.0.2.15/24
+Gateway=10.0.2.2
+LinkLocalAddressing=no
+IPv6AcceptRA=no
+EOF
+mkdir -p "$root/etc/systemd/system/systemd-networkd-wait-online.service.d"
+cat >"$root/etc/systemd/system/systemd-networkd-wait-online.service.d/vm.conf" <<'EOF'
+[Service]
+ExecStart=
+ExecStart=/lib/systemd/systemd-networkd-wait-online --any --timeout=30
+EOF
+chroot "$root" systemctl enable systemd-networkd.service systemd-networkd-wait-online.service >/dev/null 2>&1
+
+# The journal goes to the serial console too (the host keeps it as a log),
+# and stays on disk across the reboots the tests provoke.
+mkdir -p "$root/etc/systemd/journald.conf.d" "$root/var/log/journal"
+cat >"$root/etc/systemd/journald.conf.d/vm.conf" <<'EOF'
+[Journal]
+Storage=persistent
+ForwardToConsole=yes
+TTYPath=/dev/ttyS0
+MaxLevelConsole=info
+EOF
+
+# No hardware watchdog by default (tests turn it on with a system.conf.d
+# drop-in); load the i6300esb driver early so it is there when they do.
+echo i6300esb >"$root/etc/modules-load.d/vmtest.conf"
+
+# Nothing that reaches out or wakes up on its own.
+# hvc0 belongs to the backdoor: no getty there. No logind (no sessions).
+for u in apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer e2scrub_reap.service \
+  fstrim.timer systemd-timesyncd.service getty@tty1.service serial-getty@hvc0.service \
+  systemd-logind.service dpkg-db-backup.timer; do
+  ln -sf /dev/null "$root/etc/systemd/system/$u"
+done
+
+# The backdoor the host drives the guest through (see guest/backdoor.sh).
+install -m 0755 "$here/guest/backdoor.sh" "$root/usr/local/sbin/vmtest-backdoor"
+cat >"$root/etc/systemd/system/vmtest-backdoor.service" <<'EOF'
+[Unit]
+Description=VM test backdoor on /dev/hvc0
+Requires=dev-hvc0.device
+After=dev-hvc0.device local-fs.target systemd-modules-load.service
+DefaultDependencies=no
+
+[Service]
+ExecStart=/usr/local/sbin/vmtest-backdoor
+Restart=always
+RestartSec=1s
+KillMode=process
+
+[Install]
+WantedBy=multi-user.target
+EOF
+chroot "$root" systemctl enable vmtest-backdoor.service >/dev/null 2>&1
+mkdir -p "$root/mnt/vmtest"
+
+# A small initramfs: just what booting from virtio needs.
+cat >"$root/etc/initramfs-tools/conf.d/vmtest.conf" <<'EOF'
+MODULES=list
+COMPRESS=zstd
+EOF
+printf '%s\n' virtio_pci virtio_blk virtio_net virtio_console virtio_rng ext4 crc32c_generic >"$root/etc/initramfs-tools/modules"
+mount -t proc proc "$root/proc"
+mount -t sysfs sys "$root/sys"
+kver=$(ls "$root/lib/modules" | sort -V | tail -1)
+chroot "$root" update-initramfs -c -k "$kver" >"$build/initramfs.log" 2>&1 \
+  || chroot "$root" update-initramfs -u -k "$kver" >>"$build/initramfs.log" 2>&1 \
+  || { cat "$build/initramfs.log" >&2; exit 1; }
+umount "$root/sys" "$root/proc"
+
+# Keep only the kernel modules a virtio guest needs (and their dependencies):
+# a much smaller image, and udev has nothing else to load at boot.
+want="virtio_pci virtio_blk virtio_net virtio_console virtio_rng 9p 9pnet_virtio ext4
+  i6300esb crc32c_generic af_packet"
+keep=$build/keep-modules
+for m in $want; do
+  chroot "$root" modprobe -S "$kver" --show-depends "$m" 2>/dev/null | awk '$1 == "insmod" { print $2 }'
+done | sort -u >"$keep"
+[ -s "$keep" ] || { log "found no kernel modules to keep"; exit 1; }
+find "$root/lib/modules/$kver/kernel" -name '*.ko*' | sed "s|^$root||" | sort >"$build/all-modules"
+comm -23 "$build/all-modules" "$keep" | sed "s|^|$root|" | xargs rm -f
+find "$root/lib/modules/$kver/kernel" -type d -empty -delete
+chroot "$root" depmod "$kver"
+log "kept $(wc -l <"$keep") kernel modules"
+
+mkdir -p "$build/out"
+cp "$root/boot/vmlinuz-$kver" "$build/out/vmlinuz"
+cp "$root/boot/initrd.img-$kver" "$build/out/initrd.img"
+echo "root=/dev/vda rw console=ttyS0,115200 net.ifnames=0 panic=0 quiet loglevel=4 systemd.show_status=1" >"$build/out/cmdline"
+
+# Slim down: documentation, package lists, caches, the kernel copy in /boot.
+rm -rf "$root"/usr/share/doc/* "$root"/usr/share/man/* "$root"/usr/share/info/* \
+  "$root"/usr/share/locale/* "$root"/var/cache/apt/* "$root"/var/lib/apt/lists/* \
+  "$root"/boot/* "$root"/var/log/*.log "$root"/debootstrap
+: >"$root/etc/machine-id" # generated at first boot
+
+# ---- image ---------------------------------------------------------------
+used=$(du -sm "$root" | cut -f1)
+size=$((used + used / 3 + 256)) # room for the tests' store paths and journal
+log "rootfs ${used} MiB; making a ${size} MiB ext4 image"
+truncate -s "${size}M" "$build/root.raw"
+mkfs.ext4 -q -F -L vmroot -E root_owner=0:0 -d "$root" "$build/root.raw" >"$build/mkfs.log" 2>&1 \
+  || { cat "$build/mkfs.log" >&2; exit 1; }
+qemu-img convert -O qcow2 "$build/root.raw" "$build/out/disk.qcow2"
+rm -f "$build/root.raw"
+date -u +%FT%TZ >"$build/out/ok"
+
+rm -rf "$cache"/base-*
+mv "$build/out" "$out"
+log "image ready in $(($(date +%s) - t0)) s: $out ($(du -sh "$out" | cut -f1))"
+echo "$out"
