@@ -41,6 +41,7 @@ struct Wire {
     max_connections: Option<u64>,
     request_timeout_secs: Option<u64>,
     retries: Option<u32>,
+    read_timeout_secs: Option<u64>,
     health_timeout_secs: Option<u64>,
     health_units: Option<Vec<String>>,
     health_command: Option<Vec<String>>,
@@ -72,6 +73,10 @@ pub struct Config {
     pub max_connections: usize,
     pub request_timeout: Duration,
     pub retries: u32,
+    /// Longest wait for one read from a cache before the download resumes
+    /// on a new connection; also how long status may go unanswered during
+    /// a stalled transfer, so keep it well under WatchdogSec / 2.
+    pub read_timeout: Duration,
     pub health_timeout: Duration,
     pub health_units: Vec<String>,
     pub health_command: Vec<String>,
@@ -88,8 +93,68 @@ fn keys(what: &str, list: &[String]) -> Result<TrustedKeys, String> {
     Ok(TrustedKeys::new(keys))
 }
 
+const KEYS: &[&str] = &[
+    "host",
+    "listen",
+    "caches",
+    "cache_keys",
+    "deploy_keys",
+    "state_dir",
+    "root",
+    "poll_url",
+    "poll_interval_secs",
+    "max_body_bytes",
+    "max_connections",
+    "request_timeout_secs",
+    "retries",
+    "read_timeout_secs",
+    "health_timeout_secs",
+    "health_units",
+    "health_command",
+    "health_check_network",
+    "switch_timeout_secs",
+    "generations_to_keep",
+    "switch_mode",
+];
+
+/// The keys of a top-level JSON object, so an unknown one can be named
+/// (the JSON reader only says that something did not match). Strings are
+/// skipped with their escapes; nested values by bracket depth.
+fn top_level_keys(json: &[u8]) -> Option<Vec<String>> {
+    let mut keys = Vec::new();
+    let (mut i, mut depth, mut expect_key) = (0, 0usize, false);
+    while i < json.len() {
+        match json[i] {
+            b'"' => {
+                let start = i + 1;
+                i += 1;
+                while i < json.len() && json[i] != b'"' {
+                    i += if json[i] == b'\\' { 2 } else { 1 };
+                }
+                if depth == 1 && expect_key {
+                    keys.push(String::from_utf8_lossy(json.get(start..i)?).into_owned());
+                    expect_key = false;
+                }
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                expect_key = depth == 1 && json[i] == b'{';
+            }
+            b'}' | b']' => depth = depth.checked_sub(1)?,
+            b',' if depth == 1 => expect_key = true,
+            _ => {}
+        }
+        i += 1;
+    }
+    Some(keys)
+}
+
 impl Config {
     pub fn parse(json: &[u8]) -> Result<Config, String> {
+        if let Some(unknown) = top_level_keys(json).and_then(|ks| ks.into_iter().find(|k| !KEYS.contains(&k.as_str())))
+        {
+            return Err(format!("unknown key {unknown:?} (known: {})", KEYS.join(", ")));
+        }
         let mut scratch = vec![0u8; json.len()];
         let (w, _): (Wire, _) = serde_json_core::from_slice_escaped(json, &mut scratch)
             .map_err(|e| format!("invalid JSON or wrong type: {e}"))?;
@@ -153,6 +218,7 @@ impl Config {
             max_connections: w.max_connections.unwrap_or(32).max(1) as usize,
             request_timeout: secs(w.request_timeout_secs, 10, "request_timeout_secs")?,
             retries: w.retries.unwrap_or(4),
+            read_timeout: secs(w.read_timeout_secs, 5, "read_timeout_secs")?,
             health_timeout: secs(w.health_timeout_secs, 120, "health_timeout_secs")?,
             health_units: w.health_units.unwrap_or_default(),
             health_command: w.health_command.unwrap_or_default(),
@@ -197,7 +263,8 @@ mod tests {
     #[test]
     fn refuses_bad_configs_clearly() {
         for (extra, needle) in [
-            (r#","typo_key":1"#, "invalid JSON"),
+            (r#","typo_key":1"#, "unknown key \"typo_key\""),
+            (r#","health_units":["a","b"],"nested":{"x":[1,{"y":2}]}"#, "unknown key \"nested\""),
             (r#","poll_interval_secs":0"#, "above 0"),
             (r#","poll_url":"ftp://x""#, "poll_url"),
             (r#","root":"relative""#, "absolute"),

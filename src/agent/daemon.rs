@@ -40,6 +40,8 @@ const IDLE_WAIT: Duration = Duration::from_millis(500);
 /// Deploy requests with a bad signature allowed per window before 429.
 const AUTH_FAILURES_PER_WINDOW: u32 = 20;
 const AUTH_WINDOW: Duration = Duration::from_secs(60);
+/// Peers tracked for that at once (bounded memory).
+const AUTH_PEERS: usize = 1024;
 /// Largest polled document / signature.
 const MAX_SIG_BYTES: u64 = 4096;
 
@@ -65,8 +67,8 @@ struct Shared {
     started: u64,
     notifier: Notifier,
     server: Option<Server>,
-    auth_failures: u32,
-    auth_window_start: Instant,
+    /// Rejected signatures per peer in the current window.
+    auth_failures: std::collections::BTreeMap<std::net::IpAddr, (u32, Instant)>,
     last_tick: Instant,
     /// Effects of a deploy accepted by the handler, for the loop to run.
     queued: VecDeque<Effect>,
@@ -149,29 +151,46 @@ fn handle(req: &Request, ctx: &Ctx, sh: &mut Shared) -> Response {
 }
 
 fn handle_deploy(req: &Request, ctx: &Ctx, sh: &mut Shared) -> Response {
-    if sh.auth_window_start.elapsed() > AUTH_WINDOW {
-        sh.auth_window_start = Instant::now();
-        sh.auth_failures = 0;
-    }
-    if sh.auth_failures >= AUTH_FAILURES_PER_WINDOW {
-        sh.rejected += 1;
-        return json_error(429, "too many rejected deploy requests; try later", None);
+    let peer = req.peer.ip();
+    // Per peer, so a stranger hammering bad signatures cannot lock the
+    // admin out; checked before any work on the body.
+    if let Some((n, since)) = sh.auth_failures.get(&peer) {
+        if since.elapsed() > AUTH_WINDOW {
+            sh.auth_failures.remove(&peer);
+        } else if *n >= AUTH_FAILURES_PER_WINDOW {
+            sh.rejected += 1;
+            return json_error(429, "too many rejected deploy requests; try later", None);
+        }
     }
     if sh.state.phase != Phase::Idle || !sh.queued.is_empty() {
         let seq = sh.state.job.as_ref().map(|j| j.seq);
         return json_error(409, "an update is in progress", seq);
     }
     let sig = req.header(deploy::SIGNATURE_HEADER);
-    match deploy::verify(&req.body, sig, &ctx.cfg.deploy_keys, &ctx.cfg.host, sh.state.highest_seq) {
-        Ok(d) => match accept(ctx, sh, &d, &req.body, sig.unwrap_or_default()) {
-            Ok(()) => Response::json(202, format!("{{\"seq\":{},\"status\":\"/v1/status\"}}", d.seq)),
-            Err(e) => {
-                sh.fatal = Some(e.clone());
-                json_error(500, &e, None)
-            }
-        },
+    let verified = deploy::verify(&req.body, sig, &ctx.cfg.deploy_keys, &ctx.cfg.host, sh.state.highest_seq);
+    let accepted = verified.and_then(|d| match accept(ctx, sh, &d, &req.body, sig.unwrap_or_default()) {
+        Ok(Ok(())) => Ok(Ok(d.seq)),
+        Ok(Err(rej)) => Err(rej),
+        Err(fatal) => Ok(Err(fatal)),
+    });
+    match accepted {
+        Ok(Ok(seq)) => Response::json(202, format!("{{\"seq\":{seq},\"status\":\"/v1/status\"}}")),
+        Ok(Err(e)) => {
+            sh.fatal = Some(e.clone());
+            json_error(500, &e, None)
+        }
         Err(rej) => {
             reject(ctx, sh, &rej, &format!("from {}", req.peer));
+            if rej.status() == 401 {
+                if sh.auth_failures.len() >= AUTH_PEERS && !sh.auth_failures.contains_key(&peer) {
+                    // Bounded memory: forget the oldest offender.
+                    if let Some(oldest) = sh.auth_failures.iter().min_by_key(|(_, (_, t))| *t).map(|(ip, _)| *ip) {
+                        sh.auth_failures.remove(&oldest);
+                    }
+                }
+                let e = sh.auth_failures.entry(peer).or_insert((0, Instant::now()));
+                e.0 += 1;
+            }
             let seq = matches!(rej, Rejection::Stale { .. }).then_some(sh.state.highest_seq);
             json_error(rej.status(), &rej.to_string(), seq)
         }
@@ -180,41 +199,24 @@ fn handle_deploy(req: &Request, ctx: &Ctx, sh: &mut Shared) -> Response {
 
 fn reject(ctx: &Ctx, sh: &mut Shared, rej: &Rejection, source: &str) {
     sh.rejected += 1;
-    if rej.status() == 401 {
-        sh.auth_failures += 1;
-    }
     let msg = format!("deploy rejected ({source}): {rej}");
     log::warn!("{msg}");
     persist::log_event(&ctx.cfg.state_dir, now(), &msg);
     sh.last_rejection = Some(msg);
 }
 
-/// The system one generation before the current profile's, for `rollback`.
-fn previous_generation(root: &Path) -> Option<String> {
-    let profiles = root.join("nix/var/nix/profiles");
-    let cur = std::fs::read_link(profiles.join("system")).ok()?;
-    let n: u64 = cur.to_str()?.strip_prefix("system-")?.strip_suffix("-link")?.parse().ok()?;
-    (1..n).rev().find_map(|k| {
-        let t = std::fs::read_link(profiles.join(format!("system-{k}-link"))).ok()?;
-        t.to_str().filter(|t| t.starts_with("/nix/store/")).map(str::to_owned)
-    })
-}
-
 /// Accepts a verified document: saves it, makes the new highest sequence
 /// durable with the state, and queues the work. Nothing is fetched or
 /// switched before this returns Ok.
-fn accept(ctx: &Ctx, sh: &mut Shared, d: &Deploy, body: &[u8], sig: &[u8]) -> Result<(), String> {
+/// `Ok(Err)`: refused after all (nothing changed); `Err`: could not persist.
+fn accept(ctx: &Ctx, sh: &mut Shared, d: &Deploy, body: &[u8], sig: &[u8]) -> Result<Result<(), Rejection>, String> {
     let root = &ctx.cfg.root;
     let previous = system_link(root, "run/current-system");
     let system = match (d.action, &d.system) {
         (_, Some(s)) => s.to_string(),
-        (Action::Rollback, None) => match previous_generation(root) {
-            Some(p) => p,
-            None => {
-                let rej = Rejection::Malformed("rollback: no previous generation and no system given".into());
-                reject(ctx, sh, &rej, "document");
-                return Ok(());
-            }
+        (Action::Rollback, None) => match crate::switch::profile::previous(root) {
+            Some((_, p)) => p,
+            None => return Ok(Err(Rejection::NoPrevious)),
         },
         (_, None) => String::new(),
     };
@@ -231,7 +233,7 @@ fn accept(ctx: &Ctx, sh: &mut Shared, d: &Deploy, body: &[u8], sig: &[u8]) -> Re
     sh.state = next;
     sh.progress = Progress::default();
     sh.queued.extend(effects);
-    Ok(())
+    Ok(Ok(()))
 }
 
 /// Polls the sockets without blocking and pings the watchdog; called from
@@ -332,8 +334,7 @@ impl Agent {
             started: now(),
             notifier: Notifier::from_env(),
             server,
-            auth_failures: 0,
-            auth_window_start: Instant::now(),
+            auth_failures: Default::default(),
             last_tick: Instant::now(),
             queued: VecDeque::new(),
             fatal: None,
@@ -602,7 +603,9 @@ impl Agent {
                 caches.push(c.clone());
             }
         }
-        let mut f = Fetcher::new(caches, Options { retries: self.ctx.cfg.retries, ..Options::default() });
+        let opts =
+            Options { retries: self.ctx.cfg.retries, read_timeout: self.ctx.cfg.read_timeout, ..Options::default() };
+        let mut f = Fetcher::new(caches, opts);
         let (ctx, shared) = (self.ctx.clone(), self.shared.clone());
         f.set_tick(Box::new(move || tick(&ctx, &shared)));
         f
@@ -630,15 +633,17 @@ impl Agent {
         let (caches, narinfos) = doc.map(|d| (d.caches, d.narinfos)).unwrap_or_default();
         let provided = install::provided_from(&narinfos);
         let mut fetcher = self.fetcher(&caches);
-        let shared = self.shared.clone();
+        let (ctx, shared) = (self.ctx.clone(), self.shared.clone());
         let mut on_progress = |p: &install::Progress| {
-            let mut sh = shared.borrow_mut();
-            sh.progress = Progress {
+            shared.borrow_mut().progress = Progress {
                 paths_done: p.paths_done as u64,
                 paths_total: p.paths_total as u64,
                 bytes_done: p.nar_bytes_done,
                 bytes_total: p.nar_bytes_total,
             };
+            // Also between reads: highly compressible data decompresses
+            // for a long time from one read's worth of input.
+            tick(&ctx, &shared);
         };
         let res = self.install_checked(&mut fetcher, &system, &provided, &mut on_progress);
         let mut sh = self.shared.borrow_mut();
@@ -741,11 +746,13 @@ impl Agent {
                 return Ok(());
             }
         };
-        match deploy::verify(&doc, Some(&sig), &ctx.cfg.deploy_keys, &ctx.cfg.host, sh.state.highest_seq) {
-            Ok(d) => {
-                sh.poll_error = None;
-                accept(&ctx, &mut sh, &d, &doc, &sig)?;
-            }
+        let verified = deploy::verify(&doc, Some(&sig), &ctx.cfg.deploy_keys, &ctx.cfg.host, sh.state.highest_seq);
+        let outcome = match verified {
+            Ok(d) => accept(&ctx, &mut sh, &d, &doc, &sig)?,
+            Err(rej) => Err(rej),
+        };
+        match outcome {
+            Ok(()) => sh.poll_error = None,
             // The document we already have (or an older one): nothing to do.
             Err(Rejection::Stale { .. }) => sh.poll_error = None,
             Err(rej) => {

@@ -55,10 +55,18 @@ pub enum Rejection {
     UnknownKey(String),
     BadSignature,
     Malformed(String),
-    OtherHost { doc: String, me: String },
-    Stale { seq: u64, highest: u64 },
+    OtherHost {
+        doc: String,
+        me: String,
+    },
+    Stale {
+        seq: u64,
+        highest: u64,
+    },
     NotStorePath(String),
     UnknownAction(String),
+    /// `rollback` without a system, and no generation before the current.
+    NoPrevious,
 }
 
 impl Rejection {
@@ -71,6 +79,7 @@ impl Rejection {
             Rejection::OtherHost { .. } => 403,
             Rejection::Stale { .. } => 409,
             Rejection::Malformed(_) | Rejection::NotStorePath(_) | Rejection::UnknownAction(_) => 400,
+            Rejection::NoPrevious => 409,
         }
     }
 }
@@ -90,6 +99,7 @@ impl std::fmt::Display for Rejection {
                 write!(f, "sequence {seq} is not above the highest accepted, {highest}")
             }
             Rejection::NotStorePath(p) => write!(f, "system {p:?} is not a store path"),
+            Rejection::NoPrevious => write!(f, "rollback: no previous generation to roll back to, and no system given"),
             Rejection::UnknownAction(a) => {
                 write!(f, "unknown action {a:?} (switch, boot, rollback, gc)")
             }

@@ -69,6 +69,12 @@ impl Read for ResumableBody<'_> {
             match self.inner.read(buf) {
                 Ok(n) => {
                     self.pos += n as u64;
+                    // Progress since the last break: the resume budget is
+                    // for consecutive failures, not for a long, flaky
+                    // download as a whole.
+                    if n > 0 {
+                        self.resumes_left = self.fetcher.options().retries;
+                    }
                     return Ok(n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

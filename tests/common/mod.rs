@@ -17,9 +17,7 @@ pub struct Fixtures {
 
 impl Fixtures {
     pub fn get(&self, k: &str) -> &str {
-        self.vars
-            .get(k)
-            .unwrap_or_else(|| panic!("fixture variable {k} missing"))
+        self.vars.get(k).unwrap_or_else(|| panic!("fixture variable {k} missing"))
     }
 
     pub fn path(&self, k: &str) -> PathBuf {
@@ -34,11 +32,7 @@ impl Fixtures {
 
 pub fn closure_of(p: &str) -> Vec<String> {
     let out = nix(&["nix-store", "-qR", p]);
-    String::from_utf8(out)
-        .unwrap()
-        .lines()
-        .map(str::to_owned)
-        .collect()
+    String::from_utf8(out).unwrap().lines().map(str::to_owned).collect()
 }
 
 /// Builds (once per machine; fixtures.sh is idempotent and locked) and
@@ -52,16 +46,9 @@ pub fn fixtures() -> &'static Fixtures {
             .arg(&dir)
             .status()
             .expect("run fixtures.sh");
-        assert!(
-            st.success(),
-            "fixtures.sh failed (is nix-bin installed? run .ci/run)"
-        );
+        assert!(st.success(), "fixtures.sh failed (is nix-bin installed? run .ci/run)");
         let text = std::fs::read_to_string(dir.join("env")).unwrap();
-        let vars = text
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
+        let vars = text.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned())).collect();
         Fixtures { vars }
     })
 }
@@ -71,9 +58,7 @@ pub fn repo() -> PathBuf {
 }
 
 pub fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target"))
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo().join("target"))
 }
 
 pub fn bin() -> &'static str {
@@ -82,16 +67,8 @@ pub fn bin() -> &'static str {
 
 /// Runs a Nix command, panicking on failure; returns stdout.
 pub fn nix(args: &[&str]) -> Vec<u8> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .env("NIX_CONFIG", NIX_CONFIG)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(args[0]).args(&args[1..]).env("NIX_CONFIG", NIX_CONFIG).output().unwrap();
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
     out.stdout
 }
 
@@ -103,11 +80,7 @@ pub fn nix_hash_path(p: &Path) -> String {
 
 /// Runs `nixless ARGS`.
 pub fn nixless(args: &[&str]) -> Output {
-    Command::new(bin())
-        .args(args)
-        .env_remove("NIXLESS_LOG")
-        .output()
-        .unwrap()
+    Command::new(bin()).args(args).env_remove("NIXLESS_LOG").output().unwrap()
 }
 
 pub fn stderr(o: &Output) -> String {
@@ -118,10 +91,7 @@ pub fn stderr(o: &Output) -> String {
 pub fn narinfo_field(cache: &Path, store_path: &str, field: &str) -> String {
     let base = store_path.rsplit('/').next().unwrap();
     let text = std::fs::read_to_string(cache.join(format!("{}.narinfo", &base[..32]))).unwrap();
-    let line = text
-        .lines()
-        .find(|l| l.starts_with(&format!("{field}: ")))
-        .unwrap();
+    let line = text.lines().find(|l| l.starts_with(&format!("{field}: "))).unwrap();
     line[field.len() + 2..].to_owned()
 }
 
@@ -136,11 +106,7 @@ pub fn assert_store_sound(root: &Path, cache: &Path) -> Vec<String> {
     };
     for e in rd {
         let name = e.unwrap().file_name().into_string().unwrap();
-        assert!(
-            !name.starts_with('.'),
-            "leftover temp {name} in {}",
-            store.display()
-        );
+        assert!(!name.starts_with('.'), "leftover temp {name} in {}", store.display());
         let p = store.join(&name);
         let want = narinfo_field(cache, &name, "NarHash");
         assert_eq!(format!("sha256:{}", nix_hash_path(&p)), want, "{name}");
@@ -162,21 +128,13 @@ pub fn assert_canonical(p: &Path) {
             assert_canonical(&e.unwrap().path());
         }
     } else if md.is_file() {
-        assert!(
-            mode == 0o444 || mode == 0o555,
-            "{} has mode {mode:o}",
-            p.display()
-        );
+        assert!(mode == 0o444 || mode == 0o555, "{} has mode {mode:o}", p.display());
     }
 }
 
 /// A free loopback port (bound then released).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// nginx serving `root` on a loopback port, stopped on drop.
@@ -196,11 +154,7 @@ impl Nginx {
 
     fn start_mode(root: &Path, rate: &[&str]) -> Nginx {
         let port = free_port();
-        let mode = if rate.is_empty() {
-            "start"
-        } else {
-            "start-throttled"
-        };
+        let mode = if rate.is_empty() { "start" } else { "start-throttled" };
         let st = Command::new("bash")
             .arg(repo().join("tests/support/nginx.sh"))
             .arg(mode)
@@ -210,10 +164,7 @@ impl Nginx {
             .status()
             .unwrap();
         assert!(st.success(), "nginx.sh {mode} failed");
-        Nginx {
-            port,
-            root: root.to_owned(),
-        }
+        Nginx { port, root: root.to_owned() }
     }
 
     pub fn url(&self) -> String {
