@@ -33,6 +33,9 @@ size=$(stat -c %s "$bin")
 echo "binary: $bin, $size bytes stripped ($(file -b "$bin" | cut -d, -f1-4))"
 ((size <= 3 * 1024 * 1024)) || { echo "binary over 3 MiB"; exit 1; }
 
+echo "== nix files parse, units.json is valid"
+bash tests/nix-parse.sh
+
 echo "== cargo test"
 cargo test -q 2>&1 | tee target/test.log | grep -vE '^(running|$)'
 echo "== done"
