@@ -112,6 +112,19 @@ impl Device {
         std::os::unix::fs::symlink(sys("a"), root.path().join("run/current-system")).unwrap();
         std::os::unix::fs::symlink(sys("a"), root.path().join("run/booted-system")).unwrap();
         std::fs::write(fake.path().join("current"), "a\n").unwrap();
+        // A stand-in bootctl on the helper's PATH: records its calls;
+        // `is-installed` succeeds only when `systemd-boot` exists.
+        std::fs::create_dir_all(fake.path().join("bin")).unwrap();
+        let bootctl = fake.path().join("bin/bootctl");
+        std::fs::write(
+            &bootctl,
+            format!(
+                "#!/bin/sh\necho \"$*\" >> {d}/bootctl-calls\nif [ \"$1\" = is-installed ]; then test -e {d}/systemd-boot; fi\n",
+                d = fake.path().display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&bootctl, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         std::fs::write(fake.path().join("boot-default"), "a\n").unwrap();
 
         let key = nixless::nix::SecretKey::generate("admin-1").unwrap();
@@ -157,8 +170,10 @@ impl Device {
                     if now != seen && (!now.0.is_empty() || !now.1.is_empty()) {
                         seen = now;
                         *runs.lock().unwrap() += 1;
+                        let path = format!("{}/bin:{}", fakep.display(), std::env::var("PATH").unwrap_or_default());
                         let mut child = Command::new(bin())
                             .args(["switch-helper", "--config", config.to_str().unwrap()])
+                            .env("PATH", path)
                             .env("FAKE_NIXOS_DIR", &fakep)
                             .env("FAKE_NIXOS_ROOT", &rootp)
                             .stdout(Stdio::null())
@@ -381,14 +396,68 @@ fn failed_rollback_is_reported() {
 
 #[test]
 fn boot_deploy_commits_without_a_live_switch() {
+    // No systemd-boot (GRUB, say): no one-time entries, the new generation
+    // simply becomes the default.
     let d = Device::new(Opts::default());
     d.deploy(Some(&sys("c")), "boot", 50);
     let (outcome, status) = d.finish(50, 60);
     assert_eq!(outcome, "committed", "{status}");
+    assert!(status.contains("not systemd-boot"), "{status}");
     assert_eq!(d.calls(), vec!["c boot"]);
     assert_eq!(d.fake_file("current"), "a", "still running the old system");
     assert_eq!(d.fake_file("boot-default"), "c");
     assert_eq!(d.profile(), Some((2, sys("c"))));
+}
+
+impl Device {
+    /// Plays a reboot into `system`: new boot id, /run links, agent restart.
+    fn reboot_into(&self, system: &str, boot_id: &str) {
+        *self.boot_id.lock().unwrap() = boot_id.into();
+        for l in ["run/current-system", "run/booted-system"] {
+            let p = self.root.path().join(l);
+            std::fs::remove_file(&p).unwrap();
+            std::os::unix::fs::symlink(system, &p).unwrap();
+        }
+        self.kill_agent();
+    }
+}
+
+#[test]
+fn one_time_boot_on_systemd_boot_commits_after_a_good_first_boot() {
+    let d = Device::new(Opts::default());
+    std::fs::write(d.fake.path().join("systemd-boot"), "").unwrap();
+    d.deploy(Some(&sys("c")), "boot", 55);
+    d.wait_for(|s| s.contains("\"phase\":\"awaiting-reboot\""), 60);
+    assert_eq!(
+        d.fake_file("bootctl-calls"),
+        "is-installed\nset-default nixos-generation-1.conf\nset-oneshot nixos-generation-2.conf"
+    );
+    // A restart without a reboot changes nothing; deploys wait.
+    d.kill_agent();
+    d.wait_for(|s| s.contains("\"phase\":\"awaiting-reboot\""), 20);
+    d.reboot_into(&sys("c"), "boot-2");
+    let (outcome, status) = d.finish(55, 60);
+    assert_eq!(outcome, "committed", "{status}");
+    assert!(d.fake_file("bootctl-calls").ends_with("is-installed\nset-default"), "{}", d.fake_file("bootctl-calls"));
+    assert_eq!(d.profile(), Some((2, sys("c"))));
+    assert_eq!(d.calls(), vec!["c boot"], "no live switch");
+}
+
+#[test]
+fn one_time_boot_that_does_not_come_up_goes_back() {
+    let d = Device::new(Opts::default());
+    std::fs::write(d.fake.path().join("systemd-boot"), "").unwrap();
+    d.deploy(Some(&sys("c")), "boot", 56);
+    d.wait_for(|s| s.contains("\"phase\":\"awaiting-reboot\""), 60);
+    // The one-time boot of C failed (hang, watchdog reset): A came up.
+    d.reboot_into(&sys("a"), "boot-2");
+    let (outcome, status) = d.finish(56, 60);
+    assert_eq!(outcome, "failed", "{status}");
+    assert!(status.contains("did not come up"), "{status}");
+    assert_eq!(d.profile().map(|p| p.1), Some(sys("a")), "profile points at A again");
+    assert_eq!(d.calls(), vec!["c boot", "a switch"]);
+    assert_eq!(d.fake_file("boot-default"), "a");
+    assert!(d.fake_file("bootctl-calls").ends_with("set-default"), "override dropped");
 }
 
 #[test]

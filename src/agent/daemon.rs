@@ -377,7 +377,8 @@ impl Agent {
     /// Runs until a fatal error (which systemd answers with a restart).
     pub fn run(&mut self) -> Result<(), String> {
         self.shared.borrow_mut().notifier.ready();
-        self.apply(Event::Resumed { boot_id: boot_id() })?;
+        let booted = system_link(&self.ctx.cfg.root, "run/booted-system");
+        self.apply(Event::Resumed { boot_id: boot_id(), booted })?;
         loop {
             // Effects first: they may produce events, which produce effects.
             loop {
@@ -452,6 +453,15 @@ impl Agent {
                     }
                     Err(e) => Event::CommitFailed(e.to_string()),
                 }))
+            }
+            Effect::RestoreProfile => {
+                let previous = self.shared.borrow().state.job.as_ref().and_then(|j| j.previous.clone());
+                if let Some(p) = previous {
+                    crate::switch::profile::restore(&self.ctx.cfg.root, &p)
+                        .map_err(|e| format!("restoring the profile: {e}"))?;
+                    log::info!("profile points at {p} again");
+                }
+                Ok(None)
             }
             Effect::CollectGarbage => Ok(Some(Event::GcDone(self.collect_garbage(&[]).map(|r| r.to_string())))),
         }

@@ -60,6 +60,15 @@ pub enum Step {
     Boot,
     /// `test` of the previous system, undoing a failed update.
     RollbackTest,
+    /// A `boot` deploy: `boot` of the new system, then (systemd-boot) a
+    /// one-time entry for it with the running system kept as the default.
+    BootOnce,
+    /// After a good first boot of a `boot` deploy: drop the one-time
+    /// arrangement so the new generation is the default.
+    BootConfirm,
+    /// After a `boot` deploy failed: `switch` of the previous system (its
+    /// generation becomes the boot default again).
+    BootRevert,
 }
 
 impl Step {
@@ -68,6 +77,9 @@ impl Step {
             Step::Test => "test",
             Step::Boot => "boot",
             Step::RollbackTest => "rollback-test",
+            Step::BootOnce => "boot-once",
+            Step::BootConfirm => "boot-confirm",
+            Step::BootRevert => "boot-revert",
         }
     }
 
@@ -76,6 +88,9 @@ impl Step {
             "test" => Step::Test,
             "boot" => Step::Boot,
             "rollback-test" => Step::RollbackTest,
+            "boot-once" => Step::BootOnce,
+            "boot-confirm" => Step::BootConfirm,
+            "boot-revert" => Step::BootRevert,
             _ => return None,
         })
     }
@@ -84,7 +99,8 @@ impl Step {
     pub fn stc_action(self) -> &'static str {
         match self {
             Step::Test | Step::RollbackTest => "test",
-            Step::Boot => "boot",
+            Step::Boot | Step::BootOnce | Step::BootConfirm => "boot",
+            Step::BootRevert => "switch",
         }
     }
 }
@@ -93,10 +109,17 @@ impl Step {
 pub enum Phase {
     Idle,
     Fetching,
-    Switching { step: Step, id: u64 },
-    Verifying { deadline: u64 },
+    Switching {
+        step: Step,
+        id: u64,
+    },
+    Verifying {
+        deadline: u64,
+    },
     Committing,
     Collecting,
+    /// A `boot` deploy is set up for a one-time boot; the next boot tells.
+    AwaitingReboot,
 }
 
 impl Phase {
@@ -109,6 +132,7 @@ impl Phase {
             Phase::Verifying { .. } => "verifying",
             Phase::Committing => "committing",
             Phase::Collecting => "collecting",
+            Phase::AwaitingReboot => "awaiting-reboot",
         }
     }
 }
@@ -177,6 +201,8 @@ pub struct Job {
     /// The kernel boot id when the new system was switched to: a different
     /// one while verifying means the machine rebooted.
     pub boot_id: Option<String>,
+    /// A `boot` deploy whose new system did boot (then being verified).
+    pub booted_new: bool,
 }
 
 /// The last finished deploy.
@@ -221,9 +247,10 @@ pub enum Event {
         previous: Option<String>,
         boot_id: Option<String>,
     },
-    /// The agent (re)started with this boot id.
+    /// The agent (re)started with this boot id, and this system booted.
     Resumed {
         boot_id: Option<String>,
+        booted: Option<String>,
     },
     FetchOk,
     FetchFailed(String),
@@ -262,6 +289,9 @@ pub enum Effect {
     CheckHealth,
     /// New system-N-link, atomic swap of the system profile (idempotent).
     Commit,
+    /// Point the profile back at the newest generation of the job's
+    /// previous system (idempotent).
+    RestoreProfile,
     CollectGarbage,
 }
 
@@ -345,6 +375,7 @@ pub fn step(s: &State, ev: Event, now: u64, t: Timing) -> (State, Vec<Effect>) {
                 transitions: 0,
                 failure: None,
                 boot_id,
+                booted_new: false,
             });
             match action {
                 Action::Switch | Action::Boot => {
@@ -412,17 +443,64 @@ pub fn step(s: &State, ev: Event, now: u64, t: Timing) -> (State, Vec<Effect>) {
                 }
                 vec![]
             }
+            Step::BootOnce if code == Some(0) => {
+                s.phase = Phase::AwaitingReboot;
+                vec![]
+            }
+            Step::BootOnce if code == Some(NO_ONE_SHOT) => {
+                let why = "no one-time boot entries here (not systemd-boot): the new generation is the boot default";
+                finish(&mut s, Outcome::Committed, Some(why.into()), now);
+                vec![]
+            }
+            Step::BootOnce => {
+                let why = format!("switch-to-configuration boot: {}", describe_exit(code, &tail));
+                finish(&mut s, Outcome::Failed, Some(why), now);
+                vec![Effect::RestoreProfile]
+            }
+            Step::BootConfirm => {
+                let why = (code != Some(0))
+                    .then(|| format!("booted and healthy, but making it the default: {}", describe_exit(code, &tail)));
+                finish(&mut s, Outcome::Committed, why, now);
+                vec![]
+            }
+            Step::BootRevert => {
+                let job = s.job.as_ref().expect("reverting a job");
+                let failure = job.failure.clone().unwrap_or_default();
+                let outcome = match (job.booted_new, code == Some(0)) {
+                    (true, true) => Outcome::RolledBack,
+                    (true, false) => Outcome::RollbackFailed,
+                    (false, _) => Outcome::Failed,
+                };
+                let why = if code == Some(0) {
+                    failure
+                } else {
+                    format!("{failure}; restoring the previous generation: {}", describe_exit(code, &tail))
+                };
+                finish(&mut s, outcome, Some(why), now);
+                vec![]
+            }
         },
         (Phase::Verifying { .. }, Event::Healthy) => {
-            s.phase = Phase::Committing;
-            vec![Effect::Commit]
+            let job = s.job.as_ref().expect("verifying a job");
+            if job.action == Action::Boot {
+                let system = job.system.clone();
+                switch(&mut s, Step::BootConfirm, system)
+            } else {
+                s.phase = Phase::Committing;
+                vec![Effect::Commit]
+            }
         }
         (Phase::Verifying { .. }, Event::Unhealthy(reason)) => {
-            roll_back(&mut s, format!("health check failed: {reason}"), now)
+            if s.job.as_ref().is_some_and(|j| j.action == Action::Boot) {
+                revert_boot(&mut s, format!("health check failed: {reason}"), now)
+            } else {
+                roll_back(&mut s, format!("health check failed: {reason}"), now)
+            }
         }
         (Phase::Committing, Event::CommitOk) => {
-            let system = s.job.as_ref().expect("committing a job").system.clone();
-            switch(&mut s, Step::Boot, system)
+            let job = s.job.as_ref().expect("committing a job");
+            let (system, action) = (job.system.clone(), job.action);
+            switch(&mut s, if action == Action::Boot { Step::BootOnce } else { Step::Boot }, system)
         }
         (Phase::Committing, Event::CommitFailed(reason)) => {
             let action = s.job.as_ref().expect("committing a job").action;
@@ -434,9 +512,29 @@ pub fn step(s: &State, ev: Event, now: u64, t: Timing) -> (State, Vec<Effect>) {
                 roll_back(&mut s, why, now)
             }
         }
-        (phase, Event::Resumed { boot_id }) => match phase {
+        (phase, Event::Resumed { boot_id, booted }) => match phase {
             Phase::Idle => vec![],
             Phase::Fetching => vec![Effect::Fetch],
+            Phase::AwaitingReboot if rebooted(&s, &boot_id) => {
+                let job = s.job.as_mut().expect("awaiting a job");
+                job.boot_id = boot_id;
+                if booted.as_deref() == Some(job.system.as_str()) {
+                    job.booted_new = true;
+                    s.phase = Phase::Verifying { deadline: now + t.health_timeout_secs };
+                    vec![Effect::CheckHealth]
+                } else {
+                    let why = "the new generation did not come up on its one-time boot; the previous one booted";
+                    revert_boot(&mut s, why.into(), now)
+                }
+            }
+            Phase::AwaitingReboot => vec![],
+            Phase::Verifying { .. }
+                if rebooted(&s, &boot_id) && s.job.as_ref().is_some_and(|j| j.action == Action::Boot) =>
+            {
+                // Rebooted again while checking the one-time boot: the
+                // default (the previous generation) came up.
+                revert_boot(&mut s, "rebooted while verifying the new generation's first boot".into(), now)
+            }
             Phase::Switching { step: Step::Test, .. } | Phase::Verifying { .. } if rebooted(&s, &boot_id) => {
                 // The machine rebooted before the update was committed, so
                 // it booted the old default: the update failed, and it is
@@ -447,7 +545,7 @@ pub fn step(s: &State, ev: Event, now: u64, t: Timing) -> (State, Vec<Effect>) {
             }
             Phase::Switching { step, id } => {
                 let system = match step {
-                    Step::RollbackTest => s.job.as_ref().and_then(|j| j.previous.clone()),
+                    Step::RollbackTest | Step::BootRevert => s.job.as_ref().and_then(|j| j.previous.clone()),
                     _ => s.job.as_ref().map(|j| j.system.clone()),
                 };
                 match system {
@@ -465,6 +563,29 @@ pub fn step(s: &State, ev: Event, now: u64, t: Timing) -> (State, Vec<Effect>) {
     };
     (s, effects)
 }
+
+/// A `boot` deploy failed: the profile goes back to the previous system
+/// and that system is switched to (making its generation the default).
+fn revert_boot(s: &mut State, reason: String, now: u64) -> Vec<Effect> {
+    let job = s.job.as_mut().expect("reverting a job");
+    job.failure = Some(reason.clone());
+    match job.previous.clone() {
+        Some(prev) => {
+            let mut effects = vec![Effect::RestoreProfile];
+            effects.extend(switch(s, Step::BootRevert, prev));
+            effects
+        }
+        None => {
+            finish(s, Outcome::Failed, Some(format!("{reason}; no previous system to go back to")), now);
+            vec![]
+        }
+    }
+}
+
+/// The helper's code for a `boot-once` request where the bootloader has no
+/// one-time entries (GRUB, extlinux, …): the new generation simply became
+/// the default.
+pub const NO_ONE_SHOT: i32 = -3;
 
 /// Whether the machine booted since the job was accepted.
 fn rebooted(s: &State, now_boot: &Option<String>) -> bool {

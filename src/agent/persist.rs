@@ -43,7 +43,7 @@ pub fn to_json(s: &State) -> String {
     }
     if let Some(j) = &s.job {
         out += &format!(
-            ",\"job\":{{\"seq\":{},\"action\":\"{}\",\"system\":{},\"previous\":{},\"started\":{},\"transitions\":{},\"failure\":{},\"boot_id\":{}}}",
+            ",\"job\":{{\"seq\":{},\"action\":\"{}\",\"system\":{},\"previous\":{},\"started\":{},\"transitions\":{},\"failure\":{},\"boot_id\":{},\"booted_new\":{}}}",
             j.seq,
             j.action.as_str(),
             json_string(&j.system),
@@ -51,7 +51,8 @@ pub fn to_json(s: &State) -> String {
             j.started,
             j.transitions,
             opt(&j.failure),
-            opt(&j.boot_id)
+            opt(&j.boot_id),
+            j.booted_new
         );
     }
     if let Some(l) = &s.last {
@@ -80,6 +81,7 @@ fn phase_key(p: &Phase) -> &'static str {
         Phase::Verifying { .. } => "verifying",
         Phase::Committing => "committing",
         Phase::Collecting => "collecting",
+        Phase::AwaitingReboot => "awaiting-reboot",
     }
 }
 
@@ -93,6 +95,8 @@ struct WireJob {
     transitions: u32,
     failure: Option<String>,
     boot_id: Option<String>,
+    #[serde(default)]
+    booted_new: bool,
 }
 
 #[derive(Deserialize)]
@@ -135,6 +139,7 @@ pub fn from_json(bytes: &[u8]) -> Result<State, String> {
         ("verifying", _, _, Some(deadline)) => Phase::Verifying { deadline },
         ("committing", ..) => Phase::Committing,
         ("collecting", ..) => Phase::Collecting,
+        ("awaiting-reboot", ..) => Phase::AwaitingReboot,
         (p, ..) => return Err(format!("bad phase {p:?}")),
     };
     let job = match w.job {
@@ -147,6 +152,7 @@ pub fn from_json(bytes: &[u8]) -> Result<State, String> {
             transitions: j.transitions,
             failure: j.failure,
             boot_id: j.boot_id,
+            booted_new: j.booted_new,
         }),
         None => None,
     };

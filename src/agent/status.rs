@@ -103,7 +103,8 @@ pub fn status_json(s: &Snapshot) -> String {
     out
 }
 
-const PHASES: [&str; 7] = ["idle", "fetching", "switching", "verifying", "committing", "rolling-back", "collecting"];
+const PHASES: [&str; 8] =
+    ["idle", "fetching", "switching", "verifying", "committing", "rolling-back", "collecting", "awaiting-reboot"];
 
 pub fn metrics(s: &Snapshot) -> String {
     let st = &s.state;

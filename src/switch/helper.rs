@@ -12,6 +12,7 @@
 
 use super::protocol::{self, Outcome, Request};
 use crate::agent::config::Config;
+use crate::agent::machine::Step;
 use crate::nix::StorePath;
 use crate::store::Store;
 use rustix::event::{PollFd, PollFlags};
@@ -143,6 +144,11 @@ fn handle_switch(cfg: &Config, store: &Store) -> Result<bool, String> {
     }
     let outcome = match check_system(&cfg.root, store, &req.system) {
         Err(why) => Outcome { id: req.id, code: Some(REFUSED), tail: format!("refused: {why}") },
+        Ok(_) if req.step == Step::BootConfirm => {
+            protocol::write_started(dir, req.id).map_err(|e| format!("marking request started: {e}"))?;
+            let (code, tail) = bootloader::drop_default_override();
+            Outcome { id: req.id, code, tail }
+        }
         Ok(stc) => {
             protocol::write_started(dir, req.id).map_err(|e| format!("marking request started: {e}"))?;
             let action = req.step.stc_action();
@@ -152,7 +158,17 @@ fn handle_switch(cfg: &Config, store: &Store) -> Result<bool, String> {
             let limit = cfg.switch_timeout.saturating_sub(Duration::from_secs(5)).max(Duration::from_secs(1));
             let (code, tail) = run_captured(Command::new(&stc).arg(action), Some(limit));
             log::info!("request {}: exit {code:?}", req.id);
-            Outcome { id: req.id, code, tail }
+            match (req.step, code) {
+                (Step::BootOnce, Some(0)) => {
+                    let (code, more) = bootloader::one_time_boot(&cfg.root, &req.system);
+                    Outcome { id: req.id, code, tail: format!("{tail}{more}") }
+                }
+                (Step::BootRevert, Some(0)) => {
+                    let (_, more) = bootloader::drop_default_override();
+                    Outcome { id: req.id, code, tail: format!("{tail}{more}") }
+                }
+                _ => Outcome { id: req.id, code, tail },
+            }
         }
     };
     protocol::write_result(dir, &outcome).map_err(|e| format!("writing result: {e}"))?;
@@ -208,4 +224,71 @@ pub fn main(config: &Path) -> Result<(), String> {
 /// Serialises a request for tests and the emulated path unit.
 pub fn describe(req: &Request) -> String {
     format!("{} {} {}", req.id, req.step.as_str(), req.system)
+}
+
+/// One-time boot entries, where the bootloader has them (systemd-boot).
+///
+/// `switch-to-configuration boot` has just made the new generation the
+/// default (systemd-boot's builder writes it to loader.conf). For a `boot`
+/// deploy we want it tried once: the EFI variable `LoaderEntryDefault`
+/// (`bootctl set-default`, which overrides loader.conf) goes back to the
+/// booted generation's entry, and `LoaderEntryOneShot` (`bootctl
+/// set-oneshot`) names the new one. If the new generation does not come up,
+/// the next boot takes the old default. Once it is confirmed, the override
+/// is dropped and loader.conf's default (the new one) rules again.
+pub mod bootloader {
+    use super::{run_captured, Command, Duration};
+    use crate::agent::machine::NO_ONE_SHOT;
+    use crate::switch::profile;
+    use std::path::Path;
+
+    const BOOTCTL_TIMEOUT: Duration = Duration::from_secs(60);
+
+    fn bootctl(args: &[&str]) -> (Option<i32>, String) {
+        run_captured(Command::new("bootctl").args(args), Some(BOOTCTL_TIMEOUT))
+    }
+
+    fn is_systemd_boot() -> bool {
+        bootctl(&["is-installed"]).0 == Some(0)
+    }
+
+    fn entry_of(root: &Path, system: &str) -> Option<String> {
+        profile::generations(root)
+            .into_iter()
+            .rev()
+            .find(|(_, t)| t == system)
+            .map(|(n, _)| format!("nixos-generation-{n}.conf"))
+    }
+
+    /// `(code, note)`: 0 when set up, [`NO_ONE_SHOT`] without systemd-boot.
+    pub fn one_time_boot(root: &Path, system: &str) -> (Option<i32>, String) {
+        if !is_systemd_boot() {
+            return (Some(NO_ONE_SHOT), "\nnixless: no systemd-boot: the new generation is the boot default".into());
+        }
+        let booted =
+            std::fs::read_link(root.join("run/booted-system")).ok().and_then(|p| p.to_str().map(str::to_owned));
+        let (Some(new), Some(old)) = (entry_of(root, system), booted.and_then(|b| entry_of(root, &b))) else {
+            return (
+                Some(NO_ONE_SHOT),
+                "\nnixless: no generation entries found: the new generation is the boot default".into(),
+            );
+        };
+        // The old default first: a crash in between leaves the safe state.
+        for args in [["set-default", old.as_str()], ["set-oneshot", new.as_str()]] {
+            let (code, out) = bootctl(&args);
+            if code != Some(0) {
+                return (code, format!("\nbootctl {}: {}", args.join(" "), out.trim()));
+            }
+        }
+        (Some(0), format!("\nnixless: one-time boot of {new}; default stays {old}"))
+    }
+
+    /// Drops the `LoaderEntryDefault` override (no-op without systemd-boot).
+    pub fn drop_default_override() -> (Option<i32>, String) {
+        if !is_systemd_boot() {
+            return (Some(0), String::new());
+        }
+        let (code, out) = bootctl(&["set-default", ""]);
+        (code, if code == Some(0) { String::new() } else { format!("bootctl set-default \"\": {}", out.trim()) })
+    }
 }

@@ -89,6 +89,20 @@ pub fn commit(root: &Path, system: &str) -> std::io::Result<u64> {
     Ok(n)
 }
 
+/// Points the profile at the newest generation of `system` (making one if
+/// there is none). Idempotent.
+pub fn restore(root: &Path, system: &str) -> std::io::Result<u64> {
+    match generations(root).into_iter().rev().find(|(_, t)| t == system) {
+        Some((n, _)) => {
+            if current(root).map(|(c, _)| c) != Some(n) {
+                set_current(root, n)?;
+            }
+            Ok(n)
+        }
+        None => commit(root, system),
+    }
+}
+
 /// Points the profile at an existing generation (console rollback).
 pub fn set_current(root: &Path, n: u64) -> std::io::Result<()> {
     replace_link(&profiles_dir(root), "system", &format!("system-{n}-link"))

@@ -50,11 +50,54 @@ fn happy_switch_commits() {
 }
 
 #[test]
-fn boot_deploy_skips_the_live_switch() {
-    let (s, effects) = run(vec![accepted(1, Action::Boot), Event::FetchOk, Event::CommitOk, result(1, 0)]);
+fn boot_deploy_without_one_time_entries_commits_at_once() {
+    let (s, effects) = run(vec![accepted(1, Action::Boot), Event::FetchOk, Event::CommitOk, result(1, NO_ONE_SHOT)]);
     assert_eq!(effects[1], vec![Effect::Commit]);
-    assert_eq!(effects[2], vec![Effect::RequestSwitch { id: 1, step: Step::Boot, system: NEW.into() }]);
+    assert_eq!(effects[2], vec![Effect::RequestSwitch { id: 1, step: Step::BootOnce, system: NEW.into() }]);
+    let last = s.last.unwrap();
+    assert_eq!(last.outcome, Outcome::Committed);
+    assert!(last.reason.unwrap().contains("not systemd-boot"));
+}
+
+fn resumed(boot: &str, booted: &str) -> Event {
+    Event::Resumed { boot_id: Some(boot.into()), booted: Some(booted.into()) }
+}
+
+#[test]
+fn one_time_boot_that_comes_up_healthy_commits() {
+    let (s, _) = run(vec![accepted(1, Action::Boot), Event::FetchOk, Event::CommitOk, result(1, 0)]);
+    assert_eq!(s.phase, Phase::AwaitingReboot);
+    // A restart without a reboot changes nothing.
+    let (s, e) = step(&s, resumed("boot-1", OLD), 1, T);
+    assert!(e.is_empty());
+    assert_eq!(s.phase, Phase::AwaitingReboot);
+    let (s, e) = step(&s, resumed("boot-2", NEW), 2, T);
+    assert_eq!(e, vec![Effect::CheckHealth]);
+    let (s, e) = step(&s, Event::Healthy, 3, T);
+    assert_eq!(e, vec![Effect::RequestSwitch { id: 2, step: Step::BootConfirm, system: NEW.into() }]);
+    let (s, _) = step(&s, result(2, 0), 4, T);
     assert_eq!(s.last.unwrap().outcome, Outcome::Committed);
+}
+
+#[test]
+fn one_time_boot_that_fails_goes_back() {
+    let base = run(vec![accepted(1, Action::Boot), Event::FetchOk, Event::CommitOk, result(1, 0)]).0;
+    // The old default came up (the new one hung and the watchdog reset it).
+    let (s, e) = step(&base, resumed("boot-2", OLD), 1, T);
+    assert_eq!(
+        e,
+        vec![Effect::RestoreProfile, Effect::RequestSwitch { id: 2, step: Step::BootRevert, system: OLD.into() }]
+    );
+    let (s, _) = step(&s, result(2, 0), 2, T);
+    let last = s.last.unwrap();
+    assert_eq!(last.outcome, Outcome::Failed);
+    assert!(last.reason.unwrap().contains("did not come up"));
+    // It came up but is unhealthy: rolled back.
+    let (s, _) = step(&base, resumed("boot-2", NEW), 1, T);
+    let (s, e) = step(&s, Event::Unhealthy("kiosk.service inactive".into()), 2, T);
+    assert_eq!(e[0], Effect::RestoreProfile);
+    let (s, _) = step(&s, result(2, 0), 3, T);
+    assert_eq!(s.last.unwrap().outcome, Outcome::RolledBack);
 }
 
 #[test]
@@ -142,7 +185,7 @@ fn reboot_before_commit_fails_the_update_for_good() {
         vec![accepted(1, Action::Switch), Event::FetchOk, result(1, 0)],
     ] {
         let (s, _) = run(events);
-        let (s, effects) = step(&s, Event::Resumed { boot_id: Some("boot-2".into()) }, 5000, T);
+        let (s, effects) = step(&s, Event::Resumed { boot_id: Some("boot-2".into()), booted: None }, 5000, T);
         assert!(effects.is_empty());
         let last = s.last.unwrap();
         assert_eq!(last.outcome, Outcome::Failed);
@@ -175,7 +218,7 @@ fn every_crash_point_resumes_to_the_same_end() {
         };
         for (i, ev) in events.iter().enumerate() {
             if i == crash_after {
-                let (n, effects) = step(&s, Event::Resumed { boot_id: Some("boot-1".into()) }, 2000, T);
+                let (n, effects) = step(&s, Event::Resumed { boot_id: Some("boot-1".into()), booted: None }, 2000, T);
                 record(&effects, &mut issued);
                 s = n;
             }
@@ -192,7 +235,7 @@ fn every_crash_point_resumes_to_the_same_end() {
 fn restart_loops_are_bounded() {
     let (mut s, _) = run(vec![accepted(1, Action::Switch)]);
     for _ in 0..=MAX_TRANSITIONS {
-        s = step(&s, Event::Resumed { boot_id: Some("boot-1".into()) }, 1, T).0;
+        s = step(&s, Event::Resumed { boot_id: Some("boot-1".into()), booted: None }, 1, T).0;
     }
     let last = s.last.clone().unwrap();
     assert_eq!(last.outcome, Outcome::Failed);
