@@ -1112,8 +1112,7 @@ fn poll_mode_picks_up_documents_and_ignores_stale_and_garbage() {
     write_doc(5);
     let s = agent.wait_status("the poll error to clear", Duration::from_secs(5), |s| s.poll.error.is_none());
     let check1 = s.poll.last_check.unwrap_or(0);
-    let s =
-        agent.wait_status("one more poll", Duration::from_secs(5), |s| s.poll.last_check.unwrap_or(0) > check1);
+    let s = agent.wait_status("one more poll", Duration::from_secs(5), |s| s.poll.last_check.unwrap_or(0) > check1);
     assert_eq!((s.phase.as_str(), s.highest_seq), ("idle", 10), "{s:?}");
     assert_eq!(s.poll.error, None);
     assert_eq!(setup.state_json(), state, "an older document must be a no-op");
