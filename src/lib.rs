@@ -5,6 +5,7 @@ pub mod agent;
 
 pub mod cli;
 pub mod fetch;
+pub mod json;
 pub mod logger;
 pub mod nar;
 pub mod nix;

@@ -128,7 +128,7 @@ fn snapshot(ctx: &Ctx, sh: &Shared) -> Snapshot {
 }
 
 fn json_error(status: u16, msg: &str, seq: Option<u64>) -> Response {
-    let mut body = format!("{{\"error\":{}", deploy::json_string(msg));
+    let mut body = format!("{{\"error\":{}", crate::json::string(msg));
     if let Some(s) = seq {
         body += &format!(",\"seq\":{s}");
     }

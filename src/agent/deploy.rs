@@ -159,29 +159,6 @@ pub fn verify(
     })
 }
 
-fn json_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-/// A JSON string literal (shared by the status and state writers).
-pub fn json_string(s: &str) -> String {
-    json_str(s)
-}
-
 /// Writes a document (the admin side).
 pub fn render(
     host: &str,
@@ -191,12 +168,12 @@ pub fn render(
     caches: &[String],
     narinfos: &[String],
 ) -> String {
-    let mut out = format!("{{\"host\":{},", json_str(host));
+    let mut out = format!("{{\"host\":{},", crate::json::string(host));
     if let Some(s) = system {
-        out += &format!("\"system\":{},", json_str(s));
+        out += &format!("\"system\":{},", crate::json::string(s));
     }
-    out += &format!("\"seq\":{seq},\"action\":{}", json_str(action.as_str()));
-    let list = |v: &[String]| v.iter().map(|s| json_str(s)).collect::<Vec<_>>().join(",");
+    out += &format!("\"seq\":{seq},\"action\":{}", crate::json::string(action.as_str()));
+    let list = |v: &[String]| v.iter().map(|s| crate::json::string(s)).collect::<Vec<_>>().join(",");
     if !caches.is_empty() {
         out += &format!(",\"caches\":[{}]", list(caches));
     }

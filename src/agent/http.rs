@@ -134,7 +134,7 @@ impl Response {
     pub fn error(status: u16, msg: &str) -> Self {
         let mut body = String::with_capacity(msg.len() + 16);
         body.push_str("{\"error\":");
-        push_json_string(&mut body, msg);
+        crate::json::push_string(&mut body, msg);
         body.push('}');
         Response::json(status, body)
     }
@@ -784,25 +784,6 @@ fn valid_header_name(name: &str) -> bool {
 
 fn valid_header_value(value: &str) -> bool {
     value.bytes().all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f))
-}
-
-fn push_json_string(out: &mut String, s: &str) {
-    use std::fmt::Write as _;
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if u32::from(c) < 0x20 || c == '\u{7f}' => {
-                let _ = write!(out, "\\u{:04x}", u32::from(c));
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
 }
 
 fn reason(status: u16) -> &'static str {

@@ -12,8 +12,8 @@
 //!  "outcomes":[committed,rolled-back,rollback-failed,rejected,failed,collected]}
 //! ```
 
-use super::deploy::json_string;
 use super::machine::{Action, Job, Last, Outcome, Phase, State, Step};
+use crate::json::string as json_string;
 use crate::store::fsutil;
 use rustix::fd::AsFd;
 use serde::Deserialize;

@@ -1,8 +1,8 @@
 //! What the agent tells the world: `GET /v1/status` (JSON) and
 //! `GET /metrics` (Prometheus text format). Pure renderers over a snapshot.
 
-use super::deploy::json_string;
 use super::machine::{Outcome, Phase, State};
+use crate::json::string as json_string;
 
 /// Progress of the current fetch.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -17,8 +17,8 @@
 //! names its id; the agent reads `result.json` and acts on the result for the
 //! id it is waiting for, however often it restarted meanwhile.
 
-use crate::agent::deploy::json_string;
 use crate::agent::machine::Step;
+use crate::json::string as json_string;
 use crate::store::fsutil;
 use rustix::fd::AsFd;
 use serde::Deserialize;
