@@ -244,11 +244,7 @@ impl Setup {
     fn write_result(&self, id: u64, code: i32, tail: &str) {
         let dir = self.switch_dir();
         let tmp = dir.join(".result.json.tmp");
-        fs::write(
-            &tmp,
-            format!("{{\"id\":{id},\"code\":{code},\"tail\":{}}}\n", nixless::agent::deploy::json_string(tail)),
-        )
-        .unwrap();
+        fs::write(&tmp, format!("{{\"id\":{id},\"code\":{code},\"tail\":{}}}\n", nixless::json::string(tail))).unwrap();
         fs::rename(&tmp, dir.join("result.json")).unwrap();
     }
 }
