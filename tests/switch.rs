@@ -697,3 +697,35 @@ fn disk_full_refuses_the_deploy_and_changes_nothing() {
     let left: Vec<_> = std::fs::read_dir(root.join("nix/store")).unwrap().collect();
     assert!(left.is_empty(), "nothing written to the store");
 }
+
+#[test]
+fn helper_killed_mid_switch_is_never_rerun_and_the_update_rolls_back() {
+    let d = Device::new(Opts { switch_timeout: 8, ..Opts::default() });
+    d.behave("b", "hang");
+    d.deploy(Some(&sys("b")), "switch", 130);
+    // Wait until the helper runs b's switch-to-configuration, then kill -9
+    // the helper and its child (as an OOM kill or a crash would).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !d.calls().contains(&"b test".to_string()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let pid = d.fake_file("helper.pid");
+    let _ = Command::new("pkill").args(["-9", "-P", &pid]).status();
+    let _ = Command::new("kill").args(["-9", &pid]).status();
+    // A second helper start for the same request (the path unit firing
+    // again) must not run it again: it reports the interruption instead.
+    let cfg = d.config.to_str().unwrap();
+    let again = Command::new(bin())
+        .args(["switch-helper", "--config", cfg])
+        .env("FAKE_NIXOS_DIR", d.fake.path())
+        .env("FAKE_NIXOS_ROOT", d.root.path())
+        .output()
+        .unwrap();
+    assert!(again.status.success(), "{}", stderr(&again));
+    let result = std::fs::read_to_string(d.root.path().join("var/lib/nixless/switch/result.json")).unwrap();
+    assert!(result.contains("interrupted") && result.contains("\"code\":null"), "{result}");
+    let (outcome, status) = d.finish(130, 60);
+    assert_eq!(outcome, "rolled-back", "{status}");
+    assert_eq!(d.calls(), vec!["b test", "a test"], "b's switch ran once, then the rollback");
+    assert_eq!(d.profile(), Some((1, sys("a"))));
+}
