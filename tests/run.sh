@@ -28,7 +28,7 @@ cargo clippy --all-targets -q -- -D warnings
 echo "== static musl release build"
 cargo build -q --release --target x86_64-unknown-linux-musl
 bin=target/x86_64-unknown-linux-musl/release/nixless
-file "$bin" | grep -q "statically linked" || { file "$bin"; echo "not static"; exit 1; }
+file "$bin" | grep -Eq "statically linked|static-pie linked" || { file "$bin"; echo "not static"; exit 1; }
 size=$(stat -c %s "$bin")
 echo "binary: $bin, $size bytes stripped ($(file -b "$bin" | cut -d, -f1-4))"
 ((size <= 3 * 1024 * 1024)) || { echo "binary over 3 MiB"; exit 1; }
