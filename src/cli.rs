@@ -198,7 +198,7 @@ pub fn main() -> i32 {
         Command::Install(a) => cmd_install(a),
         Command::Verify(a) => cmd_verify(a),
         Command::Agent(a) => {
-            crate::agent::daemon::main(&a.config, crate::agent::daemon::Options2 { no_seccomp: a.no_seccomp })
+            crate::agent::daemon::main(&a.config, crate::agent::daemon::AgentOptions { no_seccomp: a.no_seccomp })
         }
         Command::Keygen(a) => crate::admin::keygen(&a.name, &a.out),
         Command::Deploy(a) => crate::admin::deploy(crate::admin::DeployOpts {

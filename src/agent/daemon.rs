@@ -50,7 +50,8 @@ pub fn now() -> u64 {
 }
 
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Options2 {
+/// Command-line switches of `nixless agent`.
+pub struct AgentOptions {
     pub no_seccomp: bool,
 }
 
@@ -784,7 +785,7 @@ fn truncate(s: &str, n: usize) -> &str {
 
 /// `nixless agent`: load config, start, drop privileges to the seccomp
 /// allowlist, run.
-pub fn main(config: &Path, opts: Options2) -> Result<(), String> {
+pub fn main(config: &Path, opts: AgentOptions) -> Result<(), String> {
     let cfg = Config::load(config)?;
     let mut agent = Agent::start(cfg)?;
     for a in agent.local_addrs() {
@@ -794,9 +795,4 @@ pub fn main(config: &Path, opts: Options2) -> Result<(), String> {
         super::seccomp::install().map_err(|e| format!("seccomp: {e}"))?;
     }
     agent.run()
-}
-
-/// Where `nixless` finds its state without a config (admin helpers, tests).
-pub fn default_state_dir(root: &Path) -> PathBuf {
-    root.join("var/lib/nixless")
 }

@@ -10,7 +10,7 @@
 //! configured checks (`systemctl is-active` of the health units, then the
 //! health command) and writes their result the same way.
 
-use super::protocol::{self, Outcome, Request};
+use super::protocol::{self, Outcome};
 use crate::agent::config::Config;
 use crate::agent::machine::Step;
 use crate::nix::StorePath;
@@ -219,11 +219,6 @@ pub fn main(config: &Path) -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-/// Serialises a request for tests and the emulated path unit.
-pub fn describe(req: &Request) -> String {
-    format!("{} {} {}", req.id, req.step.as_str(), req.system)
 }
 
 /// One-time boot entries, where the bootloader has them (systemd-boot).
