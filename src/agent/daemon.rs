@@ -285,17 +285,22 @@ struct HealthRun {
     net_ok: bool,
     helper_ok: bool,
     helper_id: Option<u64>,
+    /// When the health request was last written (to write it again).
+    helper_written: Option<Instant>,
     next_check: Option<Instant>,
     last_failure: String,
 }
 
 const HEALTH_EVERY: Duration = Duration::from_secs(2);
+/// How long a request may wait for the helper before it is written again.
+const NUDGE_AFTER: Duration = Duration::from_secs(5);
 const NET_BEFORE: &str = "net-before";
 
 pub struct Agent {
     ctx: Rc<Ctx>,
     shared: Rc<RefCell<Shared>>,
     health: Option<HealthRun>,
+    last_nudge: Option<Instant>,
     /// When the current switch request was issued (this process's view).
     switch_since: Option<(u64, Instant)>,
     next_poll: Option<Instant>,
@@ -344,6 +349,7 @@ impl Agent {
             ctx: Rc::new(Ctx { cfg, store, timing }),
             shared: Rc::new(RefCell::new(shared)),
             health: None,
+            last_nudge: None,
             switch_since: None,
             next_poll,
             poll_seed,
@@ -545,11 +551,21 @@ impl Agent {
                             protocol::read_health_request(dir).max(protocol::read_health_result(dir).map(|r| r.id));
                         let id = last.unwrap_or(0) + 1;
                         match protocol::write_health_request(dir, id) {
-                            Ok(()) => run.helper_id = Some(id),
+                            Ok(()) => {
+                                run.helper_id = Some(id);
+                                run.helper_written = Some(Instant::now());
+                            }
                             Err(e) => run.last_failure = format!("writing health request: {e}"),
                         }
                     }
                     Some(id) => {
+                        // Same race as for switch requests: write it again.
+                        if run.helper_written.is_some_and(|t| t.elapsed() > NUDGE_AFTER)
+                            && protocol::read_health_result(dir).is_none_or(|r| r.id < id)
+                        {
+                            let _ = protocol::write_health_request(dir, id);
+                            run.helper_written = Some(Instant::now());
+                        }
                         if let Some(r) = protocol::read_health_result(dir).filter(|r| r.id == id) {
                             if r.code == Some(0) {
                                 run.helper_ok = true;
@@ -593,6 +609,7 @@ impl Agent {
                         t
                     }
                 };
+                self.nudge_switch(id, since);
                 if since.elapsed() > self.ctx.cfg.switch_timeout {
                     self.switch_since = None;
                     let tail = format!("no result after {} s", self.ctx.cfg.switch_timeout.as_secs());
@@ -603,6 +620,25 @@ impl Agent {
             Phase::Verifying { deadline } => self.check_health(deadline),
             _ => None,
         }
+    }
+
+    /// systemd ignores path changes while the switch service runs, so a
+    /// request written just as the helper finished may never start it.
+    /// A request not started after [`NUDGE_AFTER`] is written again (same
+    /// id: the helper still runs it once).
+    fn nudge_switch(&mut self, id: u64, since: Instant) {
+        let dir = &self.ctx.cfg.state_dir;
+        let due = since.elapsed() > NUDGE_AFTER && self.last_nudge.is_none_or(|t| t.elapsed() > NUDGE_AFTER);
+        if !due || protocol::read_started(dir).is_some_and(|s| s >= id) {
+            return;
+        }
+        if let Some(req) = protocol::read_request(dir).filter(|r| r.id == id) {
+            log::info!("switch request {id} not started yet; writing it again");
+            if let Err(e) = protocol::write_request(dir, &req) {
+                log::warn!("rewriting switch request {id}: {e}");
+            }
+        }
+        self.last_nudge = Some(Instant::now());
     }
 
     /// A fetcher over the document's caches, then the configured ones,

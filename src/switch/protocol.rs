@@ -151,6 +151,11 @@ pub fn read_health_result(state_dir: &Path) -> Option<Outcome> {
     read(state_dir, HEALTH_RESULT).and_then(|b| Outcome::parse(&b).ok())
 }
 
+/// Writes a request unconditionally (the agent's nudge; see daemon).
+pub fn write_request(state_dir: &Path, req: &Request) -> std::io::Result<()> {
+    write(state_dir, REQUEST, req.to_json().as_bytes())
+}
+
 pub fn write_started(state_dir: &Path, id: u64) -> std::io::Result<()> {
     write(state_dir, STARTED, format!("{id}\n").as_bytes())
 }

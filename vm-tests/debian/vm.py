@@ -1,0 +1,306 @@
+"""Host side of the Debian VM tests: boots the base image under qemu and
+drives the guest through its backdoor (guest/backdoor.sh on /dev/hvc0).
+
+    vm = VM(image_dir, work_dir, share_dir, fwd={18731: 8731})
+    vm.start()                      # boots, waits for the backdoor
+    out = vm.succeed("systemctl is-active nixless-agent")
+    vm.wait_until_succeeds("curl -sf http://127.0.0.1:8731/v1/status", 60)
+    vm.crash_expected(...)          # a command during which the guest resets
+    vm.stop()
+
+Every wait is bounded. qemu's serial console (kernel, systemd, journal) goes
+to WORK/console.log; QMP events (WATCHDOG, RESET, SHUTDOWN) are recorded in
+`vm.events`. The guest reaches nothing outside qemu: user-mode networking with
+restrict=on, the host's files via a read-only 9p share mounted at
+/mnt/vmtest, host ports only through explicit forwards.
+"""
+
+import base64
+import json
+import os
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+
+class VMError(Exception):
+    pass
+
+
+class Rebooted(VMError):
+    """The guest came up again (new backdoor) while a command was running."""
+
+    def __init__(self, boot_id):
+        super().__init__(f"guest rebooted (new boot id {boot_id})")
+        self.boot_id = boot_id
+
+
+def log(msg):
+    print(f"[vm {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class VM:
+    def __init__(self, image_dir, work_dir, share_dir, fwd=None, guestfwd=None,
+                 memory=1024, accel="tcg", append_extra="", max_runtime=1200):
+        self.image_dir = os.path.abspath(image_dir)
+        self.work = os.path.abspath(work_dir)
+        self.share = os.path.abspath(share_dir)
+        self.fwd = fwd or {}  # host port -> guest port
+        # guest port on 10.0.2.100 -> host 127.0.0.1 port (through tcpfwd.py)
+        self.guestfwd = guestfwd or {}
+        self.memory = memory
+        self.accel = accel
+        self.append_extra = append_extra
+        self.max_runtime = max_runtime
+        self.proc = None
+        self.bd = None
+        self.qmp = None
+        self.buf = b""
+        self.qbuf = b""
+        self.events = []
+        self.boot_id = None
+        self.boots = 0
+
+    # ---- lifecycle --------------------------------------------------------
+    def start(self, boot_timeout=300):
+        os.makedirs(self.work, exist_ok=True)
+        overlay = os.path.join(self.work, "overlay.qcow2")
+        if os.path.exists(overlay):
+            os.unlink(overlay)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
+                        os.path.join(self.image_dir, "disk.qcow2"), overlay], check=True)
+        self.bd_path = os.path.join(self.work, "backdoor.sock")
+        self.qmp_path = os.path.join(self.work, "qmp.sock")
+        for p in (self.bd_path, self.qmp_path):
+            if os.path.exists(p):
+                os.unlink(p)
+        with open(os.path.join(self.image_dir, "cmdline")) as f:
+            cmdline = f.read().strip()
+        if self.append_extra:
+            cmdline += " " + self.append_extra
+        net = "user,id=n0,restrict=on"
+        for hp, gp in self.fwd.items():
+            net += f",hostfwd=tcp:127.0.0.1:{hp}-:{gp}"
+        fwd_script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tcpfwd.py")
+        for gp, hp in self.guestfwd.items():
+            net += f",guestfwd=tcp:10.0.2.100:{gp}-cmd:python3 {fwd_script} 127.0.0.1 {hp}"
+        accel = "kvm" if self.accel == "kvm" else "tcg"
+        cmd = [
+            # A hard bound on the VM's life, whatever happens to this driver.
+            "timeout", "-s", "KILL", str(self.max_runtime),
+            "qemu-system-x86_64", "-machine", f"q35,accel={accel}", "-m", str(self.memory),
+            "-smp", "1", "-no-user-config", "-nodefaults", "-display", "none",
+            "-kernel", os.path.join(self.image_dir, "vmlinuz"),
+            "-initrd", os.path.join(self.image_dir, "initrd.img"),
+            "-append", cmdline,
+            "-drive", f"file={overlay},if=virtio,format=qcow2,cache=unsafe",
+            "-serial", "file:" + os.path.join(self.work, "console.log"),
+            "-netdev", net, "-device", "virtio-net-pci,netdev=n0",
+            "-device", "virtio-rng-pci",
+            # The hardware watchdog; what it does when it fires:
+            "-device", "i6300esb", "-action", "watchdog=reset",
+            "-virtfs", f"local,path={self.share},mount_tag=vmtest,security_model=none,readonly=on",
+            "-device", "virtio-serial-pci",
+            "-chardev", f"socket,id=bd,path={self.bd_path},server=on,wait=on",
+            "-device", "virtconsole,chardev=bd",
+            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+        ]
+        with open(os.path.join(self.work, "qemu.cmd"), "w") as f:
+            f.write(" ".join(cmd) + "\n")
+        self.stderr = open(os.path.join(self.work, "qemu.stderr"), "wb")
+        self.t_start = time.time()
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self.stderr,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        # qemu waits (wait=on) for the backdoor connection before running.
+        self.bd = self._connect(self.bd_path, 30)
+        self.qmp = self._connect(self.qmp_path, 30)
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.bd, selectors.EVENT_READ, "bd")
+        self.sel.register(self.qmp, selectors.EVENT_READ, "qmp")
+        self._qmp_send({"execute": "qmp_capabilities"})
+        self.wait_for_backdoor(boot_timeout)
+        log(f"guest up after {time.time() - self.t_start:.1f} s (boot {self.boot_id})")
+
+    def _connect(self, path, timeout):
+        deadline = time.time() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise VMError(f"qemu exited with {self.proc.returncode}: {self._stderr_tail()}")
+            try:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(path)
+                s.setblocking(False)
+                return s
+            except OSError:
+                s.close()
+                if time.time() > deadline:
+                    raise VMError(f"no qemu socket {path} after {timeout} s")
+                time.sleep(0.05)
+
+    def _stderr_tail(self):
+        try:
+            with open(os.path.join(self.work, "qemu.stderr"), "rb") as f:
+                return f.read()[-2000:].decode(errors="replace")
+        except OSError:
+            return ""
+
+    def _qmp_send(self, obj):
+        self.qmp.setblocking(True)
+        self.qmp.sendall(json.dumps(obj).encode() + b"\n")
+        self.qmp.setblocking(False)
+
+    def _pump(self, timeout):
+        """Reads whatever arrives within `timeout` seconds."""
+        if self.proc.poll() is not None:
+            raise VMError(f"qemu exited with {self.proc.returncode}")
+        for key, _ in self.sel.select(timeout):
+            try:
+                data = key.fileobj.recv(1 << 16)
+            except BlockingIOError:
+                continue
+            if not data:
+                self.sel.unregister(key.fileobj)
+                if key.data == "bd":
+                    raise VMError("backdoor connection closed (qemu gone?)")
+                continue
+            if key.data == "bd":
+                self.buf += data
+            else:
+                self.qbuf += data
+                while b"\n" in self.qbuf:
+                    line, self.qbuf = self.qbuf.split(b"\n", 1)
+                    try:
+                        msg = json.loads(line)
+                    except ValueError:
+                        continue
+                    if "event" in msg:
+                        self.events.append((time.time(), msg["event"], msg.get("data")))
+                        log(f"qemu event {msg['event']} {json.dumps(msg.get('data', {}))}")
+
+    def _lines(self):
+        while b"\n" in self.buf:
+            line, self.buf = self.buf.split(b"\n", 1)
+            yield line.decode(errors="replace").strip("\r")
+
+    def _next_message(self, deadline):
+        """The next READY or RESULT line from the backdoor."""
+        while True:
+            for line in self._lines():
+                if line.startswith("VMTEST-BACKDOOR-READY ") or line.startswith("VMTEST-RESULT "):
+                    return line
+            left = deadline - time.time()
+            if left <= 0:
+                return None
+            self._pump(min(left, 1.0))
+
+    def wait_for_backdoor(self, timeout):
+        line = self._next_message(time.time() + timeout)
+        if line is None:
+            raise VMError(f"no backdoor within {timeout} s; see {self.work}/console.log")
+        if not line.startswith("VMTEST-BACKDOOR-READY "):
+            raise VMError(f"unexpected backdoor line: {line[:200]}")
+        self.boot_id = line.split(" ", 1)[1].strip()
+        self.boots += 1
+        return self.boot_id
+
+    def stop(self, timeout=60):
+        """Powers the guest off cleanly (then kills qemu if it lingers)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self._cleanup()
+        try:
+            self._send("systemctl poweroff --no-block", 30)
+        except Exception:
+            pass
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log("guest did not power off; killing qemu")
+        self._cleanup()
+
+    def kill(self):
+        self._cleanup()
+
+    def _cleanup(self):
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(10)
+        for s in (self.bd, self.qmp):
+            if s is not None:
+                s.close()
+        self.bd = self.qmp = None
+
+    # ---- commands ---------------------------------------------------------
+    def _send(self, script, timeout):
+        payload = base64.b64encode(script.encode()).decode()
+        self.bd.setblocking(True)
+        self.bd.sendall(f"{int(timeout)} {payload}\n".encode())
+        self.bd.setblocking(False)
+
+    def execute(self, script, timeout=60):
+        """Runs a bash script in the guest: (exit code, output). Raises
+        Rebooted if the guest restarted meanwhile, VMError on no answer."""
+        self._send(script, timeout)
+        line = self._next_message(time.time() + timeout + 30)
+        if line is None:
+            raise VMError(f"no answer within {timeout + 30} s to: {script[:200]}")
+        if line.startswith("VMTEST-BACKDOOR-READY "):
+            self.boot_id = line.split(" ", 1)[1].strip()
+            self.boots += 1
+            raise Rebooted(self.boot_id)
+        parts = line.split(" ", 2)
+        rc = int(parts[1])
+        out = base64.b64decode(parts[2]).decode(errors="replace") if len(parts) > 2 else ""
+        return rc, out
+
+    def succeed(self, script, timeout=60):
+        rc, out = self.execute(script, timeout)
+        if rc != 0:
+            raise VMError(f"command failed (exit {rc}): {script[:300]}\n{out[-3000:]}")
+        return out
+
+    def fail(self, script, timeout=60):
+        rc, out = self.execute(script, timeout)
+        if rc == 0:
+            raise VMError(f"command unexpectedly succeeded: {script[:300]}\n{out[-3000:]}")
+        return out
+
+    def wait_until_succeeds(self, script, timeout, interval=1.0):
+        deadline = time.time() + timeout
+        while True:
+            rc, out = self.execute(script, max(5, int(deadline - time.time()) + 1))
+            if rc == 0:
+                return out
+            if time.time() > deadline:
+                raise VMError(f"still failing after {timeout} s (exit {rc}): {script[:300]}\n{out[-3000:]}")
+            time.sleep(interval)
+
+    def wait_for_reboot(self, timeout):
+        """Waits for the backdoor of the next boot (e.g. after a watchdog reset)."""
+        old = self.boot_id
+        self.wait_for_backdoor(timeout)
+        if self.boot_id == old:
+            raise VMError("backdoor restarted but the boot id did not change")
+        return self.boot_id
+
+    def console(self):
+        try:
+            with open(os.path.join(self.work, "console.log"), "rb") as f:
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+
+def find_free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def have(cmd):
+    return shutil.which(cmd) is not None
