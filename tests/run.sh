@@ -3,7 +3,7 @@
 # Installs what it needs on a fresh Debian machine, then runs, in order:
 # format and lint checks, the static musl build (size and linkage), and
 # every cargo test (unit tests; integration tests against real Nix 2.8
-# closures served by nginx on loopback).
+# closures served by nginx on loopback), then the Debian VM tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,4 +38,11 @@ bash tests/nix-parse.sh
 
 echo "== cargo test"
 cargo test -q 2>&1 | tee target/test.log | grep -vE '^(running|$)'
+
+# The slower tier: systemd behaviour under a real systemd, in a Debian VM
+# (qemu, TCG). NIXLESS_SKIP_VM=1 skips it for a quick local run.
+if [ -z "${NIXLESS_SKIP_VM:-}" ]; then
+  echo "== Debian VM tests (tests/debian-vm.sh)"
+  bash tests/debian-vm.sh
+fi
 echo "== done"
