@@ -17,17 +17,9 @@ fn root() -> tempfile::TempDir {
 }
 
 fn install(root: &Path, caches: &[String], key: &str, paths: &[&str]) -> std::process::Output {
-    let mut args =
-        vec!["install".to_string(), "--root".into(), root.display().to_string(), "--retries".into(), "2".into()];
-    for c in caches {
-        args.push("--cache".into());
-        args.push(c.clone());
-    }
-    args.push("--trusted-key".into());
-    args.push(key.into());
-    args.extend(paths.iter().map(|p| p.to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    nixless(&args)
+    let mut args = vec!["install".to_string()];
+    args.extend(install_args(root, caches, key, paths, 2));
+    nixless(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 fn file_url(p: &Path) -> String {

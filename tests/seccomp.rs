@@ -66,23 +66,9 @@ fn unknown_selftest_is_a_usage_error() {
 }
 
 fn install_under_filter(root: &Path, caches: &[String], key: &str, paths: &[&str]) -> Output {
-    let mut args: Vec<String> = vec![
-        "install".into(),
-        "--".into(),
-        "--root".into(),
-        root.display().to_string(),
-        "--retries".into(),
-        "1".into(),
-    ];
-    for c in caches {
-        args.push("--cache".into());
-        args.push(c.clone());
-    }
-    args.push("--trusted-key".into());
-    args.push(key.into());
-    args.extend(paths.iter().map(|p| p.to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    selftest(&args)
+    let mut args = vec!["install".to_string(), "--".into()];
+    args.extend(install_args(root, caches, key, paths, 1));
+    selftest(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 fn assert_installed(out: &Output, root: &Path, cache: &Path) {

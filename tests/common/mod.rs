@@ -208,3 +208,16 @@ pub fn rm_rf(p: &Path) {
     let _ = Command::new("chmod").args(["-R", "u+w"]).arg(p).status();
     let _ = std::fs::remove_dir_all(p);
 }
+
+/// The arguments of `nixless install` after the word `install`.
+pub fn install_args(root: &Path, caches: &[String], key: &str, paths: &[&str], retries: u32) -> Vec<String> {
+    let mut args = vec!["--root".to_string(), root.display().to_string(), "--retries".into(), retries.to_string()];
+    for c in caches {
+        args.push("--cache".into());
+        args.push(c.clone());
+    }
+    args.push("--trusted-key".into());
+    args.push(key.into());
+    args.extend(paths.iter().map(|p| p.to_string()));
+    args
+}
