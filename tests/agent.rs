@@ -754,24 +754,33 @@ fn bad_input_is_refused_and_changes_nothing() {
     agent.assert_alive("bad input");
 }
 
-#[test]
-fn second_deploy_while_busy_is_409_with_current_seq() {
+/// An agent in the middle of a slow (throttled, 1 MB/s) fetch of TOP,
+/// deployed with sequence `seq`. Keep the returned nginx alive.
+fn fetching_slowly(seq: u64) -> (Nginx, Setup, Agent) {
     let f = fixtures();
     let nginx = Nginx::start_throttled(&f.path("CACHE_ZSTD"), "1m");
     let setup = Setup::new(Opts { caches: vec![nginx.url()], ..Opts::default() });
     let mut agent = setup.start();
-    let port = agent.port();
-    let (b, s) = setup.doc(10, f.get("TOP"));
-    assert_eq!(post_deploy(port, b.as_bytes(), Some(&s)).status, 202);
+    let (b, s) = setup.doc(seq, f.get("TOP"));
+    assert_eq!(post_deploy(agent.port(), b.as_bytes(), Some(&s)).status, 202);
     agent.wait_status("fetching with bytes", Duration::from_secs(20), |s| {
         s.phase == "fetching" && s.progress.bytes_done > 0
     });
+    (nginx, setup, agent)
+}
+
+#[test]
+fn second_deploy_while_busy_is_409_with_current_seq() {
+    let f = fixtures();
+    let (_nginx, setup, mut agent) = fetching_slowly(10);
+    let port = agent.port();
     let before = setup.state_json();
     let (b2, s2) = setup.doc(11, f.get("TOP"));
     let r = post_deploy(port, b2.as_bytes(), Some(&s2));
     assert_eq!(r.status, 409, "{r:?}");
     assert!(r.body.contains("\"seq\":10"), "{}", r.body);
-    // The replay too, of course.
+    // The replay too, of course (documents and signatures are deterministic).
+    let (b, s) = setup.doc(10, f.get("TOP"));
     let r = post_deploy(port, b.as_bytes(), Some(&s));
     assert_eq!(r.status, 409, "{r:?}");
     let st = agent.status();
@@ -867,16 +876,8 @@ fn connection_flood_gets_503_and_agent_recovers() {
 
 #[test]
 fn status_is_live_during_a_slow_fetch() {
-    let f = fixtures();
-    let nginx = Nginx::start_throttled(&f.path("CACHE_ZSTD"), "1m");
-    let setup = Setup::new(Opts { caches: vec![nginx.url()], ..Opts::default() });
-    let mut agent = setup.start();
+    let (_nginx, _setup, agent) = fetching_slowly(5);
     let port = agent.port();
-    let (b, s) = setup.doc(5, f.get("TOP"));
-    assert_eq!(post_deploy(port, b.as_bytes(), Some(&s)).status, 202);
-    agent.wait_status("fetching with bytes", Duration::from_secs(20), |s| {
-        s.phase == "fetching" && s.progress.bytes_done > 0
-    });
     let mut samples = Vec::new();
     for _ in 0..5 {
         let t = Instant::now();
