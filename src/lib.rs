@@ -11,3 +11,4 @@ pub mod nar;
 pub mod nix;
 pub mod store;
 pub mod switch;
+pub mod text;

@@ -15,7 +15,7 @@
 
 use super::config::Config;
 use super::deploy::{self, Deploy, Rejection};
-use super::http::{Limits, Request, Response, Server};
+use super::http::{Handler, Limits, Request, Response, Server};
 use super::machine::{self, Action, Effect, Event, Phase, State, Timing};
 use super::notify::Notifier;
 use super::persist;
@@ -75,6 +75,32 @@ struct Shared {
     queued: VecDeque<Effect>,
     /// A fatal error inside the handler (state could not be persisted).
     fatal: Option<String>,
+    /// A verified gc document that could not be recorded for lack of space
+    /// (seq, body, signature): the loop collects garbage, then accepts it.
+    pending_gc: Option<(u64, Vec<u8>, Vec<u8>)>,
+}
+
+impl Shared {
+    fn new(state: State, server: Option<Server>) -> Shared {
+        Shared {
+            state,
+            progress: Progress::default(),
+            last_error: None,
+            last_rejection: None,
+            bytes_fetched_total: 0,
+            poll_last_check: None,
+            poll_error: None,
+            rejected: 0,
+            started: now(),
+            notifier: Notifier::from_env(),
+            server,
+            auth_failures: Default::default(),
+            last_tick: Instant::now(),
+            queued: VecDeque::new(),
+            fatal: None,
+            pending_gc: None,
+        }
+    }
 }
 
 struct Ctx {
@@ -137,6 +163,30 @@ fn json_error(status: u16, msg: &str, seq: Option<u64>) -> Response {
     Response::json(status, body)
 }
 
+/// The agent's side of the HTTP server: [`Handler::head`] refuses what it
+/// can from the head alone, so no stranger's body is ever buffered.
+struct Front<'a> {
+    ctx: &'a Ctx,
+    shared: &'a RefCell<Shared>,
+}
+
+impl Handler for Front<'_> {
+    fn head(&mut self, req: &Request, body_len: usize) -> Result<(), Response> {
+        let sh = &mut self.shared.borrow_mut();
+        match (req.method.as_str(), req.path.as_str()) {
+            ("GET", "/v1/status" | "/metrics") if body_len > 0 => Err(json_error(400, "a GET takes no body", None)),
+            ("GET", "/v1/status" | "/metrics") => Ok(()),
+            ("POST", "/v1/deploy") => deploy_head(req, self.ctx, sh),
+            (_, "/v1/status" | "/metrics" | "/v1/deploy") => Err(json_error(405, "method not allowed", None)),
+            _ => Err(json_error(404, "not found", None)),
+        }
+    }
+
+    fn request(&mut self, req: &Request) -> Response {
+        handle(req, self.ctx, &mut self.shared.borrow_mut())
+    }
+}
+
 fn handle(req: &Request, ctx: &Ctx, sh: &mut Shared) -> Response {
     match (req.method.as_str(), req.path.as_str()) {
         ("GET", "/v1/status") => Response::json(200, status::status_json(&snapshot(ctx, sh))),
@@ -151,51 +201,100 @@ fn handle(req: &Request, ctx: &Ctx, sh: &mut Shared) -> Response {
     }
 }
 
-fn handle_deploy(req: &Request, ctx: &Ctx, sh: &mut Shared) -> Response {
-    let peer = req.peer.ip();
-    // Per peer, so a stranger hammering bad signatures cannot lock the
-    // admin out; checked before any work on the body.
+/// Everything a deploy request can be refused for before its body is read:
+/// too many bad signatures from this peer, an update in progress, and a
+/// signature header that is missing, malformed or names no trusted key.
+fn deploy_head(req: &Request, ctx: &Ctx, sh: &mut Shared) -> Result<(), Response> {
+    if let Some(resp) = rate_limited(req.peer.ip(), sh) {
+        return Err(resp);
+    }
+    if let Err(seq) = idle(sh) {
+        return Err(json_error(409, "an update is in progress", seq));
+    }
+    if let Err(rej) = deploy::check_signer(req.header(deploy::SIGNATURE_HEADER), &ctx.cfg.deploy_keys) {
+        return Err(refuse(ctx, sh, req.peer, rej));
+    }
+    Ok(())
+}
+
+/// 429 once a peer has had too many rejected signatures in the window (per
+/// peer, so a stranger hammering bad signatures cannot lock the admin out).
+fn rate_limited(peer: std::net::IpAddr, sh: &mut Shared) -> Option<Response> {
     if let Some((n, since)) = sh.auth_failures.get(&peer) {
         if since.elapsed() > AUTH_WINDOW {
             sh.auth_failures.remove(&peer);
         } else if *n >= AUTH_FAILURES_PER_WINDOW {
             sh.rejected += 1;
-            return json_error(429, "too many rejected deploy requests; try later", None);
+            return Some(json_error(429, "too many rejected deploy requests; try later", None));
         }
     }
-    if sh.state.phase != Phase::Idle || !sh.queued.is_empty() {
-        let seq = sh.state.job.as_ref().map(|j| j.seq);
-        return json_error(409, "an update is in progress", seq);
+    None
+}
+
+/// `Err(seq of the running job)` unless the agent is idle with nothing queued.
+/// Checked, and the phase claimed, within one call of [`accept`]: the loop
+/// is single-threaded, so nothing runs in between.
+fn idle(sh: &Shared) -> Result<(), Option<u64>> {
+    if machine::can_accept(&sh.state) && sh.queued.is_empty() && sh.pending_gc.is_none() {
+        Ok(())
+    } else {
+        Err(sh.state.job.as_ref().map(|j| j.seq))
+    }
+}
+
+fn handle_deploy(req: &Request, ctx: &Ctx, sh: &mut Shared) -> Response {
+    if let Some(resp) = rate_limited(req.peer.ip(), sh) {
+        return resp;
     }
     let sig = req.header(deploy::SIGNATURE_HEADER);
     let verified = deploy::verify(&req.body, sig, &ctx.cfg.deploy_keys, &ctx.cfg.host, sh.state.highest_seq);
-    let accepted = verified.and_then(|d| match accept(ctx, sh, &d, &req.body, sig.unwrap_or_default()) {
-        Ok(Ok(())) => Ok(Ok(d.seq)),
-        Ok(Err(rej)) => Err(rej),
-        Err(fatal) => Ok(Err(fatal)),
-    });
-    match accepted {
-        Ok(Ok(seq)) => Response::json(202, format!("{{\"seq\":{seq},\"status\":\"/v1/status\"}}")),
-        Ok(Err(e)) => {
+    let d = match verified {
+        Ok(d) => d,
+        Err(rej) => return refuse(ctx, sh, req.peer, rej),
+    };
+    match accept(ctx, sh, &d, &req.body, sig.unwrap_or_default()) {
+        Ok(()) => Response::json(202, format!("{{\"seq\":{},\"status\":\"/v1/status\"}}", d.seq)),
+        Err(AcceptError::Refused(rej)) => refuse(ctx, sh, req.peer, rej),
+        Err(AcceptError::Busy(seq)) => json_error(409, "an update is in progress", seq),
+        Err(AcceptError::NoSpace(e)) if d.action == Action::Gc => {
+            // Collecting garbage is what frees the space to record it: the
+            // loop collects first, then accepts. Replaying a gc document
+            // only collects garbage, so doing this before the sequence is
+            // durable gives an attacker nothing.
+            log::warn!("no space to record gc seq {}: collecting garbage first ({e})", d.seq);
+            sh.pending_gc = Some((d.seq, req.body.clone(), sig.unwrap_or_default().to_vec()));
+            Response::json(202, format!("{{\"seq\":{},\"status\":\"/v1/status\",\"note\":\"collecting garbage before recording the request: no space left\"}}", d.seq))
+        }
+        Err(AcceptError::NoSpace(e)) => {
+            sh.rejected += 1;
+            let msg = format!("cannot record the deploy: {e}; free space first (a signed gc deploy does)");
+            log::warn!("deploy seq {} refused: {msg}", d.seq);
+            sh.last_rejection = Some(msg.clone());
+            json_error(507, &msg, None)
+        }
+        Err(AcceptError::Fatal(e)) => {
             sh.fatal = Some(e.clone());
             json_error(500, &e, None)
         }
-        Err(rej) => {
-            reject(ctx, sh, &rej, &format!("from {}", req.peer));
-            if rej.status() == 401 {
-                if sh.auth_failures.len() >= AUTH_PEERS && !sh.auth_failures.contains_key(&peer) {
-                    // Bounded memory: forget the oldest offender.
-                    if let Some(oldest) = sh.auth_failures.iter().min_by_key(|(_, (_, t))| *t).map(|(ip, _)| *ip) {
-                        sh.auth_failures.remove(&oldest);
-                    }
-                }
-                let e = sh.auth_failures.entry(peer).or_insert((0, Instant::now()));
-                e.0 += 1;
-            }
-            let seq = matches!(rej, Rejection::Stale { .. }).then_some(sh.state.highest_seq);
-            json_error(rej.status(), &rej.to_string(), seq)
-        }
     }
+}
+
+/// Records a refused request and answers it.
+fn refuse(ctx: &Ctx, sh: &mut Shared, peer: std::net::SocketAddr, rej: Rejection) -> Response {
+    reject(ctx, sh, &rej, &format!("from {peer}"));
+    if rej.status() == 401 {
+        let ip = peer.ip();
+        if sh.auth_failures.len() >= AUTH_PEERS && !sh.auth_failures.contains_key(&ip) {
+            // Bounded memory: forget the oldest offender.
+            if let Some(oldest) = sh.auth_failures.iter().min_by_key(|(_, (_, t))| *t).map(|(ip, _)| *ip) {
+                sh.auth_failures.remove(&oldest);
+            }
+        }
+        let e = sh.auth_failures.entry(ip).or_insert((0, Instant::now()));
+        e.0 += 1;
+    }
+    let seq = matches!(rej, Rejection::Stale { .. }).then_some(sh.state.highest_seq);
+    json_error(rej.status(), &rej.to_string(), seq)
 }
 
 fn reject(ctx: &Ctx, sh: &mut Shared, rej: &Rejection, source: &str) {
@@ -206,27 +305,54 @@ fn reject(ctx: &Ctx, sh: &mut Shared, rej: &Rejection, source: &str) {
     sh.last_rejection = Some(msg);
 }
 
-/// Accepts a verified document: saves it, makes the new highest sequence
-/// durable with the state, and queues the work. Nothing is fetched or
-/// switched before this returns Ok.
-/// `Ok(Err)`: refused after all (nothing changed); `Err`: could not persist.
-fn accept(ctx: &Ctx, sh: &mut Shared, d: &Deploy, body: &[u8], sig: &[u8]) -> Result<Result<(), Rejection>, String> {
+/// Why [`accept`] did not take a verified document.
+#[derive(Debug)]
+enum AcceptError {
+    /// Refused after all (no previous generation for a rollback).
+    Refused(Rejection),
+    /// A deploy is running (its seq): nothing was written.
+    Busy(Option<u64>),
+    /// The state could not be recorded for lack of space; nothing changed.
+    NoSpace(String),
+    /// The state could not be recorded for another reason.
+    Fatal(String),
+}
+
+fn persist_error(what: &str, e: std::io::Error) -> AcceptError {
+    if fsutil::is_no_space(&e) {
+        AcceptError::NoSpace(format!("{what}: {e}"))
+    } else {
+        AcceptError::Fatal(format!("{what}: {e}"))
+    }
+}
+
+/// Accepts a verified document: claims the idle agent, saves the document,
+/// makes the new highest sequence durable with the state, and queues the
+/// work. Nothing is fetched or switched before this returns Ok, and a
+/// running job's document is never touched: the claim comes first.
+fn accept(ctx: &Ctx, sh: &mut Shared, d: &Deploy, body: &[u8], sig: &[u8]) -> Result<(), AcceptError> {
+    idle(sh).map_err(AcceptError::Busy)?;
     let root = &ctx.cfg.root;
     let previous = system_link(root, "run/current-system");
     let system = match (d.action, &d.system) {
         (_, Some(s)) => s.to_string(),
         (Action::Rollback, None) => match crate::switch::profile::previous(root) {
             Some((_, p)) => p,
-            None => return Ok(Err(Rejection::NoPrevious)),
+            None => return Err(AcceptError::Refused(Rejection::NoPrevious)),
         },
         (_, None) => String::new(),
     };
-    let dir = fsutil::open_dir(&ctx.cfg.state_dir).map_err(|e| format!("state dir: {e}"))?;
-    fsutil::write_atomic(dir.as_fd(), "deploy.json", body, true).map_err(|e| format!("saving deploy document: {e}"))?;
-    fsutil::write_atomic(dir.as_fd(), "deploy.json.sig", sig, true).map_err(|e| format!("saving signature: {e}"))?;
     let ev = Event::Accepted { seq: d.seq, action: d.action, system: system.clone(), previous, boot_id: boot_id() };
     let (next, effects) = machine::step(&sh.state, ev, now(), ctx.timing);
-    persist::save(&ctx.cfg.state_dir, &next).map_err(|e| format!("persisting state: {e}"))?;
+    if !machine::accepted(&sh.state, &next) {
+        return Err(AcceptError::Busy(sh.state.job.as_ref().map(|j| j.seq)));
+    }
+    let dir = fsutil::open_dir(&ctx.cfg.state_dir).map_err(|e| persist_error("state dir", e))?;
+    fsutil::write_atomic(dir.as_fd(), "deploy.json", body, true)
+        .map_err(|e| persist_error("saving the deploy document", e))?;
+    fsutil::write_atomic(dir.as_fd(), "deploy.json.sig", sig, true)
+        .map_err(|e| persist_error("saving its signature", e))?;
+    persist::save(&ctx.cfg.state_dir, &next).map_err(|e| persist_error("persisting state", e))?;
     let line =
         format!("accepted seq {} ({}, key {}): {} {}", d.seq, d.action.as_str(), d.key, system, next.phase.name());
     log::info!("{line}");
@@ -234,7 +360,7 @@ fn accept(ctx: &Ctx, sh: &mut Shared, d: &Deploy, body: &[u8], sig: &[u8]) -> Re
     sh.state = next;
     sh.progress = Progress::default();
     sh.queued.extend(effects);
-    Ok(Ok(()))
+    Ok(())
 }
 
 /// Polls the sockets without blocking and pings the watchdog; called from
@@ -260,7 +386,7 @@ fn serve(ctx: &Ctx, shared: &RefCell<Shared>, wait: Duration) {
         }
         return;
     };
-    let res = server.poll(wait, &mut |req: &Request| handle(req, ctx, &mut shared.borrow_mut()));
+    let res = server.poll(wait, &mut Front { ctx, shared });
     if let Err(e) = res {
         log::error!("http server: {e}");
     }
@@ -321,6 +447,8 @@ impl Agent {
                 max_body_bytes: cfg.max_body_bytes,
                 max_connections: cfg.max_connections,
                 request_timeout: cfg.request_timeout,
+                // Two documents of the largest size being received at once.
+                body_budget: cfg.max_body_bytes.saturating_mul(2),
                 ..Limits::default()
             };
             Some(Server::bind(&cfg.listen, limits).map_err(|e| format!("listening on {:?}: {e}", cfg.listen))?)
@@ -328,23 +456,7 @@ impl Agent {
         let timing = Timing { health_timeout_secs: cfg.health_timeout.as_secs() };
         let poll_seed = now() ^ u64::from(std::process::id()) << 20;
         let next_poll = cfg.poll_url.as_ref().map(|_| Instant::now());
-        let shared = Shared {
-            state,
-            progress: Progress::default(),
-            last_error: None,
-            last_rejection: None,
-            bytes_fetched_total: 0,
-            poll_last_check: None,
-            poll_error: None,
-            rejected: 0,
-            started: now(),
-            notifier: Notifier::from_env(),
-            server,
-            auth_failures: Default::default(),
-            last_tick: Instant::now(),
-            queued: VecDeque::new(),
-            fatal: None,
-        };
+        let shared = Shared::new(state, server);
         Ok(Agent {
             ctx: Rc::new(Ctx { cfg, store, timing }),
             shared: Rc::new(RefCell::new(shared)),
@@ -365,7 +477,11 @@ impl Agent {
         let desc = format!("{ev:?}");
         let mut sh = self.shared.borrow_mut();
         let (next, effects) = machine::step(&sh.state, ev, now(), self.ctx.timing);
-        persist::save(&self.ctx.cfg.state_dir, &next).map_err(|e| format!("persisting state: {e}"))?;
+        // Nothing to record (an idle agent resuming): writing anyway would
+        // make a full disk fatal at start.
+        if next != sh.state {
+            persist::save(&self.ctx.cfg.state_dir, &next).map_err(|e| format!("persisting state: {e}"))?;
+        }
         if next.phase != sh.state.phase || next.last != sh.state.last {
             let line = format!("{} -> {} after {}", sh.state.phase.name(), next.phase.name(), truncate(&desc, 300));
             log::info!("{line}");
@@ -400,6 +516,7 @@ impl Agent {
                 continue;
             }
             self.maybe_poll()?;
+            self.collect_pending_gc()?;
             {
                 let mut sh = self.shared.borrow_mut();
                 let line = status_line(&sh);
@@ -471,6 +588,35 @@ impl Agent {
                 Ok(None)
             }
             Effect::CollectGarbage => Ok(Some(Event::GcDone(self.collect_garbage(&[]).map(|r| r.to_string())))),
+        }
+    }
+
+    /// A gc document that could not be recorded for lack of space: collect
+    /// garbage first (that frees the space), then accept it as usual.
+    fn collect_pending_gc(&mut self) -> Result<(), String> {
+        let Some((seq, body, sig)) = self.shared.borrow_mut().pending_gc.take() else {
+            return Ok(());
+        };
+        match self.collect_garbage(&[]) {
+            Ok(report) => log::info!("freed space for gc seq {seq}: {report}"),
+            Err(e) => log::warn!("collecting garbage for gc seq {seq}: {e}"),
+        }
+        let ctx = self.ctx.clone();
+        let mut sh = self.shared.borrow_mut();
+        let verified = deploy::verify(&body, Some(&sig), &ctx.cfg.deploy_keys, &ctx.cfg.host, sh.state.highest_seq);
+        let res = match verified {
+            Ok(d) => accept(&ctx, &mut sh, &d, &body, &sig),
+            Err(rej) => Err(AcceptError::Refused(rej)),
+        };
+        match res {
+            Ok(()) => Ok(()),
+            Err(AcceptError::Fatal(e)) => Err(e),
+            Err(e) => {
+                let msg = format!("gc seq {seq}: collected garbage, but could not record the request: {e:?}");
+                log::warn!("{msg}");
+                sh.last_error = Some(msg);
+                Ok(())
+            }
         }
     }
 
@@ -795,18 +941,26 @@ impl Agent {
         };
         let verified = deploy::verify(&doc, Some(&sig), &ctx.cfg.deploy_keys, &ctx.cfg.host, sh.state.highest_seq);
         let outcome = match verified {
-            Ok(d) => accept(&ctx, &mut sh, &d, &doc, &sig)?,
-            Err(rej) => Err(rej),
+            Ok(d) => accept(&ctx, &mut sh, &d, &doc, &sig),
+            Err(rej) => Err(AcceptError::Refused(rej)),
         };
         match outcome {
             Ok(()) => sh.poll_error = None,
             // The document we already have (or an older one): nothing to do.
-            Err(Rejection::Stale { .. }) => sh.poll_error = None,
-            Err(rej) => {
+            Err(AcceptError::Refused(Rejection::Stale { .. })) => sh.poll_error = None,
+            Err(AcceptError::Refused(rej)) => {
                 let msg = format!("{url}: {rej}");
                 reject(&ctx, &mut sh, &rej, "poll");
                 sh.poll_error = Some(msg);
             }
+            // A POST served while this poll was fetching started a deploy:
+            // that one runs; the document is looked at again next poll.
+            Err(AcceptError::Busy(_)) => {
+                sh.poll_error = None;
+                log::info!("poll: an update started meanwhile; the polled document waits for the next poll");
+            }
+            Err(AcceptError::NoSpace(e)) => sh.poll_error = Some(format!("{url}: cannot record the deploy: {e}")),
+            Err(AcceptError::Fatal(e)) => return Err(e),
         }
         Ok(())
     }
@@ -814,7 +968,7 @@ impl Agent {
 
 fn truncate(s: &str, n: usize) -> &str {
     match s.char_indices().nth(n) {
-        Some((i, _)) => &s[..i],
+        Some((i, _)) => s.get(..i).unwrap_or(s),
         None => s,
     }
 }
@@ -831,4 +985,72 @@ pub fn main(config: &Path, opts: AgentOptions) -> Result<(), String> {
         super::seccomp::install().map_err(|e| format!("seccomp: {e}"))?;
     }
     agent.run()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nix::SecretKey;
+
+    const NEW: &str = "/nix/store/00000000000000000000000000000000-nixos-system-new";
+    const OTHER: &str = "/nix/store/11111111111111111111111111111111-nixos-system-other";
+
+    fn setup() -> (tempfile::TempDir, Ctx, SecretKey) {
+        let tmp = tempfile::tempdir().unwrap();
+        let sk = SecretKey::generate("admin-1").unwrap();
+        let json = format!(
+            r#"{{"host":"kiosk-7","root":{},"poll_url":"http://127.0.0.1:9/d.json","caches":["http://127.0.0.1:9"],"cache_keys":["{pk}"],"deploy_keys":["{pk}"]}}"#,
+            crate::json::string(tmp.path().to_str().unwrap()),
+            pk = sk.public()
+        );
+        let cfg = Config::parse(json.as_bytes()).unwrap();
+        let store = Store::open(&cfg.root, &cfg.state_dir).unwrap();
+        (tmp, Ctx { cfg, store, timing: Timing { health_timeout_secs: 30 } }, sk)
+    }
+
+    fn doc(sk: &SecretKey, seq: u64, action: Action, system: Option<&str>) -> (Deploy, Vec<u8>, Vec<u8>) {
+        let body = deploy::render("kiosk-7", system, seq, action, &[], &[]).into_bytes();
+        let sig = deploy::sign(sk, &body).into_bytes();
+        let keys = crate::nix::TrustedKeys::new(vec![sk.public()]);
+        let d = deploy::verify(&body, Some(&sig), &keys, "kiosk-7", 0).unwrap();
+        (d, body, sig)
+    }
+
+    /// Issue E.5: a poll checks that the agent is idle, then fetches; a
+    /// POST served from the fetch's ticks starts a job; then the poll's
+    /// accept comes. It must find the agent busy and change nothing.
+    #[test]
+    fn an_accept_racing_a_running_job_is_busy_and_changes_nothing() {
+        let (_tmp, ctx, sk) = setup();
+        let sh = &mut Shared::new(State::default(), None);
+        let (posted, post_body, post_sig) = doc(&sk, 10, Action::Switch, Some(NEW));
+        accept(&ctx, sh, &posted, &post_body, &post_sig).unwrap();
+        let saved = |name: &str| std::fs::read(ctx.cfg.state_dir.join(name)).unwrap();
+        let state_before = saved(persist::STATE_FILE);
+        for (seq, action, system) in
+            [(11, Action::Switch, Some(OTHER)), (12, Action::Gc, None), (13, Action::Rollback, Some(OTHER))]
+        {
+            let (polled, body, sig) = doc(&sk, seq, action, system);
+            match accept(&ctx, sh, &polled, &body, &sig) {
+                Err(AcceptError::Busy(Some(10))) => {}
+                other => panic!("seq {seq}: {other:?}"),
+            }
+            assert_eq!(saved("deploy.json"), post_body, "the running job's document is kept");
+            assert_eq!(saved("deploy.json.sig"), post_sig);
+            assert_eq!(saved(persist::STATE_FILE), state_before);
+            assert_eq!(sh.state.job.as_ref().unwrap().seq, 10);
+            assert_eq!(sh.state.highest_seq, 10);
+            assert_eq!(sh.queued, VecDeque::from(vec![Effect::Fetch]));
+        }
+    }
+
+    /// Issue E.6: a full disk refuses a deploy it cannot record, leaving
+    /// nothing behind, and the agent goes on.
+    #[test]
+    fn no_space_is_told_apart_and_leaves_no_temp() {
+        let e = std::io::Error::from_raw_os_error(rustix::io::Errno::NOSPC.raw_os_error());
+        assert!(matches!(persist_error("x", e), AcceptError::NoSpace(_)));
+        let e = std::io::Error::from_raw_os_error(rustix::io::Errno::IO.raw_os_error());
+        assert!(matches!(persist_error("x", e), AcceptError::Fatal(_)));
+    }
 }

@@ -85,25 +85,42 @@ impl Rejection {
 }
 
 impl std::fmt::Display for Rejection {
+    /// Every string in a rejection may come from a stranger (a key name in
+    /// a header) or at least from a document: each is clipped and escaped,
+    /// so the message stays one bounded line in the log and the status.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::text::{clip, FIELD_MAX};
         match self {
             Rejection::MissingSignature => write!(f, "missing Nixless-Signature"),
             Rejection::MalformedSignature => write!(f, "malformed signature (expected keyname:base64 of 64 bytes)"),
-            Rejection::UnknownKey(k) => write!(f, "signed by unknown key {k:?}"),
+            Rejection::UnknownKey(k) => write!(f, "signed by unknown key \"{}\"", clip(k, FIELD_MAX)),
             Rejection::BadSignature => write!(f, "signature does not verify"),
-            Rejection::Malformed(e) => write!(f, "malformed deploy document: {e}"),
+            Rejection::Malformed(e) => write!(f, "malformed deploy document: {}", clip(e, 4 * FIELD_MAX)),
             Rejection::OtherHost { doc, me } => {
-                write!(f, "document is for host {doc:?}, this is {me:?}")
+                write!(f, "document is for host \"{}\", this is \"{}\"", clip(doc, FIELD_MAX), clip(me, FIELD_MAX))
             }
             Rejection::Stale { seq, highest } => {
                 write!(f, "sequence {seq} is not above the highest accepted, {highest}")
             }
-            Rejection::NotStorePath(p) => write!(f, "system {p:?} is not a store path"),
+            Rejection::NotStorePath(p) => write!(f, "system \"{}\" is not a store path", clip(p, 2 * FIELD_MAX)),
             Rejection::NoPrevious => write!(f, "rollback: no previous generation to roll back to, and no system given"),
             Rejection::UnknownAction(a) => {
-                write!(f, "unknown action {a:?} (switch, boot, rollback, gc)")
+                write!(f, "unknown action \"{}\" (switch, boot, rollback, gc)", clip(a, FIELD_MAX))
             }
         }
+    }
+}
+
+/// What can be checked of a signature header before the body arrives: it
+/// is present, well-formed and names a trusted key. (Whether it verifies
+/// needs the body: [`check_signature`].)
+pub fn check_signer(sig: Option<&[u8]>, keys: &TrustedKeys) -> Result<(), Rejection> {
+    let sig = sig.ok_or(Rejection::MissingSignature)?;
+    let sig = std::str::from_utf8(sig).map_err(|_| Rejection::MalformedSignature)?.trim();
+    let parsed = Signature::parse(sig).ok_or(Rejection::MalformedSignature)?;
+    match keys.keys().iter().any(|k| k.name() == parsed.name) {
+        true => Ok(()),
+        false => Err(Rejection::UnknownKey(parsed.name.to_owned())),
     }
 }
 

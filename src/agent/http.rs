@@ -3,10 +3,25 @@
 //! The endpoint is reachable by anyone on the network, so everything here is built to
 //! refuse hostile input cheaply: the request head is capped at `max_header_bytes`, the
 //! body at `max_body_bytes` (checked against `Content-Length` before a single body byte
-//! is read), a whole request must arrive within `request_timeout`, at most
-//! `max_connections` are open at once (the excess gets a canned `503` and is closed),
-//! and at most [`MAX_ACCEPT_PER_ROUND`] connections are accepted per [`Server::poll`]
-//! round so a connection flood cannot starve the rest of the agent loop.
+//! is read), a whole request must arrive within `request_timeout`, and at most
+//! [`MAX_ACCEPT_PER_ROUND`] connections are accepted per [`Server::poll`] round so a
+//! connection flood cannot starve the rest of the agent loop.
+//!
+//! Memory and the front door, whatever strangers send:
+//! - No body byte is read before [`Handler::head`] has seen the complete head and let
+//!   it through (the agent checks path, method and that the signature header names a
+//!   trusted key there). A refused request is answered at once; its body is drained
+//!   and discarded (lingering close, bounded), never buffered.
+//! - Bodies being received share one budget (`body_budget`, counted by their announced
+//!   `Content-Length`): a request that would exceed it gets `503` before its body is read.
+//! - At most `max_connections` connections are *active* (not yet answered); at most
+//!   `max_connections_per_peer` of them from one peer address. A connection that has been
+//!   answered and is only lingering does not count (they have their own cap). When a new
+//!   connection finds its peer's share or the table full, the oldest connection that has
+//!   not yet sent a complete head (its peer's own first, then anyone's) is closed with a
+//!   canned `503` to make room, so idle or trickling clients cannot lock out a client that
+//!   sends its request; only when every active connection is past its head is the new one
+//!   refused with the canned `503`. Finished connections are reaped before accepting.
 //!
 //! There are no threads and no async runtime: listeners and connections are
 //! non-blocking and [`Server::poll`] waits on all of them with `poll(2)`, then does every
@@ -28,7 +43,7 @@
 //!   bounded in time and bytes).
 
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
@@ -72,8 +87,12 @@ pub struct Limits {
     /// The whole request must arrive within this time from accept; a response must be
     /// fully written within this time from being queued.
     pub request_timeout: Duration,
-    /// Connections open at once; further ones get a canned `503`.
+    /// Active (not yet answered) connections at once; see the module documentation.
     pub max_connections: usize,
+    /// Active connections from one peer address.
+    pub max_connections_per_peer: usize,
+    /// Announced body bytes of all requests being received, together.
+    pub body_budget: usize,
 }
 
 impl Default for Limits {
@@ -83,7 +102,29 @@ impl Default for Limits {
             max_body_bytes: 4 * 1024 * 1024,
             request_timeout: Duration::from_secs(10),
             max_connections: 32,
+            max_connections_per_peer: 8,
+            body_budget: 8 * 1024 * 1024,
         }
+    }
+}
+
+/// The application's side of the server.
+pub trait Handler {
+    /// Sees each request once its head is complete and valid, before a single body byte
+    /// (`body_len` announced) is read or buffered; `Err` answers it at once. The default
+    /// lets everything through.
+    fn head(&mut self, req: &Request, body_len: usize) -> Result<(), Response> {
+        let _ = (req, body_len);
+        Ok(())
+    }
+
+    /// Answers a complete request.
+    fn request(&mut self, req: &Request) -> Response;
+}
+
+impl<F: FnMut(&Request) -> Response> Handler for F {
+    fn request(&mut self, req: &Request) -> Response {
+        self(req)
     }
 }
 
@@ -225,6 +266,16 @@ impl Server {
         self.conns.len()
     }
 
+    /// Connections not yet answered (what `max_connections` bounds).
+    pub fn active_count(&self) -> usize {
+        self.conns.iter().filter(|c| c.active()).count()
+    }
+
+    /// Announced body bytes of the requests being received.
+    fn body_reserved(&self) -> usize {
+        self.conns.iter().map(Conn::body_reserved).fold(0usize, usize::saturating_add)
+    }
+
     /// Waits up to `timeout` (`Duration::ZERO` = don't block; the wait is shortened to the
     /// nearest connection deadline) for activity on the listeners and connections, then
     /// does every bit of non-blocking work available: accept new connections, read, parse,
@@ -233,7 +284,7 @@ impl Server {
     ///
     /// Errors on individual connections are logged at debug level and the connection is
     /// dropped; only errors of `poll(2)` itself or fatal listener errors are returned.
-    pub fn poll(&mut self, timeout: Duration, handler: &mut dyn FnMut(&Request) -> Response) -> io::Result<()> {
+    pub fn poll(&mut self, timeout: Duration, handler: &mut dyn Handler) -> io::Result<()> {
         let now = Instant::now();
         let wait = self.wait_time(timeout, now);
         let accepting = self.accept_paused_until.is_none_or(|t| now >= t);
@@ -252,11 +303,24 @@ impl Server {
         }
 
         let now = Instant::now();
-        self.accept_new(now)?;
+        // Reap first, so answered and closed connections make room for new ones.
+        self.step_from(0, now, handler);
+        self.accept_new(now, handler)
+    }
+
+    /// Steps the connections from index `first` on, dropping the finished ones.
+    fn step_from(&mut self, first: usize, now: Instant, handler: &mut dyn Handler) {
+        let mut reserved = self.body_reserved();
         let limits = &self.limits;
         let scratch = &mut self.scratch;
-        self.conns.retain_mut(|c| c.step(now, limits, &mut *handler, scratch));
-        Ok(())
+        let mut i = first;
+        while i < self.conns.len() {
+            if self.conns[i].step(now, limits, &mut *handler, scratch, &mut reserved) {
+                i += 1;
+            } else {
+                self.conns.remove(i);
+            }
+        }
     }
 
     fn wait_time(&self, timeout: Duration, now: Instant) -> Duration {
@@ -272,7 +336,7 @@ impl Server {
         wait
     }
 
-    fn accept_new(&mut self, now: Instant) -> io::Result<()> {
+    fn accept_new(&mut self, now: Instant, handler: &mut dyn Handler) -> io::Result<()> {
         if let Some(t) = self.accept_paused_until {
             if now < t {
                 return Ok(());
@@ -281,32 +345,30 @@ impl Server {
         }
         let flags = SocketFlags::NONBLOCK | SocketFlags::CLOEXEC;
         let mut attempts = 0;
-        'listeners: for listener in &self.listeners {
+        for li in 0..self.listeners.len() {
             while attempts < MAX_ACCEPT_PER_ROUND {
                 attempts += 1;
-                let busy = self.conns.len() >= self.limits.max_connections;
-                let result = if busy {
-                    rnet::accept_with(listener, flags).map(|fd| (fd, None))
-                } else {
-                    rnet::acceptfrom_with(listener, flags)
-                };
-                match result {
-                    Ok((fd, _)) if busy => {
-                        log::debug!("http: connection limit reached; refusing with 503");
-                        reject_busy(fd);
-                    }
+                match rnet::acceptfrom_with(&self.listeners[li], flags) {
                     Ok((fd, peer)) => {
                         let peer = peer
                             .and_then(|p| SocketAddr::try_from(p).ok())
                             .unwrap_or(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)));
+                        if !make_room(&mut self.conns, peer.ip(), &self.limits) {
+                            log::debug!("http: {peer}: every connection is past its head; refusing with 503");
+                            reject_busy(fd);
+                            continue;
+                        }
                         self.conns.push(Conn {
                             stream: TcpStream::from(fd),
                             peer,
                             request_deadline: now.checked_add(self.limits.request_timeout),
                             state: State::Head { buf: Vec::new(), newline_seen: false },
                         });
+                        // Read it at once: a client that sent its request with the connect
+                        // is past its head before the next arrival could evict it.
+                        self.step_from(self.conns.len() - 1, now, handler);
                     }
-                    Err(Errno::AGAIN) => continue 'listeners,
+                    Err(Errno::AGAIN) => break,
                     Err(Errno::INTR) => {}
                     Err(e @ (Errno::MFILE | Errno::NFILE | Errno::NOBUFS | Errno::NOMEM)) => {
                         log::warn!("http: accept: {e}; pausing accepts");
@@ -320,10 +382,45 @@ impl Server {
                     Err(e) => log::debug!("http: accept: {e}"),
                 }
             }
-            break;
+            if attempts >= MAX_ACCEPT_PER_ROUND {
+                break;
+            }
         }
         Ok(())
     }
+}
+
+/// Makes room for one more connection from `ip`: closes the oldest connection that
+/// has not sent a complete head (from `ip` first if it is at its share, else anyone's if
+/// the table is full), and the oldest lingering one if too many linger. `false` when the
+/// new connection must be refused.
+fn make_room(conns: &mut Vec<Conn>, ip: IpAddr, limits: &Limits) -> bool {
+    let lingering = conns.iter().filter(|c| !c.active()).count();
+    if lingering >= limits.max_connections.max(1) {
+        if let Some(i) = conns.iter().position(|c| !c.active()) {
+            conns.remove(i);
+        }
+    }
+    let from_peer = conns.iter().filter(|c| c.active() && c.peer.ip() == ip).count();
+    if from_peer >= limits.max_connections_per_peer.max(1) {
+        return evict_oldest_in_head(conns, |c| c.peer.ip() == ip);
+    }
+    let active = conns.iter().filter(|c| c.active()).count();
+    if active >= limits.max_connections.max(1) {
+        return evict_oldest_in_head(conns, |_| true);
+    }
+    true
+}
+
+fn evict_oldest_in_head(conns: &mut Vec<Conn>, pick: impl Fn(&Conn) -> bool) -> bool {
+    // `conns` is in accept order, so the first match is the oldest.
+    let Some(i) = conns.iter().position(|c| matches!(c.state, State::Head { .. }) && pick(c)) else {
+        return false;
+    };
+    let old = conns.remove(i);
+    log::debug!("http: {}: closed to make room (no complete request head yet)", old.peer);
+    reject_busy(OwnedFd::from(old.stream));
+    true
 }
 
 /// Best effort, never blocks: write the canned 503, let the peer see EOF, drain whatever
@@ -388,6 +485,19 @@ enum Head {
 }
 
 impl Conn {
+    /// Not yet answered: what the connection limits count.
+    fn active(&self) -> bool {
+        !matches!(self.state, State::Linger { .. })
+    }
+
+    /// The announced body length of a request being received.
+    fn body_reserved(&self) -> usize {
+        match &self.state {
+            State::Body { want, .. } => *want,
+            _ => 0,
+        }
+    }
+
     fn interest(&self) -> PollFlags {
         match &self.state {
             State::Head { .. } | State::Linger { .. } => PollFlags::IN,
@@ -411,14 +521,16 @@ impl Conn {
         &mut self,
         now: Instant,
         limits: &Limits,
-        handler: &mut dyn FnMut(&Request) -> Response,
+        handler: &mut dyn Handler,
         scratch: &mut [u8],
+        reserved: &mut usize,
     ) -> bool {
         // States only move forward (Head → Body → Write → Linger), so this terminates.
         loop {
             let flow = match &mut self.state {
                 State::Head { buf, newline_seen } => {
-                    let flow = read_head(&mut self.stream, self.peer, buf, newline_seen, now, limits, handler, scratch);
+                    let io = Io { stream: &mut self.stream, now, limits, scratch };
+                    let flow = read_head(io, self.peer, buf, newline_seen, handler, reserved);
                     match flow {
                         Flow::Wait if expired(self.request_deadline, now) => {
                             log::debug!("http: {}: request head timed out", self.peer);
@@ -429,6 +541,10 @@ impl Conn {
                 }
                 State::Body { req, want, interim } => {
                     let flow = read_body(&mut self.stream, req, *want, interim, now, limits, handler, scratch);
+                    if !matches!(flow, Flow::Wait) {
+                        // Leaving the body state: its share of the budget is free again.
+                        *reserved = reserved.saturating_sub(*want);
+                    }
                     match flow {
                         Flow::Wait if expired(self.request_deadline, now) => {
                             log::debug!("http: {}: request body timed out", self.peer);
@@ -483,23 +599,29 @@ fn prepend_interim(state: &mut State, interim: &[u8]) {
 }
 
 /// Calls the handler on a complete request and queues its response.
-fn dispatch(req: &Request, now: Instant, limits: &Limits, handler: &mut dyn FnMut(&Request) -> Response) -> State {
-    let resp = handler(req);
+fn dispatch(req: &Request, now: Instant, limits: &Limits, handler: &mut dyn Handler) -> State {
+    let resp = handler.request(req);
     log::debug!("http: {} {} {} -> {}", req.peer, req.method, req.path, resp.status);
     respond(&resp, req.method == "HEAD", now, limits)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What reading from a connection needs besides its state.
+struct Io<'a> {
+    stream: &'a mut TcpStream,
+    now: Instant,
+    limits: &'a Limits,
+    scratch: &'a mut [u8],
+}
+
 fn read_head(
-    stream: &mut TcpStream,
+    io: Io<'_>,
     peer: SocketAddr,
     buf: &mut Vec<u8>,
     newline_seen: &mut bool,
-    now: Instant,
-    limits: &Limits,
-    handler: &mut dyn FnMut(&Request) -> Response,
-    scratch: &mut [u8],
+    handler: &mut dyn Handler,
+    reserved: &mut usize,
 ) -> Flow {
+    let Io { stream, now, limits, scratch } = io;
     let mut budget = MAX_READ_PER_ROUND;
     loop {
         let room = limits.max_header_bytes.saturating_sub(buf.len());
@@ -544,22 +666,57 @@ fn read_head(
                 log::debug!("http: {peer}: refused with {status}: {msg}");
                 return Flow::Next(respond(&Response::error(status, msg), false, now, limits));
             }
-            Head::Complete { mut req, consumed, content_length, expect_continue } => {
-                // Body bytes that came with the head; anything beyond is ignored.
-                let early = buf.get(consumed..).unwrap_or_default();
-                let early = &early[..early.len().min(content_length)];
-                if content_length > 0 {
-                    req.body = Vec::with_capacity(early.len().max(content_length.min(SCRATCH_BYTES)));
-                    req.body.extend_from_slice(early);
-                }
-                if req.body.len() == content_length {
-                    return Flow::Next(dispatch(&req, now, limits, handler));
-                }
-                let interim = if expect_continue { CONTINUE_RESPONSE } else { &[] };
-                return Flow::Next(State::Body { req, want: content_length, interim });
+            Head::Complete { req, consumed, content_length, expect_continue } => {
+                return start_body(
+                    req,
+                    buf.get(consumed..).unwrap_or_default(),
+                    content_length,
+                    expect_continue,
+                    Io { stream, now, limits, scratch },
+                    handler,
+                    reserved,
+                );
             }
         }
     }
+}
+
+/// A complete, valid head: ask the handler, check the body budget, then answer or
+/// go on to read the body. Nothing of the body is buffered before both said yes.
+fn start_body(
+    mut req: Request,
+    early: &[u8],
+    content_length: usize,
+    expect_continue: bool,
+    io: Io<'_>,
+    handler: &mut dyn Handler,
+    reserved: &mut usize,
+) -> Flow {
+    let Io { now, limits, .. } = io;
+    if let Err(resp) = handler.head(&req, content_length) {
+        log::debug!("http: {}: {} {} refused at its head with {}", req.peer, req.method, req.path, resp.status);
+        return Flow::Next(respond(&resp, req.method == "HEAD", now, limits));
+    }
+    // Body bytes that came with the head; anything beyond is ignored.
+    let early = early.get(..early.len().min(content_length)).unwrap_or_default();
+    if content_length > early.len() {
+        if reserved.saturating_add(content_length) > limits.body_budget {
+            log::debug!("http: {}: body budget spent; refusing with 503", req.peer);
+            let mut resp = Response::error(503, "too many requests in flight; retry");
+            resp.headers.push(("Retry-After".into(), "1".into()));
+            return Flow::Next(respond(&resp, false, now, limits));
+        }
+        *reserved += content_length;
+    }
+    if content_length > 0 {
+        req.body = Vec::with_capacity(early.len().max(content_length.min(SCRATCH_BYTES)));
+        req.body.extend_from_slice(early);
+    }
+    if req.body.len() == content_length {
+        return Flow::Next(dispatch(&req, now, limits, handler));
+    }
+    let interim = if expect_continue { CONTINUE_RESPONSE } else { &[] };
+    Flow::Next(State::Body { req, want: content_length, interim })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -570,7 +727,7 @@ fn read_body(
     interim: &mut &'static [u8],
     now: Instant,
     limits: &Limits,
-    handler: &mut dyn FnMut(&Request) -> Response,
+    handler: &mut dyn Handler,
     scratch: &mut [u8],
 ) -> Flow {
     let peer = req.peer;
@@ -738,9 +895,9 @@ fn origin_form(target: &str) -> Option<String> {
         let prefix = target.get(..scheme.len())?;
         prefix.eq_ignore_ascii_case(scheme).then(|| target.get(scheme.len()..)).flatten()
     })?;
-    match rest.find(['/', '?']) {
-        Some(i) if rest[i..].starts_with('/') => Some(rest[i..].to_owned()),
-        Some(i) => Some(format!("/{}", &rest[i..])),
+    match rest.find(['/', '?']).and_then(|i| rest.get(i..)) {
+        Some(tail) if tail.starts_with('/') => Some(tail.to_owned()),
+        Some(tail) => Some(format!("/{tail}")),
         None => Some("/".to_owned()),
     }
 }
@@ -858,7 +1015,7 @@ mod tests {
     }
 
     /// Drives the server until `done` or a safety deadline.
-    fn drive(server: &mut Server, handler: &mut dyn FnMut(&Request) -> Response, done: &dyn Fn(&Server) -> bool) {
+    fn drive(server: &mut Server, handler: &mut dyn Handler, done: &dyn Fn(&Server) -> bool) {
         let end = Instant::now() + Duration::from_secs(4);
         while !done(server) {
             assert!(Instant::now() < end, "test did not finish in time");
@@ -871,12 +1028,7 @@ mod tests {
     }
 
     /// One client thread sends `request` and reads the whole response.
-    fn exchange(
-        server: &mut Server,
-        addr: SocketAddr,
-        handler: &mut dyn FnMut(&Request) -> Response,
-        request: &[u8],
-    ) -> Vec<u8> {
+    fn exchange(server: &mut Server, addr: SocketAddr, handler: &mut dyn Handler, request: &[u8]) -> Vec<u8> {
         let request = request.to_vec();
         let client = spawn(move || {
             let mut s = connect(addr);
@@ -891,7 +1043,7 @@ mod tests {
         let line = resp.split(|&b| b == b'\r').next().unwrap_or_default();
         let text = std::str::from_utf8(line).unwrap();
         assert!(text.starts_with("HTTP/1.1 "), "bad response {text:?}");
-        text[9..12].parse().unwrap()
+        text.get(9..12).unwrap().parse().unwrap()
     }
 
     fn body(resp: &[u8]) -> &[u8] {
@@ -1188,7 +1340,7 @@ mod tests {
     }
 
     #[test]
-    fn flood_gets_503_and_server_recovers() {
+    fn a_full_table_makes_room_by_closing_the_oldest_idle_connection() {
         let (mut server, addr) = server(Limits { max_connections: 2, ..limits() });
         let calls = Cell::new(0);
         let mut handler = |req: &Request| {
@@ -1201,36 +1353,202 @@ mod tests {
         }
         drive(&mut server, &mut handler, &|s| s.connection_count() == 2);
 
-        let mut excess: Vec<TcpStream> = (0..5).map(|_| connect(addr)).collect();
-        for (i, s) in excess.iter_mut().enumerate() {
+        // Each arrival finds the table full and closes the oldest connection without a
+        // complete head; one that sent its request is answered at once, so it is never
+        // the one closed.
+        let mut excess: Vec<TcpStream> = Vec::new();
+        for i in 0..5 {
+            let mut s = connect(addr);
             if i % 2 == 0 {
-                s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+                s.write_all(b"GET /x HTTP/1.1\r\n\r\n").unwrap();
             }
+            excess.push(s);
+            let n = excess.len();
+            drive(&mut server, &mut handler, &|s| s.connection_count() >= n.min(2) && s.active_count() <= 2);
         }
-        for s in &excess {
+        for s in idle.iter().chain(&excess) {
             s.set_nonblocking(true).unwrap();
         }
-        // Until every excess client has its answer waiting.
-        drive(&mut server, &mut handler, &|_| excess.iter().all(|s| s.peek(&mut [0u8; 1]).is_ok_and(|n| n > 0)));
-        assert_eq!(server.connection_count(), 2);
-        for s in &mut excess {
+        // Until every client but the last idle one has its answer waiting.
+        let answered = |s: &TcpStream| s.peek(&mut [0u8; 1]).is_ok_and(|n| n > 0);
+        drive(&mut server, &mut handler, &|_| idle.iter().chain(&excess).filter(|s| answered(s)).count() == 6);
+        assert!(!answered(&excess[3]), "the newest idle connection is kept");
+        assert_eq!(server.active_count(), 1);
+        let mut got = Vec::new();
+        for s in idle.iter_mut().chain(excess.iter_mut()) {
             s.set_nonblocking(false).unwrap();
-            let resp = read_all(s);
-            assert_eq!(status(&resp), 503);
-            assert_eq!(body(&resp), b"{\"error\":\"server busy\"}");
+            if answered(s) {
+                got.push(status(&read_all(s)));
+            } else {
+                got.push(0);
+            }
         }
-        assert_eq!(calls.get(), 0);
+        // idle[0], idle[1], excess[1] were closed to make room; the requests were served.
+        assert_eq!(got, [503, 503, 200, 503, 200, 0, 200]);
+        assert_eq!(calls.get(), 3);
 
-        drop(idle);
-        drive(&mut server, &mut handler, &|s| s.connection_count() == 0);
+        drop(excess);
+        drive(&mut server, &mut handler, &|s| s.active_count() == 0);
         let resp = exchange(&mut server, addr, &mut handler, b"GET /after HTTP/1.1\r\n\r\n");
         assert_eq!(status(&resp), 200);
         assert_eq!(body(&resp), b"GET /after");
     }
 
     #[test]
+    fn a_table_of_requests_past_their_head_refuses_newcomers() {
+        let (mut server, addr) = server(Limits { max_connections: 2, ..limits() });
+        let mut handler = ok_handler;
+        // Two uploads in progress: past their head, so never closed to make room.
+        let mut busy: Vec<TcpStream> = (0..2).map(|_| connect(addr)).collect();
+        for s in &mut busy {
+            s.write_all(b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nab").unwrap();
+        }
+        drive(&mut server, &mut handler, &|s| s.body_reserved() == 20);
+        let mut late = connect(addr);
+        late.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        late.set_nonblocking(true).unwrap();
+        drive(&mut server, &mut handler, &|_| late.peek(&mut [0u8; 1]).is_ok_and(|n| n > 0));
+        late.set_nonblocking(false).unwrap();
+        let resp = read_all(&mut late);
+        assert_eq!(status(&resp), 503);
+        assert_eq!(body(&resp), b"{\"error\":\"server busy\"}");
+        assert_eq!(server.active_count(), 2);
+    }
+
+    /// A TCP connection to `addr` from the loopback address `from`.
+    fn connect_from(from: [u8; 4], addr: SocketAddr) -> TcpStream {
+        let fd = rnet::socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
+        rnet::bind(&fd, &SocketAddr::from((from, 0))).unwrap();
+        rnet::connect(&fd, &addr).unwrap();
+        let s = TcpStream::from(fd);
+        s.set_read_timeout(Some(CLIENT_TIMEOUT)).unwrap();
+        s
+    }
+
+    #[test]
+    fn one_peer_cannot_hold_more_than_its_share() {
+        let limits = Limits { max_connections: 8, max_connections_per_peer: 3, ..limits() };
+        let (mut server, addr) = server(limits);
+        let mut handler = ok_handler;
+        // A crowd from one address opens many idle connections: it keeps three.
+        let crowd: Vec<TcpStream> = (0..10).map(|_| connect_from([127, 0, 0, 1], addr)).collect();
+        drive(&mut server, &mut handler, &|s| s.connection_count() == 3 && s.active_count() == 3);
+        for s in &crowd {
+            s.set_nonblocking(true).unwrap();
+        }
+        let closed = crowd.iter().filter(|s| s.peek(&mut [0u8; 1]).is_ok_and(|n| n > 0)).count();
+        assert_eq!(closed, 7, "the seven oldest got the canned 503");
+        // Someone else is served, and so is the crowd's own newest request.
+        let mut other = connect_from([127, 0, 0, 2], addr);
+        other.write_all(b"GET /other HTTP/1.1\r\n\r\n").unwrap();
+        let mut own = connect_from([127, 0, 0, 1], addr);
+        own.write_all(b"GET /own HTTP/1.1\r\n\r\n").unwrap();
+        other.set_nonblocking(true).unwrap();
+        own.set_nonblocking(true).unwrap();
+        let answered = |s: &TcpStream| s.peek(&mut [0u8; 1]).is_ok_and(|n| n > 0);
+        drive(&mut server, &mut handler, &|_| answered(&other) && answered(&own));
+        for (s, want) in [(&mut other, &b"GET /other"[..]), (&mut own, b"GET /own")] {
+            s.set_nonblocking(false).unwrap();
+            let resp = read_all(s);
+            assert_eq!(status(&resp), 200);
+            assert_eq!(body(&resp), want);
+        }
+        assert!(server.active_count() <= 3);
+    }
+
+    #[test]
+    fn answered_connections_do_not_count() {
+        let (mut server, addr) = server(Limits { max_connections: 2, ..limits() });
+        let mut handler = ok_handler;
+        // Clients that read their answer but never close: they linger, answered.
+        let mut lingering = Vec::new();
+        for i in 0..6 {
+            let mut s = connect(addr);
+            s.write_all(format!("GET /{i} HTTP/1.1\r\n\r\n").as_bytes()).unwrap();
+            s.set_nonblocking(true).unwrap();
+            drive(&mut server, &mut handler, &|_| s.peek(&mut [0u8; 1]).is_ok_and(|n| n > 0));
+            s.set_nonblocking(false).unwrap();
+            let mut first = [0u8; 12];
+            s.read_exact(&mut first).unwrap();
+            assert_eq!(&first, b"HTTP/1.1 200", "request {i}");
+            lingering.push(s);
+        }
+        assert_eq!(server.active_count(), 0);
+        assert!(server.connection_count() <= 2, "lingering ones have their own cap");
+    }
+
+    struct Gate<'a> {
+        calls: &'a Cell<u32>,
+    }
+
+    impl Handler for Gate<'_> {
+        fn head(&mut self, req: &Request, _body_len: usize) -> Result<(), Response> {
+            match req.path.as_str() {
+                "/open" => Ok(()),
+                _ => Err(Response::error(401, "who are you")),
+            }
+        }
+        fn request(&mut self, req: &Request) -> Response {
+            self.calls.set(self.calls.get() + 1);
+            Response::text(200, format!("{}", req.body.len()))
+        }
+    }
+
+    #[test]
+    fn a_head_refused_is_answered_before_any_body_is_read() {
+        let (mut server, addr) = server(Limits { max_body_bytes: 1 << 20, ..limits() });
+        let calls = Cell::new(0);
+        let mut gate = Gate { calls: &calls };
+        let mut s = connect(addr);
+        s.write_all(b"POST /closed HTTP/1.1\r\nContent-Length: 1000000\r\n\r\n").unwrap();
+        s.set_nonblocking(true).unwrap();
+        drive(&mut server, &mut gate, &|_| s.peek(&mut [0u8; 1]).is_ok_and(|n| n > 0));
+        assert_eq!(server.body_reserved(), 0, "nothing reserved for a refused body");
+        s.set_nonblocking(false).unwrap();
+        let mut first = [0u8; 12];
+        s.read_exact(&mut first).unwrap();
+        assert_eq!(&first, b"HTTP/1.1 401");
+        assert_eq!(calls.get(), 0);
+        // With Expect: 100-continue the client is never asked for the body.
+        let resp = exchange(
+            &mut server,
+            addr,
+            &mut gate,
+            b"POST /closed HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n",
+        );
+        assert!(head(&resp).starts_with("HTTP/1.1 401"), "{}", head(&resp));
+        let resp = exchange(&mut server, addr, &mut gate, b"POST /open HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc");
+        assert_eq!(body(&resp), b"3");
+        assert_eq!(calls.get(), 1);
+    }
+
+    #[test]
+    fn bodies_in_flight_share_one_budget() {
+        let (mut server, addr) = server(Limits { max_body_bytes: 100, body_budget: 200, ..limits() });
+        let mut handler = |req: &Request| Response::text(200, format!("{}", req.body.len()));
+        let mut uploads: Vec<TcpStream> = (0..2).map(|_| connect(addr)).collect();
+        for s in &mut uploads {
+            s.write_all(b"POST / HTTP/1.1\r\nContent-Length: 100\r\n\r\n").unwrap();
+        }
+        drive(&mut server, &mut handler, &|s| s.body_reserved() == 200);
+        let resp = exchange(&mut server, addr, &mut handler, b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\n");
+        assert_eq!(status(&resp), 503, "over the budget before a body byte is read");
+        // A small body that came with its head takes no more memory: it passes.
+        let resp = exchange(&mut server, addr, &mut handler, b"POST / HTTP/1.1\r\nContent-Length: 1\r\n\r\nx");
+        assert_eq!(body(&resp), b"1");
+        let resp = exchange(&mut server, addr, &mut handler, b"GET / HTTP/1.1\r\n\r\n");
+        assert_eq!(body(&resp), b"0", "requests without a body still pass");
+        // One upload finishes: its share is free again.
+        uploads[0].write_all(&[b'a'; 100]).unwrap();
+        drive(&mut server, &mut handler, &|s| s.body_reserved() == 100);
+        let resp = exchange(&mut server, addr, &mut handler, b"POST / HTTP/1.1\r\nContent-Length: 1\r\n\r\nx");
+        assert_eq!(body(&resp), b"1");
+    }
+
+    #[test]
     fn accepts_are_bounded_per_round() {
-        let (mut server, addr) = server(Limits { max_connections: 1000, ..limits() });
+        let limits = Limits { max_connections: 1000, max_connections_per_peer: 1000, ..limits() };
+        let (mut server, addr) = server(limits);
         let clients: Vec<TcpStream> = (0..MAX_ACCEPT_PER_ROUND + 10).map(|_| connect(addr)).collect();
         let mut handler = ok_handler;
         server.poll(Duration::from_millis(100), &mut handler).unwrap();

@@ -351,8 +351,25 @@ fn describe_exit(code: Option<i32>, tail: &str) -> String {
     }
 }
 
+/// Whether a new deploy may be accepted now: only an idle agent takes one.
+pub fn can_accept(s: &State) -> bool {
+    s.phase == Phase::Idle
+}
+
+/// Whether `next`, the result of stepping `before` with `Accepted`, is a
+/// new job (and not the refusal of a second one).
+pub fn accepted(before: &State, next: &State) -> bool {
+    can_accept(before) && next.phase != Phase::Idle
+}
+
 /// One transition.
 pub fn step(s: &State, ev: Event, now: u64, t: Timing) -> (State, Vec<Effect>) {
+    // One deploy at a time: a second `Accepted` while a job runs changes
+    // nothing at all (not even the transition count), and the caller sees
+    // that through [`accepted`].
+    if matches!(ev, Event::Accepted { .. }) && !can_accept(s) {
+        return (s.clone(), vec![]);
+    }
     let mut s = s.clone();
     if let Some(job) = s.job.as_mut() {
         job.transitions += 1;

@@ -1,6 +1,13 @@
 //! The agent: the daemon on the device (`daemon`), its pure core (`machine`,
 //! `deploy`, `config`, `status`, `persist`) and its edges (`http`, `notify`,
 //! `seccomp`).
+//!
+//! Byte-index slicing of `str` is denied here: an index from a length or a
+//! search can land inside a character and panic, and everything the agent
+//! handles may come from a stranger. Use `str::get`, `char_indices` or
+//! `crate::text::clip`.
+
+#![deny(clippy::string_slice)]
 
 pub mod config;
 pub mod daemon;

@@ -193,20 +193,34 @@ pub fn save(state_dir: &Path, s: &State) -> std::io::Result<()> {
     fsutil::write_atomic(dir.as_fd(), STATE_FILE, to_json(s).as_bytes(), true)
 }
 
-/// Appends one line to the event log (best effort; rotates by halving).
+/// Longest line the event log takes (its parts may come from clients).
+const EVENT_LINE_MAX: usize = 2048;
+
+/// Appends one line to the event log (best effort: a full disk loses the
+/// line, never the agent). Past [`EVENT_LOG_MAX`] the log keeps its newest
+/// half, cut at a line end found in the bytes, so no slicing lands inside
+/// a character whatever the log holds.
 pub fn log_event(state_dir: &Path, now: u64, line: &str) {
     let p = state_dir.join(EVENT_LOG);
     if std::fs::metadata(&p).map(|m| m.len() > EVENT_LOG_MAX).unwrap_or(false) {
-        if let Ok(text) = std::fs::read_to_string(&p) {
-            let keep = &text[text.len() / 2..];
-            let keep = keep.split_once('\n').map(|(_, rest)| rest).unwrap_or(keep);
+        if let Ok(bytes) = std::fs::read(&p) {
+            let keep = newest_half(&bytes);
             if let Ok(dir) = fsutil::open_dir(state_dir) {
-                let _ = fsutil::write_atomic(dir.as_fd(), EVENT_LOG, keep.as_bytes(), false);
+                let _ = fsutil::write_atomic(dir.as_fd(), EVENT_LOG, keep, false);
             }
         }
     }
     if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(&p) {
-        let _ = writeln!(f, "{now} {}", line.replace('\n', " "));
+        let _ = writeln!(f, "{now} {}", crate::text::clip(line, EVENT_LINE_MAX));
+    }
+}
+
+/// The lines wholly in the second half of `log`.
+fn newest_half(log: &[u8]) -> &[u8] {
+    let tail = log.get(log.len() / 2..).unwrap_or_default();
+    match tail.iter().position(|&b| b == b'\n') {
+        Some(i) => tail.get(i + 1..).unwrap_or_default(),
+        None => &[],
     }
 }
 
@@ -239,6 +253,32 @@ mod tests {
             assert_eq!(back, s, "{}", to_json(&s));
         }
         assert_eq!(s.last.as_ref().unwrap().outcome, Outcome::Failed);
+    }
+
+    #[test]
+    fn event_log_rotates_on_line_ends_whatever_it_holds() {
+        let tmp = tempfile::tempdir().unwrap();
+        // A client-supplied key name of multi-byte characters, as a bad
+        // signature's log line would carry it (issue E.1: this aborted).
+        let line = format!("deploy rejected: signed by unknown key {}", "€".repeat(8000));
+        for i in 0..200 {
+            log_event(tmp.path(), i, &line);
+            let text = std::fs::read(tmp.path().join(EVENT_LOG)).unwrap();
+            assert!(text.len() as u64 <= EVENT_LOG_MAX + 2 * EVENT_LINE_MAX as u64 * 4);
+            let text = String::from_utf8(text).expect("the log stays UTF-8");
+            assert!(text.lines().all(|l| l.split(' ').next().unwrap().parse::<u64>().is_ok()), "whole lines only");
+        }
+        // A log that is not UTF-8 at all (a damaged disk) rotates too.
+        std::fs::write(tmp.path().join(EVENT_LOG), vec![0xe2u8; (EVENT_LOG_MAX + 10) as usize]).unwrap();
+        log_event(tmp.path(), 1, "after");
+        assert_eq!(std::fs::read_to_string(tmp.path().join(EVENT_LOG)).unwrap(), "1 after\n");
+    }
+
+    #[test]
+    fn newest_half_cuts_after_a_newline() {
+        assert_eq!(newest_half(b"aaaa\nbb\ncc\n"), b"cc\n");
+        assert_eq!(newest_half(b"\xe2\x82\xac\xe2\x82\xac\n"), b"");
+        assert_eq!(newest_half(b""), b"");
     }
 
     #[test]

@@ -22,9 +22,18 @@ pub fn open_dir_at(at: BorrowedFd<'_>, name: &[u8]) -> io::Result<OwnedFd> {
 pub fn write_atomic(dir: BorrowedFd<'_>, name: &str, data: &[u8], durable: bool) -> io::Result<()> {
     let tmp = format!(".{name}.tmp");
     let _ = rfs::unlinkat(dir, tmp.as_str(), AtFlags::empty());
+    let res = write_then_rename(dir, &tmp, name, data, durable);
+    if res.is_err() {
+        // A full disk must leave nothing behind, not even the temp file.
+        let _ = rfs::unlinkat(dir, tmp.as_str(), AtFlags::empty());
+    }
+    res
+}
+
+fn write_then_rename(dir: BorrowedFd<'_>, tmp: &str, name: &str, data: &[u8], durable: bool) -> io::Result<()> {
     let fd = rfs::openat(
         dir,
-        tmp.as_str(),
+        tmp,
         OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::from_raw_mode(0o644),
     )?;
@@ -34,11 +43,16 @@ pub fn write_atomic(dir: BorrowedFd<'_>, name: &str, data: &[u8], durable: bool)
         f.sync_all()?;
     }
     drop(f);
-    rfs::renameat(dir, tmp.as_str(), dir, name)?;
+    rfs::renameat(dir, tmp, dir, name)?;
     if durable {
         rfs::fsync(dir)?;
     }
     Ok(())
+}
+
+/// Whether an I/O error means the file system is full (or over quota).
+pub fn is_no_space(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(c) if c == rustix::io::Errno::NOSPC.raw_os_error() || c == rustix::io::Errno::DQUOT.raw_os_error())
 }
 
 /// Creates `path` and its parents (like `mkdir -p`), mode 0755.

@@ -1,3 +1,4 @@
+use super::accepted as accepted_job;
 use super::*;
 
 const T: Timing = Timing { health_timeout_secs: 60 };
@@ -241,4 +242,18 @@ fn restart_loops_are_bounded() {
     assert_eq!(last.outcome, Outcome::Failed);
     assert!(last.reason.unwrap().contains("transitions"));
     assert_eq!(s.phase, Phase::Idle);
+}
+
+#[test]
+fn a_second_accepted_while_a_job_runs_changes_nothing() {
+    let t = Timing { health_timeout_secs: 30 };
+    let (first, effects) = step(&State::default(), accepted(5, Action::Switch), 10, t);
+    assert!(accepted_job(&State::default(), &first));
+    assert_eq!(effects, vec![Effect::Fetch]);
+    for action in [Action::Switch, Action::Boot, Action::Rollback, Action::Gc] {
+        let (second, effects) = step(&first, accepted(6, action), 11, t);
+        assert_eq!(second, first, "{action:?}: the running job, its seq and its counts stay");
+        assert!(effects.is_empty());
+        assert!(!accepted_job(&first, &second));
+    }
 }
