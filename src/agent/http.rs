@@ -838,6 +838,19 @@ fn bounded_extend(buf: &mut Vec<u8>, data: &[u8], limit: usize) {
     buf.extend_from_slice(data);
 }
 
+/// What the server makes of a buffered request head: `Ok(None)` while it is
+/// incomplete, `Ok(Some((request, head bytes, Content-Length)))` once complete and
+/// valid, `Err(status)` for what it refuses. The pure core of the server, public for
+/// the fuzz targets.
+pub fn parse_request_head(buf: &[u8], limits: &Limits) -> Result<Option<(Request, usize, usize)>, u16> {
+    let peer = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 1));
+    match parse_head(buf, peer, limits) {
+        Head::Partial => Ok(None),
+        Head::Invalid(status, _) => Err(status),
+        Head::Complete { req, consumed, content_length, .. } => Ok(Some((req, consumed, content_length))),
+    }
+}
+
 fn parse_head(buf: &[u8], peer: SocketAddr, limits: &Limits) -> Head {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut headers);

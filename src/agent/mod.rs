@@ -12,6 +12,7 @@
 pub mod config;
 pub mod daemon;
 pub mod deploy;
+pub mod fuzz;
 pub mod http;
 pub mod machine;
 pub mod notify;
