@@ -710,7 +710,12 @@ fn helper_killed_mid_switch_is_never_rerun_and_the_update_rolls_back() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let pid = d.fake_file("helper.pid");
-    let _ = Command::new("pkill").args(["-9", "-P", &pid]).status();
+    // The helper runs it in a process group of its own: kill the group, so
+    // no `sleep` it forked outlives the test.
+    let children = Command::new("pgrep").args(["-P", &pid]).output().unwrap();
+    for child in String::from_utf8_lossy(&children.stdout).split_whitespace() {
+        let _ = Command::new("kill").args(["-9", "--", &format!("-{child}")]).status();
+    }
     let _ = Command::new("kill").args(["-9", &pid]).status();
     // A second helper start for the same request (the path unit firing
     // again) must not run it again: it reports the interruption instead.
@@ -728,4 +733,106 @@ fn helper_killed_mid_switch_is_never_rerun_and_the_update_rolls_back() {
     assert_eq!(outcome, "rolled-back", "{status}");
     assert_eq!(d.calls(), vec!["b test", "a test"], "b's switch ran once, then the rollback");
     assert_eq!(d.profile(), Some((1, sys("a"))));
+}
+
+/// Pids a fake system or health command appended to `name` in the fake dir.
+fn pids_in(d: &Device, name: &str) -> Vec<String> {
+    d.fake_file(name).lines().map(str::to_owned).collect()
+}
+
+/// Running (a zombie, reparented and not yet reaped, counts as gone).
+fn alive(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').and_then(|(_, r)| r.trim_start().chars().next()))
+        .is_some_and(|state| state != 'Z' && state != 'X')
+}
+
+/// Waits (bounded) for every pid to be gone; the ones still running.
+fn survivors_after(pids: &[String], secs: u64) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let left: Vec<String> = pids.iter().filter(|p| alive(p)).cloned().collect();
+        if left.is_empty() || Instant::now() > deadline {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Ends the background processes a test's commands left (by pid).
+fn kill_pids(pids: &[String]) {
+    for p in pids {
+        let _ = Command::new("kill").args(["-9", p]).stderr(Stdio::null()).status();
+    }
+}
+
+#[test]
+fn health_command_that_leaves_a_background_child_is_healthy() {
+    // Exits 0 at once, but `sleep 300` keeps its stdout open: the helper
+    // used to wait for EOF on the pipe, report a timeout, and roll back.
+    // (The helper, and so the command, has FAKE_NIXOS_DIR in its environment.)
+    let cmd = r#"["/bin/sh","-c","sleep 300 & echo $! >> $FAKE_NIXOS_DIR/health-bg.pids; echo healthy"]"#;
+    let d = Device::new(Opts { health_command: Some(cmd.into()), ..Opts::default() });
+    d.deploy(Some(&sys("b")), "switch", 140);
+    let (outcome, status) = d.finish(140, 60);
+    let pids = pids_in(&d, "health-bg.pids");
+    kill_pids(&pids);
+    assert_eq!(outcome, "committed", "{status}");
+    assert!(!pids.is_empty(), "the health command ran");
+    assert_eq!(d.calls(), vec!["b test", "b boot"]);
+    assert_eq!(d.profile(), Some((2, sys("b"))));
+}
+
+#[test]
+fn switch_that_leaves_a_daemon_holding_stdout_succeeds_promptly_and_the_daemon_lives() {
+    // Activation starts something that keeps stdout open and exits 0. The
+    // switch is done when switch-to-configuration exits, not when the pipe
+    // closes (it used to be killed after switch_timeout - 5 s and rolled
+    // back); the daemon is not killed.
+    let d = Device::new(Opts { switch_timeout: 30, ..Opts::default() });
+    d.behave("b", "daemon");
+    let started = Instant::now();
+    d.deploy(Some(&sys("b")), "switch", 150);
+    let (outcome, status) = d.finish(150, 60);
+    let took = started.elapsed();
+    let pids = pids_in(&d, "daemon.pids");
+    let living: Vec<String> = pids.iter().filter(|p| alive(p)).cloned().collect();
+    kill_pids(&pids);
+    assert_eq!(outcome, "committed", "{status}");
+    assert_eq!(d.calls(), vec!["b test", "b boot"]);
+    assert_eq!(d.profile(), Some((2, sys("b"))));
+    assert_eq!(pids.len(), 1, "one daemon, from the live switch");
+    assert_eq!(living, pids, "the daemon activation started survives the switch");
+    // The old helper would have held the switch for 25 s before killing it.
+    assert!(took < Duration::from_secs(25), "took {took:?}");
+}
+
+#[test]
+fn hung_switch_is_killed_with_everything_it_forked() {
+    let d = Device::new(Opts { switch_timeout: 8, ..Opts::default() });
+    d.behave("b", "hang-fork");
+    d.deploy(Some(&sys("b")), "switch", 160);
+    let (outcome, status) = d.finish(160, 90);
+    assert_eq!(outcome, "rolled-back", "{status}");
+    assert_eq!(d.calls(), vec!["b test", "a test"]);
+    let pids = pids_in(&d, "grandchild.pids");
+    assert_eq!(pids.len(), 1, "the hung switch forked");
+    let left = survivors_after(&pids, 30);
+    kill_pids(&left);
+    assert!(left.is_empty(), "the switch's child {left:?} outlived the timeout");
+}
+
+#[test]
+fn hung_health_command_is_killed_with_everything_it_forked() {
+    let cmd = r#"["/bin/sh","-c","sleep 3600 & echo $! >> $FAKE_NIXOS_DIR/health-hang.pids; wait"]"#;
+    let d = Device::new(Opts { health_timeout: 3, health_command: Some(cmd.into()), ..Opts::default() });
+    d.deploy(Some(&sys("b")), "switch", 170);
+    let (outcome, status) = d.finish(170, 60);
+    assert_eq!(outcome, "rolled-back", "{status}");
+    let pids = pids_in(&d, "health-hang.pids");
+    assert!(!pids.is_empty(), "the health command ran");
+    let left = survivors_after(&pids, 30);
+    kill_pids(&left);
+    assert!(left.is_empty(), "the health command's child {left:?} outlived the timeout");
 }

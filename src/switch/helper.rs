@@ -10,92 +10,18 @@
 //! configured checks (`systemctl is-active` of the health units, then the
 //! health command) and writes their result the same way.
 
+pub use super::capture::run_captured;
 use super::protocol::{self, Outcome};
 use crate::agent::config::Config;
 use crate::agent::machine::Step;
 use crate::nix::StorePath;
 use crate::store::Store;
-use rustix::event::{PollFd, PollFlags};
-use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 /// Result code for a request the helper refused to run.
 pub const REFUSED: i32 = -2;
-/// Bytes of output kept for the result.
-const TAIL: usize = 4096;
-
-/// Runs a command with stdout and stderr merged into one pipe, echoing it
-/// to our stderr (the journal) and keeping the tail. With a timeout, the
-/// command is killed when it runs out (code `None`).
-pub fn run_captured(cmd: &mut Command, timeout: Option<Duration>) -> (Option<i32>, String) {
-    let (r, w) = match rustix::pipe::pipe() {
-        Ok(p) => p,
-        Err(e) => return (None, format!("pipe: {e}")),
-    };
-    let w2 = match w.try_clone() {
-        Ok(w2) => w2,
-        Err(e) => return (None, format!("pipe: {e}")),
-    };
-    let child = cmd.stdin(Stdio::null()).stdout(Stdio::from(w)).stderr(Stdio::from(w2)).spawn();
-    // Drop our copies of the write end (the Command holds them) so EOF comes.
-    let program = format!("{:?}", cmd.get_program());
-    drop(std::mem::replace(cmd, Command::new("/")));
-    let mut child = match child {
-        Ok(c) => c,
-        Err(e) => return (None, format!("cannot run {program}: {e}")),
-    };
-    let deadline = timeout.map(|t| Instant::now() + t);
-    let mut out = std::fs::File::from(r);
-    let mut tail: Vec<u8> = Vec::new();
-    let mut buf = [0u8; 8192];
-    let mut timed_out = false;
-    loop {
-        if let Some(d) = deadline {
-            let left = d.saturating_duration_since(Instant::now());
-            let mut fds = [PollFd::new(&out, PollFlags::IN)];
-            let ts =
-                rustix::event::Timespec::try_from(left).unwrap_or(rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 });
-            match rustix::event::poll(&mut fds, Some(&ts)) {
-                Ok(0) => {
-                    timed_out = true;
-                    break;
-                }
-                Ok(_) | Err(rustix::io::Errno::INTR) => {}
-                Err(_) => break,
-            }
-            if fds[0].revents().is_empty() {
-                continue;
-            }
-        }
-        match out.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                let _ = std::io::Write::write_all(&mut std::io::stderr(), &buf[..n]);
-                tail.extend_from_slice(&buf[..n]);
-                if tail.len() > 2 * TAIL {
-                    tail.drain(..tail.len() - TAIL);
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => break,
-        }
-    }
-    if timed_out {
-        let _ = child.kill();
-    }
-    let status = child.wait().ok();
-    if tail.len() > TAIL {
-        tail.drain(..tail.len() - TAIL);
-    }
-    let mut text = String::from_utf8_lossy(&tail).into_owned();
-    if timed_out {
-        text.push_str(&format!("\nkilled after {} s", timeout.unwrap_or_default().as_secs()));
-        return (None, text);
-    }
-    (status.and_then(|s| s.code()), text)
-}
 
 /// Why a system cannot be switched to, if it cannot.
 pub fn check_system(root: &Path, store: &Store, system: &str) -> Result<std::path::PathBuf, String> {

@@ -4,6 +4,8 @@
 # builds cover every failure mode:
 #   $FAKE_NIXOS_DIR/calls                 "<name> <action>" per call
 #   $FAKE_NIXOS_DIR/behaviour-<name>      ok | fail2 | exit4 | exit100 | hang | slow | unhealthy | bootfail | kill-agent
+#                                         | daemon (leaves `sleep 300` holding stdout, its pid in daemon.pids)
+#                                         | hang-fork (forks `sleep 3600`, pid in grandchild.pids, and waits)
 #   $FAKE_NIXOS_DIR/agent.pid             the agent kill-agent kills (self-update: the switch restarts it)
 #   $FAKE_NIXOS_DIR/current               name of the system last activated
 #   $FAKE_NIXOS_DIR/boot-default          name of the system last made the boot default
@@ -43,6 +45,8 @@ let
           hang) sleep 3600 ;;
           slow) sleep 3 ;;
           kill-agent) kill -9 "$(cat "$d/agent.pid")"; sleep 1 ;;
+          daemon) sleep 300 & echo $! >> "$d/daemon.pids" ;;
+          hang-fork) sleep 3600 & echo $! >> "$d/grandchild.pids"; wait; exit 0 ;;
         esac
         echo "$name" > "$d/current"
         if [ "$b" = unhealthy ]; then touch "$d/unhealthy"; else rm -f "$d/unhealthy"; fi
