@@ -98,6 +98,7 @@ impl std::fmt::Display for Rejection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Rejection::MissingSignature => write!(f, "missing Nixless-Signature"),
+            Rejection::SeqTooLarge(seq) => write!(f, "sequence {seq} is above the largest allowed, {MAX_SEQ} (2^53-1)"),
             Rejection::MalformedSignature => write!(f, "malformed signature (expected keyname:base64 of 64 bytes)"),
             Rejection::UnknownKey(k) => write!(f, "signed by unknown key {k:?}"),
             Rejection::BadSignature => write!(f, "signature does not verify"),
@@ -108,7 +109,6 @@ impl std::fmt::Display for Rejection {
             Rejection::Stale { seq, highest } => {
                 write!(f, "sequence {seq} is not above the highest accepted, {highest}")
             }
-            Rejection::SeqTooLarge(seq) => write!(f, "sequence {seq} is above the largest allowed, {MAX_SEQ} (2^53-1)"),
             Rejection::NotStorePath(p) => write!(f, "system {p:?} is not a store path"),
             Rejection::NoPrevious => write!(f, "rollback: no previous generation to roll back to, and no system given"),
             Rejection::UnknownAction(a) => {
