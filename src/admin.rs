@@ -50,6 +50,30 @@ pub struct DeployOpts {
     pub out: Option<PathBuf>,
     pub wait: bool,
     pub timeout: Duration,
+    /// Allow a `seq` more than [`MAX_SEQ_AHEAD`] seconds ahead of now.
+    pub force: bool,
+}
+
+/// How far ahead of now (in seconds) `--seq` may be without `--force`.
+/// Agents accept only growing sequences, and the default sequence is now:
+/// a document signed with a sequence far in the future makes every
+/// ordinary deploy stale until that time comes.
+pub const MAX_SEQ_AHEAD: u64 = 86_400;
+
+/// Refuses a sequence no agent would accept, or one that would block the
+/// default (now-based) sequences for more than a day.
+fn check_seq(seq: u64, now: u64, force: bool) -> Result<(), String> {
+    if seq > deploy::MAX_SEQ {
+        return Err(format!("--seq {seq}: above {} (2^53-1), the largest an agent accepts", deploy::MAX_SEQ));
+    }
+    if !force && seq > now.saturating_add(MAX_SEQ_AHEAD) {
+        return Err(format!(
+            "--seq {seq} is {} s ahead of now ({now}), more than {MAX_SEQ_AHEAD}: the agent would refuse every \
+             deploy with a lower sequence (the default is now) until then; give --force if that is meant",
+            seq - now
+        ));
+    }
+    Ok(())
 }
 
 fn http_agent() -> ureq::Agent {
@@ -71,9 +95,11 @@ pub fn deploy(o: DeployOpts) -> Result<(), String> {
     if o.agent.is_some() == o.out.is_some() {
         return Err("give exactly one of --agent URL or --out FILE".into());
     }
+    let now = crate::agent::daemon::now();
+    let seq = o.seq.unwrap_or(now);
+    check_seq(seq, now, o.force)?;
     let key_text = std::fs::read_to_string(&o.key).map_err(|e| format!("{}: {e}", o.key.display()))?;
     let key = SecretKey::parse(&key_text).map_err(|e| format!("{}: {e}", o.key.display()))?;
-    let seq = o.seq.unwrap_or_else(crate::agent::daemon::now);
     let mut narinfos = Vec::new();
     if let Some(dir) = &o.narinfo_dir {
         for e in std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))? {
@@ -147,10 +173,7 @@ fn get_status(agent: &ureq::Agent, base: &str) -> Result<StatusWire, String> {
         return Err(format!("{base}: HTTP {}", resp.status().as_u16()));
     }
     let body = resp.into_body().with_config().limit(1 << 20).read_to_vec().map_err(|e| format!("{base}: {e}"))?;
-    let mut scratch = vec![0u8; body.len()];
-    serde_json_core::from_slice_escaped::<StatusWire>(&body, &mut scratch)
-        .map(|(s, _)| s)
-        .map_err(|e| format!("{base}: bad status JSON: {e}"))
+    crate::json::from_slice_bounded::<StatusWire>(&body).map_err(|e| format!("{base}: bad status JSON: {e}"))
 }
 
 /// Follows an agent's status until the deploy `seq` has finished; the
@@ -204,7 +227,7 @@ pub fn status(agents: &[String]) -> Result<(), String> {
     }
     let agent = http_agent();
     println!("{:<16} {:<12} {:<52} {:<22} LAST", "HOST", "PHASE", "SYSTEM", "PROGRESS");
-    let mut failed = 0;
+    let (mut failed, mut first_error) = (0, None);
     for base in agents {
         let base = base.trim_end_matches('/');
         match get_status(&agent, base) {
@@ -230,12 +253,34 @@ pub fn status(agents: &[String]) -> Result<(), String> {
             }
             Err(e) => {
                 failed += 1;
-                println!("{:<16} {:<12} {e}", base, "unreachable");
+                println!("{:<16} {:<12} {e}", base, "failed");
+                first_error.get_or_insert(e);
             }
         }
     }
-    if failed > 0 {
-        return Err(format!("{failed} of {} agents unreachable", agents.len()));
+    match first_error {
+        Some(e) if agents.len() == 1 => Err(e),
+        Some(e) => Err(format!("{failed} of {} agents failed, first: {e}", agents.len())),
+        None => Ok(()),
     }
-    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seq_bounds() {
+        let now = 1_800_000_000;
+        assert!(check_seq(now + MAX_SEQ_AHEAD, now, false).is_ok());
+        let e = check_seq(now + MAX_SEQ_AHEAD + 1, now, false).unwrap_err();
+        assert!(e.contains("86401 s ahead") && e.contains("--force"), "{e}");
+        assert!(check_seq(now + MAX_SEQ_AHEAD + 1, now, true).is_ok());
+        assert!(check_seq(deploy::MAX_SEQ, now, true).is_ok());
+        for seq in [deploy::MAX_SEQ + 1, u64::MAX] {
+            assert!(check_seq(seq, now, true).unwrap_err().contains("2^53-1"));
+        }
+        // A clock near the end of time does not overflow.
+        assert!(check_seq(deploy::MAX_SEQ, u64::MAX, false).is_ok());
+    }
 }

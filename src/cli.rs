@@ -101,9 +101,14 @@ struct DeployArgs {
     /// the system store path (not needed for gc; rollback defaults to the previous generation)
     #[argh(option)]
     system: Option<String>,
-    /// sequence number (default: now, in Unix seconds)
+    /// sequence number (default: now, in Unix seconds); at most 2^53-1, and
+    /// at most a day ahead of now unless --force
     #[argh(option)]
     seq: Option<u64>,
+    /// allow a --seq more than a day ahead of now (it blocks every deploy
+    /// with a lower sequence until then)
+    #[argh(switch)]
+    force: bool,
     /// switch (default), boot, rollback or gc
     #[argh(option, default = "String::from(\"switch\")")]
     action: String,
@@ -213,6 +218,7 @@ pub fn main() -> i32 {
             out: a.out,
             wait: !a.no_wait,
             timeout: std::time::Duration::from_secs(a.timeout),
+            force: a.force,
         }),
         Command::Status(a) => crate::admin::status(&a.agents),
         Command::SwitchHelper(a) => crate::switch::helper::main(&a.config),

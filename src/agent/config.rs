@@ -15,7 +15,8 @@
 //! ```
 //! Every key is documented in README.md. Unknown keys are an error (a typo
 //! must not silently disable a check); so are missing required keys, keys
-//! that do not parse, and a config that could never accept a deploy.
+//! that do not parse, a number outside its key's range ([`BOUNDS`]), and a
+//! config that could never accept a deploy.
 
 use crate::fetch::CacheUrl;
 use crate::nix::{PublicKey, TrustedKeys};
@@ -40,7 +41,7 @@ struct Wire {
     max_body_bytes: Option<u64>,
     max_connections: Option<u64>,
     request_timeout_secs: Option<u64>,
-    retries: Option<u32>,
+    retries: Option<u64>,
     read_timeout_secs: Option<u64>,
     health_timeout_secs: Option<u64>,
     health_units: Option<Vec<String>>,
@@ -85,12 +86,86 @@ pub struct Config {
     pub generations_to_keep: u64,
 }
 
+/// Bounded values fit any usize of 32 bits or more.
+fn to_usize(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
 fn keys(what: &str, list: &[String]) -> Result<TrustedKeys, String> {
     let keys = list
         .iter()
         .map(|k| PublicKey::parse(k).map_err(|e| format!("{what}: {k:?}: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(TrustedKeys::new(keys))
+}
+
+/// A numeric key's accepted range (inclusive) and its default.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    pub key: &'static str,
+    pub min: u64,
+    pub max: u64,
+    pub default: u64,
+}
+
+const fn bound(key: &'static str, min: u64, max: u64, default: u64) -> Bound {
+    Bound { key, min, max, default }
+}
+
+const DAY: u64 = 86_400;
+
+/// Every numeric key. Out of range, a value would panic (a Duration added
+/// to an Instant), refuse everything (`max_body_bytes: 0` answers every
+/// deploy 413), or let one request hold the agent: the ranges keep each to
+/// what a device can use.
+pub const BOUNDS: &[Bound] = &[
+    bound("poll_interval_secs", 1, 7 * DAY, 300),
+    // The largest document is a deploy with every narinfo of a closure
+    // inline (~0.5 KiB each); bodies are buffered in RAM under MemoryMax=64M.
+    bound("max_body_bytes", 1024, 16 << 20, 4 << 20),
+    // Each connection is a file descriptor (LimitNOFILE defaults to 1024).
+    bound("max_connections", 1, 1000, 32),
+    bound("request_timeout_secs", 1, 300, 10),
+    bound("retries", 0, 100, 4),
+    // The loop (status, watchdog) waits this long on a stalled cache; the
+    // unit's WatchdogSec is 30 s and the ping goes out at half of it.
+    bound("read_timeout_secs", 1, 10, 5),
+    bound("health_timeout_secs", 1, DAY, 120),
+    bound("switch_timeout_secs", 1, DAY, 900),
+    bound("generations_to_keep", 1, 10_000, 5),
+];
+
+fn range_error(b: &Bound, got: &str) -> String {
+    format!("{} must be {}..={}, got {got}", b.key, b.min, b.max)
+}
+
+/// `v` (or the default) if inside `key`'s range.
+fn bounded(key: &str, v: Option<u64>) -> Result<u64, String> {
+    let b = BOUNDS.iter().find(|b| b.key == key).ok_or_else(|| format!("{key}: no range defined"))?;
+    match v.unwrap_or(b.default) {
+        n if (b.min..=b.max).contains(&n) => Ok(n),
+        n => Err(range_error(b, &n.to_string())),
+    }
+}
+
+fn bounded_secs(key: &str, v: Option<u64>) -> Result<Duration, String> {
+    bounded(key, v).map(Duration::from_secs)
+}
+
+/// A numeric key whose raw value is not a whole number that fits in u64
+/// (negative, fraction, exponent, string, 2^64): the JSON reader only says
+/// "invalid number", so the key and its range are named here.
+fn not_a_number(members: &[(String, &[u8])]) -> Option<String> {
+    members.iter().find_map(|(k, raw)| {
+        let b = BOUNDS.iter().find(|b| b.key == k)?;
+        let text = String::from_utf8_lossy(raw);
+        if text == "null" || text.parse::<u64>().is_ok() {
+            return None;
+        }
+        // The raw JSON token, so a string shows its quotes; bounded, one line.
+        let shown: String = text.chars().take(40).map(|c| if c.is_control() { ' ' } else { c }).collect();
+        Some(range_error(b, &shown))
+    })
 }
 
 const KEYS: &[&str] = &[
@@ -117,12 +192,20 @@ const KEYS: &[&str] = &[
     "switch_mode",
 ];
 
-/// The keys of a top-level JSON object, so an unknown one can be named
-/// (the JSON reader only says that something did not match). Strings are
-/// skipped with their escapes; nested values by bracket depth.
-fn top_level_keys(json: &[u8]) -> Option<Vec<String>> {
-    let mut keys = Vec::new();
+/// The members of a top-level JSON object, key and raw value text, so an
+/// unknown key or a bad number can be named (the JSON reader only says
+/// that something did not match). Strings are skipped with their escapes;
+/// nested values by bracket depth.
+fn top_level_members(json: &[u8]) -> Option<Vec<(String, &[u8])>> {
+    let mut members = Vec::new();
     let (mut i, mut depth, mut expect_key) = (0, 0usize, false);
+    let mut current: Option<(String, usize)> = None;
+    let mut finish = |current: &mut Option<(String, usize)>, end: usize| -> Option<()> {
+        if let Some((key, start)) = current.take() {
+            members.push((key, json.get(start..end)?.trim_ascii()));
+        }
+        Some(())
+    };
     while i < json.len() {
         match json[i] {
             b'"' => {
@@ -132,32 +215,44 @@ fn top_level_keys(json: &[u8]) -> Option<Vec<String>> {
                     i += if json[i] == b'\\' { 2 } else { 1 };
                 }
                 if depth == 1 && expect_key {
-                    keys.push(String::from_utf8_lossy(json.get(start..i)?).into_owned());
+                    current = Some((String::from_utf8_lossy(json.get(start..i)?).into_owned(), i + 1));
                     expect_key = false;
+                }
+            }
+            b':' if depth == 1 => {
+                if let Some((_, start)) = current.as_mut() {
+                    *start = i + 1;
                 }
             }
             b'{' | b'[' => {
                 depth += 1;
                 expect_key = depth == 1 && json[i] == b'{';
             }
-            b'}' | b']' => depth = depth.checked_sub(1)?,
-            b',' if depth == 1 => expect_key = true,
+            b'}' | b']' => {
+                if depth == 1 {
+                    finish(&mut current, i)?;
+                }
+                depth = depth.checked_sub(1)?;
+            }
+            b',' if depth == 1 => {
+                finish(&mut current, i)?;
+                expect_key = true;
+            }
             _ => {}
         }
         i += 1;
     }
-    Some(keys)
+    Some(members)
 }
 
 impl Config {
     pub fn parse(json: &[u8]) -> Result<Config, String> {
-        if let Some(unknown) = top_level_keys(json).and_then(|ks| ks.into_iter().find(|k| !KEYS.contains(&k.as_str())))
-        {
+        let members = top_level_members(json).unwrap_or_default();
+        if let Some((unknown, _)) = members.iter().find(|(k, _)| !KEYS.contains(&k.as_str())) {
             return Err(format!("unknown key {unknown:?} (known: {})", KEYS.join(", ")));
         }
-        let mut scratch = vec![0u8; json.len()];
-        let (w, _): (Wire, _) = serde_json_core::from_slice_escaped(json, &mut scratch)
-            .map_err(|e| format!("invalid JSON or wrong type: {e}"))?;
+        let w: Wire = crate::json::from_slice_bounded(json)
+            .map_err(|e| not_a_number(&members).unwrap_or_else(|| format!("invalid JSON or wrong type: {e}")))?;
         if w.host.is_empty() || w.host.contains(['/', ' ', '\n']) {
             return Err(format!("host {:?}: must be a non-empty name without '/' or spaces", w.host));
         }
@@ -193,12 +288,6 @@ impl Config {
                 return Err(format!("{name}: {} is not an absolute path", p.display()));
             }
         }
-        let secs = |v: Option<u64>, default: u64, name: &str| -> Result<Duration, String> {
-            match v.unwrap_or(default) {
-                0 => Err(format!("{name}: must be above 0")),
-                n => Ok(Duration::from_secs(n)),
-            }
-        };
         if let Some(m) = w.switch_mode.as_deref() {
             if m != "path-unit" {
                 return Err(format!("switch_mode {m:?}: only \"path-unit\" is supported"));
@@ -213,18 +302,18 @@ impl Config {
             state_dir,
             root,
             poll_url: w.poll_url,
-            poll_interval: secs(w.poll_interval_secs, 300, "poll_interval_secs")?,
-            max_body_bytes: w.max_body_bytes.unwrap_or(4 << 20) as usize,
-            max_connections: w.max_connections.unwrap_or(32).max(1) as usize,
-            request_timeout: secs(w.request_timeout_secs, 10, "request_timeout_secs")?,
-            retries: w.retries.unwrap_or(4),
-            read_timeout: secs(w.read_timeout_secs, 5, "read_timeout_secs")?,
-            health_timeout: secs(w.health_timeout_secs, 120, "health_timeout_secs")?,
+            poll_interval: bounded_secs("poll_interval_secs", w.poll_interval_secs)?,
+            max_body_bytes: to_usize(bounded("max_body_bytes", w.max_body_bytes)?),
+            max_connections: to_usize(bounded("max_connections", w.max_connections)?),
+            request_timeout: bounded_secs("request_timeout_secs", w.request_timeout_secs)?,
+            retries: u32::try_from(bounded("retries", w.retries)?).unwrap_or(u32::MAX),
+            read_timeout: bounded_secs("read_timeout_secs", w.read_timeout_secs)?,
+            health_timeout: bounded_secs("health_timeout_secs", w.health_timeout_secs)?,
             health_units: w.health_units.unwrap_or_default(),
             health_command: w.health_command.unwrap_or_default(),
             health_check_network: w.health_check_network.unwrap_or(true),
-            switch_timeout: secs(w.switch_timeout_secs, 900, "switch_timeout_secs")?,
-            generations_to_keep: w.generations_to_keep.unwrap_or(5),
+            switch_timeout: bounded_secs("switch_timeout_secs", w.switch_timeout_secs)?,
+            generations_to_keep: bounded("generations_to_keep", w.generations_to_keep)?,
         })
     }
 
@@ -265,7 +354,7 @@ mod tests {
         for (extra, needle) in [
             (r#","typo_key":1"#, "unknown key \"typo_key\""),
             (r#","health_units":["a","b"],"nested":{"x":[1,{"y":2}]}"#, "unknown key \"nested\""),
-            (r#","poll_interval_secs":0"#, "above 0"),
+            (r#","poll_interval_secs":0"#, "poll_interval_secs must be 1..=604800, got 0"),
             (r#","poll_url":"ftp://x""#, "poll_url"),
             (r#","root":"relative""#, "absolute"),
         ] {
@@ -280,5 +369,54 @@ mod tests {
         assert!(Config::parse(no_deploy.as_bytes()).unwrap_err().contains("deploy_keys"));
         assert!(Config::parse(b"{").is_err());
         assert!(Config::parse(b"").is_err());
+    }
+
+    /// Each numeric key: both ends of its range are accepted, one past
+    /// either end and 2^64 − 1 refused with one line naming the key and
+    /// its range. (Before: `poll_interval_secs: 18446744073709551615`
+    /// parsed and panicked at the first poll, `max_body_bytes: 0` parsed.)
+    #[test]
+    fn every_numeric_key_has_a_range() {
+        let set = |key: &str, v: &str| Config::parse(cfg(&format!(r#","{key}":{v}"#)).as_bytes());
+        for b in BOUNDS {
+            assert!(KEYS.contains(&b.key), "{}", b.key);
+            assert!((b.min..=b.max).contains(&b.default), "{}", b.key);
+            for ok in [b.min, b.max, b.default] {
+                assert!(set(b.key, &ok.to_string()).is_ok(), "{} {ok}", b.key);
+            }
+            let mut bad = vec![b.max + 1, u64::MAX];
+            if b.min > 0 {
+                bad.push(b.min - 1);
+            }
+            for n in bad {
+                let e = set(b.key, &n.to_string()).unwrap_err();
+                assert_eq!(e, format!("{} must be {}..={}, got {n}", b.key, b.min, b.max));
+            }
+            for raw in ["-1", "1.5", "1e3", "18446744073709551616", "\"5\""] {
+                let e = set(b.key, raw).unwrap_err();
+                assert!(e.starts_with(&format!("{} must be {}..={}, got ", b.key, b.min, b.max)), "{raw}: {e}");
+            }
+        }
+        let c = Config::parse(cfg(r#","max_body_bytes":1024,"retries":0,"read_timeout_secs":10"#).as_bytes()).unwrap();
+        assert_eq!((c.max_body_bytes, c.retries, c.read_timeout), (1024, 0, Duration::from_secs(10)));
+        let e = set("poll_interval_secs", "18446744073709551615").unwrap_err();
+        assert_eq!(e, "poll_interval_secs must be 1..=604800, got 18446744073709551615");
+        assert_eq!(set("max_body_bytes", "0").unwrap_err(), "max_body_bytes must be 1024..=16777216, got 0");
+        // A string that merely looks like a number is shown as a string.
+        assert_eq!(set("retries", "\"5\"").unwrap_err(), "retries must be 0..=100, got \"5\"");
+    }
+
+    #[test]
+    fn members_are_split_at_top_level_commas_only() {
+        let m = top_level_members(br#"{"a" : [1,{"b":2}], "c":"x,}\"y", "d": 7 }"#).unwrap();
+        let m: Vec<(&str, &[u8])> = m.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        assert_eq!(m, [("a", &b"[1,{\"b\":2}]"[..]), ("c", br#""x,}\"y""#), ("d", b"7")]);
+    }
+
+    #[test]
+    fn deep_config_is_refused_not_a_crash() {
+        let deep = cfg(&format!(r#","health_command":{}{}"#, "[".repeat(1_000_000), "]".repeat(1_000_000)));
+        let e = Config::parse(deep.as_bytes()).unwrap_err();
+        assert_eq!(e, "invalid JSON or wrong type: arrays and objects nested deeper than 32 levels");
     }
 }

@@ -812,7 +812,7 @@ impl Agent {
         // Re-verified, as anything read back from disk; the sequence check
         // is against the one before it (it is the highest now).
         let seq = self.shared.borrow().state.job.as_ref()?.seq;
-        deploy::verify(&body, Some(&sig), &self.ctx.cfg.deploy_keys, &self.ctx.cfg.host, seq - 1)
+        deploy::verify(&body, Some(&sig), &self.ctx.cfg.deploy_keys, &self.ctx.cfg.host, seq.saturating_sub(1))
             .ok()
             .filter(|d| d.seq == seq)
     }
@@ -880,7 +880,7 @@ impl Agent {
             Ok(p) => p,
             Err(e) => return Ok(Err(e.to_string())),
         };
-        let need = plan.nar_bytes() + plan.nar_bytes() / 10 + (16 << 20);
+        let need = plan.nar_bytes().saturating_add(plan.nar_bytes() / 10).saturating_add(16 << 20);
         let free = crate::store::gc::free_bytes(store).unwrap_or(u64::MAX);
         if free < need {
             log::warn!("need {} MiB, {} MiB free: collecting garbage", need >> 20, free >> 20);

@@ -12,7 +12,8 @@
 //! ```
 //! The checks run cheapest-first and the signature before anything reads
 //! the JSON: signature present and well-formed → key trusted → signature
-//! valid → JSON → host → sequence above the highest accepted → system a
+//! valid → JSON (nesting at most [`crate::json::MAX_DEPTH`]) → host →
+//! sequence at most [`MAX_SEQ`] and above the highest accepted → system a
 //! store path (not needed for `gc`) → action known.
 
 use super::machine::Action;
@@ -21,6 +22,11 @@ use crate::nix::{SecretKey, StorePath, TrustedKeys};
 use serde::Deserialize;
 
 pub const SIGNATURE_HEADER: &str = "nixless-signature";
+
+/// The largest sequence accepted: 2^53 − 1, the largest integer every JSON
+/// reader keeps exact. Sequences only grow, so a signed document with
+/// 2^64 − 1 would otherwise block every later deploy for good.
+pub const MAX_SEQ: u64 = (1 << 53) - 1;
 
 #[derive(Deserialize)]
 struct Wire {
@@ -63,6 +69,7 @@ pub enum Rejection {
         seq: u64,
         highest: u64,
     },
+    SeqTooLarge(u64),
     NotStorePath(String),
     UnknownAction(String),
     /// `rollback` without a system, and no generation before the current.
@@ -78,7 +85,10 @@ impl Rejection {
             | Rejection::BadSignature => 401,
             Rejection::OtherHost { .. } => 403,
             Rejection::Stale { .. } => 409,
-            Rejection::Malformed(_) | Rejection::NotStorePath(_) | Rejection::UnknownAction(_) => 400,
+            Rejection::Malformed(_)
+            | Rejection::SeqTooLarge(_)
+            | Rejection::NotStorePath(_)
+            | Rejection::UnknownAction(_) => 400,
             Rejection::NoPrevious => 409,
         }
     }
@@ -92,6 +102,7 @@ impl std::fmt::Display for Rejection {
         use crate::text::{clip, FIELD_MAX};
         match self {
             Rejection::MissingSignature => write!(f, "missing Nixless-Signature"),
+            Rejection::SeqTooLarge(seq) => write!(f, "sequence {seq} is above the largest allowed, {MAX_SEQ} (2^53-1)"),
             Rejection::MalformedSignature => write!(f, "malformed signature (expected keyname:base64 of 64 bytes)"),
             Rejection::UnknownKey(k) => write!(f, "signed by unknown key \"{}\"", clip(k, FIELD_MAX)),
             Rejection::BadSignature => write!(f, "signature does not verify"),
@@ -150,11 +161,12 @@ pub fn verify(
     highest: u64,
 ) -> Result<Deploy, Rejection> {
     let key = check_signature(body, sig, keys)?;
-    let mut scratch = vec![0u8; body.len()];
-    let (w, _): (Wire, _) =
-        serde_json_core::from_slice_escaped(body, &mut scratch).map_err(|e| Rejection::Malformed(e.to_string()))?;
+    let w: Wire = crate::json::from_slice_bounded(body).map_err(|e| Rejection::Malformed(e.to_string()))?;
     if w.host != host {
         return Err(Rejection::OtherHost { doc: w.host, me: host.to_owned() });
+    }
+    if w.seq > MAX_SEQ {
+        return Err(Rejection::SeqTooLarge(w.seq));
     }
     if w.seq <= highest {
         return Err(Rejection::Stale { seq: w.seq, highest });
@@ -273,6 +285,49 @@ mod tests {
         }
         assert_eq!(Rejection::BadSignature.status(), 401);
         assert_eq!(Rejection::Stale { seq: 1, highest: 2 }.status(), 409);
+    }
+
+    #[test]
+    fn seq_above_2_pow_53_minus_1_is_refused() {
+        let (sk, keys) = setup();
+        let at = |seq: u64| {
+            let doc = render("kiosk-7", Some(SYS), seq, Action::Switch, &[], &[]);
+            verify(doc.as_bytes(), Some(sign(&sk, doc.as_bytes()).as_bytes()), &keys, "kiosk-7", 0)
+        };
+        assert_eq!(at(MAX_SEQ).unwrap().seq, 9_007_199_254_740_991);
+        for seq in [MAX_SEQ + 1, u64::MAX] {
+            let e = at(seq).unwrap_err();
+            assert_eq!(e, Rejection::SeqTooLarge(seq));
+            assert_eq!(e.status(), 400);
+        }
+        // Checked before staleness: the answer says what is wrong with it.
+        let doc = render("kiosk-7", Some(SYS), u64::MAX, Action::Switch, &[], &[]);
+        let e = verify(doc.as_bytes(), Some(sign(&sk, doc.as_bytes()).as_bytes()), &keys, "kiosk-7", MAX_SEQ);
+        assert_eq!(
+            e.unwrap_err().to_string(),
+            format!("sequence {} is above the largest allowed, {MAX_SEQ} (2^53-1)", u64::MAX)
+        );
+    }
+
+    /// serde-json-core would recurse once per level into the unknown field
+    /// and overflow the stack; the depth is checked after the signature
+    /// (an unsigned deep body costs only the signature check) and before
+    /// serde.
+    #[test]
+    fn deep_nesting_is_refused_after_the_signature() {
+        let (sk, keys) = setup();
+        let doc = format!(
+            r#"{{"host":"kiosk-7","seq":11,"action":"gc","x":{}{}}}"#,
+            "[".repeat(2_000_000),
+            "]".repeat(2_000_000)
+        );
+        let other = SecretKey::generate("admin-1").unwrap();
+        let check =
+            |k: &SecretKey| verify(doc.as_bytes(), Some(sign(k, doc.as_bytes()).as_bytes()), &keys, "kiosk-7", 0);
+        assert_eq!(check(&other).unwrap_err(), Rejection::BadSignature);
+        let e = check(&sk).unwrap_err();
+        assert_eq!(e.to_string(), "malformed deploy document: arrays and objects nested deeper than 32 levels");
+        assert_eq!(e.status(), 400);
     }
 
     #[test]

@@ -124,8 +124,7 @@ struct Wire {
 }
 
 pub fn from_json(bytes: &[u8]) -> Result<State, String> {
-    let mut scratch = vec![0u8; bytes.len()];
-    let (w, _): (Wire, _) = serde_json_core::from_slice_escaped(bytes, &mut scratch).map_err(|e| e.to_string())?;
+    let w: Wire = crate::json::from_slice_bounded(bytes).map_err(|e| e.to_string())?;
     if w.version != 1 {
         return Err(format!("unknown state version {}", w.version));
     }

@@ -94,7 +94,9 @@ pub struct Plan {
 
 impl Plan {
     pub fn nar_bytes(&self) -> u64 {
-        self.items.iter().map(|i| i.nar_size).sum()
+        // NarSize is any u64 a cache signed; a sum that overflowed would
+        // make the free-space check pass.
+        self.items.iter().fold(0u64, |sum, i| sum.saturating_add(i.nar_size))
     }
 }
 

@@ -69,9 +69,7 @@ impl Request {
     }
 
     pub fn parse(b: &[u8]) -> Result<Request, String> {
-        let mut scratch = vec![0u8; b.len()];
-        let (w, _): (WireRequest, _) =
-            serde_json_core::from_slice_escaped(b, &mut scratch).map_err(|e| e.to_string())?;
+        let w: WireRequest = crate::json::from_slice_bounded(b).map_err(|e| e.to_string())?;
         let step = Step::parse(&w.step).ok_or(format!("unknown step {:?}", w.step))?;
         Ok(Request { id: w.id, step, system: w.system })
     }
@@ -84,9 +82,7 @@ impl Outcome {
     }
 
     pub fn parse(b: &[u8]) -> Result<Outcome, String> {
-        let mut scratch = vec![0u8; b.len()];
-        let (w, _): (WireOutcome, _) =
-            serde_json_core::from_slice_escaped(b, &mut scratch).map_err(|e| e.to_string())?;
+        let w: WireOutcome = crate::json::from_slice_bounded(b).map_err(|e| e.to_string())?;
         Ok(Outcome { id: w.id, code: w.code, tail: w.tail })
     }
 }
@@ -140,7 +136,7 @@ pub fn read_health_request(state_dir: &Path) -> Option<u64> {
         id: u64,
     }
     let b = read(state_dir, HEALTH_REQUEST)?;
-    serde_json_core::from_slice::<W>(&b).ok().map(|(w, _)| w.id)
+    crate::json::from_slice_bounded::<W>(&b).ok().map(|w| w.id)
 }
 
 pub fn write_health_result(state_dir: &Path, o: &Outcome) -> std::io::Result<()> {
