@@ -2,7 +2,12 @@
 # Idle and busy memory of the agent (the static musl binary), printed, not
 # asserted: RSS right after start, after 200 status requests, after a
 # deploy of the 17-path test closure (~25 MiB NAR), and the peak (VmHWM).
-# Targets (brief): idle RSS <= 4 MiB, binary <= 3 MiB stripped.
+# Before the deploy, a hostile phase: 31 clients (4 addresses) each announce a
+# 4 MiB deploy body with a signature header naming the trusted key and send
+# it slowly, while 300 idle connections from 60 addresses sit open; the peak
+# RSS after that phase is printed on its own.
+# Targets (brief): idle RSS <= 4 MiB, binary <= 3 MiB stripped, peak RSS
+# <= 16 MiB whatever unauthenticated clients send (issue E).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export NIX_CONFIG=$'build-users-group =\nexperimental-features = nix-command\nsandbox = false\nsubstituters ='
@@ -27,6 +32,36 @@ sleep 1
 idle=$(kib VmRSS)
 for _ in $(seq 1 200); do curl -sf "http://127.0.0.1:$port/v1/status" >/dev/null; done
 after_status=$(kib VmRSS)
+python3 - "$port" <<'PY'
+import socket, sys, time
+port = int(sys.argv[1])
+def conn(src):
+    s = socket.socket()
+    s.bind((src, 0))
+    s.connect(("127.0.0.1", port))
+    return s
+crowd = [conn("127.0.1.%d" % (i // 5 + 1)) for i in range(300)]
+head = ("POST /v1/deploy HTTP/1.1\r\nHost: x\r\nNixless-Signature: admin-1:%s==\r\n"
+        "Content-Length: %d\r\n\r\n" % ("A" * 86, 4 << 20)).encode()
+ups = []
+for i in range(31):
+    s = conn("127.0.3.%d" % (i % 4 + 1))
+    s.sendall(head)
+    ups.append(s)
+piece = b"x" * (64 << 10)
+deadline = time.time() + 60
+for _ in range(64):
+    for s in ups:
+        try:
+            s.settimeout(max(0.1, deadline - time.time()))
+            s.sendall(piece)
+        except OSError:
+            pass
+    time.sleep(0.02)
+for s in ups + crowd:
+    s.close()
+PY
+after_hostile=$(kib VmHWM)
 "$bin" deploy --key "$work/admin.key" --host bench --system "$TOP" --agent "http://127.0.0.1:$port" --no-wait 2>/dev/null
 for _ in $(seq 1 300); do
   curl -sf "http://127.0.0.1:$port/v1/status" | grep -q '"phase":"switching"' && break
@@ -38,5 +73,6 @@ size=$(stat -c %s "$bin")
 printf 'agent memory (static musl build, %s bytes = %.2f MiB stripped)\n' "$size" "$(echo "$size/1048576" | bc -l)"
 printf '  idle RSS            %6d KiB\n' "$idle"
 printf '  after 200 statuses  %6d KiB\n' "$after_status"
+printf '  peak under attack   %6d KiB (31 x 4 MiB slow bodies + 300 idle connections)\n' "$after_hostile"
 printf '  after a deploy      %6d KiB (17 paths, 24.6 MiB NAR, seccomp on)\n' "$after_deploy"
 printf '  peak (VmHWM)        %6d KiB\n' "$peak"

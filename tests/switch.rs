@@ -712,11 +712,13 @@ fn helper_killed_mid_switch_is_never_rerun_and_the_update_rolls_back() {
     let pid = d.fake_file("helper.pid");
     // The helper runs it in a process group of its own: kill the group, so
     // no `sleep` it forked outlives the test.
+    // The helper first: killed second, it could see its child die and
+    // write a result before its own death (it waits on the process).
     let children = Command::new("pgrep").args(["-P", &pid]).output().unwrap();
+    let _ = Command::new("kill").args(["-9", &pid]).status();
     for child in String::from_utf8_lossy(&children.stdout).split_whitespace() {
         let _ = Command::new("kill").args(["-9", "--", &format!("-{child}")]).status();
     }
-    let _ = Command::new("kill").args(["-9", &pid]).status();
     // A second helper start for the same request (the path unit firing
     // again) must not run it again: it reports the interruption instead.
     let cfg = d.config.to_str().unwrap();
