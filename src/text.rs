@@ -30,6 +30,16 @@ pub fn clip(s: &str, max: usize) -> String {
     out
 }
 
+/// `s` cut to at most `max` characters (on a character boundary), with `…`
+/// and the number of bytes left out; nothing escaped (for output that escapes
+/// by itself, such as a JSON string).
+pub fn bound(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…(+{} bytes)", s.get(..i).unwrap_or_default(), s.len() - i).into(),
+        None => s.into(),
+    }
+}
+
 /// Like [`clip`] for bytes that may not be UTF-8 (invalid sequences are
 /// shown as U+FFFD).
 pub fn clip_bytes(b: &[u8], max: usize) -> String {
@@ -83,6 +93,13 @@ mod tests {
         }
         // An escape is never cut in half.
         assert_eq!(clip("\n\n", 3), "\\n…(+1 bytes)");
+    }
+
+    #[test]
+    fn bound_cuts_without_escaping() {
+        assert_eq!(bound("a\\b€€", 3), "a\\b…(+6 bytes)");
+        assert_eq!(bound("€€", 2), "€€");
+        assert_eq!(bound("", 0), "");
     }
 
     #[test]

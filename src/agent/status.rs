@@ -35,8 +35,12 @@ pub struct Snapshot {
     pub rejected_requests: u64,
 }
 
+/// Longest message (a reason, an error) status carries: they can hold text
+/// from caches, documents and helpers' output.
+const MESSAGE_MAX: usize = 2048;
+
 fn opt_str(s: &Option<String>) -> String {
-    s.as_deref().map(json_string).unwrap_or_else(|| "null".into())
+    s.as_deref().map(|s| json_string(&crate::text::bound(s, MESSAGE_MAX))).unwrap_or_else(|| "null".into())
 }
 
 fn opt_num(n: Option<u64>) -> String {
