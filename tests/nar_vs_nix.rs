@@ -57,13 +57,15 @@ fn dir(entries: Vec<(&[u8], Node)>) -> Node {
     Node::dir(entries)
 }
 
-/// `depth` directories nested inside each other (root included), a file at the bottom.
+/// `depth` directories nested inside each other (root included), a file at
+/// the bottom: the file is at depth `depth` (the root is at 0).
 fn nested(depth: usize) -> Node {
-    let mut n = file(b"bottom");
-    for _ in 0..depth {
-        n = dir(vec![(b"d", n)]);
-    }
-    n
+    at_depth(depth, file(b"bottom"))
+}
+
+/// `node` inside `depth` nested directories.
+fn at_depth(depth: usize, node: Node) -> Node {
+    (0..depth).fold(node, |inner, _| dir(vec![(b"d", inner)]))
 }
 
 fn sha256(data: &[u8]) -> Sha256 {
@@ -99,7 +101,11 @@ const NIX28_LAXER: &[(&str, &str)] = &[
     ("trailing token", "Nix ignores bytes after the root node"),
     // symlink(2) gets a C string: the target is silently cut at the NUL.
     ("symlink target with NUL", "target truncated at the NUL by symlink(2)"),
-    // Plain recursion, no depth limit in 2.8.
+    // Plain recursion, no depth limit in 2.8; current Nix (archive.cc,
+    // `parse()`, `narMaxDepth = 64`) refuses any node at depth >= 64.
+    ("file at depth 64", "no depth limit in 2.8 (current Nix refuses)"),
+    ("symlink at depth 64", "no depth limit in 2.8 (current Nix refuses)"),
+    ("empty directory at depth 64", "no depth limit in 2.8 (current Nix refuses)"),
     ("nesting of 65 directories", "no depth limit in 2.8"),
 ];
 
@@ -171,7 +177,11 @@ fn cases(victim: &Path) -> Vec<Case> {
             (b"\xff", file(b"")),
         ])),
     );
-    ok("nesting of 64 directories", encode(&nested(64)));
+    // Current Nix's depth limit, on the accepted side (see NIX28_LAXER for
+    // the refused side, which 2.8 still accepts).
+    ok("file at depth 63", encode(&nested(63)));
+    ok("symlink at depth 63", encode(&at_depth(63, Node::link(b"/etc"))));
+    ok("empty directory at depth 63", encode(&at_depth(63, dir(vec![]))));
 
     let mut bad = |name, nar| out.push(Case { name, nar, valid: false });
     let one = |n: &[u8], node: Node| encode(&dir(vec![(n, node)]));
@@ -218,6 +228,10 @@ fn cases(victim: &Path) -> Vec<Case> {
     bad("regular without contents", nar(toks(&[b"(", b"type", b"regular", b")"])));
     bad("type twice", nar(toks(&[b"(", b"type", b"regular", b"type", b"regular", b"contents", b"", b")"])));
     bad("unknown tag", nar(toks(&[b"(", b"type", b"regular", b"mode", b"0644", b"contents", b"", b")"])));
+    // Nix reads tags of up to 32 bytes (`narMaxTag`), we of up to 16; none
+    // is longer than 13, so either way such a tag is refused.
+    bad("type tag of 17 bytes", nar(toks(&[b"(", b"type", &[b'r'; 17], b")"])));
+    bad("type tag of 33 bytes", nar(toks(&[b"(", b"type", &[b'r'; 33], b")"])));
     bad("unknown node type", nar(toks(&[b"(", b"type", b"fifo", b")"])));
     bad("symlink with contents tag", nar(toks(&[b"(", b"type", b"symlink", b"contents", b"x", b")"])));
     bad("symlink target twice", nar(toks(&[b"(", b"type", b"symlink", b"target", b"a", b"target", b"b", b")"])));
@@ -275,6 +289,9 @@ fn cases(victim: &Path) -> Vec<Case> {
     bad("trailing token", cat(&[&small, &s(b")")]));
 
     // Depth and sizes.
+    bad("file at depth 64", encode(&nested(64)));
+    bad("symlink at depth 64", encode(&at_depth(64, Node::link(b"/etc"))));
+    bad("empty directory at depth 64", encode(&at_depth(64, dir(vec![]))));
     bad("nesting of 65 directories", encode(&nested(65)));
     bad(
         "huge length prefix (name)",
@@ -511,6 +528,7 @@ fn hostile_nars_through_a_signed_cache() {
         ("trailing bytes", cat(&[&small, &s(b")")])),
         ("truncated", small[..small.len() - 20].to_vec()),
         ("unordered", encode(&dir(vec![(b"b", file(b"")), (b"a", file(b""))]))),
+        ("file at depth 64", encode(&nested(64))),
         ("nesting of 65", encode(&nested(65))),
     ];
     let mut failures = Vec::new();
