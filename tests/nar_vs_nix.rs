@@ -490,6 +490,13 @@ struct Cache {
 
 /// A cache holding one made-up path whose NAR is `nar`, correctly signed.
 fn signed_cache(nar: &[u8], seed: u8) -> Cache {
+    signed_cache_as(nar, nar, "none", seed)
+}
+
+/// A cache holding one made-up path whose NAR is `nar`, stored as the bytes
+/// `file`, with a narinfo saying `Compression: {compression}`; correctly
+/// signed (the signature does not cover Compression).
+fn signed_cache_as(nar: &[u8], file: &[u8], compression: &str, seed: u8) -> Cache {
     let dir = tempfile::Builder::new().prefix("hostile-cache").tempdir().unwrap();
     let hash = nixbase32::encode(&[seed; 20]);
     let path = format!("/nix/store/{hash}-hostile");
@@ -499,9 +506,9 @@ fn signed_cache(nar: &[u8], seed: u8) -> Cache {
     let sig = sk.sign(keys::fingerprint(&sp, &nar_hash, nar.len() as u64, &[]).as_bytes());
     std::fs::write(dir.path().join("nix-cache-info"), "StoreDir: /nix/store\n").unwrap();
     std::fs::create_dir(dir.path().join("nar")).unwrap();
-    std::fs::write(dir.path().join("nar/x.nar"), nar).unwrap();
+    std::fs::write(dir.path().join("nar/x.nar"), file).unwrap();
     let narinfo = format!(
-        "StorePath: {path}\nURL: nar/x.nar\nCompression: none\nNarHash: sha256:{}\nNarSize: {}\nReferences: \nSig: {sig}\n",
+        "StorePath: {path}\nURL: nar/x.nar\nCompression: {compression}\nNarHash: sha256:{}\nNarSize: {}\nReferences: \nSig: {sig}\n",
         nixbase32::encode(&nar_hash.0),
         nar.len()
     );
@@ -599,4 +606,185 @@ fn error_for_entry_with_newline_in_name_is_one_line() {
     rm_rf(root.path());
     assert_eq!(err.lines().count(), 1, "stderr is not one line: {err:?}");
     assert!(err.contains("at byte") && err.contains(&cache.path), "{err:?}");
+}
+
+// ---------------------------------------------------------------------------
+// Narinfo verdicts: ours against Nix 2.8 reading a file:// cache
+
+const NI_PATH: &str = "/nix/store/qx8l0zlfvk6k8whfjvianr1mywbz9k4v-hello-test";
+const NI_HASH: &str = "sha256:1n0layqxn1s4gmqmkxnl2pdr7gbmys1z1d9cvdpr8wq3pxap8i7z";
+
+/// A valid narinfo for `NI_PATH`, then `extra` lines.
+fn ni(extra: &str) -> String {
+    format!("StorePath: {NI_PATH}\nURL: x.nar\nNarHash: {NI_HASH}\nNarSize: 888\n{extra}")
+}
+
+/// Narinfos Nix 2.8 accepts and we refuse, and why. "current Nix" means
+/// today's `nar-info.cc` refuses them too; "ours" is a deliberate extra rule.
+const NARINFO_NIX28_LAXER: &[(&str, &str)] = &[
+    ("Compression unknown", "current Nix refuses (parseCompressionAlgo); 2.8 only when downloading"),
+    ("Sig without colon", "current Nix refuses (Signature::parse); 2.8 kept Sig as an opaque string"),
+    ("Sig with empty name", "current Nix refuses (Signature::parse)"),
+    ("Sig with invalid base64", "current Nix refuses (Signature::parse)"),
+    ("Sig decoding to nothing", "current Nix refuses (Signature::parse)"),
+    ("reference named .-x", "current Nix refuses (path.cc checkName); 2.8 allowed it"),
+    ("URL absolute", "ours: the NAR must come from the cache that signed for it"),
+    ("URL climbing with ..", "ours: the NAR must come from the cache that signed for it"),
+    ("NarSize repeated", "ours: a repeated field is refused; Nix lets the last one win"),
+    ("StorePath repeated", "ours: a repeated field is refused; Nix lets the last one win"),
+    ("NarHash sha512", "ours: sha256 only (the fingerprint and every cache use it)"),
+    ("FileSize with +", "ours: digits only"),
+    ("no space after colon", "ours: Nix skips whatever byte follows the colon"),
+    ("blank line", "ours: Nix glues the next line onto the blank one and drops its key"),
+];
+
+fn narinfo_cases() -> Vec<(&'static str, String, bool)> {
+    let name = |n: usize| format!("qx8l0zlfvk6k8whfjvianr1mywbz9k4v-{}", "a".repeat(n));
+    let hex = "0060e2ad0ff0860e759ae23e08aa74839f5f7bbf13d7b8ebeb4ce5c5a8083f50";
+    let nix32 = &NI_HASH[7..];
+    let ok = |n, t: String| (n, t, true);
+    let bad = |n, t: String| (n, t, false);
+    vec![
+        ok("minimal", ni("")),
+        ok("References empty", ni("References: \n")),
+        ok("Compression empty", ni("Compression: \n")),
+        ok("Compression br", ni("Compression: br\n")),
+        ok("Deriver unknown-deriver", ni("Deriver: unknown-deriver\n")),
+        ok("Deriver a store path", ni("Deriver: 2zbazc8nf794q48sjyri0248j69mzsr1-top.drv\n")),
+        ok("CA empty", ni("CA: \n")),
+        ok("CA fixed:r:sha256 nix32", ni(&format!("CA: fixed:r:sha256:{nix32}\n"))),
+        ok("CA text:sha256 hex", ni(&format!("CA: text:sha256:{hex}\n"))),
+        ok("CA fixed:sha1 nix32", ni(&format!("CA: fixed:sha1:{}\n", &nix32[..32]))),
+        ok("Sig lax base64", ni("Sig: k:AA=!!\n")),
+        ok("NarSize 1", ni("").replace("NarSize: 888", "NarSize: 1")),
+        ok("FileSize 0", ni("FileSize: 0\n")),
+        ok("FileSize u64 max", ni("FileSize: 18446744073709551615\n")),
+        ok("reference name of 211", ni(&format!("References: {}\n", name(211)))),
+        ok("reference named .x", ni(&format!("References: {}\n", name(0) + ".x"))),
+        ok("unknown key", ni("Future: field\n")),
+        bad("empty file", String::new()),
+        bad("no final newline", ni("Future: x")),
+        bad("References: at the end", ni("References:\n")),
+        bad("References: before a line", ni("References:\nDeriver: unknown-deriver\n")),
+        bad("unknown key: at the end", ni("Future:\n")),
+        bad("Compression unknown", ni("Compression: foo\n")),
+        bad("Deriver empty", ni("Deriver: \n")),
+        bad("Deriver not a store path", ni("Deriver: foo\n")),
+        bad("CA garbage", ni("CA: foo\n")),
+        bad("CA fixed:git", ni(&format!("CA: fixed:git:sha1:{}\n", &nix32[..32]))),
+        bad("CA hash too short", ni(&format!("CA: fixed:r:sha256:{}\n", &nix32[1..]))),
+        bad("CA unknown algorithm", ni(&format!("CA: fixed:r:sha3:{nix32}\n"))),
+        bad("Sig without colon", ni("Sig: junk\n")),
+        bad("Sig with empty name", ni("Sig: :AAAA\n")),
+        bad("Sig with invalid base64", ni("Sig: k:!!!!\n")),
+        bad("Sig decoding to nothing", ni("Sig: k:A\n")),
+        bad("NarSize 0", ni("").replace("NarSize: 888", "NarSize: 0")),
+        bad("NarSize negative", ni("").replace("NarSize: 888", "NarSize: -1")),
+        bad("FileSize overflow", ni("FileSize: 18446744073709551616\n")),
+        bad("NarHash without algorithm", ni("").replace(NI_HASH, nix32)),
+        bad("NarHash too short", ni("").replace(NI_HASH, &NI_HASH[..58])),
+        bad("reference name of 212", ni(&format!("References: {}\n", name(212)))),
+        bad("reference named .-x", ni(&format!("References: {}\n", name(0) + ".-x"))),
+        bad("StorePath missing", ni("").replace(&format!("StorePath: {NI_PATH}\n"), "")),
+        bad("URL missing", ni("").replace("URL: x.nar\n", "")),
+        bad("URL absolute", ni("").replace("URL: x.nar", "URL: http://elsewhere/x.nar")),
+        bad("URL climbing with ..", ni("").replace("URL: x.nar", "URL: ../x.nar")),
+        bad("NarSize repeated", ni("NarSize: 888\n")),
+        bad("StorePath repeated", ni(&format!("StorePath: {NI_PATH}\n"))),
+        bad("NarHash sha512", ni("").replace(NI_HASH, &format!("sha512:{hex}{hex}"))),
+        bad("FileSize with +", ni("FileSize: +5\n")),
+        bad("no space after colon", ni("Future:x\n")),
+        bad("blank line", ni("\nFuture: x\n")),
+    ]
+}
+
+/// Nix 2.8's verdict: can `nix path-info` read the path from a cache that
+/// holds only this narinfo?
+fn nix_reads_narinfo(text: &str) -> (bool, String) {
+    let cache = tempfile::Builder::new().prefix("narinfo-vs-nix").tempdir().unwrap();
+    std::fs::write(cache.path().join("nix-cache-info"), "StoreDir: /nix/store\n").unwrap();
+    std::fs::write(cache.path().join(format!("{}.narinfo", &NI_PATH[11..43])), text).unwrap();
+    let out = Command::new("nix")
+        .args(["path-info", "--store", &format!("file://{}", cache.path().display()), NI_PATH])
+        .env("NIX_CONFIG", NIX_CONFIG)
+        // No narinfo disk cache shared between cases or with other runs.
+        .env("XDG_CACHE_HOME", cache.path().join("xdg"))
+        .output()
+        .unwrap();
+    (out.status.success(), short(&String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn narinfo_verdicts_agree_with_nix() {
+    let expected = StorePath::from_absolute(NI_PATH).unwrap();
+    let cases = narinfo_cases();
+    let mut failures = Vec::new();
+    println!("| narinfo | Nix 2.8 | nixless | note |\n|---|---|---|---|");
+    for (name, text, valid) in &cases {
+        let us = nixless::nix::NarInfo::parse(text, Some(&expected));
+        let (nix_ok, nix_err) = nix_reads_narinfo(text);
+        let laxer = NARINFO_NIX28_LAXER.iter().find(|(n, _)| n == name);
+        let mut fail = |m: String| failures.push(format!("{name}: {m}"));
+        if us.is_ok() != *valid {
+            fail(format!("we {} it: {us:?}", if us.is_ok() { "accept" } else { "refuse" }));
+        }
+        match (nix_ok, us.is_ok(), laxer) {
+            (n, u, None) if n == u => {}
+            (true, false, Some(_)) => {}
+            (n, u, Some((_, why))) => fail(format!("allowlisted ({why}) but Nix {n} and we {u}")),
+            (true, false, None) => fail("Nix accepts, we refuse (not allowlisted)".into()),
+            (false, true, None) => fail(format!("Nix refuses ({nix_err}), we accept: BUG in our parser")),
+            _ => unreachable!(),
+        }
+        let note = match (&us, laxer) {
+            (Err(e), Some((_, why))) => format!("{why}; {e}"),
+            (Err(e), None) => e.to_string(),
+            (Ok(_), _) => String::new(),
+        };
+        let verdict = |ok: bool| if ok { "accept" } else { "refuse" };
+        println!("| {name} | {} | {} | {note} |", verdict(nix_ok), verdict(us.is_ok()));
+    }
+    for (n, _) in NARINFO_NIX28_LAXER {
+        assert!(cases.iter().any(|(c, _, _)| c == n), "allowlist names an unknown case {n:?}");
+    }
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// An empty `Compression:` is bzip2 to Nix, not "none". Nix 2.8 unpacks a
+/// bzip2 NAR published so and fails on an uncompressed one; we have no bzip2
+/// decoder, so we refuse both, saying why, and install nothing. (Before,
+/// we read empty as "none" and installed the uncompressed one, which Nix
+/// refuses.)
+#[test]
+fn empty_compression_is_bzip2_as_in_nix() {
+    let nar = encode(&dir(vec![(b"f", file(b"hello\n"))]));
+    let mut bz = Command::new("bzip2").arg("-c").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    bz.stdin.take().unwrap().write_all(&nar).unwrap();
+    let bz = bz.wait_with_output().unwrap();
+    assert!(bz.status.success());
+    for (seed, file, nix_should_accept) in [(150u8, &bz.stdout, true), (151, &nar, false)] {
+        let cache = signed_cache_as(&nar, file, "", seed);
+        let url = format!("file://{}", cache.dir.path().display());
+        let nix_root = tempfile::Builder::new().prefix("nix-root").tempdir().unwrap();
+        let (nix_ok, _, nix_err) = nix_cmd(
+            &["nix", "copy", "--no-check-sigs", "--from", &url, "--to", nix_root.path().to_str().unwrap(), &cache.path],
+            None,
+        );
+        assert_eq!(
+            nix_ok,
+            nix_should_accept,
+            "Nix 2.8 on a {} NAR: {nix_err}",
+            if seed == 150 { "bzip2" } else { "plain" }
+        );
+        rm_rf(nix_root.path());
+
+        let root = tempfile::Builder::new().prefix("hostile-root").tempdir().unwrap();
+        let out = install(&cache, root.path());
+        let err = common::stderr(&out);
+        assert!(!out.status.success(), "installed with an empty Compression");
+        assert_eq!(err.lines().count(), 1, "{err:?}");
+        assert!(err.contains("bzip2") && err.contains("empty") && err.contains(&cache.path), "{err:?}");
+        assert!(entries(&root.path().join("nix/store")).is_empty());
+        rm_rf(root.path());
+    }
 }
