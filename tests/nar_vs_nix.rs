@@ -701,8 +701,13 @@ fn narinfo_cases() -> Vec<(&'static str, String, bool)> {
 /// Nix 2.8's verdict: can `nix path-info` read the path from a cache that
 /// holds only this narinfo?
 fn nix_reads_narinfo(text: &str) -> (bool, String) {
+    nix_reads(&format!("StoreDir: {}\n", nixless::nix::STORE_DIR), text)
+}
+
+/// The same, with this nix-cache-info.
+fn nix_reads(cache_info: &str, text: &str) -> (bool, String) {
     let cache = tempfile::Builder::new().prefix("narinfo-vs-nix").tempdir().unwrap();
-    std::fs::write(cache.path().join("nix-cache-info"), "StoreDir: /nix/store\n").unwrap();
+    std::fs::write(cache.path().join("nix-cache-info"), cache_info).unwrap();
     std::fs::write(cache.path().join(format!("{}.narinfo", &NI_PATH[11..43])), text).unwrap();
     let out = Command::new("nix")
         .args(["path-info", "--store", &format!("file://{}", cache.path().display()), NI_PATH])
@@ -748,6 +753,32 @@ fn narinfo_verdicts_agree_with_nix() {
         assert!(cases.iter().any(|(c, _, _)| c == n), "allowlist names an unknown case {n:?}");
     }
     assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// Nix (`BinaryCacheStore::init`) reads Priority with `std::stoi` and cannot
+/// use a cache whose Priority it throws on; we ignored such a value.
+#[test]
+fn cache_info_priority_agrees_with_nix() {
+    // Nix accepts "41abc" (stoi stops at the junk); we refuse it on purpose.
+    for (p, ours_ok) in [
+        ("41", true),
+        ("-5", true),
+        ("2147483647", true),
+        ("2147483648", false),
+        ("x", false),
+        ("", false),
+        ("41abc", false),
+    ] {
+        let text = format!("StoreDir: /nix/store\nPriority: {p}\n");
+        let (nix_ok, nix_err) = nix_reads(&text, &ni(""));
+        let us = nixless::nix::cache_info::parse(&text);
+        assert_eq!(us.is_ok(), ours_ok, "Priority {p:?}: {us:?}");
+        if p != "41abc" {
+            assert_eq!(nix_ok, ours_ok, "Priority {p:?}: Nix 2.8 {nix_err}");
+        } else {
+            assert!(nix_ok, "Priority {p:?}: Nix 2.8 {nix_err}");
+        }
+    }
 }
 
 /// An empty `Compression:` is bzip2 to Nix, not "none". Nix 2.8 unpacks a
