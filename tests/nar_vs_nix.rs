@@ -57,13 +57,15 @@ fn dir(entries: Vec<(&[u8], Node)>) -> Node {
     Node::dir(entries)
 }
 
-/// `depth` directories nested inside each other (root included), a file at the bottom.
+/// `depth` directories nested inside each other (root included), a file at
+/// the bottom: the file is at depth `depth` (the root is at 0).
 fn nested(depth: usize) -> Node {
-    let mut n = file(b"bottom");
-    for _ in 0..depth {
-        n = dir(vec![(b"d", n)]);
-    }
-    n
+    at_depth(depth, file(b"bottom"))
+}
+
+/// `node` inside `depth` nested directories.
+fn at_depth(depth: usize, node: Node) -> Node {
+    (0..depth).fold(node, |inner, _| dir(vec![(b"d", inner)]))
 }
 
 fn sha256(data: &[u8]) -> Sha256 {
@@ -82,6 +84,9 @@ struct Case {
 
 /// Shapes Nix 2.8 accepts although they are invalid (we refuse them all).
 /// Found empirically with `nix-store --restore` of Nix 2.8.0 (Debian).
+/// Current Nix (`src/libutil/archive.cc`, `parse()`) refuses every one of
+/// them as well, except trailing bytes, which it never reads: refusing those
+/// is our own rule.
 const NIX28_LAXER: &[(&str, &str)] = &[
     // libutil/archive.cc in 2.8 declares `prevName` inside the per-entry
     // block, so the ordering check compares against "" and never fires;
@@ -99,7 +104,11 @@ const NIX28_LAXER: &[(&str, &str)] = &[
     ("trailing token", "Nix ignores bytes after the root node"),
     // symlink(2) gets a C string: the target is silently cut at the NUL.
     ("symlink target with NUL", "target truncated at the NUL by symlink(2)"),
-    // Plain recursion, no depth limit in 2.8.
+    // Plain recursion, no depth limit in 2.8; current Nix (archive.cc,
+    // `parse()`, `narMaxDepth = 64`) refuses any node at depth >= 64.
+    ("file at depth 64", "no depth limit in 2.8 (current Nix refuses)"),
+    ("symlink at depth 64", "no depth limit in 2.8 (current Nix refuses)"),
+    ("empty directory at depth 64", "no depth limit in 2.8 (current Nix refuses)"),
     ("nesting of 65 directories", "no depth limit in 2.8"),
 ];
 
@@ -171,7 +180,11 @@ fn cases(victim: &Path) -> Vec<Case> {
             (b"\xff", file(b"")),
         ])),
     );
-    ok("nesting of 64 directories", encode(&nested(64)));
+    // Current Nix's depth limit, on the accepted side (see NIX28_LAXER for
+    // the refused side, which 2.8 still accepts).
+    ok("file at depth 63", encode(&nested(63)));
+    ok("symlink at depth 63", encode(&at_depth(63, Node::link(b"/etc"))));
+    ok("empty directory at depth 63", encode(&at_depth(63, dir(vec![]))));
 
     let mut bad = |name, nar| out.push(Case { name, nar, valid: false });
     let one = |n: &[u8], node: Node| encode(&dir(vec![(n, node)]));
@@ -218,6 +231,10 @@ fn cases(victim: &Path) -> Vec<Case> {
     bad("regular without contents", nar(toks(&[b"(", b"type", b"regular", b")"])));
     bad("type twice", nar(toks(&[b"(", b"type", b"regular", b"type", b"regular", b"contents", b"", b")"])));
     bad("unknown tag", nar(toks(&[b"(", b"type", b"regular", b"mode", b"0644", b"contents", b"", b")"])));
+    // Nix reads tags of up to 32 bytes (`narMaxTag`), we of up to 16; none
+    // is longer than 13, so either way such a tag is refused.
+    bad("type tag of 17 bytes", nar(toks(&[b"(", b"type", &[b'r'; 17], b")"])));
+    bad("type tag of 33 bytes", nar(toks(&[b"(", b"type", &[b'r'; 33], b")"])));
     bad("unknown node type", nar(toks(&[b"(", b"type", b"fifo", b")"])));
     bad("symlink with contents tag", nar(toks(&[b"(", b"type", b"symlink", b"contents", b"x", b")"])));
     bad("symlink target twice", nar(toks(&[b"(", b"type", b"symlink", b"target", b"a", b"target", b"b", b")"])));
@@ -275,6 +292,9 @@ fn cases(victim: &Path) -> Vec<Case> {
     bad("trailing token", cat(&[&small, &s(b")")]));
 
     // Depth and sizes.
+    bad("file at depth 64", encode(&nested(64)));
+    bad("symlink at depth 64", encode(&at_depth(64, Node::link(b"/etc"))));
+    bad("empty directory at depth 64", encode(&at_depth(64, dir(vec![]))));
     bad("nesting of 65 directories", encode(&nested(65)));
     bad(
         "huge length prefix (name)",
@@ -473,6 +493,13 @@ struct Cache {
 
 /// A cache holding one made-up path whose NAR is `nar`, correctly signed.
 fn signed_cache(nar: &[u8], seed: u8) -> Cache {
+    signed_cache_as(nar, nar, "none", seed)
+}
+
+/// A cache holding one made-up path whose NAR is `nar`, stored as the bytes
+/// `file`, with a narinfo saying `Compression: {compression}`; correctly
+/// signed (the signature does not cover Compression).
+fn signed_cache_as(nar: &[u8], file: &[u8], compression: &str, seed: u8) -> Cache {
     let dir = tempfile::Builder::new().prefix("hostile-cache").tempdir().unwrap();
     let hash = nixbase32::encode(&[seed; 20]);
     let path = format!("/nix/store/{hash}-hostile");
@@ -482,9 +509,9 @@ fn signed_cache(nar: &[u8], seed: u8) -> Cache {
     let sig = sk.sign(keys::fingerprint(&sp, &nar_hash, nar.len() as u64, &[]).as_bytes());
     std::fs::write(dir.path().join("nix-cache-info"), "StoreDir: /nix/store\n").unwrap();
     std::fs::create_dir(dir.path().join("nar")).unwrap();
-    std::fs::write(dir.path().join("nar/x.nar"), nar).unwrap();
+    std::fs::write(dir.path().join("nar/x.nar"), file).unwrap();
     let narinfo = format!(
-        "StorePath: {path}\nURL: nar/x.nar\nCompression: none\nNarHash: sha256:{}\nNarSize: {}\nReferences: \nSig: {sig}\n",
+        "StorePath: {path}\nURL: nar/x.nar\nCompression: {compression}\nNarHash: sha256:{}\nNarSize: {}\nReferences: \nSig: {sig}\n",
         nixbase32::encode(&nar_hash.0),
         nar.len()
     );
@@ -511,6 +538,7 @@ fn hostile_nars_through_a_signed_cache() {
         ("trailing bytes", cat(&[&small, &s(b")")])),
         ("truncated", small[..small.len() - 20].to_vec()),
         ("unordered", encode(&dir(vec![(b"b", file(b"")), (b"a", file(b""))]))),
+        ("file at depth 64", encode(&nested(64))),
         ("nesting of 65", encode(&nested(65))),
     ];
     let mut failures = Vec::new();
@@ -581,4 +609,216 @@ fn error_for_entry_with_newline_in_name_is_one_line() {
     rm_rf(root.path());
     assert_eq!(err.lines().count(), 1, "stderr is not one line: {err:?}");
     assert!(err.contains("at byte") && err.contains(&cache.path), "{err:?}");
+}
+
+// ---------------------------------------------------------------------------
+// Narinfo verdicts: ours against Nix 2.8 reading a file:// cache
+
+const NI_PATH: &str = "/nix/store/qx8l0zlfvk6k8whfjvianr1mywbz9k4v-hello-test";
+const NI_HASH: &str = "sha256:1n0layqxn1s4gmqmkxnl2pdr7gbmys1z1d9cvdpr8wq3pxap8i7z";
+
+/// A valid narinfo for `NI_PATH`, then `extra` lines.
+fn ni(extra: &str) -> String {
+    format!("StorePath: {NI_PATH}\nURL: x.nar\nNarHash: {NI_HASH}\nNarSize: 888\n{extra}")
+}
+
+/// Narinfos Nix 2.8 accepts and we refuse, and why. "current Nix" means
+/// today's `nar-info.cc` refuses them too; "ours" is a deliberate extra rule.
+const NARINFO_NIX28_LAXER: &[(&str, &str)] = &[
+    ("Compression unknown", "current Nix refuses (parseCompressionAlgo); 2.8 only when downloading"),
+    ("Sig without colon", "current Nix refuses (Signature::parse); 2.8 kept Sig as an opaque string"),
+    ("Sig with empty name", "current Nix refuses (Signature::parse)"),
+    ("Sig with invalid base64", "current Nix refuses (Signature::parse)"),
+    ("Sig decoding to nothing", "current Nix refuses (Signature::parse)"),
+    ("reference named .-x", "current Nix refuses (path.cc checkName); 2.8 allowed it"),
+    ("URL absolute", "ours: the NAR must come from the cache that signed for it"),
+    ("URL climbing with ..", "ours: the NAR must come from the cache that signed for it"),
+    ("NarSize repeated", "ours: a repeated field is refused; Nix lets the last one win"),
+    ("StorePath repeated", "ours: a repeated field is refused; Nix lets the last one win"),
+    ("NarHash sha512", "ours: sha256 only (the fingerprint and every cache use it)"),
+    ("FileSize with +", "ours: digits only"),
+    ("no space after colon", "ours: Nix skips whatever byte follows the colon"),
+    ("blank line", "ours: Nix glues the next line onto the blank one and drops its key"),
+];
+
+fn narinfo_cases() -> Vec<(&'static str, String, bool)> {
+    let name = |n: usize| format!("qx8l0zlfvk6k8whfjvianr1mywbz9k4v-{}", "a".repeat(n));
+    let hex = "0060e2ad0ff0860e759ae23e08aa74839f5f7bbf13d7b8ebeb4ce5c5a8083f50";
+    let nix32 = &NI_HASH[7..];
+    let ok = |n, t: String| (n, t, true);
+    let bad = |n, t: String| (n, t, false);
+    vec![
+        ok("minimal", ni("")),
+        ok("References empty", ni("References: \n")),
+        ok("Compression empty", ni("Compression: \n")),
+        ok("Compression br", ni("Compression: br\n")),
+        ok("Deriver unknown-deriver", ni("Deriver: unknown-deriver\n")),
+        ok("Deriver a store path", ni("Deriver: 2zbazc8nf794q48sjyri0248j69mzsr1-top.drv\n")),
+        ok("CA empty", ni("CA: \n")),
+        ok("CA fixed:r:sha256 nix32", ni(&format!("CA: fixed:r:sha256:{nix32}\n"))),
+        ok("CA text:sha256 hex", ni(&format!("CA: text:sha256:{hex}\n"))),
+        ok("CA fixed:sha1 nix32", ni(&format!("CA: fixed:sha1:{}\n", &nix32[..32]))),
+        ok("Sig lax base64", ni("Sig: k:AA=!!\n")),
+        ok("NarSize 1", ni("").replace("NarSize: 888", "NarSize: 1")),
+        ok("FileSize 0", ni("FileSize: 0\n")),
+        ok("FileSize u64 max", ni("FileSize: 18446744073709551615\n")),
+        ok("reference name of 211", ni(&format!("References: {}\n", name(211)))),
+        ok("reference named .x", ni(&format!("References: {}\n", name(0) + ".x"))),
+        ok("unknown key", ni("Future: field\n")),
+        bad("empty file", String::new()),
+        bad("no final newline", ni("Future: x")),
+        bad("References: at the end", ni("References:\n")),
+        bad("References: before a line", ni("References:\nDeriver: unknown-deriver\n")),
+        bad("unknown key: at the end", ni("Future:\n")),
+        bad("Compression unknown", ni("Compression: foo\n")),
+        bad("Deriver empty", ni("Deriver: \n")),
+        bad("Deriver not a store path", ni("Deriver: foo\n")),
+        bad("CA garbage", ni("CA: foo\n")),
+        bad("CA fixed:git", ni(&format!("CA: fixed:git:sha1:{}\n", &nix32[..32]))),
+        bad("CA hash too short", ni(&format!("CA: fixed:r:sha256:{}\n", &nix32[1..]))),
+        bad("CA unknown algorithm", ni(&format!("CA: fixed:r:sha3:{nix32}\n"))),
+        bad("Sig without colon", ni("Sig: junk\n")),
+        bad("Sig with empty name", ni("Sig: :AAAA\n")),
+        bad("Sig with invalid base64", ni("Sig: k:!!!!\n")),
+        bad("Sig decoding to nothing", ni("Sig: k:A\n")),
+        bad("NarSize 0", ni("").replace("NarSize: 888", "NarSize: 0")),
+        bad("NarSize negative", ni("").replace("NarSize: 888", "NarSize: -1")),
+        bad("FileSize overflow", ni("FileSize: 18446744073709551616\n")),
+        bad("NarHash without algorithm", ni("").replace(NI_HASH, nix32)),
+        bad("NarHash too short", ni("").replace(NI_HASH, &NI_HASH[..58])),
+        bad("reference name of 212", ni(&format!("References: {}\n", name(212)))),
+        bad("reference named .-x", ni(&format!("References: {}\n", name(0) + ".-x"))),
+        bad("StorePath missing", ni("").replace(&format!("StorePath: {NI_PATH}\n"), "")),
+        bad("URL missing", ni("").replace("URL: x.nar\n", "")),
+        bad("URL absolute", ni("").replace("URL: x.nar", "URL: http://elsewhere/x.nar")),
+        bad("URL climbing with ..", ni("").replace("URL: x.nar", "URL: ../x.nar")),
+        bad("NarSize repeated", ni("NarSize: 888\n")),
+        bad("StorePath repeated", ni(&format!("StorePath: {NI_PATH}\n"))),
+        bad("NarHash sha512", ni("").replace(NI_HASH, &format!("sha512:{hex}{hex}"))),
+        bad("FileSize with +", ni("FileSize: +5\n")),
+        bad("no space after colon", ni("Future:x\n")),
+        bad("blank line", ni("\nFuture: x\n")),
+    ]
+}
+
+/// Nix 2.8's verdict: can `nix path-info` read the path from a cache that
+/// holds only this narinfo?
+fn nix_reads_narinfo(text: &str) -> (bool, String) {
+    nix_reads(&format!("StoreDir: {}\n", nixless::nix::STORE_DIR), text)
+}
+
+/// The same, with this nix-cache-info.
+fn nix_reads(cache_info: &str, text: &str) -> (bool, String) {
+    let cache = tempfile::Builder::new().prefix("narinfo-vs-nix").tempdir().unwrap();
+    std::fs::write(cache.path().join("nix-cache-info"), cache_info).unwrap();
+    std::fs::write(cache.path().join(format!("{}.narinfo", &NI_PATH[11..43])), text).unwrap();
+    let out = Command::new("nix")
+        .args(["path-info", "--store", &format!("file://{}", cache.path().display()), NI_PATH])
+        .env("NIX_CONFIG", NIX_CONFIG)
+        // No narinfo disk cache shared between cases or with other runs.
+        .env("XDG_CACHE_HOME", cache.path().join("xdg"))
+        .output()
+        .unwrap();
+    (out.status.success(), short(&String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn narinfo_verdicts_agree_with_nix() {
+    let expected = StorePath::from_absolute(NI_PATH).unwrap();
+    let cases = narinfo_cases();
+    let mut failures = Vec::new();
+    println!("| narinfo | Nix 2.8 | nixless | note |\n|---|---|---|---|");
+    for (name, text, valid) in &cases {
+        let us = nixless::nix::NarInfo::parse(text, Some(&expected));
+        let (nix_ok, nix_err) = nix_reads_narinfo(text);
+        let laxer = NARINFO_NIX28_LAXER.iter().find(|(n, _)| n == name);
+        let mut fail = |m: String| failures.push(format!("{name}: {m}"));
+        if us.is_ok() != *valid {
+            fail(format!("we {} it: {us:?}", if us.is_ok() { "accept" } else { "refuse" }));
+        }
+        match (nix_ok, us.is_ok(), laxer) {
+            (n, u, None) if n == u => {}
+            (true, false, Some(_)) => {}
+            (n, u, Some((_, why))) => fail(format!("allowlisted ({why}) but Nix {n} and we {u}")),
+            (true, false, None) => fail("Nix accepts, we refuse (not allowlisted)".into()),
+            (false, true, None) => fail(format!("Nix refuses ({nix_err}), we accept: BUG in our parser")),
+            _ => unreachable!(),
+        }
+        let note = match (&us, laxer) {
+            (Err(e), Some((_, why))) => format!("{why}; {e}"),
+            (Err(e), None) => e.to_string(),
+            (Ok(_), _) => String::new(),
+        };
+        let verdict = |ok: bool| if ok { "accept" } else { "refuse" };
+        println!("| {name} | {} | {} | {note} |", verdict(nix_ok), verdict(us.is_ok()));
+    }
+    for (n, _) in NARINFO_NIX28_LAXER {
+        assert!(cases.iter().any(|(c, _, _)| c == n), "allowlist names an unknown case {n:?}");
+    }
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// Nix (`BinaryCacheStore::init`) reads Priority with `std::stoi` and cannot
+/// use a cache whose Priority it throws on; we ignored such a value.
+#[test]
+fn cache_info_priority_agrees_with_nix() {
+    // Nix accepts "41abc" (stoi stops at the junk); we refuse it on purpose.
+    for (p, ours_ok) in [
+        ("41", true),
+        ("-5", true),
+        ("2147483647", true),
+        ("2147483648", false),
+        ("x", false),
+        ("", false),
+        ("41abc", false),
+    ] {
+        let text = format!("StoreDir: /nix/store\nPriority: {p}\n");
+        let (nix_ok, nix_err) = nix_reads(&text, &ni(""));
+        let us = nixless::nix::cache_info::parse(&text);
+        assert_eq!(us.is_ok(), ours_ok, "Priority {p:?}: {us:?}");
+        if p != "41abc" {
+            assert_eq!(nix_ok, ours_ok, "Priority {p:?}: Nix 2.8 {nix_err}");
+        } else {
+            assert!(nix_ok, "Priority {p:?}: Nix 2.8 {nix_err}");
+        }
+    }
+}
+
+/// An empty `Compression:` is bzip2 to Nix, not "none". Nix 2.8 unpacks a
+/// bzip2 NAR published so and fails on an uncompressed one; we have no bzip2
+/// decoder, so we refuse both, saying why, and install nothing. (Before,
+/// we read empty as "none" and installed the uncompressed one, which Nix
+/// refuses.)
+#[test]
+fn empty_compression_is_bzip2_as_in_nix() {
+    let nar = encode(&dir(vec![(b"f", file(b"hello\n"))]));
+    let mut bz = Command::new("bzip2").arg("-c").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    bz.stdin.take().unwrap().write_all(&nar).unwrap();
+    let bz = bz.wait_with_output().unwrap();
+    assert!(bz.status.success());
+    for (seed, file, nix_should_accept) in [(150u8, &bz.stdout, true), (151, &nar, false)] {
+        let cache = signed_cache_as(&nar, file, "", seed);
+        let url = format!("file://{}", cache.dir.path().display());
+        let nix_root = tempfile::Builder::new().prefix("nix-root").tempdir().unwrap();
+        let (nix_ok, _, nix_err) = nix_cmd(
+            &["nix", "copy", "--no-check-sigs", "--from", &url, "--to", nix_root.path().to_str().unwrap(), &cache.path],
+            None,
+        );
+        assert_eq!(
+            nix_ok,
+            nix_should_accept,
+            "Nix 2.8 on a {} NAR: {nix_err}",
+            if seed == 150 { "bzip2" } else { "plain" }
+        );
+        rm_rf(nix_root.path());
+
+        let root = tempfile::Builder::new().prefix("hostile-root").tempdir().unwrap();
+        let out = install(&cache, root.path());
+        let err = common::stderr(&out);
+        assert!(!out.status.success(), "installed with an empty Compression");
+        assert_eq!(err.lines().count(), 1, "{err:?}");
+        assert!(err.contains("bzip2") && err.contains("empty") && err.contains(&cache.path), "{err:?}");
+        assert!(entries(&root.path().join("nix/store")).is_empty());
+        rm_rf(root.path());
+    }
 }

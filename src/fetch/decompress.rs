@@ -2,7 +2,7 @@
 //! with the frame checksum checked when the frame has one, and concatenated
 //! frames followed), `xz` (lzma-rust2: pure Rust, streams with a few MiB of
 //! state and a memory limit, where lzma-rs buffers whole blocks). `bzip2`
-//! (Nix's default when `Compression` is absent) and anything else are
+//! (what Nix reads when `Compression` is absent or empty) and anything else are
 //! refused with an error naming the method.
 
 use crate::nix::Compression;
@@ -21,7 +21,7 @@ pub struct Unsupported(pub String);
 impl std::fmt::Display for Unsupported {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.0 == "bzip2" {
-            write!(f, "compression bzip2 (narinfo has no Compression field, or says bzip2) is not supported; publish with compression=zstd, xz or none")
+            write!(f, "compression bzip2 (narinfo's Compression is bzip2, empty or absent, all bzip2 to Nix) is not supported; publish with compression=zstd, xz or none")
         } else {
             write!(f, "compression {:?} is not supported (zstd, xz, none are)", self.0)
         }

@@ -11,22 +11,47 @@
 //! str(s)    = u64le(len s) s pad          ; pad: zeros up to a multiple of 8
 //! contents  = u64le(n) n bytes pad
 //! ```
-//! Side conditions: tokens appear in exactly this order (no other tags);
-//! entry names are 1..=255 bytes, not `.` or `..`, without `/` or NUL, and
-//! strictly increasing bytewise within a directory (no duplicates); symlink
-//! targets are 1..=4095 bytes without NUL; directories nest at most
-//! [`MAX_DEPTH`] deep; padding is zero; nothing follows the root node.
+//!
+//! Limits, each the same as current Nix's unless marked "ours" (Nix:
+//! `src/libutil/archive.cc`, `parse()`/`parseDump()`, and
+//! `src/libutil/serialise.cc`, `readString()`/`readPadding()`):
+//! - depth: a node's depth is the number of directories around it (the root
+//!   is 0); a node at depth ≥ [`MAX_DEPTH`] (64) is refused, whatever its
+//!   type (Nix: `narMaxDepth`, checked on entry to `parse()` for every node).
+//!   So a file, symlink or empty directory may sit inside 63 directories, not
+//!   64.
+//! - entry names: 1..=[`MAX_NAME`] (255) bytes (`narMaxName`), not `.` or
+//!   `..`, no `/`, no NUL; strictly increasing bytewise within a directory,
+//!   which also refuses duplicates (`name <= prevName`, `std::string`
+//!   compares bytes as unsigned).
+//! - symlink targets: 1..=[`MAX_TARGET`] (4095) bytes (`narMaxTarget`), no NUL.
+//! - tags: Nix reads at most 32 bytes (`narMaxTag`); ours is [`MAX_TAG`] (16).
+//!   No tag is longer than 13, so both refuse the same inputs; ours just
+//!   stops reading sooner.
+//! - the magic: exactly `nix-archive-1` (`parseDump()` reads at most 13).
+//! - `executable` must be followed by the empty string (`getString(0)`).
+//! - contents: any `u64` length; streamed, never buffered.
+//! - padding: zero bytes up to a multiple of 8 after every string and the
+//!   contents (`readPadding()`).
+//! - tokens in exactly this order, no other tags (`expectTag()`).
+//! - ours only: nothing may follow the root node (Nix stops reading there);
+//!   the input must not end early (Nix agrees: a short read throws).
+//! - case hack (`use-case-hack`, off on Linux, on on macOS): not applied. On
+//!   Linux Nix keeps names as they are, and so do we.
 //!
 //! The parser is push-based and resumable at any byte boundary: feed it
 //! chunks of any size and it emits the same events. File contents are passed
 //! through as slices of the input, never buffered; only tokens (at most 4 KiB)
 //! are. Directory nesting is an explicit stack, not recursion.
 
-/// Deepest directory nesting accepted (directories open at once, root included).
+/// Depth (directories around a node, the root being at 0) at which a node is
+/// refused: Nix's `narMaxDepth`.
 pub const MAX_DEPTH: usize = 64;
+/// Longest entry name: Nix's `narMaxName`.
 pub const MAX_NAME: usize = 255;
+/// Longest symlink target: Nix's `narMaxTarget`.
 pub const MAX_TARGET: usize = 4095;
-/// Longest tag (`nix-archive-1`, `executable`, `directory`, …).
+/// Longest tag (`nix-archive-1`, `executable`, `directory`, …); Nix reads up to 32.
 const MAX_TAG: usize = 16;
 
 /// What the parser found. Names are entry names (the root node's is empty).
@@ -89,6 +114,7 @@ pub enum ErrorKind {
     /// `executable` must be followed by the empty string.
     ExecutableMarker,
     NonZeroPadding,
+    /// A node at depth [`MAX_DEPTH`] or more (the root is at 0).
     TooDeep,
     /// The input ended before the root node was complete.
     Truncated,
@@ -120,7 +146,9 @@ impl std::fmt::Display for ParseError {
             ErrorKind::TargetNul => write!(f, "symlink target contains NUL"),
             ErrorKind::ExecutableMarker => write!(f, "'executable' not followed by \"\""),
             ErrorKind::NonZeroPadding => write!(f, "non-zero padding"),
-            ErrorKind::TooDeep => write!(f, "directories nested deeper than {MAX_DEPTH}"),
+            ErrorKind::TooDeep => {
+                write!(f, "entry inside {MAX_DEPTH} nested directories (Nix's limit is {})", MAX_DEPTH - 1)
+            }
             ErrorKind::Truncated => write!(f, "truncated"),
             ErrorKind::TrailingBytes => write!(f, "trailing bytes after the root node"),
         }
@@ -434,9 +462,6 @@ impl Parser {
                 }
                 b"symlink" => self.expect = Expect::TargetTag,
                 b"directory" => {
-                    if self.dirs.len() >= MAX_DEPTH {
-                        return Err(self.err(ErrorKind::TooDeep).into());
-                    }
                     sink(Event::Directory { name: self.current_name() })?;
                     self.dirs.push(DirFrame { prev: Vec::new() });
                     self.expect = Expect::DirTag;
@@ -517,6 +542,12 @@ impl Parser {
             }
             Expect::NodeTag => {
                 self.expect_tag("node")?;
+                // The node about to start sits inside every open directory.
+                // Nix checks every node, not just directories: a file inside
+                // the 64th directory is refused too.
+                if self.dirs.len() >= MAX_DEPTH {
+                    return Err(self.err(ErrorKind::TooDeep).into());
+                }
                 self.expect = Expect::NodeOpen;
             }
             Expect::EntryClose => {

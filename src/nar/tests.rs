@@ -116,14 +116,27 @@ fn refuses_bad_symlinks() {
     assert!(parse_tree(&encode(&Node::link(&long[..4095])), 100).is_ok());
 }
 
+/// `node` inside `n` nested directories, so at depth `n` (the root is 0).
+fn at_depth(n: usize, node: Node) -> Node {
+    (0..n).fold(node, |inner, _| in_dir(b"d", inner))
+}
+
+/// Nix (`archive.cc`, `parse()`) refuses any node at depth >= `narMaxDepth`
+/// (64), files and symlinks included, not only directories.
 #[test]
-fn depth_limit() {
-    let mut ok = Node::file(b"bottom");
-    for _ in 0..MAX_DEPTH {
-        ok = in_dir(b"d", ok);
+fn depth_limit_counts_every_node_type() {
+    assert_eq!(MAX_DEPTH, 64);
+    for leaf in [Node::file(b"bottom"), Node::exe(b""), Node::link(b"/etc"), Node::dir(vec![])] {
+        let ok = at_depth(MAX_DEPTH - 1, leaf.clone());
+        assert_eq!(parse_tree(&encode(&ok), 64).unwrap(), ok, "{leaf:?} at depth 63");
+        let deep = at_depth(MAX_DEPTH, leaf.clone());
+        assert_eq!(kind(&deep), ErrorKind::TooDeep, "{leaf:?} at depth 64");
     }
-    assert!(parse_tree(&encode(&ok), 64).is_ok());
-    assert_eq!(kind(&in_dir(b"d", ok)), ErrorKind::TooDeep);
+    // Refused as soon as the node starts, before any of its bytes are used.
+    let deep = encode(&at_depth(MAX_DEPTH, Node::file(b"x")));
+    let err = parse_tree(&deep, 7).unwrap_err();
+    assert_eq!(err.path, vec!["d"; MAX_DEPTH].join("/"));
+    assert!(err.to_string().contains("64 nested directories"), "{err}");
 }
 
 /// Replaces the first occurrence of the token `from` (as a padded string)
