@@ -46,11 +46,8 @@ fn small_roots() -> Vec<&'static str> {
 }
 
 fn closure_bases(roots: &[&str]) -> Vec<String> {
-    let mut all: Vec<String> = roots
-        .iter()
-        .flat_map(|r| closure_of(r))
-        .map(|p| p.rsplit('/').next().unwrap().to_owned())
-        .collect();
+    let mut all: Vec<String> =
+        roots.iter().flat_map(|r| closure_of(r)).map(|p| p.rsplit('/').next().unwrap().to_owned()).collect();
     all.sort();
     all.dedup();
     all
@@ -131,9 +128,8 @@ fn install_waits_for_the_lock_naming_the_holder_or_fails_with_no_wait() {
     let lock = store.try_lock().unwrap().expect("free");
     let me = format!("held by pid {} (", std::process::id());
 
-    let out = spawn_install(root.path(), &url, f.get("PK_A"), &[f.get("P_FILE")], &["--no-wait"])
-        .wait_with_output()
-        .unwrap();
+    let out =
+        spawn_install(root.path(), &url, f.get("PK_A"), &[f.get("P_FILE")], &["--no-wait"]).wait_with_output().unwrap();
     let err = stderr(&out);
     assert!(!out.status.success());
     assert_eq!(err.lines().count(), 1, "{err}");
@@ -164,7 +160,7 @@ fn gc_config(root: &Path, generations: u64) -> PathBuf {
             r#"{{"host":"dev","listen":["127.0.0.1:1"],"caches":["file://{}"],"cache_keys":["{}"],"deploy_keys":["{}"],"root":"{}","generations_to_keep":{generations}}}"#,
             f.get("CACHE_ZSTD"),
             f.get("PK_A"),
-            key.public().to_string(),
+            key.public(),
             root.display()
         ),
     )

@@ -775,11 +775,9 @@ impl Agent {
     fn lock_store<'s>(&self, store: &'s Store) -> Result<StoreLock<'s>, String> {
         let (ctx, shared) = (self.ctx.clone(), self.shared.clone());
         store
-            .lock_ticking(
-                STORE_LOCK_WAIT,
-                &mut |h| log::info!("waiting for the store lock held by {h}"),
-                &mut || tick(&ctx, &shared),
-            )
+            .lock_ticking(STORE_LOCK_WAIT, &mut |h| log::info!("waiting for the store lock held by {h}"), &mut || {
+                tick(&ctx, &shared)
+            })
             .map_err(|e| e.to_string())
     }
 

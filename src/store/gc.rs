@@ -77,13 +77,17 @@ fn resolve_in_root(root: &Path, rel: &Path) -> Resolved {
             continue;
         }
         done.push(c);
-        if let [nix, store, base] = done.as_slice() {
-            if nix == "nix" && store == "store" {
+        match done.as_slice() {
+            [nix, store, base] if nix == "nix" && store == "store" => {
                 return match base.to_str().map(StorePath::from_base) {
                     Some(Ok(p)) => Resolved::Store(p),
                     _ => Resolved::Other,
                 };
             }
+            // On the way to the store: a link into it counts even where the
+            // path (or the store) is absent.
+            [nix] | [nix, _] if nix == "nix" && done.get(1).is_none_or(|s| s == "store") => continue,
+            _ => {}
         }
         let host: PathBuf = root.join(done.iter().collect::<PathBuf>());
         match std::fs::symlink_metadata(&host) {
@@ -235,8 +239,7 @@ pub fn roots(root: &Path, generations_to_keep: u64) -> Result<(Vec<StorePath>, V
         .filter_map(|(n, _)| std::fs::symlink_metadata(profiles.join(format!("system-{n}-link"))).ok())
         .map(|md| (md.dev(), md.ino()))
         .collect();
-    let mut walk =
-        RootWalk { root, doomed, seen_dirs: BTreeSet::new(), entries: 0, found: BTreeSet::new() };
+    let mut walk = RootWalk { root, doomed, seen_dirs: BTreeSet::new(), entries: 0, found: BTreeSet::new() };
     for start in ["run/current-system", "run/booted-system", "nix/var/nix/gcroots", "nix/var/nix/profiles"] {
         walk.start(start)?;
     }
@@ -359,4 +362,57 @@ pub fn collect(store: &StoreLock, roots: &[StorePath], dry_run: bool) -> Result<
 pub fn free_bytes(store: &Store) -> Option<u64> {
     let st = rfs::fstatvfs(store.store_fd()).ok()?;
     Some(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    const A: &str = "/nix/store/00000000000000000000000000000000-nixos-system-a";
+    const B: &str = "/nix/store/11111111111111111111111111111111-nixos-system-b";
+    const U: &str = "/nix/store/22222222222222222222222222222222-user-env";
+
+    fn sp(p: &str) -> StorePath {
+        StorePath::from_absolute(p).unwrap()
+    }
+
+    #[test]
+    fn generations_this_gc_deletes_are_no_roots_however_reached() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        crate::switch::profile::commit(root, A).unwrap();
+        crate::switch::profile::commit(root, B).unwrap();
+        let profiles = crate::switch::profile::profiles_dir(root);
+        std::fs::create_dir_all(profiles.join("per-user/root")).unwrap();
+        symlink(U, profiles.join("per-user/root/profile-1-link")).unwrap();
+        // NixOS's gcroots/profiles: the profiles seen a second time.
+        symlink("/nix/var/nix/profiles", root.join("nix/var/nix/gcroots/profiles")).unwrap();
+        let (roots, keep) = roots(root, 1).unwrap();
+        assert_eq!(roots, vec![sp(B), sp(U)], "A's generation is deleted by this gc: not a root");
+        assert_eq!(keep, vec![2, 2]);
+        let (roots, _) = roots_of(root, 2);
+        assert_eq!(roots, vec![sp(A), sp(B), sp(U)]);
+    }
+
+    fn roots_of(root: &Path, n: u64) -> (Vec<StorePath>, Vec<u64>) {
+        roots(root, n).unwrap()
+    }
+
+    #[test]
+    fn names_resolve_inside_the_root() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        std::fs::create_dir_all(root.join("a/b")).unwrap();
+        symlink("/a/b", root.join("abs")).unwrap();
+        symlink("../../..", root.join("a/b/up")).unwrap();
+        symlink("loop", root.join("loop")).unwrap();
+        symlink(format!("{A}/bin/sh"), root.join("a/b/sh")).unwrap();
+        assert_eq!(resolve_in_root(root, Path::new("abs")), Resolved::Dir(root.join("a/b")));
+        // `..` above the root stays at the root, as in a chroot.
+        assert_eq!(resolve_in_root(root, Path::new("abs/up")), Resolved::Dir(root.to_path_buf()));
+        assert_eq!(resolve_in_root(root, Path::new("loop")), Resolved::Other);
+        assert_eq!(resolve_in_root(root, Path::new("abs/sh")), Resolved::Store(sp(A)), "a path inside roots it");
+        assert_eq!(resolve_in_root(root, Path::new("missing")), Resolved::Other);
+    }
 }

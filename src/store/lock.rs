@@ -54,7 +54,10 @@ impl std::fmt::Display for Holder {
 #[derive(Debug)]
 pub enum LockError {
     /// Still held by someone else after waiting `waited`.
-    Busy { holder: Holder, waited: Duration },
+    Busy {
+        holder: Holder,
+        waited: Duration,
+    },
     Io(io::Error),
 }
 
