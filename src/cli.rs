@@ -4,7 +4,7 @@
 use crate::fetch::{CacheUrl, Fetcher, Options};
 use crate::nix::{PublicKey, StorePath, TrustedKeys};
 use crate::store::install::{self, Progress};
-use crate::store::Store;
+use crate::store::{Store, StoreLock};
 use argh::FromArgs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -62,6 +62,9 @@ struct GcArgs {
     /// only list what would be deleted
     #[argh(switch)]
     dry_run: bool,
+    /// fail at once if another nixless holds the store lock (default: wait)
+    #[argh(switch)]
+    no_wait: bool,
 }
 
 #[derive(FromArgs)]
@@ -163,6 +166,9 @@ struct InstallArgs {
     /// retries of a failed request or broken download (default 4)
     #[argh(option, default = "4")]
     retries: u32,
+    /// fail at once if another nixless holds the store lock (default: wait)
+    #[argh(switch)]
+    no_wait: bool,
     /// store paths to install (/nix/store/<hash>-<name>)
     #[argh(positional)]
     paths: Vec<String>,
@@ -223,7 +229,7 @@ pub fn main() -> i32 {
         Command::Status(a) => crate::admin::status(&a.agents),
         Command::SwitchHelper(a) => crate::switch::helper::main(&a.config),
         Command::Rollback(a) => crate::switch::console::rollback(&a.config, a.dry_run),
-        Command::Gc(a) => crate::switch::console::gc(&a.config, a.dry_run),
+        Command::Gc(a) => crate::switch::console::gc(&a.config, a.dry_run, a.no_wait),
     };
     match res {
         Ok(()) => 0,
@@ -232,6 +238,17 @@ pub fn main() -> i32 {
             1
         }
     }
+}
+
+/// The store lock for a console command: waited for (saying whom for), or
+/// with `no_wait` refused at once naming the holder.
+pub fn lock_store(store: &Store, no_wait: bool) -> Result<StoreLock<'_>, String> {
+    if no_wait {
+        return store.lock_now().map_err(|e| e.to_string());
+    }
+    store
+        .lock_blocking(&mut |h| eprintln!("nixless: waiting for the store lock held by {h}"))
+        .map_err(|e| format!("locking the store: {e}"))
 }
 
 fn state_dir(root: &Path, given: Option<PathBuf>) -> PathBuf {
@@ -334,10 +351,11 @@ fn cmd_install(a: InstallArgs) -> CliResult {
     let keys = trusted_keys(&a.trusted_key, &a.trusted_key_file)?;
     let state = state_dir(&a.root, a.state_dir);
     let store = Store::open(&a.root, &state).map_err(|e| format!("opening store under {}: {e}", a.root.display()))?;
+    let lock = lock_store(&store, a.no_wait)?;
     let mut fetcher = Fetcher::new(caches, Options { retries: a.retries, ..Options::default() });
     let start = Instant::now();
     let mut meter = Meter { start, last: None, enabled: is_tty() };
-    let result = install::install(&mut fetcher, &store, &keys, &roots, &mut |p| meter.show(p));
+    let result = install::install(&mut fetcher, &lock, &keys, &roots, &mut |p| meter.show(p));
     meter.clear();
     let (plan, prog) = result.map_err(|e| e.to_string())?;
     let secs = start.elapsed().as_secs_f64();

@@ -24,7 +24,7 @@ use crate::fetch::{CacheUrl, Fetcher, Options};
 use crate::nix::StorePath;
 use crate::store::fsutil;
 use crate::store::install;
-use crate::store::Store;
+use crate::store::{Store, StoreLock};
 use crate::switch::protocol;
 use rustix::fd::AsFd;
 use std::cell::RefCell;
@@ -421,6 +421,8 @@ const HEALTH_EVERY: Duration = Duration::from_secs(2);
 /// How long a request may wait for the helper before it is written again.
 const NUDGE_AFTER: Duration = Duration::from_secs(5);
 const NET_BEFORE: &str = "net-before";
+/// How long a fetch or gc waits for another writer's store lock.
+const STORE_LOCK_WAIT: Duration = Duration::from_secs(600);
 
 pub struct Agent {
     ctx: Rc<Ctx>,
@@ -587,7 +589,11 @@ impl Agent {
                 }
                 Ok(None)
             }
-            Effect::CollectGarbage => Ok(Some(Event::GcDone(self.collect_garbage(&[]).map(|r| r.to_string())))),
+            Effect::CollectGarbage => {
+                let ctx = self.ctx.clone();
+                let res = self.lock_store(&ctx.store).and_then(|lock| self.collect_garbage(&lock, &[]));
+                Ok(Some(Event::GcDone(res.map(|r| r.to_string()))))
+            }
         }
     }
 
@@ -597,11 +603,11 @@ impl Agent {
         let Some((seq, body, sig)) = self.shared.borrow_mut().pending_gc.take() else {
             return Ok(());
         };
-        match self.collect_garbage(&[]) {
+        let ctx = self.ctx.clone();
+        match self.lock_store(&ctx.store).and_then(|lock| self.collect_garbage(&lock, &[])) {
             Ok(report) => log::info!("freed space for gc seq {seq}: {report}"),
             Err(e) => log::warn!("collecting garbage for gc seq {seq}: {e}"),
         }
-        let ctx = self.ctx.clone();
         let mut sh = self.shared.borrow_mut();
         let verified = deploy::verify(&body, Some(&sig), &ctx.cfg.deploy_keys, &ctx.cfg.host, sh.state.highest_seq);
         let res = match verified {
@@ -621,18 +627,22 @@ impl Agent {
     }
 
     /// GC with the configured generations kept plus `extra_roots`.
-    fn collect_garbage(&mut self, extra_roots: &[StorePath]) -> Result<crate::store::gc::Report, String> {
+    fn collect_garbage(
+        &mut self,
+        store: &StoreLock,
+        extra_roots: &[StorePath],
+    ) -> Result<crate::store::gc::Report, String> {
         use crate::store::gc;
         let cfg = self.ctx.cfg.clone();
-        let (mut roots, keep) = gc::roots(&cfg.root, cfg.generations_to_keep);
+        let (mut roots, keep) = gc::roots(&cfg.root, cfg.generations_to_keep)?;
         roots.extend_from_slice(extra_roots);
-        let (_, unknown) = gc::live_set(&self.ctx.store, &roots);
+        let (_, unknown) = gc::live_set(store, &roots);
         if !unknown.is_empty() {
             let mut fetcher = self.fetcher(&[]);
-            let n = gc::learn_references(&self.ctx.store, &mut fetcher, &cfg.cache_keys, &unknown);
+            let n = gc::learn_references(store, &mut fetcher, &cfg.cache_keys, &unknown);
             log::info!("learnt the references of {n} of {} paths from narinfos", unknown.len());
         }
-        let report = gc::collect(&self.ctx.store, &roots, false)?;
+        let report = gc::collect(store, &roots, false)?;
         crate::switch::profile::delete_generations(&cfg.root, &keep)
             .map_err(|e| format!("deleting old generations: {e}"))?;
         log::info!("garbage collected: {report}");
@@ -866,13 +876,17 @@ impl Agent {
         provided: &install::Provided,
         on_progress: &mut dyn FnMut(&install::Progress),
     ) -> Result<Result<(install::Plan, install::Progress), String>, String> {
-        let store = &self.ctx.store;
+        let ctx = self.ctx.clone();
+        let store = match self.lock_store(&ctx.store) {
+            Ok(lock) => lock,
+            Err(e) => return Ok(Err(e)),
+        };
         if let Err(e) = store.clean_temps() {
             return Ok(Err(format!("cleaning temps: {e}")));
         }
         let plan = match install::resolve_with(
             fetcher,
-            store,
+            &store,
             &self.ctx.cfg.cache_keys,
             std::slice::from_ref(system),
             provided,
@@ -881,14 +895,14 @@ impl Agent {
             Err(e) => return Ok(Err(e.to_string())),
         };
         let need = plan.nar_bytes().saturating_add(plan.nar_bytes() / 10).saturating_add(16 << 20);
-        let free = crate::store::gc::free_bytes(store).unwrap_or(u64::MAX);
+        let free = crate::store::gc::free_bytes(&store).unwrap_or(u64::MAX);
         if free < need {
             log::warn!("need {} MiB, {} MiB free: collecting garbage", need >> 20, free >> 20);
             let present: Vec<StorePath> = vec![system.clone()];
-            if let Err(e) = self.collect_garbage(&present) {
+            if let Err(e) = self.collect_garbage(&store, &present) {
                 log::warn!("garbage collection: {e}");
             }
-            let free = crate::store::gc::free_bytes(&self.ctx.store).unwrap_or(u64::MAX);
+            let free = crate::store::gc::free_bytes(&store).unwrap_or(u64::MAX);
             if free < need {
                 return Err(format!(
                     "not enough disk space: the closure needs {} MiB, {} MiB free after garbage collection",
@@ -897,9 +911,20 @@ impl Agent {
                 ));
             }
         }
-        Ok(install::install_plan(fetcher, &self.ctx.store, &plan, install::BatchLimits::default(), on_progress)
+        Ok(install::install_plan(fetcher, &store, &plan, install::BatchLimits::default(), on_progress)
             .map(|p| (plan, p))
             .map_err(|e| e.to_string()))
+    }
+
+    /// The store lock, waited for (up to [`STORE_LOCK_WAIT`]) while the
+    /// loop keeps serving: a console `nixless install` or `gc` may hold it.
+    fn lock_store<'s>(&self, store: &'s Store) -> Result<StoreLock<'s>, String> {
+        let (ctx, shared) = (self.ctx.clone(), self.shared.clone());
+        store
+            .lock_ticking(STORE_LOCK_WAIT, &mut |h| log::info!("waiting for the store lock held by {h}"), &mut || {
+                tick(&ctx, &shared)
+            })
+            .map_err(|e| e.to_string())
     }
 
     fn maybe_poll(&mut self) -> Result<(), String> {

@@ -1,9 +1,14 @@
 //! Installing a closure: resolve, fetch, verify, unpack, make durable,
 //! rename into place, in dependency order.
 //!
+//! All of it runs under the store lock ([`StoreLock`]): from the first
+//! "is it present?" to the last rename no other writer (install, gc) changes
+//! the store, and temps are only ever removed by the lock's holder.
+//!
 //! Crash safety comes from the order of operations for each batch:
-//! 1. every path of the batch is unpacked (with canonical metadata) into
-//!    `<store>/.nixless-tmp-<base>` and verified against its narinfo;
+//! 1. every path of the batch is unpacked (with canonical metadata) into a
+//!    temp of this process's own (`<store>/.nixless-tmp-<pid>-<n>-<hash>`)
+//!    and verified against its narinfo;
 //! 2. each path's record is written under the state dir;
 //! 3. one `syncfs` makes all of it durable (instead of one fsync per file);
 //! 4. the temps are renamed to their final names with `RENAME_NOREPLACE`,
@@ -15,7 +20,7 @@
 
 use super::fsutil;
 use super::record::Record;
-use super::{Store, TEMP_PREFIX};
+use super::{temp_name, Store, StoreLock};
 use crate::fetch::pipeline::{self, PipelineError};
 use crate::fetch::{FetchError, Fetcher};
 use crate::nar::{NarError, Unpacker};
@@ -267,31 +272,32 @@ impl Default for BatchLimits {
     }
 }
 
-fn temp_name(p: &StorePath) -> String {
-    format!("{TEMP_PREFIX}{}", p.base())
-}
+/// A verified temp waiting for its batch's rename, and its path.
+type Pending<'p> = (&'p PlanItem, String);
 
 /// Installs `plan` into `store`, reporting progress after every chunk.
 pub fn install_plan(
     fetcher: &mut Fetcher,
-    store: &Store,
+    store: &StoreLock,
     plan: &Plan,
     limits: BatchLimits,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Progress, InstallError> {
     let mut prog = Progress { paths_total: plan.items.len(), nar_bytes_total: plan.nar_bytes(), ..Progress::default() };
-    let mut batch: Vec<&PlanItem> = Vec::new();
+    let mut batch: Vec<Pending> = Vec::new();
     let mut batch_bytes = 0;
-    let result = (|| {
+    let mut run = || {
         for item in &plan.items {
-            if let Err(e) = fetch_into_temp(fetcher, store, item, &mut prog, progress) {
+            let tmp = temp_name(&item.path);
+            if let Err(e) = fetch_into_temp(fetcher, store, item, &tmp, &mut prog, progress) {
                 // What the batch already verified is closure-complete (plan
                 // order): keep it, so a retry does not fetch it again.
                 commit_batch(store, &batch)?;
+                batch.clear();
                 return Err(e);
             }
             prog.paths_done += 1;
-            batch.push(item);
+            batch.push((item, tmp));
             batch_bytes += item.nar_size;
             if batch.len() >= limits.paths || batch_bytes >= limits.nar_bytes {
                 commit_batch(store, &batch)?;
@@ -301,28 +307,27 @@ pub fn install_plan(
             }
         }
         commit_batch(store, &batch)?;
+        batch.clear();
         progress(&prog);
         Ok(prog)
-    })();
-    if result.is_err() {
-        // Nothing of a failed batch may stay: drop its temps (a temp that
-        // was already renamed is a complete path and stays).
-        for item in plan.items.iter() {
-            let _ = fsutil::remove_tree(store.store_fd(), temp_name(&item.path).as_bytes());
-        }
+    };
+    let result = run();
+    // Nothing of a failed batch may stay: drop its temps (one that was
+    // already renamed is a complete path and stays; its name is gone).
+    for (_, tmp) in &batch {
+        let _ = fsutil::remove_tree(store.store_fd(), tmp.as_bytes());
     }
     result
 }
 
 fn fetch_into_temp(
     fetcher: &mut Fetcher,
-    store: &Store,
+    store: &StoreLock,
     item: &PlanItem,
+    tmp: &str,
     prog: &mut Progress,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<(), InstallError> {
-    let tmp = temp_name(&item.path);
-    fsutil::remove_tree(store.store_fd(), tmp.as_bytes()).map_err(io_err("remove", &tmp))?;
     let info = item.info();
     let mut unpacker = Unpacker::new(store.store_fd(), tmp.as_bytes());
     let before = prog.nar_bytes_done;
@@ -354,11 +359,11 @@ fn fetch_into_temp(
     }
 }
 
-fn commit_batch(store: &Store, batch: &[&PlanItem]) -> Result<(), InstallError> {
+fn commit_batch(store: &StoreLock, batch: &[Pending]) -> Result<(), InstallError> {
     if batch.is_empty() {
         return Ok(());
     }
-    for item in batch {
+    for (item, _) in batch {
         let info = item.info();
         let rec = Record {
             path: item.path.clone(),
@@ -374,8 +379,7 @@ fn commit_batch(store: &Store, batch: &[&PlanItem]) -> Result<(), InstallError> 
     if !same_fs {
         rfs::syncfs(store.paths_fd()).map_err(|e| io_err("syncfs", store.state_dir().display())(e.into()))?;
     }
-    for item in batch {
-        let tmp = temp_name(&item.path);
+    for (item, tmp) in batch {
         match rfs::renameat_with(
             store.store_fd(),
             tmp.as_str(),
@@ -384,7 +388,8 @@ fn commit_batch(store: &Store, batch: &[&PlanItem]) -> Result<(), InstallError> 
             RenameFlags::NOREPLACE,
         ) {
             Ok(()) => {}
-            // Someone else installed it meanwhile: theirs is as good.
+            // Present already (a plan naming a path twice; under the lock
+            // nobody else can have put it there): the first copy stays.
             Err(rustix::io::Errno::EXIST) => {
                 fsutil::remove_tree(store.store_fd(), tmp.as_bytes()).map_err(io_err("remove", &tmp))?;
             }
@@ -398,7 +403,7 @@ fn commit_batch(store: &Store, batch: &[&PlanItem]) -> Result<(), InstallError> 
 /// Resolves and installs the closures of `roots`.
 pub fn install(
     fetcher: &mut Fetcher,
-    store: &Store,
+    store: &StoreLock,
     keys: &TrustedKeys,
     roots: &[StorePath],
     progress: &mut dyn FnMut(&Progress),
@@ -409,7 +414,7 @@ pub fn install(
 /// [`install`] with narinfos supplied up front.
 pub fn install_with(
     fetcher: &mut Fetcher,
-    store: &Store,
+    store: &StoreLock,
     keys: &TrustedKeys,
     roots: &[StorePath],
     provided: &Provided,

@@ -4,18 +4,32 @@
 
 pub mod fsutil;
 pub mod install;
+pub mod lock;
 pub mod record;
 
 use crate::nix::StorePath;
+pub use lock::{LockError, StoreLock};
 use record::Record;
 use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
 use rustix::fs::{self as rfs, AtFlags};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Prefix of the temporary entries nixless makes in the store directory.
 /// No store path starts with a dot, so these never collide with one.
 pub const TEMP_PREFIX: &str = ".nixless-tmp-";
+
+/// A temp name no other process and no other call in this one uses:
+/// `.nixless-tmp-<pid>-<n>-<hash part>`. Two writers therefore never touch
+/// (let alone rename into place) each other's half-written temp, and the
+/// name stays short whatever the path's (a 244-byte base plus a prefix
+/// would pass NAME_MAX).
+pub fn temp_name(p: &StorePath) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{TEMP_PREFIX}{}-{n}-{}", std::process::id(), p.hash_part())
+}
 
 pub struct Store {
     store_dir: PathBuf,
@@ -65,29 +79,6 @@ impl Store {
         rfs::statat(&self.store_fd, p.base(), AtFlags::SYMLINK_NOFOLLOW).is_ok()
     }
 
-    /// Removes temp entries a crashed run left; returns how many.
-    pub fn clean_temps(&self) -> io::Result<usize> {
-        let mut stale = Vec::new();
-        for e in rfs::Dir::read_from(&self.store_fd)? {
-            let e = e?;
-            let name = e.file_name().to_bytes();
-            if name.starts_with(TEMP_PREFIX.as_bytes()) {
-                stale.push(name.to_vec());
-            }
-        }
-        for name in &stale {
-            log::info!("removing leftover {}", String::from_utf8_lossy(name));
-            fsutil::remove_tree(self.store_fd(), name)?;
-        }
-        Ok(stale.len())
-    }
-
-    /// Writes a path's record (not yet durable: the install batch's syncfs
-    /// makes it so, before the path itself appears).
-    pub fn write_record(&self, r: &Record) -> io::Result<()> {
-        fsutil::write_atomic(self.paths_fd(), r.path.base(), r.to_text().as_bytes(), false)
-    }
-
     pub fn read_record(&self, p: &StorePath) -> io::Result<Option<Record>> {
         match std::fs::read_to_string(self.state_dir.join("paths").join(p.base())) {
             Ok(text) => Record::parse(&text)
@@ -132,3 +123,44 @@ impl Store {
     }
 }
 pub mod gc;
+
+/// Writes to the store: only with the lock held.
+impl StoreLock<'_> {
+    /// Removes the temps that crashed or killed writers left; returns how
+    /// many. Only under the lock: another live writer's temps would go too.
+    pub fn clean_temps(&self) -> io::Result<usize> {
+        let mut stale = Vec::new();
+        for e in rfs::Dir::read_from(self.store_fd())? {
+            let e = e?;
+            let name = e.file_name().to_bytes();
+            if name.starts_with(TEMP_PREFIX.as_bytes()) {
+                stale.push(name.to_vec());
+            }
+        }
+        for name in &stale {
+            log::info!("removing leftover {}", String::from_utf8_lossy(name));
+            fsutil::remove_tree(self.store_fd(), name)?;
+        }
+        Ok(stale.len())
+    }
+
+    /// Writes a path's record (not yet durable: the install batch's syncfs
+    /// makes it so, before the path itself appears).
+    pub fn write_record(&self, r: &Record) -> io::Result<()> {
+        fsutil::write_atomic(self.paths_fd(), r.path.base(), r.to_text().as_bytes(), false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temp_names_are_unique_and_fit_name_max() {
+        let longest = StorePath::from_base(&format!("{}-{}", "0".repeat(32), "a".repeat(211))).unwrap();
+        let (a, b) = (temp_name(&longest), temp_name(&longest));
+        assert_ne!(a, b);
+        assert!(a.len() <= 255 && a.starts_with(TEMP_PREFIX), "{a}");
+        assert!(a.contains(&format!("-{}-", std::process::id())), "{a}");
+    }
+}

@@ -47,12 +47,14 @@ pub fn rollback(config: &Path, dry_run: bool) -> Result<(), String> {
     Ok(())
 }
 
-pub fn gc(config: &Path, dry_run: bool) -> Result<(), String> {
+pub fn gc(config: &Path, dry_run: bool, no_wait: bool) -> Result<(), String> {
     let cfg = Config::load(config)?;
     idle(&cfg)?;
     let store = Store::open(&cfg.root, &cfg.state_dir).map_err(|e| format!("opening store: {e}"))?;
-    let (roots, keep) = gc::roots(&cfg.root, cfg.generations_to_keep);
-    let report = gc::collect(&store, &roots, dry_run)?;
+    // The agent's fetch and another console install or gc hold it too.
+    let lock = crate::cli::lock_store(&store, no_wait)?;
+    let (roots, keep) = gc::roots(&cfg.root, cfg.generations_to_keep)?;
+    let report = gc::collect(&lock, &roots, dry_run)?;
     for p in &report.deleted {
         println!("{} {p}", if dry_run { "would delete" } else { "deleted" });
     }

@@ -1,0 +1,263 @@
+//! The store lock: one writer at a time in `<root>/nix/store`.
+//!
+//! Every change to the store (install, gc, removing temps) happens under an
+//! exclusive `flock` on the store directory itself. The directory, not a
+//! lock file: it is the same for every process writing this store whatever
+//! its state dir, it exists already, and locking it writes nothing (a full
+//! disk, or a unit with `ProtectSystem=strict` that may only write the store,
+//! can still lock). The kernel drops the lock when the holder dies, even by
+//! SIGKILL, so there is never a stale lock to break. Nix itself serialises
+//! its collector on `/nix/var/nix/gc.lock` the same way.
+//!
+//! The holder is named from `/proc/locks` (pid, then its command line), so
+//! a waiter can say whom it waits for; nothing has to be written for that.
+
+use super::Store;
+use rustix::fd::OwnedFd;
+use rustix::fs::{self as rfs, FlockOperation, Mode, OFlags};
+use rustix::io::Errno;
+use std::io::{self, BufRead};
+use std::time::{Duration, Instant};
+
+/// Proof that this process holds the store lock; store writes take it.
+/// Dropping it (or dying) releases the lock.
+pub struct StoreLock<'s> {
+    store: &'s Store,
+    _fd: OwnedFd,
+}
+
+impl std::ops::Deref for StoreLock<'_> {
+    type Target = Store;
+    fn deref(&self) -> &Store {
+        self.store
+    }
+}
+
+/// Who holds the lock, as far as `/proc/locks` tells.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub pid: Option<u32>,
+    /// The first words of its command line, escaped.
+    pub command: Option<String>,
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.pid, &self.command) {
+            (Some(pid), Some(cmd)) => write!(f, "pid {pid} ({cmd})"),
+            (Some(pid), None) => write!(f, "pid {pid}"),
+            _ => write!(f, "another process"),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum LockError {
+    /// Still held by someone else after waiting `waited`.
+    Busy {
+        holder: Holder,
+        waited: Duration,
+    },
+    Io(io::Error),
+}
+
+impl std::fmt::Display for LockError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LockError::Busy { holder, waited } if waited.is_zero() => {
+                write!(f, "the store is locked by {holder}")
+            }
+            LockError::Busy { holder, waited } => {
+                write!(f, "the store is still locked by {holder} after {} s", waited.as_secs())
+            }
+            LockError::Io(e) => write!(f, "locking the store: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for LockError {}
+
+impl From<io::Error> for LockError {
+    fn from(e: io::Error) -> Self {
+        LockError::Io(e)
+    }
+}
+
+/// How often a ticking waiter tries again.
+const RETRY_EVERY: Duration = Duration::from_millis(50);
+
+impl Store {
+    /// A new open file description of the store directory: flock locks
+    /// belong to one, so this never shares a lock with another caller in
+    /// the same process.
+    fn lock_fd(&self) -> io::Result<OwnedFd> {
+        Ok(rfs::openat(self.store_fd(), ".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?)
+    }
+
+    /// Takes the lock if it is free; `Ok(None)` if someone holds it.
+    pub fn try_lock(&self) -> io::Result<Option<StoreLock<'_>>> {
+        let fd = self.lock_fd()?;
+        match rfs::flock(&fd, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(Some(StoreLock { store: self, _fd: fd })),
+            Err(Errno::WOULDBLOCK) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Takes the lock, or fails at once naming the holder.
+    pub fn lock_now(&self) -> Result<StoreLock<'_>, LockError> {
+        match self.try_lock()? {
+            Some(l) => Ok(l),
+            None => Err(LockError::Busy { holder: self.lock_holder(), waited: Duration::ZERO }),
+        }
+    }
+
+    /// Takes the lock, waiting as long as it takes (for a command at the
+    /// console: Ctrl-C ends the wait); `waiting` is told once whom for.
+    pub fn lock_blocking(&self, waiting: &mut dyn FnMut(&Holder)) -> io::Result<StoreLock<'_>> {
+        if let Some(l) = self.try_lock()? {
+            return Ok(l);
+        }
+        waiting(&self.lock_holder());
+        let fd = self.lock_fd()?;
+        loop {
+            match rfs::flock(&fd, FlockOperation::LockExclusive) {
+                Ok(()) => return Ok(StoreLock { store: self, _fd: fd }),
+                Err(Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Takes the lock, retrying for up to `max_wait` and calling `tick`
+    /// between tries, for a single-threaded loop that must keep serving
+    /// while it waits (the agent). `waiting` is told once whom it waits for.
+    pub fn lock_ticking(
+        &self,
+        max_wait: Duration,
+        waiting: &mut dyn FnMut(&Holder),
+        tick: &mut dyn FnMut(),
+    ) -> Result<StoreLock<'_>, LockError> {
+        let start = Instant::now();
+        let mut told = false;
+        loop {
+            if let Some(l) = self.try_lock()? {
+                return Ok(l);
+            }
+            let waited = start.elapsed();
+            if waited >= max_wait {
+                return Err(LockError::Busy { holder: self.lock_holder(), waited });
+            }
+            if !told {
+                told = true;
+                waiting(&self.lock_holder());
+            }
+            tick();
+            std::thread::sleep(RETRY_EVERY.min(max_wait - waited));
+        }
+    }
+
+    /// Whoever holds an exclusive flock on the store directory now.
+    pub fn lock_holder(&self) -> Holder {
+        let pid = rfs::fstat(self.store_fd()).ok().and_then(|st| {
+            let want = format!("{:02x}:{:02x}:{}", rfs::major(st.st_dev), rfs::minor(st.st_dev), st.st_ino);
+            let f = std::fs::File::open("/proc/locks").ok()?;
+            io::BufReader::new(f).lines().map_while(Result::ok).find_map(|l| flock_holder(&l, &want))
+        });
+        Holder { pid, command: pid.and_then(command_of) }
+    }
+}
+
+/// The pid in a `/proc/locks` line if it is a granted FLOCK on `dev_ino`
+/// (`MAJ:MIN:INODE`, as the kernel prints it); waiters' lines have `->`.
+fn flock_holder(line: &str, dev_ino: &str) -> Option<u32> {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    match f.as_slice() {
+        [_, "FLOCK", _, _, pid, id, ..] if *id == dev_ino => pid.parse().ok(),
+        _ => None,
+    }
+}
+
+/// The first three words of a process's command line, each cut to 64
+/// bytes and escaped (it goes into one log line).
+fn command_of(pid: u32) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let words: Vec<String> = raw
+        .split(|b| *b == 0)
+        .filter(|w| !w.is_empty())
+        .take(3)
+        .enumerate()
+        .map(|(i, w)| {
+            // argv[0] by its last component: "nixless", not the store path.
+            let w = if i == 0 { w.rsplit(|b| *b == b'/').next().unwrap_or(w) } else { w };
+            let cut = &w[..w.len().min(64)];
+            String::from_utf8_lossy(cut).escape_debug().to_string()
+        })
+        .collect();
+    (!words.is_empty()).then(|| words.join(" "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = Store::open(tmp.path(), &tmp.path().join("state")).unwrap();
+        (tmp, s)
+    }
+
+    #[test]
+    fn one_holder_at_a_time_and_released_on_drop() {
+        let (_t, s) = store();
+        let held = s.try_lock().unwrap().expect("free");
+        assert!(s.try_lock().unwrap().is_none(), "a second open file description is refused");
+        let err = s.lock_now().err().expect("busy");
+        let me = std::process::id();
+        assert_eq!(err.to_string(), format!("the store is locked by {}", s.lock_holder()));
+        match err {
+            LockError::Busy { holder, .. } => {
+                assert_eq!(holder.pid, Some(me), "named from /proc/locks");
+                assert!(holder.command.is_some());
+            }
+            e => panic!("{e}"),
+        }
+        drop(held);
+        assert!(s.try_lock().unwrap().is_some(), "free again after drop");
+    }
+
+    #[test]
+    fn ticking_waiter_keeps_ticking_then_gives_up_naming_the_holder() {
+        let (_t, s) = store();
+        let _held = s.try_lock().unwrap().unwrap();
+        let ticks = Cell::new(0);
+        let mut told = Vec::new();
+        let err = s
+            .lock_ticking(Duration::from_millis(200), &mut |h| told.push(h.clone()), &mut || ticks.set(ticks.get() + 1))
+            .err()
+            .unwrap();
+        assert!(ticks.get() > 0, "the loop is served while waiting");
+        assert_eq!(told.len(), 1, "the wait is announced once");
+        assert!(err.to_string().starts_with("the store is still locked by pid "), "{err}");
+    }
+
+    #[test]
+    fn ticking_waiter_gets_the_lock_once_released() {
+        let (_t, s) = store();
+        let held = std::cell::RefCell::new(Some(s.try_lock().unwrap().unwrap()));
+        // The holder lets go during the waiter's first tick.
+        let got = s.lock_ticking(Duration::from_secs(60), &mut |_| {}, &mut || drop(held.borrow_mut().take()));
+        assert!(got.is_ok());
+    }
+
+    #[test]
+    fn proc_locks_lines() {
+        let l = "1: FLOCK  ADVISORY  WRITE 13811 fe:00:10010934 0 EOF";
+        assert_eq!(flock_holder(l, "fe:00:10010934"), Some(13811));
+        assert_eq!(flock_holder(l, "fe:00:1001093"), None);
+        assert_eq!(flock_holder("1: -> FLOCK  ADVISORY  WRITE 7 fe:00:10010934 0 EOF", "fe:00:10010934"), None);
+        assert_eq!(flock_holder("2: POSIX  ADVISORY  WRITE 7 fe:00:10010934 0 EOF", "fe:00:10010934"), None);
+        assert_eq!(flock_holder("", "x"), None);
+    }
+}
