@@ -20,13 +20,13 @@ pub mod ticking;
 
 use crate::nix::cache_info;
 use crate::nix::StorePath;
-use ureq::unversioned::resolver::DefaultResolver;
-use ureq::unversioned::transport::{ConnectProxyConnector, Connector, RustlsConnector};
 use std::cell::RefCell;
 use std::io::{self, Read};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
+use ureq::unversioned::resolver::DefaultResolver;
+use ureq::unversioned::transport::{ConnectProxyConnector, Connector, RustlsConnector};
 
 /// Largest narinfo accepted: a path with thousands of references fits.
 pub const MAX_NARINFO: u64 = 1 << 20;
@@ -192,10 +192,10 @@ impl Fetcher {
             .build();
         // ureq's default chain with its blocking TCP transport swapped for
         // the ticking one; TLS wraps it, so https ticks too.
-        let connector = ()
-            .chain(ConnectProxyConnector::default())
-            .chain(ticking::TickingConnector)
-            .chain(RustlsConnector::default());
+        let connector =
+            ().chain(ConnectProxyConnector::default())
+                .chain(ticking::TickingConnector)
+                .chain(RustlsConnector::default());
         let agent = ureq::Agent::with_parts(config, connector, DefaultResolver::default());
         Fetcher {
             agent,
@@ -490,5 +490,45 @@ impl Fetcher {
             }
         }
         Err(FetchError::NotFound { path: path.to_string(), unreachable })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+    use std::io::Write;
+    use std::net::TcpListener;
+
+    /// Serves one connection: a complete head, then a body byte every
+    /// 100 ms, never finishing (until the client goes away).
+    fn trickling_body_server() -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/doc.json", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            let Ok((mut c, _)) = listener.accept() else { return };
+            let mut head = [0u8; 4096];
+            let _ = c.read(&mut head);
+            let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n{");
+            while c.write_all(b" ").is_ok() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        url
+    }
+
+    #[test]
+    fn a_trickling_body_ends_at_the_deadline_and_ticks_throughout() {
+        let url = trickling_body_server();
+        let opts = Options { small_fetch_deadline: Duration::from_millis(1500), retries: 0, ..Options::default() };
+        let mut f = Fetcher::new(vec![], opts);
+        let ticks = Rc::new(Cell::new(0u32));
+        let t = ticks.clone();
+        f.set_tick(Box::new(move || t.set(t.get() + 1)));
+        let err = f.get_url(&url, 4096).unwrap_err();
+        assert!(matches!(err, FetchError::Deadline { .. }), "{err}");
+        assert!(err.to_string().contains("within 1.5 s (overall deadline)"), "{err}");
+        // A tick at least every 50 ms while waiting (some slack for the host).
+        assert!(ticks.get() >= 10, "{} ticks", ticks.get());
     }
 }
