@@ -517,18 +517,61 @@ mod tests {
         url
     }
 
-    #[test]
-    fn a_trickling_body_ends_at_the_deadline_and_ticks_throughout() {
-        let url = trickling_body_server();
+    /// A fetcher with a 1.5 s small-fetch deadline, no retries, counting ticks.
+    fn counting_fetcher() -> (Fetcher, Rc<Cell<u32>>) {
         let opts = Options { small_fetch_deadline: Duration::from_millis(1500), retries: 0, ..Options::default() };
         let mut f = Fetcher::new(vec![], opts);
         let ticks = Rc::new(Cell::new(0u32));
         let t = ticks.clone();
         f.set_tick(Box::new(move || t.set(t.get() + 1)));
-        let err = f.get_url(&url, 4096).unwrap_err();
+        (f, ticks)
+    }
+
+    /// The fetch ends on its deadline, having ticked all along (a tick at
+    /// least every 50 ms while waiting; 10 in 1.5 s leaves slack for the host).
+    fn assert_deadline_with_ticks(f: &mut Fetcher, ticks: &Cell<u32>, url: &str) {
+        let err = f.get_url(url, 4096).unwrap_err();
         assert!(matches!(err, FetchError::Deadline { .. }), "{err}");
         assert!(err.to_string().contains("within 1.5 s (overall deadline)"), "{err}");
-        // A tick at least every 50 ms while waiting (some slack for the host).
         assert!(ticks.get() >= 10, "{} ticks", ticks.get());
+    }
+
+    #[test]
+    fn a_trickling_body_ends_at_the_deadline_and_ticks_throughout() {
+        let url = trickling_body_server();
+        let (mut f, ticks) = counting_fetcher();
+        assert_deadline_with_ticks(&mut f, &ticks, &url);
+    }
+
+    /// TLS sits above the ticking transport: a server that accepts and
+    /// never answers the ClientHello is waited on in ticks too.
+    #[test]
+    fn a_silent_https_server_ends_at_the_deadline_and_ticks_throughout() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("https://{}/doc.json", listener.local_addr().unwrap());
+        let held = std::thread::spawn(move || listener.accept().map(|(s, _)| s));
+        let (mut f, ticks) = counting_fetcher();
+        assert_deadline_with_ticks(&mut f, &ticks, &url);
+        drop(held.join());
+    }
+
+    /// A connect that hangs (the listener's backlog is full, so the kernel
+    /// drops our SYNs) is waited on in ticks too.
+    #[test]
+    fn a_hanging_connect_ends_at_the_deadline_and_ticks_throughout() {
+        use rustix::net::{AddressFamily, SocketType};
+        let listener = rustix::net::socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
+        rustix::net::bind(&listener, &std::net::SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+        rustix::net::listen(&listener, 0).unwrap();
+        let addr = rustix::net::getsockname(&listener).unwrap();
+        let addr = std::net::SocketAddrV4::try_from(addr).unwrap();
+        // Fill the accept queue (never accepted) until a connect hangs.
+        let mut fillers = Vec::new();
+        while let Ok(s) = std::net::TcpStream::connect_timeout(&addr.into(), Duration::from_millis(300)) {
+            fillers.push(s);
+            assert!(fillers.len() < 64, "the backlog never filled");
+        }
+        let (mut f, ticks) = counting_fetcher();
+        assert_deadline_with_ticks(&mut f, &ticks, &format!("http://{addr}/doc.json"));
     }
 }
