@@ -31,6 +31,13 @@ use ureq::unversioned::transport::{ConnectProxyConnector, Connector, RustlsConne
 /// Largest narinfo accepted: a path with thousands of references fits.
 pub const MAX_NARINFO: u64 = 1 << 20;
 
+/// The slowest link a polled document must still arrive over: beyond the
+/// small-fetch deadline, each 8 KiB its `Content-Length` announces adds a
+/// second. A document that embeds a closure's narinfos (for slow links) is
+/// about 1 MB: 15 s + 2 min. A trickling server is still cut off, and the
+/// loop ticks throughout either way.
+pub const SLOW_LINK_BYTES_PER_SEC: u64 = 8 << 10;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CacheUrl {
     /// `http(s)://host[:port]/prefix`, without a trailing slash.
@@ -228,8 +235,8 @@ impl Fetcher {
         Instant::now() + self.opts.small_fetch_deadline
     }
 
-    fn deadline_error(&self, url: &str) -> FetchError {
-        FetchError::Deadline { url: url.to_owned(), after: self.opts.small_fetch_deadline }
+    fn deadline_error(&self, url: &str, after: Duration) -> FetchError {
+        FetchError::Deadline { url: url.to_owned(), after }
     }
 
     pub fn cache_count(&self) -> usize {
@@ -284,7 +291,7 @@ impl Fetcher {
                 Err(e) => FetchError::Transport { url: url.to_owned(), msg: e.to_string() },
             };
             if passed() {
-                return Err(self.deadline_error(url));
+                return Err(self.deadline_error(url, self.opts.small_fetch_deadline));
             }
             if attempt >= self.opts.retries {
                 return Err(outcome);
@@ -293,7 +300,7 @@ impl Fetcher {
             attempt += 1;
             self.sleep(deadline.map_or(delay, |d| delay.min(d.saturating_duration_since(Instant::now()))));
             if passed() {
-                return Err(self.deadline_error(url));
+                return Err(self.deadline_error(url, self.opts.small_fetch_deadline));
             }
             delay *= 2;
         }
@@ -307,17 +314,25 @@ impl Fetcher {
         let url = format!("{}/{rel}", self.caches[idx].0);
         match self.open(idx, rel, 0, Some(deadline))? {
             Answer::Missing => Ok(None),
-            Answer::Found(body) => self.read_small(&url, body, limit, deadline).map(Some),
+            Answer::Found(body) => {
+                self.read_small(&url, body, limit, (deadline, self.opts.small_fetch_deadline)).map(Some)
+            }
         }
     }
 
     /// Reads a small body whole, up to `limit` bytes; the caller holds a
-    /// scope with `deadline`.
-    fn read_small(&self, url: &str, body: Box<dyn Read>, limit: u64, deadline: Instant) -> Result<Vec<u8>, FetchError> {
+    /// scope with `deadline`, which is `allowed` after the fetch started.
+    fn read_small(
+        &self,
+        url: &str,
+        body: Box<dyn Read>,
+        limit: u64,
+        (deadline, allowed): (Instant, Duration),
+    ) -> Result<Vec<u8>, FetchError> {
         let mut buf = Vec::new();
         if let Err(e) = body.take(limit + 1).read_to_end(&mut buf) {
             if Instant::now() >= deadline {
-                return Err(self.deadline_error(url));
+                return Err(self.deadline_error(url, allowed));
             }
             return Err(FetchError::Transport { url: url.to_owned(), msg: e.to_string() });
         }
@@ -407,10 +422,12 @@ impl Fetcher {
     /// GETs an absolute `http(s)://` or `file:///` URL, up to `limit` bytes;
     /// `None` on 404 or a missing file. For deploy documents and their
     /// signatures (poll mode).
-    /// Within the small-fetch deadline.
+    /// Within the small-fetch deadline, extended for the announced length
+    /// (see [`SLOW_LINK_BYTES_PER_SEC`]).
     pub fn get_url(&mut self, url: &str, limit: u64) -> Result<Option<Vec<u8>>, FetchError> {
-        let deadline = self.small_deadline();
-        let _scope = self.scope(Some(deadline));
+        let start = Instant::now();
+        let mut allowed = self.opts.small_fetch_deadline;
+        let _scope = self.scope(Some(start + allowed));
         let body: Box<dyn Read> = if let Some(path) = url.strip_prefix("file://") {
             match std::fs::File::open(path) {
                 Ok(f) => Box::new(f),
@@ -418,14 +435,24 @@ impl Fetcher {
                 Err(e) => return Err(FetchError::Transport { url: url.to_owned(), msg: e.to_string() }),
             }
         } else {
-            let (status, resp) = self.get_http(url, 0, Some(deadline))?;
+            let (status, resp) = self.get_http(url, 0, Some(start + allowed))?;
             match status {
-                200 => Box::new(resp.into_body().into_reader()),
+                200 => {
+                    let announced = resp
+                        .headers()
+                        .get("content-length")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(0);
+                    allowed += Duration::from_secs(announced.min(limit) / SLOW_LINK_BYTES_PER_SEC);
+                    Box::new(resp.into_body().into_reader())
+                }
                 404 | 410 => return Ok(None),
                 _ => return Err(FetchError::Http { url: url.to_owned(), status }),
             }
         };
-        self.read_small(url, body, limit, deadline).map(Some)
+        let _body_scope = self.scope(Some(start + allowed));
+        self.read_small(url, body, limit, (start + allowed, allowed)).map(Some)
     }
 
     /// Whether cache `idx` answers at all (its nix-cache-info), uncached:
@@ -500,16 +527,16 @@ mod tests {
     use std::io::Write;
     use std::net::TcpListener;
 
-    /// Serves one connection: a complete head, then a body byte every
-    /// 100 ms, never finishing (until the client goes away).
-    fn trickling_body_server() -> String {
+    /// Serves one connection: a complete head announcing `len` bytes, then
+    /// a body byte every 100 ms, never finishing (until the client goes away).
+    fn trickling_body_server(len: u64) -> String {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/doc.json", listener.local_addr().unwrap());
         std::thread::spawn(move || {
             let Ok((mut c, _)) = listener.accept() else { return };
             let mut head = [0u8; 4096];
             let _ = c.read(&mut head);
-            let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n{");
+            let _ = c.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n{{").as_bytes());
             while c.write_all(b" ").is_ok() {
                 std::thread::sleep(Duration::from_millis(100));
             }
@@ -530,17 +557,33 @@ mod tests {
     /// The fetch ends on its deadline, having ticked all along (a tick at
     /// least every 50 ms while waiting; 10 in 1.5 s leaves slack for the host).
     fn assert_deadline_with_ticks(f: &mut Fetcher, ticks: &Cell<u32>, url: &str) {
-        let err = f.get_url(url, 4096).unwrap_err();
+        assert_deadline_after(f, ticks, url, "1.5");
+    }
+
+    fn assert_deadline_after(f: &mut Fetcher, ticks: &Cell<u32>, url: &str, secs: &str) {
+        let err = f.get_url(url, 1 << 20).unwrap_err();
         assert!(matches!(err, FetchError::Deadline { .. }), "{err}");
-        assert!(err.to_string().contains("within 1.5 s (overall deadline)"), "{err}");
+        assert!(err.to_string().contains(&format!("within {secs} s (overall deadline)")), "{err}");
         assert!(ticks.get() >= 10, "{} ticks", ticks.get());
     }
 
     #[test]
     fn a_trickling_body_ends_at_the_deadline_and_ticks_throughout() {
-        let url = trickling_body_server();
+        let url = trickling_body_server(1000);
         let (mut f, ticks) = counting_fetcher();
         assert_deadline_with_ticks(&mut f, &ticks, &url);
+    }
+
+    /// A document announcing 8 KiB gets one more second (a slow link must
+    /// still deliver a large one); the announcement is capped by the limit.
+    #[test]
+    fn the_deadline_grows_with_the_announced_length() {
+        let (mut f, ticks) = counting_fetcher();
+        assert_deadline_after(&mut f, &ticks, &trickling_body_server(SLOW_LINK_BYTES_PER_SEC), "2.5");
+        let (mut f, ticks) = counting_fetcher();
+        let err = f.get_url(&trickling_body_server(u64::MAX), 100).unwrap_err();
+        assert!(err.to_string().contains("within 1.5 s (overall deadline)"), "{err}");
+        assert!(ticks.get() >= 10);
     }
 
     /// TLS sits above the ticking transport: a server that accepts and
