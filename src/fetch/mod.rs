@@ -602,18 +602,7 @@ mod tests {
     /// drops our SYNs) is waited on in ticks too.
     #[test]
     fn a_hanging_connect_ends_at_the_deadline_and_ticks_throughout() {
-        use rustix::net::{AddressFamily, SocketType};
-        let listener = rustix::net::socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
-        rustix::net::bind(&listener, &std::net::SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
-        rustix::net::listen(&listener, 0).unwrap();
-        let addr = rustix::net::getsockname(&listener).unwrap();
-        let addr = std::net::SocketAddrV4::try_from(addr).unwrap();
-        // Fill the accept queue (never accepted) until a connect hangs.
-        let mut fillers = Vec::new();
-        while let Ok(s) = std::net::TcpStream::connect_timeout(&addr.into(), Duration::from_millis(300)) {
-            fillers.push(s);
-            assert!(fillers.len() < 64, "the backlog never filled");
-        }
+        let (addr, _held) = ticking::tests::hanging_addr();
         let (mut f, ticks) = counting_fetcher();
         assert_deadline_with_ticks(&mut f, &ticks, &format!("http://{addr}/doc.json"));
     }

@@ -91,6 +91,11 @@ impl Budget {
         Budget { start: Instant::now(), limit, reason: t.reason }
     }
 
+    /// What is left of the step's own timeout; `None` without one.
+    fn left(&self) -> Option<Duration> {
+        self.limit.map(|l| l.saturating_sub(self.start.elapsed()))
+    }
+
     /// Runs the hook, then says how long the next wait may be, or the
     /// timeout that has passed.
     fn next_slice(&self) -> Result<Duration, Error> {
@@ -102,8 +107,7 @@ impl Budget {
             }
             slice = slice.min(left);
         }
-        if let Some(limit) = self.limit {
-            let left = limit.saturating_sub(self.start.elapsed());
+        if let Some(left) = self.left() {
             if left.is_zero() {
                 return Err(Error::Timeout(self.reason));
             }
@@ -147,13 +151,18 @@ impl<In: Transport> Connector<In> for TickingConnector {
     }
 }
 
-/// Tries each address in turn within one budget; the last error wins.
+/// Tries each address in turn within one budget, each getting an equal
+/// share of what is left (so a silent first address, e.g. IPv6 without a
+/// route that drops instead of refusing, leaves time for the next); the
+/// last error wins.
 fn connect_any(addrs: &[SocketAddr], budget: &Budget) -> Result<TcpStream, Error> {
     let mut last = None;
-    for addr in addrs {
-        match connect_one(*addr, budget) {
+    for (i, addr) in addrs.iter().enumerate() {
+        let share = budget.left().map(|left| left / (addrs.len() - i) as u32);
+        let mine = Budget { start: Instant::now(), limit: share, reason: Timeout::Connect };
+        match connect_one(*addr, &mine) {
             Ok(s) => return Ok(s),
-            Err(e @ Error::Timeout(_)) => return Err(e),
+            Err(e @ Error::Timeout(Timeout::Global)) => return Err(e),
             Err(e) => last = Some(e),
         }
     }
@@ -170,11 +179,7 @@ fn connect_one(addr: SocketAddr, budget: &Budget) -> Result<TcpStream, Error> {
         Err(e) => return Err(io::Error::from(e).into()),
     }
     loop {
-        let slice = budget.next_slice().map_err(|e| match e {
-            Error::Timeout(Timeout::Global) => e,
-            _ => Error::Timeout(Timeout::Connect),
-        })?;
-        if !wait(&fd, PollFlags::OUT, slice)? {
+        if !wait(&fd, PollFlags::OUT, budget.next_slice()?)? {
             continue;
         }
         return match rustix::net::sockopt::socket_error(&fd).map_err(io::Error::from)? {
@@ -244,9 +249,36 @@ impl Transport for TickingTcp {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use std::net::TcpListener;
+    use std::net::{SocketAddrV4, TcpListener};
+    use std::os::fd::OwnedFd;
+
+    /// An address whose connects hang: a listener with a full accept queue
+    /// (never accepted), so the kernel drops further SYNs. Keep the second
+    /// value alive for as long as it must hang.
+    pub(crate) fn hanging_addr() -> (SocketAddrV4, (OwnedFd, Vec<TcpStream>)) {
+        let listener = rustix::net::socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
+        rustix::net::bind(&listener, &SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+        rustix::net::listen(&listener, 0).unwrap();
+        let addr = SocketAddrV4::try_from(rustix::net::getsockname(&listener).unwrap()).unwrap();
+        let mut fillers = Vec::new();
+        while let Ok(s) = TcpStream::connect_timeout(&addr.into(), Duration::from_millis(300)) {
+            fillers.push(s);
+            assert!(fillers.len() < 64, "the backlog never filled");
+        }
+        (addr, (listener, fillers))
+    }
+
+    #[test]
+    fn a_silent_first_address_leaves_time_for_the_next() {
+        let (hanging, _held) = hanging_addr();
+        let good = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addrs = [SocketAddr::V4(hanging), good.local_addr().unwrap()];
+        let budget = Budget { start: Instant::now(), limit: Some(Duration::from_secs(2)), reason: Timeout::Connect };
+        let stream = connect_any(&addrs, &budget).unwrap();
+        assert_eq!(stream.peer_addr().unwrap(), addrs[1]);
+    }
 
     fn counting_hook() -> (Hook, Rc<Cell<u32>>) {
         let n = Rc::new(Cell::new(0));
