@@ -53,11 +53,9 @@ pub struct DeployOpts {
 }
 
 fn http_agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .build()
-        .new_agent()
+    crate::fetch::http_agent(
+        ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(30))).build(),
+    )
 }
 
 pub fn deploy(o: DeployOpts) -> Result<(), String> {

@@ -158,6 +158,15 @@ impl Default for Options {
     }
 }
 
+/// A ureq agent over ureq's default chain with its blocking TCP transport
+/// swapped for the ticking one (TLS wraps it, so https ticks too). The admin
+/// side uses it as well, so only one TCP transport is linked in.
+pub fn http_agent(config: ureq::config::Config) -> ureq::Agent {
+    let connector =
+        ().chain(ConnectProxyConnector::default()).chain(ticking::TickingConnector).chain(RustlsConnector::default());
+    ureq::Agent::with_parts(config, connector, DefaultResolver::default())
+}
+
 /// A response that answered: its status and body.
 pub(crate) enum Answer {
     Found(Box<dyn Read + Send>),
@@ -197,13 +206,7 @@ impl Fetcher {
             .max_idle_connections_per_host(4)
             .user_agent(concat!("nixless/", env!("CARGO_PKG_VERSION")))
             .build();
-        // ureq's default chain with its blocking TCP transport swapped for
-        // the ticking one; TLS wraps it, so https ticks too.
-        let connector =
-            ().chain(ConnectProxyConnector::default())
-                .chain(ticking::TickingConnector)
-                .chain(RustlsConnector::default());
-        let agent = ureq::Agent::with_parts(config, connector, DefaultResolver::default());
+        let agent = http_agent(config);
         Fetcher {
             agent,
             caches: caches.into_iter().map(|c| (c, Health::Unchecked)).collect(),
