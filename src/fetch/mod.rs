@@ -424,9 +424,8 @@ impl Fetcher {
 
     /// GETs an absolute `http(s)://` or `file:///` URL, up to `limit` bytes;
     /// `None` on 404 or a missing file. For deploy documents and their
-    /// signatures (poll mode).
-    /// Within the small-fetch deadline, extended for the announced length
-    /// (see [`SLOW_LINK_BYTES_PER_SEC`]).
+    /// signatures (poll mode), within the small-fetch deadline extended for
+    /// the announced length (see [`SLOW_LINK_BYTES_PER_SEC`]).
     pub fn get_url(&mut self, url: &str, limit: u64) -> Result<Option<Vec<u8>>, FetchError> {
         let start = Instant::now();
         let mut allowed = self.opts.small_fetch_deadline;
