@@ -77,11 +77,9 @@ fn check_seq(seq: u64, now: u64, force: bool) -> Result<(), String> {
 }
 
 fn http_agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .build()
-        .new_agent()
+    crate::fetch::http_agent(
+        ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(30))).build(),
+    )
 }
 
 pub fn deploy(o: DeployOpts) -> Result<(), String> {

@@ -2,12 +2,13 @@
 //!
 //! One loop serves HTTP, runs the update work and feeds the watchdog. The
 //! long step — fetching a closure — runs inside the loop, but the fetcher
-//! calls back (`tick`) on every read of a response body and during retry
-//! backoffs; each tick, at most every [`TICK_EVERY`], polls the listening
-//! sockets without blocking, answers what arrived (status, metrics; deploys
-//! get 409 while busy), and pings the watchdog when due. So neither a slow
-//! download nor a stalled cache (reads time out after 30 s, well inside any
-//! sane `WatchdogSec`) starves the loop.
+//! calls back (`tick`) on every read of a response body, during retry
+//! backoffs and at least every 50 ms while it waits on the network
+//! (`fetch::ticking`); each tick, at most every [`TICK_EVERY`], polls the
+//! listening sockets without blocking, answers what arrived (status,
+//! metrics; deploys get 409 while busy), and pings the watchdog when due.
+//! So neither a slow download nor a stalled or trickling server starves the
+//! loop; small fetches (polled documents, narinfos) also end at a deadline.
 //!
 //! Every state transition is persisted (atomically, durably) before its
 //! effects are carried out; see `machine` for why that makes every crash

@@ -6,19 +6,37 @@
 //! with exponential backoff; a NAR download that breaks mid-body resumes
 //! with an HTTP `Range` request (see [`resume`]). A 404 means "not in this
 //! cache" and falls through to the next one.
+//!
+//! Every wait on the network ticks (see [`ticking`]): the caller's tick runs
+//! at least every 50 ms whatever the server does. Small documents (narinfo,
+//! `nix-cache-info`, a polled deploy document and its signature) also have
+//! an overall deadline, retries included, so a server that trickles bytes
+//! cannot hold a fetch open for longer than [`Options::small_fetch_deadline`].
 
 pub mod decompress;
 pub mod pipeline;
 pub mod resume;
+pub mod ticking;
 
 use crate::nix::cache_info;
 use crate::nix::StorePath;
+use std::cell::RefCell;
 use std::io::{self, Read};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+use ureq::unversioned::resolver::DefaultResolver;
+use ureq::unversioned::transport::{ConnectProxyConnector, Connector, RustlsConnector};
 
 /// Largest narinfo accepted: a path with thousands of references fits.
 pub const MAX_NARINFO: u64 = 1 << 20;
+
+/// The slowest link a polled document must still arrive over: beyond the
+/// small-fetch deadline, each 8 KiB its `Content-Length` announces adds a
+/// second. A document that embeds a closure's narinfos (for slow links) is
+/// about 1 MB: 15 s + 2 min. A trickling server is still cut off, and the
+/// loop ticks throughout either way.
+pub const SLOW_LINK_BYTES_PER_SEC: u64 = 8 << 10;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CacheUrl {
@@ -80,6 +98,11 @@ pub enum FetchError {
         url: String,
         limit: u64,
     },
+    /// A small document did not arrive whole within its overall deadline.
+    Deadline {
+        url: String,
+        after: Duration,
+    },
 }
 
 impl std::fmt::Display for FetchError {
@@ -98,6 +121,9 @@ impl std::fmt::Display for FetchError {
             FetchError::TooLarge { url, limit } => {
                 write!(f, "GET {url}: larger than {limit} bytes")
             }
+            FetchError::Deadline { url, after } => {
+                write!(f, "GET {url}: no complete answer within {} s (overall deadline)", after.as_secs_f32())
+            }
         }
     }
 }
@@ -115,6 +141,9 @@ pub struct Options {
     pub retries: u32,
     /// First backoff; doubled on each retry.
     pub backoff: Duration,
+    /// Longest a small document (narinfo, nix-cache-info, a polled deploy
+    /// document or signature) may take, retries included.
+    pub small_fetch_deadline: Duration,
 }
 
 impl Default for Options {
@@ -124,8 +153,18 @@ impl Default for Options {
             read_timeout: Duration::from_secs(30),
             retries: 4,
             backoff: Duration::from_millis(250),
+            small_fetch_deadline: Duration::from_secs(15),
         }
     }
+}
+
+/// A ureq agent over ureq's default chain with its blocking TCP transport
+/// swapped for the ticking one (TLS wraps it, so https ticks too). The admin
+/// side uses it as well, so only one TCP transport is linked in.
+pub fn http_agent(config: ureq::config::Config) -> ureq::Agent {
+    let connector =
+        ().chain(ConnectProxyConnector::default()).chain(ticking::TickingConnector).chain(RustlsConnector::default());
+    ureq::Agent::with_parts(config, connector, DefaultResolver::default())
 }
 
 /// A response that answered: its status and body.
@@ -148,8 +187,9 @@ pub struct Fetcher {
     agent: ureq::Agent,
     caches: Vec<(CacheUrl, Health)>,
     opts: Options,
-    /// Called while waiting (backoff) so a supervisor can keep pinging.
-    tick: Box<dyn FnMut()>,
+    /// Called during every wait (network, backoff) so a supervisor can keep
+    /// pinging; shared with the transport through [`ticking::Scope`].
+    tick: ticking::Hook,
 }
 
 fn transient_status(status: u16) -> bool {
@@ -158,30 +198,48 @@ fn transient_status(status: u16) -> bool {
 
 impl Fetcher {
     pub fn new(caches: Vec<CacheUrl>, opts: Options) -> Self {
-        let agent = ureq::Agent::config_builder()
+        let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(opts.connect_timeout))
             .timeout_per_read(Some(opts.read_timeout))
             .timeout_recv_response(Some(opts.read_timeout))
             .max_idle_connections_per_host(4)
             .user_agent(concat!("nixless/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .new_agent();
+            .build();
+        let agent = http_agent(config);
         Fetcher {
             agent,
             caches: caches.into_iter().map(|c| (c, Health::Unchecked)).collect(),
             opts,
-            tick: Box::new(|| {}),
+            tick: Rc::new(RefCell::new(Box::new(|| {}))),
         }
     }
 
     /// Installs a function called during waits and long transfers.
     pub fn set_tick(&mut self, tick: Box<dyn FnMut()>) {
-        self.tick = tick;
+        self.tick = Rc::new(RefCell::new(tick));
     }
 
     pub fn tick(&mut self) {
-        (self.tick)()
+        // Busy means this call came from inside the tick itself.
+        if let Ok(mut f) = self.tick.try_borrow_mut() {
+            f()
+        }
+    }
+
+    /// Makes the network waits of this thread tick, and end at `deadline`,
+    /// until the scope is dropped.
+    pub(crate) fn scope(&self, deadline: Option<Instant>) -> ticking::Scope {
+        ticking::enter(Some(self.tick.clone()), deadline)
+    }
+
+    /// The deadline of a small fetch starting now.
+    fn small_deadline(&self) -> Instant {
+        Instant::now() + self.opts.small_fetch_deadline
+    }
+
+    fn deadline_error(&self, url: &str, after: Duration) -> FetchError {
+        FetchError::Deadline { url: url.to_owned(), after }
     }
 
     pub fn cache_count(&self) -> usize {
@@ -196,24 +254,28 @@ impl Fetcher {
         &self.opts
     }
 
-    fn sleep(&mut self, d: Duration) {
+    pub(crate) fn sleep(&mut self, d: Duration) {
         // Sleep in slices so the tick keeps running through long backoffs.
         let mut left = d;
         while !left.is_zero() {
-            let step = left.min(Duration::from_millis(200));
+            let step = left.min(ticking::SLICE);
             std::thread::sleep(step);
             left -= step;
             self.tick();
         }
     }
 
-    /// One GET with retries on transient failures. `offset` > 0 asks for a
-    /// range; the caller checks which it got through the returned status.
+    /// One GET with retries on transient failures, all before `deadline`
+    /// if there is one. `offset` > 0 asks for a range; the caller checks
+    /// which it got through the returned status.
     pub(crate) fn get_http(
         &mut self,
         url: &str,
         offset: u64,
+        deadline: Option<Instant>,
     ) -> Result<(u16, ureq::http::Response<ureq::Body>), FetchError> {
+        let _scope = self.scope(deadline);
+        let passed = || deadline.is_some_and(|d| Instant::now() >= d);
         let mut delay = self.opts.backoff;
         let mut attempt = 0;
         loop {
@@ -231,37 +293,68 @@ impl Fetcher {
                 }
                 Err(e) => FetchError::Transport { url: url.to_owned(), msg: e.to_string() },
             };
+            if passed() {
+                return Err(self.deadline_error(url, self.opts.small_fetch_deadline));
+            }
             if attempt >= self.opts.retries {
                 return Err(outcome);
             }
             log::warn!("{outcome}; retrying in {delay:?}");
             attempt += 1;
-            self.sleep(delay);
+            self.sleep(deadline.map_or(delay, |d| delay.min(d.saturating_duration_since(Instant::now()))));
+            if passed() {
+                return Err(self.deadline_error(url, self.opts.small_fetch_deadline));
+            }
             delay *= 2;
         }
     }
 
-    /// Reads `rel` (relative to cache `idx`) whole, up to `limit` bytes.
+    /// Reads `rel` (relative to cache `idx`) whole, up to `limit` bytes,
+    /// within the small-fetch deadline.
     fn get_small(&mut self, idx: usize, rel: &str, limit: u64) -> Result<Option<Vec<u8>>, FetchError> {
-        match self.open(idx, rel, 0)? {
+        let deadline = self.small_deadline();
+        let _scope = self.scope(Some(deadline));
+        let url = format!("{}/{rel}", self.caches[idx].0);
+        match self.open(idx, rel, 0, Some(deadline))? {
             Answer::Missing => Ok(None),
             Answer::Found(body) => {
-                let url = format!("{}/{rel}", self.caches[idx].0);
-                let mut buf = Vec::new();
-                body.take(limit + 1)
-                    .read_to_end(&mut buf)
-                    .map_err(|e| FetchError::Transport { url: url.clone(), msg: e.to_string() })?;
-                if buf.len() as u64 > limit {
-                    return Err(FetchError::TooLarge { url, limit });
-                }
-                Ok(Some(buf))
+                self.read_small(&url, body, limit, (deadline, self.opts.small_fetch_deadline)).map(Some)
             }
         }
     }
 
+    /// Reads a small body whole, up to `limit` bytes; the caller holds a
+    /// scope with `deadline`, which is `allowed` after the fetch started.
+    fn read_small(
+        &self,
+        url: &str,
+        body: Box<dyn Read>,
+        limit: u64,
+        (deadline, allowed): (Instant, Duration),
+    ) -> Result<Vec<u8>, FetchError> {
+        let mut buf = Vec::new();
+        if let Err(e) = body.take(limit + 1).read_to_end(&mut buf) {
+            if Instant::now() >= deadline {
+                return Err(self.deadline_error(url, allowed));
+            }
+            return Err(FetchError::Transport { url: url.to_owned(), msg: e.to_string() });
+        }
+        if buf.len() as u64 > limit {
+            return Err(FetchError::TooLarge { url: url.to_owned(), limit });
+        }
+        Ok(buf)
+    }
+
     /// Opens `rel` in cache `idx` from byte `offset` (which must be honoured:
-    /// a server ignoring Range has its first `offset` bytes skipped).
-    pub(crate) fn open(&mut self, idx: usize, rel: &str, offset: u64) -> Result<Answer, FetchError> {
+    /// a server ignoring Range has its first `offset` bytes skipped). The
+    /// response head (and any skipped bytes) must arrive before `deadline`.
+    pub(crate) fn open(
+        &mut self,
+        idx: usize,
+        rel: &str,
+        offset: u64,
+        deadline: Option<Instant>,
+    ) -> Result<Answer, FetchError> {
         match self.caches[idx].0.clone() {
             CacheUrl::File(dir) => {
                 // A query string means nothing to a directory.
@@ -284,7 +377,8 @@ impl Fetcher {
             }
             CacheUrl::Http(base) => {
                 let url = format!("{base}/{rel}");
-                let (status, resp) = self.get_http(&url, offset)?;
+                let _scope = self.scope(deadline);
+                let (status, resp) = self.get_http(&url, offset, deadline)?;
                 match status {
                     200 | 206 => {
                         let got_range = status == 206;
@@ -330,29 +424,37 @@ impl Fetcher {
 
     /// GETs an absolute `http(s)://` or `file:///` URL, up to `limit` bytes;
     /// `None` on 404 or a missing file. For deploy documents and their
-    /// signatures (poll mode).
+    /// signatures (poll mode), within the small-fetch deadline extended for
+    /// the announced length (see [`SLOW_LINK_BYTES_PER_SEC`]).
     pub fn get_url(&mut self, url: &str, limit: u64) -> Result<Option<Vec<u8>>, FetchError> {
-        let transport = |msg: String| FetchError::Transport { url: url.to_owned(), msg };
+        let start = Instant::now();
+        let mut allowed = self.opts.small_fetch_deadline;
+        let _scope = self.scope(Some(start + allowed));
         let body: Box<dyn Read> = if let Some(path) = url.strip_prefix("file://") {
             match std::fs::File::open(path) {
                 Ok(f) => Box::new(f),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-                Err(e) => return Err(transport(e.to_string())),
+                Err(e) => return Err(FetchError::Transport { url: url.to_owned(), msg: e.to_string() }),
             }
         } else {
-            let (status, resp) = self.get_http(url, 0)?;
+            let (status, resp) = self.get_http(url, 0, Some(start + allowed))?;
             match status {
-                200 => Box::new(resp.into_body().into_reader()),
+                200 => {
+                    let announced = resp
+                        .headers()
+                        .get("content-length")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(0);
+                    allowed += Duration::from_secs(announced.min(limit) / SLOW_LINK_BYTES_PER_SEC);
+                    Box::new(resp.into_body().into_reader())
+                }
                 404 | 410 => return Ok(None),
                 _ => return Err(FetchError::Http { url: url.to_owned(), status }),
             }
         };
-        let mut buf = Vec::new();
-        body.take(limit + 1).read_to_end(&mut buf).map_err(|e| transport(e.to_string()))?;
-        if buf.len() as u64 > limit {
-            return Err(FetchError::TooLarge { url: url.to_owned(), limit });
-        }
-        Ok(Some(buf))
+        let _body_scope = self.scope(Some(start + allowed));
+        self.read_small(url, body, limit, (start + allowed, allowed)).map(Some)
     }
 
     /// Whether cache `idx` answers at all (its nix-cache-info), uncached:
@@ -417,5 +519,93 @@ impl Fetcher {
             }
         }
         Err(FetchError::NotFound { path: path.to_string(), unreachable })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+    use std::io::Write;
+    use std::net::TcpListener;
+
+    /// Serves one connection: a complete head announcing `len` bytes, then
+    /// a body byte every 100 ms, never finishing (until the client goes away).
+    fn trickling_body_server(len: u64) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/doc.json", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            let Ok((mut c, _)) = listener.accept() else { return };
+            let mut head = [0u8; 4096];
+            let _ = c.read(&mut head);
+            let _ = c.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n{{").as_bytes());
+            while c.write_all(b" ").is_ok() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        url
+    }
+
+    /// A fetcher with a 1.5 s small-fetch deadline, no retries, counting ticks.
+    fn counting_fetcher() -> (Fetcher, Rc<Cell<u32>>) {
+        let opts = Options { small_fetch_deadline: Duration::from_millis(1500), retries: 0, ..Options::default() };
+        let mut f = Fetcher::new(vec![], opts);
+        let ticks = Rc::new(Cell::new(0u32));
+        let t = ticks.clone();
+        f.set_tick(Box::new(move || t.set(t.get() + 1)));
+        (f, ticks)
+    }
+
+    /// The fetch ends on its deadline, having ticked all along (a tick at
+    /// least every 50 ms while waiting; 10 in 1.5 s leaves slack for the host).
+    fn assert_deadline_with_ticks(f: &mut Fetcher, ticks: &Cell<u32>, url: &str) {
+        assert_deadline_after(f, ticks, url, "1.5");
+    }
+
+    fn assert_deadline_after(f: &mut Fetcher, ticks: &Cell<u32>, url: &str, secs: &str) {
+        let err = f.get_url(url, 1 << 20).unwrap_err();
+        assert!(matches!(err, FetchError::Deadline { .. }), "{err}");
+        assert!(err.to_string().contains(&format!("within {secs} s (overall deadline)")), "{err}");
+        assert!(ticks.get() >= 10, "{} ticks", ticks.get());
+    }
+
+    #[test]
+    fn a_trickling_body_ends_at_the_deadline_and_ticks_throughout() {
+        let url = trickling_body_server(1000);
+        let (mut f, ticks) = counting_fetcher();
+        assert_deadline_with_ticks(&mut f, &ticks, &url);
+    }
+
+    /// A document announcing 8 KiB gets one more second (a slow link must
+    /// still deliver a large one); the announcement is capped by the limit.
+    #[test]
+    fn the_deadline_grows_with_the_announced_length() {
+        let (mut f, ticks) = counting_fetcher();
+        assert_deadline_after(&mut f, &ticks, &trickling_body_server(SLOW_LINK_BYTES_PER_SEC), "2.5");
+        let (mut f, ticks) = counting_fetcher();
+        let err = f.get_url(&trickling_body_server(u64::MAX), 100).unwrap_err();
+        assert!(err.to_string().contains("within 1.5 s (overall deadline)"), "{err}");
+        assert!(ticks.get() >= 10);
+    }
+
+    /// TLS sits above the ticking transport: a server that accepts and
+    /// never answers the ClientHello is waited on in ticks too.
+    #[test]
+    fn a_silent_https_server_ends_at_the_deadline_and_ticks_throughout() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("https://{}/doc.json", listener.local_addr().unwrap());
+        let held = std::thread::spawn(move || listener.accept().map(|(s, _)| s));
+        let (mut f, ticks) = counting_fetcher();
+        assert_deadline_with_ticks(&mut f, &ticks, &url);
+        drop(held.join());
+    }
+
+    /// A connect that hangs (the listener's backlog is full, so the kernel
+    /// drops our SYNs) is waited on in ticks too.
+    #[test]
+    fn a_hanging_connect_ends_at_the_deadline_and_ticks_throughout() {
+        let (addr, _held) = ticking::tests::hanging_addr();
+        let (mut f, ticks) = counting_fetcher();
+        assert_deadline_with_ticks(&mut f, &ticks, &format!("http://{addr}/doc.json"));
     }
 }

@@ -27,7 +27,7 @@ pub struct ResumableBody<'f> {
 impl<'f> ResumableBody<'f> {
     /// Opens `rel` in cache `idx`; `None` if the cache does not have it.
     pub fn open(fetcher: &'f mut Fetcher, idx: usize, rel: &str) -> Result<Option<Self>, super::FetchError> {
-        let inner = match fetcher.open(idx, rel, 0)? {
+        let inner = match fetcher.open(idx, rel, 0, None)? {
             Answer::Found(r) => r,
             Answer::Missing => return Ok(None),
         };
@@ -48,8 +48,8 @@ impl<'f> ResumableBody<'f> {
         self.resumes += 1;
         log::warn!("{}: {cause}; resuming at byte {}", self.url(), self.pos);
         let backoff = self.fetcher.options().backoff;
-        std::thread::sleep(backoff);
-        match self.fetcher.open(self.idx, &self.rel, self.pos) {
+        self.fetcher.sleep(backoff);
+        match self.fetcher.open(self.idx, &self.rel, self.pos, None) {
             Ok(Answer::Found(r)) => {
                 self.inner = r;
                 Ok(())
@@ -65,6 +65,8 @@ impl<'f> ResumableBody<'f> {
 impl Read for ResumableBody<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.fetcher.tick();
+        // The transport ticks while this read waits on the server.
+        let _scope = self.fetcher.scope(None);
         loop {
             match self.inner.read(buf) {
                 Ok(n) => {
