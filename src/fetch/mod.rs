@@ -106,23 +106,36 @@ pub enum FetchError {
 }
 
 impl std::fmt::Display for FetchError {
+    /// URLs and messages may carry a cache's text (a narinfo's URL, an
+    /// answer's words): clipped and escaped, so an error stays one bounded line.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::text::clip;
+        const URL: usize = 512;
+        const MSG: usize = 512;
         match self {
-            FetchError::CacheInfo { cache, msg } => write!(f, "cache {cache}: {msg}"),
+            FetchError::CacheInfo { cache, msg } => {
+                write!(f, "cache {}: {}", clip(&cache.to_string(), URL), clip(msg, MSG))
+            }
             FetchError::NotFound { path, unreachable } => {
                 write!(f, "{path}: not found in any cache")?;
                 if !unreachable.is_empty() {
-                    write!(f, " (unreachable: {})", unreachable.join("; "))?;
+                    let list: Vec<String> = unreachable.iter().take(8).map(|u| clip(u, MSG)).collect();
+                    write!(f, " (unreachable: {})", list.join("; "))?;
                 }
                 Ok(())
             }
-            FetchError::Http { url, status } => write!(f, "GET {url}: HTTP {status}"),
-            FetchError::Transport { url, msg } => write!(f, "GET {url}: {msg}"),
+            FetchError::Http { url, status } => write!(f, "GET {}: HTTP {status}", clip(url, URL)),
+            FetchError::Transport { url, msg } => write!(f, "GET {}: {}", clip(url, URL), clip(msg, MSG)),
             FetchError::TooLarge { url, limit } => {
-                write!(f, "GET {url}: larger than {limit} bytes")
+                write!(f, "GET {}: larger than {limit} bytes", clip(url, URL))
             }
             FetchError::Deadline { url, after } => {
-                write!(f, "GET {url}: no complete answer within {} s (overall deadline)", after.as_secs_f32())
+                write!(
+                    f,
+                    "GET {}: no complete answer within {} s (overall deadline)",
+                    clip(url, URL),
+                    after.as_secs_f32()
+                )
             }
         }
     }
