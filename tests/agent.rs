@@ -1247,17 +1247,8 @@ impl StallingCache {
                 let Ok(mut c) = conn else { continue };
                 let (dir, st, once) = (dir.clone(), st.clone(), stalled_once.clone());
                 std::thread::spawn(move || {
-                    let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
-                    let mut head = Vec::new();
-                    let mut b = [0u8; 1024];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16384 {
-                        match c.read(&mut b) {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&b[..n]),
-                        }
-                    }
-                    let line = String::from_utf8_lossy(&head).lines().next().unwrap_or("").to_owned();
-                    let path = line.split(' ').nth(1).unwrap_or("/").split('?').next().unwrap().to_owned();
+                    let Some(path) = read_request_path(&mut c) else { return };
+                    let path = path.split('?').next().unwrap_or_default().to_owned();
                     let file = dir.join(path.trim_start_matches('/'));
                     let body = match (path.contains(".."), fs::read(&file)) {
                         (false, Ok(b)) => b,

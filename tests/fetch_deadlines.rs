@@ -116,17 +116,7 @@ fn serve_one(
     seen: &Mutex<Vec<String>>,
     released: &AtomicBool,
 ) {
-    let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
-    let mut head = Vec::new();
-    let mut b = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16384 {
-        match c.read(&mut b) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => head.extend_from_slice(&b[..n]),
-        }
-    }
-    let line = String::from_utf8_lossy(&head).lines().next().unwrap_or("").to_owned();
-    let path = line.split(' ').nth(1).unwrap_or("/").to_owned();
+    let Some(path) = read_request_path(&mut c) else { return };
     seen.lock().unwrap().push(path.clone());
     let prefix = match route(&path) {
         Serve::Fast(body) => {

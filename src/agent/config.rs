@@ -127,9 +127,10 @@ pub const BOUNDS: &[Bound] = &[
     bound("max_connections", 1, 1000, 32),
     bound("request_timeout_secs", 1, 300, 10),
     bound("retries", 0, 100, 4),
-    // The loop (status, watchdog) waits this long on a stalled cache; the
-    // unit's WatchdogSec is 30 s and the ping goes out at half of it.
-    bound("read_timeout_secs", 1, 10, 5),
+    // How long a stalled download waits before it resumes on a new
+    // connection. The loop keeps ticking meanwhile (fetch::ticking), so
+    // this no longer bounds status or the watchdog.
+    bound("read_timeout_secs", 1, 300, 5),
     bound("health_timeout_secs", 1, DAY, 120),
     bound("switch_timeout_secs", 1, DAY, 900),
     bound("generations_to_keep", 1, 10_000, 5),

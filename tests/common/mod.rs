@@ -221,3 +221,21 @@ pub fn install_args(root: &Path, caches: &[String], key: &str, paths: &[&str], r
     args.extend(paths.iter().map(|p| p.to_string()));
     args
 }
+
+/// A test server's side of a request: reads the head (bounded: 16 KiB, the
+/// socket's read timeout) and returns the request path, `None` if the
+/// client went away first.
+pub fn read_request_path(c: &mut std::net::TcpStream) -> Option<String> {
+    use std::io::Read;
+    let _ = c.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+    let mut head = Vec::new();
+    let mut b = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16384 {
+        match c.read(&mut b) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&b[..n]),
+        }
+    }
+    let line = String::from_utf8_lossy(&head).lines().next().unwrap_or("").to_owned();
+    Some(line.split(' ').nth(1).unwrap_or("/").to_owned())
+}
