@@ -167,7 +167,8 @@ let
   # the root's. nixless writes there, so it must not be read-only by design
   # (an erofs/squashfs store partition, as image builders make them) or by
   # its mount options.
-  mounts = lib.attrValues config.fileSystems;
+  # fileSystems.<name>.enable (newer releases) leaves a mount out.
+  mounts = lib.filter (fs: fs.enable or true) (lib.attrValues config.fileSystems);
   mountAt = point: lib.findFirst (fs: fs.mountPoint == point) null mounts;
   storeMount = lib.findFirst (fs: fs != null) null (map mountAt [ "/nix/store" "/nix" "/" ]);
 

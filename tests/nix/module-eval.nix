@@ -439,6 +439,13 @@ let
         };
       })
       (passCase "no file systems at all (a container)" current { fileSystems = { }; })
+      (passCase "a disabled erofs store mount (fileSystems.<name>.enable = false) is not the store" current {
+        fileSystems = rootExt4 // fs "/nix/store" {
+          enable = false;
+          device = "/dev/disk/by-partlabel/nix-store";
+          fsType = "erofs";
+        };
+      })
     ];
 in
 {

@@ -27,6 +27,7 @@ rec {
     attrValues
     concatLists
     elem
+    filter
     mapAttrs
     replaceStrings
     ;
