@@ -62,6 +62,67 @@
         "self-update"
         "watchdog"
       ];
+
+      # The module evaluated with this flake's nixpkgs, or with a release's
+      # (`nix flake check --override-input nixpkgs
+      # github:NixOS/nixpkgs/nixos-25.05`): a plain machine gets no warning
+      # (a renamed option warns) and no failed assertion; a machine on
+      # nixpkgs' image-based-appliance profile (system.switch.enable = false)
+      # is refused with the reason. Evaluation only, nothing is built.
+      moduleEval =
+        pkgs:
+        let
+          machine =
+            extra:
+            lib.nixosSystem {
+              modules = [
+                self.nixosModules.default
+                {
+                  nixpkgs.hostPlatform = pkgs.stdenv.hostPlatform.system;
+                  system.stateVersion = lib.trivial.release;
+                  nix.enable = false;
+                  boot.loader.grub.enable = false;
+                  fileSystems."/" = {
+                    device = "/dev/vda1";
+                    fsType = "ext4";
+                  };
+                  services.nixless = {
+                    enable = true;
+                    caches = [ "https://cache.example.org" ];
+                    cacheKeys = [ (lib.fileContents ./vm-tests/keys/cache.pub) ];
+                    deployKeys = [ (lib.fileContents ./vm-tests/keys/deploy.pub) ];
+                  };
+                }
+                extra
+              ];
+            };
+          failed = sys: map (a: a.message) (lib.filter (a: !a.assertion) sys.config.assertions);
+          plain = machine { };
+          appliance = machine (
+            { modulesPath, ... }:
+            {
+              imports = [ "${modulesPath}/profiles/image-based-appliance.nix" ];
+            }
+          );
+        in
+        pkgs.runCommand "nixless-module-eval"
+          {
+            nativeBuildInputs = [ pkgs.jq ];
+            report = builtins.toJSON {
+              release = lib.trivial.release;
+              plainWarnings = plain.config.warnings;
+              plainFailedAssertions = failed plain;
+              applianceFailedAssertions = failed appliance;
+            };
+            passAsFile = [ "report" ];
+          }
+          ''
+            jq . "$reportPath"
+            jq -e '.plainWarnings == [] and .plainFailedAssertions == []
+              and any(.applianceFailedAssertions[]; contains("system.switch.enable = true"))' \
+              "$reportPath" >/dev/null || exit 1
+            touch "$out"
+          '';
     in
     {
       packages = forAllSystems (pkgs: rec {
@@ -88,7 +149,10 @@
             nixlessModule = self.nixosModules.default;
           };
         in
-        { package = nixlessPackage; }
+        {
+          package = nixlessPackage;
+          module-eval = moduleEval pkgs;
+        }
         // lib.optionalAttrs (pkgs.stdenv.hostPlatform.system == "x86_64-linux") (
           lib.genAttrs (map (t: "vm-${t}") vmTests) (
             check: pkgs.testers.runNixOSTest (import (./vm-tests + "/${lib.removePrefix "vm-" check}.nix") args)

@@ -8,6 +8,7 @@
 {
   config,
   lib,
+  options,
   pkgs,
   ...
 }:
@@ -135,6 +136,143 @@ let
       }
     ]) knownSections
   );
+
+  # --- what differs between nixpkgs releases ------------------------------
+  #
+  # Decided by which options this evaluation declares, not by a release
+  # number: a backport or an unstable snapshot then takes the right branch
+  # too. The newer name is always tested first, because nixpkgs keeps the
+  # old one declared as an alias (mkRenamedOptionModule) or a removal
+  # (mkRemovedOptionModule), so "the old option exists" says nothing.
+
+  # systemd.settings.Manager (25.11 on) replaced systemd.watchdog.*, which
+  # now only warn that they were renamed.
+  hasManagerSettings = options ? systemd.settings.Manager;
+
+  # boot.nixStoreMountOpts replaced boot.readOnlyNixStore, which 25.11
+  # turned into an error.
+  hasStoreMountOpts = options ? boot.nixStoreMountOpts;
+
+  # Releases before system.switch.enable (23.11) always built
+  # bin/switch-to-configuration.
+  switchEnabled = !(options ? system.switch.enable) || config.system.switch.enable;
+
+  storeMountWritable =
+    if hasStoreMountOpts then
+      !(lib.elem "ro" config.boot.nixStoreMountOpts)
+    else
+      !config.boot.readOnlyNixStore;
+
+  # The file system that holds /nix/store: its own mount, else /nix's, else
+  # the root's. nixless writes there, so it must not be read-only by design
+  # (an erofs/squashfs store partition, as image builders make them) or by
+  # its mount options.
+  # fileSystems.<name>.enable (newer releases) leaves a mount out.
+  mounts = lib.filter (fs: fs.enable or true) (lib.attrValues config.fileSystems);
+  mountAt = point: lib.findFirst (fs: fs.mountPoint == point) null mounts;
+  storeMount = lib.findFirst (fs: fs != null) null (map mountAt [ "/nix/store" "/nix" "/" ]);
+
+  # fsType has no default from 26.05 on, and a bind mount may leave it unset.
+  fsTypeOf =
+    fs:
+    let
+      t = builtins.tryEval fs.fsType;
+    in
+    if t.success then t.value else "none";
+
+  readOnlyFsTypes = [ "erofs" "squashfs" "iso9660" ];
+
+  # A bind mount is as writable as its source; an overlay without an upper
+  # directory is read-only whatever its lower layers are. `depth` stops a
+  # bind that names itself.
+  readOnlyMount =
+    depth: fs:
+    let
+      opts = fs.options or [ ];
+      source = if (fs.device or null) == null then null else mountAt fs.device;
+      overlayUpper =
+        lib.any (lib.hasPrefix "upperdir=") opts || ((fs.overlay or { }).upperdir or null) != null;
+    in
+    lib.elem (fsTypeOf fs) readOnlyFsTypes
+    || lib.elem "ro" opts
+    || (fsTypeOf fs == "overlay" && !overlayUpper)
+    || (lib.elem "bind" opts && source != null && depth > 0 && readOnlyMount (depth - 1) source);
+
+  storeOnReadOnlyFs = storeMount != null && readOnlyMount 4 storeMount;
+
+  compatAssertions = [
+    {
+      assertion = switchEnabled;
+      message = ''
+        services.nixless needs system.switch.enable = true: nixless activates a
+        deployed system with its bin/switch-to-configuration, which NixOS leaves
+        out of every generation when system.switch.enable = false (as the
+        image-based-appliance profile sets it), so every deploy would be refused.
+        Set system.switch.enable = true.
+      '';
+    }
+    {
+      assertion = storeMountWritable;
+      message =
+        if hasStoreMountOpts then
+          ''
+            services.nixless installs store paths itself, so /nix/store must not be
+            mounted read-only: remove "ro" from boot.nixStoreMountOpts.
+          ''
+        else
+          ''
+            services.nixless installs store paths itself, so /nix/store must not be
+            mounted read-only: set boot.readOnlyNixStore = false.
+          '';
+    }
+    {
+      assertion = !storeOnReadOnlyFs;
+      message = ''
+        services.nixless installs store paths into /nix/store, but it lies on a
+        read-only file system here: fileSystems."${storeMount.mountPoint or "/"}" (fsType ${fsTypeOf storeMount},
+        options ${toString (storeMount.options or [ ])}). An erofs or squashfs store image is
+        replaced whole (by systemd-sysupdate, say), not updated by nixless: put
+        /nix/store on a writable file system, or a writable overlay over the
+        image, to use nixless.
+      '';
+    }
+  ];
+
+  # NixOS bind-mounts the store read-only by default; the Nix daemon undoes
+  # that in its own mount namespace. nixless has no privileged daemon (the
+  # agent runs without CAP_SYS_ADMIN, under its own seccomp filter), and a
+  # unit's ReadWritePaths= cannot make a read-only mount writable, so the
+  # store stays writable for root, as on a system with Nix but no daemon.
+  writableStoreConfig =
+    if hasStoreMountOpts then
+      {
+        boot.nixStoreMountOpts = lib.mkDefault [
+          "nodev"
+          "nosuid"
+        ];
+      }
+    else
+      { boot.readOnlyNixStore = lib.mkDefault false; };
+
+  watchdogConfig =
+    let
+      runtime = lib.mkDefault "${toString cfg.hardwareWatchdog.runtimeSecs}s";
+      reboot = lib.mkDefault "${toString cfg.hardwareWatchdog.rebootSecs}s";
+    in
+    if hasManagerSettings then
+      {
+        systemd.settings.Manager = {
+          RuntimeWatchdogSec = runtime;
+          RebootWatchdogSec = reboot;
+        };
+      }
+    else
+      {
+        systemd.watchdog = {
+          runtimeTime = runtime;
+          rebootTime = reboot;
+        };
+      };
 
   # --- option types ---------------------------------------------------------
 
@@ -315,9 +453,10 @@ in
         description = ''
           Have systemd drive the hardware watchdog, so a machine that hangs
           (for instance while a new system is being verified) is reset and
-          boots the last committed generation. Sets
-          {option}`systemd.watchdog.runtimeTime` and
-          {option}`systemd.watchdog.rebootTime` at `mkDefault` priority.
+          boots the last committed generation. Sets systemd's
+          `RuntimeWatchdogSec` and `RebootWatchdogSec` at `mkDefault` priority
+          (`systemd.settings.Manager`, or `systemd.watchdog.runtimeTime` and
+          `rebootTime` on releases before it).
         '';
       };
 
@@ -335,89 +474,72 @@ in
     };
   };
 
-  config = mkIf cfg.enable {
-    assertions = [
-      {
-        assertion = cfg.deployKeys != [ ];
-        message = "services.nixless.deployKeys: at least one deploy key is needed, or no deploy is ever accepted.";
-      }
-      {
-        assertion = cfg.cacheKeys != [ ];
-        message = "services.nixless.cacheKeys: at least one trusted cache key is needed.";
-      }
-      {
-        assertion = cfg.caches != [ ];
-        message = "services.nixless.caches: at least one binary cache URL is needed.";
-      }
-      {
-        assertion = cfg.listen != [ ] || cfg.pollUrl != null;
-        message = "services.nixless: set listen or pollUrl (or both); with neither, no deploy can ever arrive.";
-      }
-      {
-        assertion = !(lib.elem "ro" config.boot.nixStoreMountOpts);
-        message = ''
-          services.nixless installs store paths itself, so /nix/store must not be
-          mounted read-only: remove "ro" from boot.nixStoreMountOpts.
-        '';
-      }
-    ]
-    ++ unitAssertions;
+  config = mkIf cfg.enable (lib.mkMerge [
+    {
+      assertions = [
+        {
+          assertion = cfg.deployKeys != [ ];
+          message = "services.nixless.deployKeys: at least one deploy key is needed, or no deploy is ever accepted.";
+        }
+        {
+          assertion = cfg.cacheKeys != [ ];
+          message = "services.nixless.cacheKeys: at least one trusted cache key is needed.";
+        }
+        {
+          assertion = cfg.caches != [ ];
+          message = "services.nixless.caches: at least one binary cache URL is needed.";
+        }
+        {
+          assertion = cfg.listen != [ ] || cfg.pollUrl != null;
+          message = "services.nixless: set listen or pollUrl (or both); with neither, no deploy can ever arrive.";
+        }
+      ]
+      ++ compatAssertions
+      ++ unitAssertions;
 
-    warnings = lib.optional config.nix.enable ''
-      services.nixless is enabled together with nix.enable: Nix's database does
-      not know the store paths nixless installs, and Nix's garbage collector
-      may delete them. nixless is meant for machines with nix.enable = false.
-    '';
+      warnings = lib.optional config.nix.enable ''
+        services.nixless is enabled together with nix.enable: Nix's database does
+        not know the store paths nixless installs, and Nix's garbage collector
+        may delete them. nixless is meant for machines with nix.enable = false.
+      '';
 
-    environment.etc."nixless/agent.json".source = configFile;
+      environment.etc."nixless/agent.json".source = configFile;
 
-    # The admin commands on the console: `nixless status`, `verify`, `gc`,
-    # `rollback`.
-    environment.systemPackages = [ cfg.package ];
+      # The admin commands on the console: `nixless status`, `verify`, `gc`,
+      # `rollback`.
+      environment.systemPackages = [ cfg.package ];
 
-    # NixOS bind-mounts the store read-only by default; the Nix daemon undoes
-    # that in its own mount namespace. nixless has no privileged daemon (the
-    # agent runs without CAP_SYS_ADMIN, under its own seccomp filter), and a
-    # unit's ReadWritePaths= cannot make a read-only mount writable, so the
-    # store stays writable for root, as on a system with Nix but no daemon.
-    boot.nixStoreMountOpts = lib.mkDefault [
-      "nodev"
-      "nosuid"
-    ];
+      # Activation scripts and the boot loader builders link into these even
+      # without Nix; the agent writes system-N-link and its GC roots there.
+      systemd.tmpfiles.rules = [
+        "d /nix/var/nix 0755 root root - -"
+        "d /nix/var/nix/profiles 0755 root root - -"
+        "d /nix/var/nix/gcroots 0755 root root - -"
+        "d ${cfg.stateDir} 0700 root root - -"
+      ];
 
-    # Activation scripts and the boot loader builders link into these even
-    # without Nix; the agent writes system-N-link and its GC roots there.
-    systemd.tmpfiles.rules = [
-      "d /nix/var/nix 0755 root root - -"
-      "d /nix/var/nix/profiles 0755 root root - -"
-      "d /nix/var/nix/gcroots 0755 root root - -"
-      "d ${cfg.stateDir} 0700 root root - -"
-    ];
+      systemd.services.nixless-agent = lib.mkMerge [
+        (serviceOf "nixless-agent.service")
+        {
+          # A switch that changes the agent's config (keys, caches, health
+          # checks) restarts the agent, exactly like one that changes its
+          # binary: the new agent then verifies the new system with the new
+          # system's health settings.
+          restartTriggers = [ configFile ];
+          serviceConfig.CapabilityBoundingSet = mkIf (lib.any (p: p < 1024) listenPorts) [
+            "CAP_NET_BIND_SERVICE"
+          ];
+        }
+      ];
 
-    systemd.services.nixless-agent = lib.mkMerge [
-      (serviceOf "nixless-agent.service")
-      {
-        # A switch that changes the agent's config (keys, caches, health
-        # checks) restarts the agent, exactly like one that changes its
-        # binary: the new agent then verifies the new system with the new
-        # system's health settings.
-        restartTriggers = [ configFile ];
-        serviceConfig.CapabilityBoundingSet = mkIf (lib.any (p: p < 1024) listenPorts) [
-          "CAP_NET_BIND_SERVICE"
-        ];
-      }
-    ];
+      # Never restarted or stopped by a switch: it is the process running it.
+      systemd.services.nixless-switch = serviceOf "nixless-switch.service";
 
-    # Never restarted or stopped by a switch: it is the process running it.
-    systemd.services.nixless-switch = serviceOf "nixless-switch.service";
+      systemd.paths.nixless-switch = pathOf "nixless-switch.path";
 
-    systemd.paths.nixless-switch = pathOf "nixless-switch.path";
-
-    networking.firewall.allowedTCPPorts = mkIf cfg.openFirewall listenPorts;
-
-    systemd.watchdog = mkIf cfg.hardwareWatchdog.enable {
-      runtimeTime = lib.mkDefault "${toString cfg.hardwareWatchdog.runtimeSecs}s";
-      rebootTime = lib.mkDefault "${toString cfg.hardwareWatchdog.rebootSecs}s";
-    };
-  };
+      networking.firewall.allowedTCPPorts = mkIf cfg.openFirewall listenPorts;
+    }
+    writableStoreConfig
+    (mkIf cfg.hardwareWatchdog.enable watchdogConfig)
+  ]);
 }

@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Parse check of the Nix side, for machines without nixpkgs: every .nix file
-# in the repository (target/ and fuzz/ excepted) must parse, and
-# nixos/units.json, which the NixOS module and the Debian VM test both read,
-# must be valid JSON of the expected shape. Exits non-zero on any failure.
+# Checks of the Nix side, for machines without nixpkgs: every .nix file in
+# the repository (target/ and fuzz/ excepted) must parse; nixos/units.json,
+# which the NixOS module and the Debian VM test both read, must be valid JSON
+# of the expected shape; and two evaluations against stand-ins for nixpkgs
+# (tests/nix/): the module against the option sets of the releases it
+# supports (tests/nix/module-eval.nix: only declared, current option names;
+# the assertions fire where nixless cannot work), and the VM tests' set-up
+# (tests/nix/vm-script.nix: the test script carries no string context of the
+# generation to deploy). Exits non-zero on any failure.
 #
-# Parsing is all this can check: evaluating the module and the VM tests
-# needs nixpkgs (`nix flake check` does that, where Nix and nixpkgs are).
+# Evaluating the module and the VM tests against real nixpkgs needs nixpkgs
+# (`nix flake check` does that, where Nix and nixpkgs are).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,8 +59,37 @@ EOF
   failed=$((failed + 1))
 fi
 
+# Each evaluation gives {"cases": N, "failures": [...]}; an evaluation error
+# (an option read that a release lacks, say) fails it as well.
+evals=0
+for check in module-eval vm-script; do
+  if ! out=$(nix-instantiate --store dummy:// --eval --strict --json \
+    -E "import ./tests/nix/$check.nix { }" 2>&1); then
+    echo "FAIL tests/nix/$check.nix does not evaluate:"
+    echo "$out" | sed 's/^/  /'
+    failed=$((failed + 1))
+    continue
+  fi
+  if ! report=$(python3 -c '
+import json, sys
+r = json.loads(sys.argv[1])
+assert r["cases"] > 0, "no cases ran"
+for f in r["failures"]:
+    print("  " + f)
+if r["failures"]:
+    sys.exit(1)
+print(r["cases"])
+' "$out" 2>&1); then
+    echo "FAIL tests/nix/$check.nix:"
+    echo "$report"
+    failed=$((failed + 1))
+  else
+    evals=$((evals + report))
+  fi
+done
+
 if ((failed)); then
   echo "nix-parse: $failed failure(s)"
   exit 1
 fi
-echo "nix-parse: $checked .nix files parse; nixos/units.json is valid"
+echo "nix-parse: $checked .nix files parse; nixos/units.json is valid; $evals evaluation cases pass"

@@ -38,6 +38,13 @@ let
       # `switch-to-configuration boot` only warns, as on an ISO.
       boot.loader.grub.enable = false;
 
+      # nixpkgs' test nodes leave switch-to-configuration out of their
+      # systems unless they have specialisations
+      # (nixos/lib/testing/nixos-test-base.nix, key
+      # "no-switch-to-configuration", a mkDefault); nixless switches with it,
+      # and the module asserts it is there.
+      system.switch.enable = true;
+
       environment.etc."nixless-test/generation".text = lib.mkDefault "1";
       environment.systemPackages = [ pkgs.curl ];
 
@@ -83,6 +90,16 @@ let
       virtualisation.diskSize = 4096;
     };
 
+  # NEXT's store path as plain text, without its string context. nixpkgs
+  # copies whatever a test script refers to into the store image of every
+  # node with useNixStoreImage (nixos/lib/testing/testScript.nix:
+  # virtualisation.additionalPaths gets writeStringReferencesToFile of the
+  # script when includeTestScriptReferences, default true): with the
+  # context, the device would boot with NEXT's closure already in its store
+  # and fetch nothing. The cache node's additionalPaths still makes NEXT a
+  # build input of the test, and the prelude checks the device lacks it.
+  nextPath = nodes: builtins.unsafeDiscardStringContext nodes.device.system.build.nixlessNext.outPath;
+
   # Helpers every test script starts with. FIRST is the generation the
   # device boots, NEXT the one the test deploys (when there is one).
   prelude =
@@ -115,7 +132,7 @@ let
       assert resolve("/run/current-system") == FIRST
     ''
     + lib.optionalString withCache ''
-      NEXT = "${nodes.device.system.build.nixlessNext}"
+      NEXT = "${nextPath nodes}"
 
 
       def publish(path: str) -> None:
