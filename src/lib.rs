@@ -1,4 +1,10 @@
 //! nixless: install NixOS closures from Nix binary caches, without Nix.
+//!
+//! Byte-index slicing of `str` (which panics inside a character) is denied
+//! in all library code: everything here handles bytes from the network, a
+//! cache, a file or a config. Tests may slice their own fixtures.
+
+#![cfg_attr(not(test), deny(clippy::string_slice))]
 
 pub mod admin;
 pub mod agent;

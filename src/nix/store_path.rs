@@ -90,11 +90,12 @@ impl StorePath {
 
     /// The 32-character hash part, which is also the narinfo's file stem.
     pub fn hash_part(&self) -> &str {
-        &self.base[..HASH_LEN]
+        // The base was validated as ASCII at construction: never empty here.
+        self.base.get(..HASH_LEN).unwrap_or_default()
     }
 
     pub fn name(&self) -> &str {
-        &self.base[HASH_LEN + 1..]
+        self.base.get(HASH_LEN + 1..).unwrap_or_default()
     }
 
     /// `/nix/store/<hash>-<name>`.
