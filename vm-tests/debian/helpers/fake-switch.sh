@@ -17,6 +17,9 @@ state=/var/lib/fake-nixos
 mkdir -p "$state"
 cg=$(cut -d: -f3 /proc/self/cgroup | head -1)
 echo "$(date +%s) gen=$gen action=$action cgroup=$cg" >>"$state/log"
+# Durable before anything else: the hw-watchdog scenario panics the kernel
+# 5 s later, before ext4's commit interval would have written it.
+sync "$state/log" "$state"
 echo "fake switch-to-configuration: generation $gen, $action (cgroup $cg)"
 
 case $action in
