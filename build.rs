@@ -19,6 +19,9 @@
 //!   (the kernel's `struct sock_filter`), read back by
 //!   `src/agent/seccomp.rs` with `include_bytes!`; empty on any other
 //!   architecture (`seccomp::install` then refuses).
+//! - `seccomp_syscalls.txt`: the names that program allows, one a line
+//!   (tests/qemu_syscalls.rs compares them with what the binary calls under
+//!   qemu-user, where the filter itself cannot be installed).
 //! - `seccomp_consts.txt`: `NAME VALUE` for every argument constant in the
 //!   rules (the first word of the argument's comment), so a unit test can
 //!   compare them with the target's libc values.
@@ -70,12 +73,13 @@ fn main() {
     let x86_64 = compile(&doc, seccompiler::TargetArch::x86_64, "x86_64");
     let aarch64 = compile(&for_aarch64(&doc), seccompiler::TargetArch::aarch64, "aarch64");
 
-    let prog = match std::env::var("CARGO_CFG_TARGET_ARCH").as_deref() {
-        Ok("x86_64") => x86_64,
-        Ok("aarch64") => aarch64,
-        _ => Vec::new(),
+    let (prog, names) = match std::env::var("CARGO_CFG_TARGET_ARCH").as_deref() {
+        Ok("x86_64") => (x86_64, syscall_names(&doc)),
+        Ok("aarch64") => (aarch64, syscall_names(&for_aarch64(&doc))),
+        _ => (Vec::new(), String::new()),
     };
     write(&out_dir.join("seccomp_agent.bpf"), &encode(&prog));
+    write(&out_dir.join("seccomp_syscalls.txt"), names.as_bytes());
     write(&out_dir.join("seccomp_consts.txt"), arg_constants(&doc).as_bytes());
 }
 
@@ -121,6 +125,12 @@ fn for_aarch64(doc: &Value) -> Value {
         list.retain(|r| !AARCH64_ABSENT.iter().any(|(legacy, _)| syscall(r) == *legacy));
     }
     doc
+}
+
+/// The allowed syscall names, one a line, sorted, each once.
+fn syscall_names(doc: &Value) -> String {
+    let names: std::collections::BTreeSet<&str> = rules(doc).iter().map(syscall).collect();
+    names.iter().map(|n| format!("{n}\n")).collect()
 }
 
 fn compile(doc: &Value, arch: seccompiler::TargetArch, arch_name: &str) -> Vec<seccompiler::sock_filter> {

@@ -59,11 +59,13 @@ cargo test -q 2>&1 | tee target/test.log | grep -vE '^(running|$)'
 # install tests (real Nix closures, nginx; nixless spawned through
 # NIXLESS_TEST_RUNNER, as binfmt_misc may not be registered). Not
 # tests/seccomp.rs: qemu-user hands the guest's syscalls to the x86_64 kernel,
-# which cannot apply an aarch64 filter. Not the agent/switch/lock tests:
-# they measure timing and process trees that emulation distorts.
+# which cannot apply an aarch64 filter; instead tests/qemu_syscalls.rs checks
+# every syscall an install makes (qemu -strace) against the aarch64
+# allowlist. Not the agent/switch/lock tests: they wait on timing and
+# process trees that emulation slows and distorts.
 echo "== cargo test, aarch64 under qemu-user"
 CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_RUNNER=qemu-aarch64-static NIXLESS_TEST_RUNNER=qemu-aarch64-static \
-  timeout 1200 cargo test -q --target aarch64-unknown-linux-musl --lib --test install --test nar_vs_nix 2>&1 \
+  timeout 1200 cargo test -q --target aarch64-unknown-linux-musl --lib --test install --test nar_vs_nix --test qemu_syscalls 2>&1 \
   | tee target/test-aarch64.log | grep -vE '^(running|$)'
 
 # The slower tier: systemd behaviour under a real systemd, in a Debian VM
