@@ -143,7 +143,7 @@ pub fn selftest_cli(args: &[String], run_install: fn(&[String]) -> i32) -> i32 {
 ///   of SIGABRT, not SIGSYS (the panic hook and abort() are allowed).
 /// - a forbidden call: `execve` (exec /bin/true in place), `spawn`
 ///   (`Command::status`: killed at its first unlisted call, pipe2 or
-///   clone/vfork), `fork`, `clone`, `ptrace`
+///   clone/vfork), `fork` (clone3 on aarch64, which has no fork), `clone`, `ptrace`
 ///   (PTRACE_TRACEME), `socket-netlink` (a family not allowed),
 ///   `ioctl-other` (FIONREAD, a request not allowed), `mmap-exec`
 ///   (PROT_EXEC). The process must die of SIGSYS; returns 1 if the call
