@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite: what README's test command runs and .ci/run calls.
 # Installs what it needs on a fresh Debian machine, then runs, in order:
-# format and lint checks, the static musl build (size and linkage), and
-# every cargo test (unit tests; integration tests against real Nix 2.8
-# closures served by nginx on loopback), then the Debian VM tests.
+# format and lint checks, the static musl builds for x86_64 and aarch64
+# (size and linkage), every cargo test (unit tests; integration tests against
+# real Nix 2.8 closures served by nginx on loopback), the aarch64 unit and
+# install tests under qemu-user, then the Debian VM tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,32 +13,62 @@ command -v nix-store >/dev/null || need_pkgs+=(nix-bin)
 command -v nginx >/dev/null || need_pkgs+=(nginx-light)
 command -v musl-gcc >/dev/null || need_pkgs+=(musl-tools)
 command -v file >/dev/null || need_pkgs+=(file)
+# aarch64: C cross compiler for ring's C/asm (rust-lld links), qemu-user to run tests.
+command -v aarch64-linux-gnu-gcc >/dev/null || need_pkgs+=(gcc-aarch64-linux-gnu)
+command -v qemu-aarch64-static >/dev/null || need_pkgs+=(qemu-user-static)
 if ((${#need_pkgs[@]})); then
   echo "== installing ${need_pkgs[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
 fi
-rustup target list --installed 2>/dev/null | grep -q x86_64-unknown-linux-musl \
-  || rustup target add x86_64-unknown-linux-musl
+for t in x86_64-unknown-linux-musl aarch64-unknown-linux-musl; do
+  rustup target list --installed 2>/dev/null | grep -qx "$t" || rustup target add "$t"
+done
+
+# static_build TRIPLE FILE-ARCH: release build, statically linked for that
+# architecture (as `file` names it), at most 3 MiB stripped.
+static_build() {
+  echo "== static musl release build, $1"
+  cargo build -q --release --target "$1"
+  local bin=target/$1/release/nixless desc size
+  desc=$(file -b "$bin")
+  [[ $desc == *"$2"* ]] || { echo "$bin: not $2: $desc"; exit 1; }
+  [[ $desc == *"statically linked"* || $desc == *"static-pie linked"* ]] || { echo "$bin: not static: $desc"; exit 1; }
+  size=$(stat -c %s "$bin")
+  echo "binary: $bin, $size bytes stripped ($(echo "$desc" | cut -d, -f1-4))"
+  ((size <= 3 * 1024 * 1024)) || { echo "binary over 3 MiB"; exit 1; }
+}
 
 echo "== cargo fmt --check"
 cargo fmt --check
 echo "== cargo clippy -D warnings"
 cargo clippy --all-targets -q -- -D warnings
+# The aarch64-only code (the seccomp selftest's raw syscalls) is linted only here.
+cargo clippy --target aarch64-unknown-linux-musl --all-targets -q -- -D warnings
 
-echo "== static musl release build"
-cargo build -q --release --target x86_64-unknown-linux-musl
-bin=target/x86_64-unknown-linux-musl/release/nixless
-file "$bin" | grep -Eq "statically linked|static-pie linked" || { file "$bin"; echo "not static"; exit 1; }
-size=$(stat -c %s "$bin")
-echo "binary: $bin, $size bytes stripped ($(file -b "$bin" | cut -d, -f1-4))"
-((size <= 3 * 1024 * 1024)) || { echo "binary over 3 MiB"; exit 1; }
+static_build x86_64-unknown-linux-musl "x86-64"
+# Cross-built on this machine: .cargo/config.toml names the linker and C compiler.
+static_build aarch64-unknown-linux-musl "ARM aarch64"
 
 echo "== nix files parse, units.json is valid"
 bash tests/nix-parse.sh
 
 echo "== cargo test"
 cargo test -q 2>&1 | tee target/test.log | grep -vE '^(running|$)'
+
+# The same code for aarch64, run by qemu-user: the unit tests (formats, NAR,
+# narinfo, the seccomp rules' constants), the NAR comparison with Nix and the
+# install tests (real Nix closures, nginx; nixless spawned through
+# NIXLESS_TEST_RUNNER, as binfmt_misc may not be registered). Not
+# tests/seccomp.rs: qemu-user hands the guest's syscalls to the x86_64 kernel,
+# which cannot apply an aarch64 filter; instead tests/qemu_syscalls.rs checks
+# every syscall an install makes (qemu -strace) against the aarch64
+# allowlist. Not the agent/switch/lock tests: they wait on timing and
+# process trees that emulation slows and distorts.
+echo "== cargo test, aarch64 under qemu-user"
+CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_RUNNER=qemu-aarch64-static NIXLESS_TEST_RUNNER=qemu-aarch64-static \
+  timeout 1200 cargo test -q --target aarch64-unknown-linux-musl --lib --test install --test nar_vs_nix --test qemu_syscalls 2>&1 \
+  | tee target/test-aarch64.log | grep -vE '^(running|$)'
 
 # The slower tier: systemd behaviour under a real systemd, in a Debian VM
 # (qemu, TCG). NIXLESS_SKIP_VM=1 skips it for a quick local run.

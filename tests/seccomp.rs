@@ -3,8 +3,13 @@
 //! installs the filter and then does WHAT. Forbidden calls must kill the
 //! process with SIGSYS; the agent's ordinary work, and a full `install`
 //! against real Nix-built caches (file:// and nginx), must complete.
+//!
+//! x86_64 and aarch64, on a real kernel of that architecture: under
+//! qemu-user (tests/run.sh's aarch64 step) the guest's syscalls reach the
+//! x86_64 host kernel, which cannot apply an aarch64 filter, so run.sh
+//! leaves this file out there.
 
-#![cfg(all(target_os = "linux", target_arch = "x86_64"))]
+#![cfg(all(target_os = "linux", any(target_arch = "x86_64", target_arch = "aarch64")))]
 
 mod common;
 
@@ -24,8 +29,8 @@ fn root() -> tempfile::TempDir {
 }
 
 #[test]
-fn filter_compiled_for_x86_64() {
-    let prog = nixless::agent::seccomp::program().expect("x86_64 filter");
+fn filter_compiled_for_this_architecture() {
+    let prog = nixless::agent::seccomp::program().expect("filter for this architecture");
     // Arch check, syscall load, one jump per allowed syscall at least.
     assert!(prog.len() > 60, "{} instructions", prog.len());
     assert!(prog.len() <= 4096);

@@ -6,7 +6,15 @@
 //! The filter source is `src/agent/seccomp.json` (seccompiler's JSON
 //! format, filter `agent`, x86_64 syscall names). `build.rs` compiles it to
 //! BPF at build time, as Firecracker does, so the binary carries the
-//! reviewed program and no JSON parser for it. JSON has no comments, so the
+//! reviewed program and no JSON parser for it. The same rule list serves
+//! aarch64: build.rs drops the legacy path calls and `poll`, which the
+//! asm-generic table lacks, after checking that the `*at`/`ppoll` rule
+//! doing the same operation is allowed unconditionally (its
+//! `AARCH64_ABSENT`); it compiles both architectures on every build, so a
+//! rule that exists on only one fails the build on either machine. The
+//! argument constants (ioctl, fcntl, socket family, PROT_EXEC, SIGABRT) are
+//! the same numbers on both; a unit test compares them with the target's
+//! libc. JSON has no comments, so the
 //! rationale lives here. The list was started from `strace -f` of the musl
 //! static binary running `nixless install` (zstd over http, xz and zstd
 //! over file://, a no-op reinstall, `verify`) and extended with what the
@@ -23,8 +31,8 @@
 //! | fd flags | fcntl: F_GETFD F_SETFD F_GETFL F_SETFL F_DUPFD_CLOEXEC only | musl's `open` sets FD_CLOEXEC again; std/rustix nonblocking and `try_clone` |
 //! | ioctl | ioctl: TCGETS TIOCGWINSZ FIONBIO only | `isatty` (musl and rustix use TIOCGWINSZ, others TCGETS); std's `connect_timeout` toggles FIONBIO |
 //! | file system, `*at` | openat newfstatat fstat statx getdents64 mkdirat renameat renameat2 unlinkat symlinkat linkat readlinkat utimensat fchmod | NAR unpacking (fd-relative), canonical modes and mtime 1, atomic rename into the store (renameat2 RENAME_NOREPLACE), records, GC, profile links |
-//! | file system, legacy | open stat lstat mkdir rename unlink rmdir symlink readlink | the same operations through musl (`std::fs`); musl's DNS resolver opens /etc/hosts and /etc/resolv.conf with `open`; sd-notify's `booted()` uses `lstat` |
-//! | network | socket (AF_UNIX, AF_INET, AF_INET6 only) connect bind listen accept4 getsockname getpeername setsockopt getsockopt shutdown sendto recvfrom sendmsg recvmsg poll ppoll | HTTP client (ureq: connect with timeout = nonblocking connect + poll + SO_ERROR via getsockopt, SO_RCVTIMEO/SO_SNDTIMEO, TCP_NODELAY) and server (listen/accept4); musl's DNS resolver (UDP socket, bind, sendto/recvfrom, poll; connect+getsockname to sort addresses; TCP fallback with sendmsg/recvmsg); sd_notify (AF_UNIX datagram: connect + send = sendto, sendmsg with fds) |
+//! | file system, legacy (x86_64 only: absent from aarch64's table, where musl calls the `*at` form) | open stat lstat mkdir rename unlink rmdir symlink readlink | the same operations through musl (`std::fs`); musl's DNS resolver opens /etc/hosts and /etc/resolv.conf with `open`; sd-notify's `booted()` uses `lstat` |
+//! | network | socket (AF_UNIX, AF_INET, AF_INET6 only) connect bind listen accept4 getsockname getpeername setsockopt getsockopt shutdown sendto recvfrom sendmsg recvmsg poll ppoll (aarch64: ppoll only; musl's poll calls it) | HTTP client (ureq: connect with timeout = nonblocking connect + poll + SO_ERROR via getsockopt, SO_RCVTIMEO/SO_SNDTIMEO, TCP_NODELAY) and server (listen/accept4); musl's DNS resolver (UDP socket, bind, sendto/recvfrom, poll; connect+getsockname to sort addresses; TCP fallback with sendmsg/recvmsg); sd_notify (AF_UNIX datagram: connect + send = sendto, sendmsg with fds) |
 //! | time | clock_gettime clock_nanosleep nanosleep restart_syscall | timeouts, backoff, watchdog pings (the vDSO usually avoids the syscall; its fallback does not); the kernel restarts an interrupted sleep through restart_syscall |
 //! | memory | mmap and mprotect without PROT_EXEC; munmap mremap brk madvise | musl's malloc (brk for metadata, mmap/mremap for large blocks, madvise to return pages); no new executable memory, ever |
 //! | signals | rt_sigaction rt_sigprocmask rt_sigreturn sigaltstack; tkill with SIGABRT only | std's runtime (SIGPIPE ignored, stack-overflow handler torn down at exit), signal handlers for SIGTERM; `abort()` after a panic (panic = "abort") raises SIGABRT with tkill |
@@ -58,14 +66,15 @@
 use seccompiler::sock_filter;
 
 /// The compiled `agent` filter: 8-byte little-endian `sock_filter` records
-/// written by build.rs; empty on targets other than x86_64.
+/// written by build.rs for the target architecture; empty on targets
+/// other than x86_64 and aarch64.
 static AGENT_BPF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/seccomp_agent.bpf"));
 
 /// The BPF program compiled from seccomp.json.
 pub fn program() -> Result<Vec<sock_filter>, String> {
     if AGENT_BPF.is_empty() {
         return Err(format!(
-            "no seccomp filter for this architecture ({}): src/agent/seccomp.json is x86_64 only",
+            "no seccomp filter for this architecture ({}): build.rs compiles src/agent/seccomp.json for x86_64 and aarch64 only",
             std::env::consts::ARCH
         ));
     }
@@ -134,7 +143,7 @@ pub fn selftest_cli(args: &[String], run_install: fn(&[String]) -> i32) -> i32 {
 ///   of SIGABRT, not SIGSYS (the panic hook and abort() are allowed).
 /// - a forbidden call: `execve` (exec /bin/true in place), `spawn`
 ///   (`Command::status`: killed at its first unlisted call, pipe2 or
-///   clone/vfork), `fork`, `clone`, `ptrace`
+///   clone/vfork), `fork` (clone3 on aarch64, which has no fork), `clone`, `ptrace`
 ///   (PTRACE_TRACEME), `socket-netlink` (a family not allowed),
 ///   `ioctl-other` (FIONREAD, a request not allowed), `mmap-exec`
 ///   (PROT_EXEC). The process must die of SIGSYS; returns 1 if the call
@@ -186,11 +195,12 @@ fn forbidden(what: &str) -> String {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 mod raw {
-    /// A raw x86_64 system call; used only for calls std and rustix do not
-    /// offer (fork, clone, ptrace) or refuse to make (arbitrary ioctl,
-    /// executable mmap), to prove the filter kills them.
+    /// A raw system call; used only for calls std and rustix do not offer
+    /// (fork, clone, ptrace) or refuse to make (arbitrary ioctl, executable
+    /// mmap), to prove the filter kills them.
+    #[cfg(target_arch = "x86_64")]
     unsafe fn syscall6(nr: usize, a: [usize; 6]) -> isize {
         let ret: isize;
         // SAFETY: the caller passes arguments valid for `nr`.
@@ -207,40 +217,81 @@ mod raw {
         ret
     }
 
-    const SYS_MMAP: usize = 9;
-    const SYS_IOCTL: usize = 16;
-    const SYS_CLONE: usize = 56;
-    const SYS_FORK: usize = 57;
-    const SYS_PTRACE: usize = 101;
-    const SYS_EXIT_GROUP: usize = 231;
+    #[cfg(target_arch = "aarch64")]
+    unsafe fn syscall6(nr: usize, a: [usize; 6]) -> isize {
+        let ret: isize;
+        // SAFETY: the caller passes arguments valid for `nr`.
+        unsafe {
+            core::arch::asm!(
+                "svc 0",
+                in("x8") nr,
+                inlateout("x0") a[0] as isize => ret,
+                in("x1") a[1], in("x2") a[2], in("x3") a[3], in("x4") a[4], in("x5") a[5],
+                options(nostack),
+            );
+        }
+        ret
+    }
+
+    // arch/x86/entry/syscalls/syscall_64.tbl
+    #[cfg(target_arch = "x86_64")]
+    mod nr {
+        pub const MMAP: usize = 9;
+        pub const IOCTL: usize = 16;
+        pub const CLONE: usize = 56;
+        pub const FORK: usize = 57;
+        pub const PTRACE: usize = 101;
+        pub const EXIT_GROUP: usize = 231;
+    }
+
+    // include/uapi/asm-generic/unistd.h. There is no fork here: the
+    // `fork` selftest makes a process with clone3 instead, the call
+    // glibc's posix_spawn and pthread_create use.
+    #[cfg(target_arch = "aarch64")]
+    mod nr {
+        pub const MMAP: usize = 222;
+        pub const IOCTL: usize = 29;
+        pub const CLONE: usize = 220;
+        pub const FORK: usize = 435; // clone3
+        pub const PTRACE: usize = 117;
+        pub const EXIT_GROUP: usize = 94;
+    }
+
+    // The same on both (asm-generic signal and ioctl numbers).
     const SIGCHLD: usize = 17;
     const FIONREAD: usize = 0x541b;
 
     pub(super) fn forbidden(what: &str) -> String {
         let mut n: i32 = 0;
+        // clone3's struct clone_args, first version (64 bytes): flags 0,
+        // exit_signal SIGCHLD: a plain fork.
+        let clone_args: [u64; 8] = [0, 0, 0, 0, SIGCHLD as u64, 0, 0, 0];
         let (nr, args) = match what {
-            "fork" => (SYS_FORK, [0; 6]),
+            "fork" if cfg!(target_arch = "aarch64") => {
+                (nr::FORK, [clone_args.as_ptr() as usize, core::mem::size_of_val(&clone_args), 0, 0, 0, 0])
+            }
+            "fork" => (nr::FORK, [0; 6]),
             // clone(SIGCHLD, NULL, ...): a plain fork through clone.
-            "clone" => (SYS_CLONE, [SIGCHLD, 0, 0, 0, 0, 0]),
+            "clone" => (nr::CLONE, [SIGCHLD, 0, 0, 0, 0, 0]),
             // PTRACE_TRACEME: harmless if it were allowed.
-            "ptrace" => (SYS_PTRACE, [0; 6]),
-            "ioctl-other" => (SYS_IOCTL, [2, FIONREAD, &mut n as *mut i32 as usize, 0, 0, 0]),
+            "ptrace" => (nr::PTRACE, [0; 6]),
+            "ioctl-other" => (nr::IOCTL, [2, FIONREAD, &mut n as *mut i32 as usize, 0, 0, 0]),
             // PROT_READ|PROT_EXEC, MAP_PRIVATE|MAP_ANONYMOUS, fd -1.
-            "mmap-exec" => (SYS_MMAP, [0, 4096, 1 | 4, 0x02 | 0x20, usize::MAX, 0]),
+            "mmap-exec" => (nr::MMAP, [0, 4096, 1 | 4, 0x02 | 0x20, usize::MAX, 0]),
             _ => return format!("no such selftest {what:?}"),
         };
         // SAFETY: every argument set above is valid for its call; a forked
         // child exits at once without touching the parent's state.
         let ret = unsafe { syscall6(nr, args) };
-        if ret == 0 && (nr == SYS_FORK || nr == SYS_CLONE) {
+        if ret == 0 && (nr == nr::FORK || nr == nr::CLONE) {
             // SAFETY: exit_group never returns.
-            unsafe { syscall6(SYS_EXIT_GROUP, [0; 6]) };
+            unsafe { syscall6(nr::EXIT_GROUP, [0; 6]) };
         }
         format!("raw syscall {nr} returned {ret}")
     }
 }
 
-#[cfg(not(target_arch = "x86_64"))]
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 mod raw {
     pub(super) fn forbidden(what: &str) -> String {
         format!("{what}: not implemented on this architecture")
@@ -360,4 +411,74 @@ fn exercise_allowed() -> Result<(), String> {
     let _ = rustix::termios::isatty(std::io::stderr());
     let _ = std::io::IsTerminal::is_terminal(&std::io::stderr());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// The argument constants of the rules (build.rs lists them by the name
+    /// their comment gives), with the target libc's value for that name:
+    /// seccomp.json holds one number per constant for every architecture,
+    /// so each must mean the same thing on each (it does: x86_64 and
+    /// aarch64 share the asm-generic ioctl, fcntl, socket, mmap and signal
+    /// numbers; a future architecture where they differ fails here, when
+    /// this test runs for it).
+    fn target_values() -> Vec<(&'static str, u64)> {
+        // libc's types differ per target (an ioctl request is c_ulong on
+        // glibc, c_int on musl); a negative value cannot match.
+        fn n<T: TryInto<u64>>(v: T) -> u64 {
+            v.try_into().unwrap_or(u64::MAX)
+        }
+        vec![
+            ("F_GETFD", n(libc::F_GETFD)),
+            ("F_SETFD", n(libc::F_SETFD)),
+            ("F_GETFL", n(libc::F_GETFL)),
+            ("F_SETFL", n(libc::F_SETFL)),
+            ("F_DUPFD_CLOEXEC", n(libc::F_DUPFD_CLOEXEC)),
+            ("TCGETS", n(libc::TCGETS)),
+            ("TIOCGWINSZ", n(libc::TIOCGWINSZ)),
+            ("FIONBIO", n(libc::FIONBIO)),
+            ("AF_UNIX", n(libc::AF_UNIX)),
+            ("AF_INET", n(libc::AF_INET)),
+            ("AF_INET6", n(libc::AF_INET6)),
+            ("PROT_EXEC", n(libc::PROT_EXEC)),
+            ("SIGABRT", n(libc::SIGABRT)),
+        ]
+    }
+
+    #[test]
+    fn rule_constants_are_the_target_libc_values() {
+        let listed = include_str!(concat!(env!("OUT_DIR"), "/seccomp_consts.txt"));
+        let known = target_values();
+        let mut seen = Vec::new();
+        for line in listed.lines() {
+            let (name, value) = line.split_once(' ').expect("NAME VALUE");
+            let value: u64 = value.parse().expect("numeric value");
+            let expected = known.iter().find(|(n, _)| *n == name).map(|(_, v)| *v);
+            let expected = expected.unwrap_or_else(|| panic!("seccomp.json uses {name}: add its libc value here"));
+            assert_eq!(
+                value,
+                expected,
+                "{name} is {value} in seccomp.json but {expected} on {}",
+                std::env::consts::ARCH
+            );
+            seen.push(name);
+        }
+        let unused: Vec<_> = known.iter().filter(|(n, _)| !seen.contains(n)).collect();
+        assert!(unused.is_empty(), "no rule uses {unused:?}");
+    }
+
+    /// The filter exists for the architecture the tests were built for
+    /// (before build.rs compiled per target, aarch64 had none and the agent
+    /// refused to start there).
+    #[test]
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    fn filter_compiled_for_this_target() {
+        let prog = super::program().unwrap_or_else(|e| panic!("{e}"));
+        // Arch check, syscall load, one jump per allowed syscall at least.
+        assert!(prog.len() > 60 && prog.len() <= 4096, "{} instructions", prog.len());
+        // The first instructions load seccomp_data.arch and compare it with
+        // this architecture's AUDIT_ARCH value: the program is for this target.
+        let audit_arch: u32 = if cfg!(target_arch = "aarch64") { 0xc000_00b7 } else { 0xc000_003e };
+        assert!(prog.iter().take(4).any(|i| i.k == audit_arch), "no AUDIT_ARCH check for {}", std::env::consts::ARCH);
+    }
 }

@@ -61,8 +61,30 @@ pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo().join("target"))
 }
 
+/// The nixless binary to run. With `NIXLESS_TEST_RUNNER` set (tests/run.sh's
+/// aarch64 step: `qemu-aarch64-static`), a script next to the binary that
+/// execs it through that runner, since a foreign binary runs on this machine
+/// only through binfmt_misc, which may not be registered. Cargo's
+/// `CARGO_TARGET_<triple>_RUNNER` runs the test binaries, not what they spawn.
 pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_nixless")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| match std::env::var("NIXLESS_TEST_RUNNER") {
+        Ok(runner) if !runner.is_empty() => via_runner(&runner, env!("CARGO_BIN_EXE_nixless")),
+        _ => env!("CARGO_BIN_EXE_nixless").to_owned(),
+    })
+}
+
+fn via_runner(runner: &str, exe: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
+    let script = format!("#!/bin/sh\nexec {} {} \"$@\"\n", quote(runner), quote(exe));
+    let path = format!("{exe}-via-runner");
+    // Several test binaries may write it at once: same bytes, atomic rename.
+    let tmp = format!("{path}.{}", std::process::id());
+    std::fs::write(&tmp, script).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    path
 }
 
 /// Runs a Nix command, panicking on failure; returns stdout.
