@@ -391,17 +391,6 @@ impl Drop for Reaped {
     }
 }
 
-fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        sleep(Duration::from_millis(50));
-    }
-}
-
 fn store_entries(root: &Path) -> Vec<String> {
     let mut v: Vec<String> = fs::read_dir(root.join("nix/store"))
         .map(|rd| rd.map(|e| e.unwrap().file_name().into_string().unwrap()).collect())

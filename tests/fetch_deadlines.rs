@@ -315,17 +315,6 @@ fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        sleep(Duration::from_millis(20));
-    }
-}
-
 /// While `server` holds one of the agent's fetches: status answers, and
 /// three watchdog pings arrive, each time with the server still holding
 /// (so the answer did not wait for the fetch to give up).

@@ -261,3 +261,16 @@ pub fn read_request_path(c: &mut std::net::TcpStream) -> Option<String> {
     let line = String::from_utf8_lossy(&head).lines().next().unwrap_or("").to_owned();
     Some(line.split(' ').nth(1).unwrap_or("/").to_owned())
 }
+
+/// Polls `f` every 20 ms until it gives a value; panics naming `what` after
+/// `timeout` (a bound on the test, never the thing it checks).
+pub fn wait_until<T>(what: &str, timeout: std::time::Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
