@@ -838,3 +838,26 @@ fn hung_health_command_is_killed_with_everything_it_forked() {
     kill_pids(&left);
     assert!(left.is_empty(), "the health command's child {left:?} outlived the timeout");
 }
+
+#[test]
+fn switch_killed_at_its_timeout_leaves_no_unit_lists_for_the_rollback() {
+    // b's switch-to-configuration records the units it is about to start
+    // in /run/nixos/*-list and hangs; killed at the timeout, it leaves them,
+    // and every switch-to-configuration resumes them first: a's rollback
+    // `test` would fail on b's units (exit 4, rollback-failed).
+    let d = Device::new(Opts { switch_timeout: 8, ..Opts::default() });
+    d.behave("b", "hang-lists");
+    d.deploy(Some(&sys("b")), "switch", 180);
+    let (outcome, status) = d.finish(180, 90);
+    assert_eq!(outcome, "rolled-back", "{status}");
+    assert!(status.contains("killed after"), "{status}");
+    assert_eq!(d.calls(), vec!["b test", "a test"]);
+    let lists = nixless::switch::leftovers::dir(d.root.path());
+    for name in nixless::switch::leftovers::LISTS {
+        assert!(!lists.join(name).exists(), "{name} outlived the killed switch");
+    }
+    let log = d.fake_file("helper.log");
+    assert!(log.contains("start-list: 1 unit(s): b-only.service"), "the helper says what it removed: {log}");
+    assert_eq!(d.profile(), Some((1, sys("a"))));
+    assert_eq!(d.current_system(), sys("a"));
+}

@@ -11,6 +11,7 @@
 //! health command) and writes their result the same way.
 
 pub use super::capture::run_captured;
+use super::leftovers;
 use super::protocol::{self, Outcome};
 use crate::agent::config::Config;
 use crate::agent::machine::Step;
@@ -64,6 +65,7 @@ fn handle_switch(cfg: &Config, store: &Store) -> Result<bool, String> {
         // machine rebooted): never run it again; say so.
         let tail = format!("switch helper was interrupted while running request {}; not repeated", req.id);
         log::warn!("{tail}");
+        clear_leftovers(&cfg.root, "the interrupted switch");
         protocol::write_result(dir, &Outcome { id: req.id, code: None, tail })
             .map_err(|e| format!("writing result: {e}"))?;
         return Ok(true);
@@ -78,12 +80,20 @@ fn handle_switch(cfg: &Config, store: &Store) -> Result<bool, String> {
         Ok(stc) => {
             protocol::write_started(dir, req.id).map_err(|e| format!("marking request started: {e}"))?;
             let action = req.step.stc_action();
+            if matches!(req.step, Step::RollbackTest | Step::BootRevert) {
+                // Whatever an earlier run of the new system left to do is
+                // not the rollback's to do.
+                clear_leftovers(&cfg.root, "the failed update, before the rollback");
+            }
             log::info!("request {}: {} {action}", req.id, stc.display());
             // Killed a little before the agent gives up on it, so the result
             // says why.
             let limit = cfg.switch_timeout.saturating_sub(Duration::from_secs(5)).max(Duration::from_secs(1));
             let (code, tail) = run_captured(Command::new(&stc).arg(action), Some(limit));
             log::info!("request {}: exit {code:?}", req.id);
+            if code.is_none() {
+                clear_leftovers(&cfg.root, "the killed switch");
+            }
             match (req.step, code) {
                 (Step::BootOnce, Some(0)) => {
                     let (code, more) = bootloader::one_time_boot(&cfg.root, &req.system);
@@ -99,6 +109,20 @@ fn handle_switch(cfg: &Config, store: &Store) -> Result<bool, String> {
     };
     protocol::write_result(dir, &outcome).map_err(|e| format!("writing result: {e}"))?;
     Ok(true)
+}
+
+/// Removes the unit lists a killed or failed switch-to-configuration left
+/// in /run/nixos (see [`leftovers`]), logging what they held; a failure is
+/// logged and the switch goes on (it may still work).
+fn clear_leftovers(root: &Path, left_by: &str) {
+    match leftovers::clear(root) {
+        Ok(removed) => {
+            for r in removed {
+                log::warn!("removed {r} (left by {left_by})");
+            }
+        }
+        Err(e) => log::warn!("cannot clear switch-to-configuration's unit lists left by {left_by}: {e}"),
+    }
 }
 
 /// Runs the configured health checks; `(code, output)`.
