@@ -861,3 +861,31 @@ fn switch_killed_at_its_timeout_leaves_no_unit_lists_for_the_rollback() {
     assert_eq!(d.profile(), Some((1, sys("a"))));
     assert_eq!(d.current_system(), sys("a"));
 }
+
+#[test]
+fn switch_refused_by_inhibitors_fails_with_the_advice_or_becomes_a_boot_deploy() {
+    let d = Device::new(Opts::default());
+    d.behave("b", "inhibited");
+    d.deploy(Some(&sys("b")), "switch", 190);
+    let (outcome, status) = d.finish(190, 60);
+    assert_eq!(outcome, "failed", "{status}");
+    assert!(status.contains("needs a reboot: deploy with action boot"), "{status}");
+    assert!(status.contains("systemd : /nix/store/"), "what changed: {status}");
+    assert_eq!(d.calls(), vec!["b test"], "nothing was switched, so no rollback");
+    assert_eq!(d.profile(), Some((1, sys("a"))));
+    assert_eq!(d.fake_file("boot-default"), "a");
+    assert_eq!(d.current_system(), sys("a"));
+
+    // Configured to: the same deploy goes on as a boot deploy (no
+    // systemd-boot here, so the new generation simply is the default).
+    let d = Device::new(Opts { extra: r#","inhibited_switch":"boot""#.into(), ..Opts::default() });
+    d.behave("b", "inhibited");
+    d.deploy(Some(&sys("b")), "switch", 191);
+    let (outcome, status) = d.finish(191, 60);
+    assert_eq!(outcome, "committed", "{status}");
+    assert!(status.contains("\"action\":\"boot\""), "{status}");
+    assert_eq!(d.calls(), vec!["b test", "b boot"]);
+    assert_eq!(d.profile(), Some((2, sys("b"))));
+    assert_eq!(d.fake_file("boot-default"), "b");
+    assert_eq!(d.current_system(), sys("a"), "still running a until the reboot");
+}

@@ -14,7 +14,7 @@ pub use super::capture::run_captured;
 use super::leftovers;
 use super::protocol::{self, Outcome};
 use crate::agent::config::Config;
-use crate::agent::machine::Step;
+use crate::agent::machine::{Step, INHIBITED};
 use crate::nix::StorePath;
 use crate::store::Store;
 use std::path::Path;
@@ -89,11 +89,18 @@ fn handle_switch(cfg: &Config, store: &Store) -> Result<bool, String> {
             // Killed a little before the agent gives up on it, so the result
             // says why.
             let limit = cfg.switch_timeout.saturating_sub(Duration::from_secs(5)).max(Duration::from_secs(1));
-            let (code, tail) = run_captured(Command::new(&stc).arg(action), Some(limit));
+            let (code, mut tail) = run_captured(Command::new(&stc).arg(action), Some(limit));
             log::info!("request {}: exit {code:?}", req.id);
             if code.is_none() {
                 clear_leftovers(&cfg.root, "the killed switch");
             }
+            let code = match inhibitors::changed(action, code, &tail) {
+                Some(changes) => {
+                    tail.push_str(&format!("\nswitch inhibitors changed: {changes}"));
+                    Some(INHIBITED)
+                }
+                None => code,
+            };
             match (req.step, code) {
                 (Step::BootOnce, Some(0)) => {
                     let (code, more) = bootloader::one_time_boot(&cfg.root, &req.system);
@@ -122,6 +129,47 @@ fn clear_leftovers(root: &Path, left_by: &str) {
             }
         }
         Err(e) => log::warn!("cannot clear switch-to-configuration's unit lists left by {left_by}: {e}"),
+    }
+}
+
+/// Telling a refusal by `system.switch.inhibitors` from other failures.
+///
+/// NixOS writes the option to `$toplevel/switch-inhibitors` (JSON), and its
+/// pre-switch check `switchInhibitors` compares it with the running
+/// system's for every action but `boot` (nixpkgs
+/// `nixos/modules/system/activation/switchable-system.nix`); on a change it
+/// prints "There are changes to critical components of the system:", the
+/// changed `key : old -> new` lines, advice to use `boot` and reboot, then
+/// (`pre-switch-check.nix`) "Pre-switch check 'switchInhibitors' failed",
+/// and switch-to-configuration "Pre-switch checks failed" and exit 1. The
+/// checks run before anything else, so nothing was switched. Its override,
+/// `NIXOS_NO_CHECK=1`, skips every pre-switch check: the helper never sets it.
+pub mod inhibitors {
+    /// Most bytes of changed `key : old -> new` lines kept for the reason.
+    const SHOWN: usize = 512;
+    const HEADING: &str = "There are changes to critical components of the system:";
+    const CHECK_FAILED: &str = "Pre-switch check 'switchInhibitors' failed";
+
+    /// The changed inhibitors ("" if the tail lost them) when `action` was
+    /// refused by the inhibitors check; `None` for any other result.
+    pub fn changed(action: &str, code: Option<i32>, tail: &str) -> Option<String> {
+        if action == "boot" || code != Some(1) || !(tail.contains(CHECK_FAILED) || tail.contains(HEADING)) {
+            return None;
+        }
+        let after = tail.split_once(HEADING).map_or("", |(_, rest)| rest);
+        let lines: Vec<&str> = after
+            .lines()
+            .map(str::trim)
+            .take_while(|l| !l.starts_with("Switching into"))
+            .filter(|l| !l.is_empty())
+            .collect();
+        let mut shown: String = lines.join("; ").chars().filter(|c| !c.is_control()).collect();
+        if shown.len() > SHOWN {
+            let cut = (0..=SHOWN).rev().find(|&i| shown.is_char_boundary(i)).unwrap_or(0);
+            shown.truncate(cut);
+            shown.push('…');
+        }
+        Some(shown)
     }
 }
 
@@ -235,5 +283,59 @@ pub mod bootloader {
         }
         let (code, out) = bootctl(&["set-default", ""]);
         (code, if code == Some(0) { String::new() } else { format!("bootctl set-default \"\": {}", out.trim()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::inhibitors::changed;
+
+    /// What switch-to-configuration prints when the pre-switch check
+    /// refuses (nixpkgs switchable-system.nix, pre-switch-check.nix,
+    /// switch-to-configuration-ng), verbatim.
+    const REFUSAL: &str = "Checking switch inhibitors...
+There are changes to critical components of the system:
+
+systemd : /nix/store/aaaa-systemd-256.8 -> /nix/store/bbbb-systemd-257.1
+dbus-implementation : dbus -> broker
+
+Switching into this system is not recommended.
+You probably want to run 'nixos-rebuild boot' and reboot your system instead.
+
+If you really want to switch into this configuration directly, then
+you can set NIXOS_NO_CHECK=1 to ignore pre-switch checks.
+
+WARNING: doing so might cause the switch to fail or your system to become unstable.
+
+Pre-switch check 'switchInhibitors' failed
+Pre-switch checks failed
+";
+
+    #[test]
+    fn the_refusal_is_recognised_with_what_changed() {
+        let want = "systemd : /nix/store/aaaa-systemd-256.8 -> /nix/store/bbbb-systemd-257.1; \
+                    dbus-implementation : dbus -> broker";
+        assert_eq!(changed("test", Some(1), REFUSAL).as_deref(), Some(want));
+        assert_eq!(changed("switch", Some(1), REFUSAL).as_deref(), Some(want));
+        // The tail lost the heading: still a refusal, changes unknown.
+        let cut = &REFUSAL[REFUSAL.find("Pre-switch check '").unwrap()..];
+        assert_eq!(changed("test", Some(1), cut).as_deref(), Some(""));
+    }
+
+    #[test]
+    fn other_results_are_not_a_refusal() {
+        assert_eq!(changed("boot", Some(1), REFUSAL), None, "boot is never checked");
+        assert_eq!(changed("test", Some(0), REFUSAL), None);
+        assert_eq!(changed("test", None, REFUSAL), None);
+        assert_eq!(changed("test", Some(1), "Pre-switch check 'custom' failed\nPre-switch checks failed\n"), None);
+        assert_eq!(changed("test", Some(2), "Failed to run activate script\n"), None);
+    }
+
+    #[test]
+    fn a_long_change_list_is_bounded() {
+        let many: String = (0..200).map(|i| format!("k{i} : {} -> {}\n", "a".repeat(50), "b".repeat(50))).collect();
+        let tail = format!("There are changes to critical components of the system:\n\n{many}\nSwitching into");
+        let got = changed("test", Some(1), &tail).unwrap();
+        assert!(got.len() <= 512 + '…'.len_utf8() && got.ends_with('…'), "{}", got.len());
     }
 }
