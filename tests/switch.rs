@@ -889,3 +889,24 @@ fn switch_refused_by_inhibitors_fails_with_the_advice_or_becomes_a_boot_deploy()
     assert_eq!(d.fake_file("boot-default"), "b");
     assert_eq!(d.current_system(), sys("a"), "still running a until the reboot");
 }
+
+#[test]
+fn going_back_from_a_boot_deploy_refused_by_inhibitors_makes_the_old_one_the_default() {
+    // A boot deploy (the way in when inhibitors change) comes up unhealthy;
+    // switching back live is refused the same way: the previous system
+    // becomes the boot default, to run after the next reboot.
+    let d = Device::new(Opts::default());
+    std::fs::write(d.fake.path().join("systemd-boot"), "").unwrap();
+    d.deploy(Some(&sys("c")), "boot", 200);
+    d.wait_for(|s| s.contains("\"phase\":\"awaiting-reboot\""), 60);
+    d.behave("a", "inhibited");
+    std::fs::write(d.fake.path().join("unhealthy"), "").unwrap();
+    d.reboot_into(&sys("c"), "boot-2");
+    let (outcome, status) = d.finish(200, 60);
+    assert_eq!(outcome, "rollback-failed", "{status}");
+    assert!(status.contains("reboot to run it"), "{status}");
+    assert_eq!(d.calls(), vec!["c boot", "a switch", "a boot"]);
+    assert_eq!(d.fake_file("boot-default"), "a");
+    assert!(d.fake_file("bootctl-calls").ends_with("set-default"), "one-time override dropped");
+    assert_eq!(d.profile().map(|p| p.1), Some(sys("a")), "profile points at A again");
+}

@@ -495,10 +495,14 @@ pub fn step(s: &State, ev: Event, now: u64, t: Timing) -> (State, Vec<Effect>) {
                     (true, false) => Outcome::RollbackFailed,
                     (false, _) => Outcome::Failed,
                 };
-                let why = if code == Some(0) {
-                    failure
-                } else {
-                    format!("{failure}; restoring the previous generation: {}", describe_exit(code, &tail))
+                let why = match code {
+                    Some(0) => failure,
+                    // The helper made it the boot default instead.
+                    Some(INHIBITED) => format!(
+                        "{failure}; switch inhibitors refuse switching back to the previous generation live: \
+                         it is the boot default again, reboot to run it"
+                    ),
+                    _ => format!("{failure}; restoring the previous generation: {}", describe_exit(code, &tail)),
                 };
                 finish(&mut s, outcome, Some(why), now);
                 vec![]

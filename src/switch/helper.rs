@@ -110,12 +110,32 @@ fn handle_switch(cfg: &Config, store: &Store) -> Result<bool, String> {
                     let (_, more) = bootloader::drop_default_override();
                     Outcome { id: req.id, code, tail: format!("{tail}{more}") }
                 }
+                (Step::BootRevert, Some(INHIBITED)) => {
+                    let (code, tail) = default_at_least(&stc, limit, tail);
+                    Outcome { id: req.id, code, tail }
+                }
                 _ => Outcome { id: req.id, code, tail },
             }
         }
     };
     protocol::write_result(dir, &outcome).map_err(|e| format!("writing result: {e}"))?;
     Ok(true)
+}
+
+/// Going back after a `boot` deploy whose new system came up unhealthy:
+/// switch inhibitors that changed with it refuse the live `switch` back
+/// (the reason it was a `boot` deploy). `boot` is never checked, so the
+/// previous system at least becomes the boot default again (and the
+/// one-time override goes); the machine runs the new one until it reboots.
+/// [`INHIBITED`] when done, else the failing `boot`'s code.
+fn default_at_least(stc: &Path, limit: Duration, tail: String) -> (Option<i32>, String) {
+    let (code, out) = run_captured(Command::new(stc).arg("boot"), Some(limit));
+    if code != Some(0) {
+        return (code, format!("{tail}\n{out}"));
+    }
+    let (_, more) = bootloader::drop_default_override();
+    let note = "nixless: switch inhibitors refuse the live switch back; the previous generation is the boot default";
+    (Some(INHIBITED), format!("{tail}\n{out}{more}\n{note}"))
 }
 
 /// Removes the unit lists a killed or failed switch-to-configuration left

@@ -307,3 +307,18 @@ fn inhibited_switch_becomes_a_boot_deploy_when_configured() {
     let last = s.last.unwrap();
     assert_eq!((last.outcome, last.action), (Outcome::Committed, Action::Boot));
 }
+
+#[test]
+fn going_back_refused_by_switch_inhibitors_says_to_reboot() {
+    let base = run(vec![accepted(1, Action::Boot), Event::FetchOk, Event::CommitOk, result(1, 0)]).0;
+    let (s, _) = step(&base, resumed("boot-2", NEW), 1, T);
+    let (s, e) = step(&s, Event::Unhealthy("kiosk.service inactive".into()), 2, T);
+    assert_eq!(e[1], Effect::RequestSwitch { id: 2, step: Step::BootRevert, system: OLD.into() });
+    // The helper could only make the previous system the boot default.
+    let (s, _) = step(&s, inhibited_result(2), 3, T);
+    let last = s.last.unwrap();
+    assert_eq!(last.outcome, Outcome::RollbackFailed, "the new system still runs");
+    let reason = last.reason.unwrap();
+    assert!(reason.contains("kiosk.service inactive") && reason.contains("reboot to run it"), "{reason}");
+    assert!(!reason.contains("deploy with action boot"), "that advice is for the way in: {reason}");
+}
