@@ -838,3 +838,75 @@ fn hung_health_command_is_killed_with_everything_it_forked() {
     kill_pids(&left);
     assert!(left.is_empty(), "the health command's child {left:?} outlived the timeout");
 }
+
+#[test]
+fn switch_killed_at_its_timeout_leaves_no_unit_lists_for_the_rollback() {
+    // b's switch-to-configuration records the units it is about to start
+    // in /run/nixos/*-list and hangs; killed at the timeout, it leaves them,
+    // and every switch-to-configuration resumes them first: a's rollback
+    // `test` would fail on b's units (exit 4, rollback-failed).
+    let d = Device::new(Opts { switch_timeout: 8, ..Opts::default() });
+    d.behave("b", "hang-lists");
+    d.deploy(Some(&sys("b")), "switch", 180);
+    let (outcome, status) = d.finish(180, 90);
+    assert_eq!(outcome, "rolled-back", "{status}");
+    assert!(status.contains("killed after"), "{status}");
+    assert_eq!(d.calls(), vec!["b test", "a test"]);
+    let lists = nixless::switch::leftovers::dir(d.root.path());
+    for name in nixless::switch::leftovers::LISTS {
+        assert!(!lists.join(name).exists(), "{name} outlived the killed switch");
+    }
+    let log = d.fake_file("helper.log");
+    assert!(log.contains("start-list: 1 unit(s): b-only.service"), "the helper says what it removed: {log}");
+    assert_eq!(d.profile(), Some((1, sys("a"))));
+    assert_eq!(d.current_system(), sys("a"));
+}
+
+#[test]
+fn switch_refused_by_inhibitors_fails_with_the_advice_or_becomes_a_boot_deploy() {
+    let d = Device::new(Opts::default());
+    d.behave("b", "inhibited");
+    d.deploy(Some(&sys("b")), "switch", 190);
+    let (outcome, status) = d.finish(190, 60);
+    assert_eq!(outcome, "failed", "{status}");
+    assert!(status.contains("needs a reboot: deploy with action boot"), "{status}");
+    assert!(status.contains("systemd : /nix/store/"), "what changed: {status}");
+    assert_eq!(d.calls(), vec!["b test"], "nothing was switched, so no rollback");
+    assert_eq!(d.profile(), Some((1, sys("a"))));
+    assert_eq!(d.fake_file("boot-default"), "a");
+    assert_eq!(d.current_system(), sys("a"));
+
+    // Configured to: the same deploy goes on as a boot deploy (no
+    // systemd-boot here, so the new generation simply is the default).
+    let d = Device::new(Opts { extra: r#","inhibited_switch":"boot""#.into(), ..Opts::default() });
+    d.behave("b", "inhibited");
+    d.deploy(Some(&sys("b")), "switch", 191);
+    let (outcome, status) = d.finish(191, 60);
+    assert_eq!(outcome, "committed", "{status}");
+    assert!(status.contains("\"action\":\"boot\""), "{status}");
+    assert_eq!(d.calls(), vec!["b test", "b boot"]);
+    assert_eq!(d.profile(), Some((2, sys("b"))));
+    assert_eq!(d.fake_file("boot-default"), "b");
+    assert_eq!(d.current_system(), sys("a"), "still running a until the reboot");
+}
+
+#[test]
+fn going_back_from_a_boot_deploy_refused_by_inhibitors_makes_the_old_one_the_default() {
+    // A boot deploy (the way in when inhibitors change) comes up unhealthy;
+    // switching back live is refused the same way: the previous system
+    // becomes the boot default, to run after the next reboot.
+    let d = Device::new(Opts::default());
+    std::fs::write(d.fake.path().join("systemd-boot"), "").unwrap();
+    d.deploy(Some(&sys("c")), "boot", 200);
+    d.wait_for(|s| s.contains("\"phase\":\"awaiting-reboot\""), 60);
+    d.behave("a", "inhibited");
+    std::fs::write(d.fake.path().join("unhealthy"), "").unwrap();
+    d.reboot_into(&sys("c"), "boot-2");
+    let (outcome, status) = d.finish(200, 60);
+    assert_eq!(outcome, "rollback-failed", "{status}");
+    assert!(status.contains("reboot to run it"), "{status}");
+    assert_eq!(d.calls(), vec!["c boot", "a switch", "a boot"]);
+    assert_eq!(d.fake_file("boot-default"), "a");
+    assert!(d.fake_file("bootctl-calls").ends_with("set-default"), "one-time override dropped");
+    assert_eq!(d.profile().map(|p| p.1), Some(sys("a")), "profile points at A again");
+}

@@ -50,6 +50,7 @@ struct Wire {
     switch_timeout_secs: Option<u64>,
     generations_to_keep: Option<u64>,
     switch_mode: Option<String>,
+    inhibited_switch: Option<String>,
 }
 
 /// How switch requests are carried out.
@@ -57,6 +58,18 @@ struct Wire {
 pub enum SwitchMode {
     /// A systemd path unit starts `nixless-switch.service` (production).
     PathUnit,
+}
+
+/// What a `switch` deploy does when switch-to-configuration refuses its
+/// `test` because `system.switch.inhibitors` changed (nothing was switched).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InhibitedSwitch {
+    /// Fail, with "needs a reboot: deploy with action boot" (the default:
+    /// the operator chooses when the device reboots).
+    Fail,
+    /// Go on as a `boot` deploy of the same system: committed, the boot
+    /// default (one-time on systemd-boot), waiting for the next reboot.
+    Boot,
 }
 
 #[derive(Debug, Clone)]
@@ -84,6 +97,7 @@ pub struct Config {
     pub health_check_network: bool,
     pub switch_timeout: Duration,
     pub generations_to_keep: u64,
+    pub inhibited_switch: InhibitedSwitch,
 }
 
 /// Bounded values fit any usize of 32 bits or more.
@@ -191,6 +205,7 @@ const KEYS: &[&str] = &[
     "switch_timeout_secs",
     "generations_to_keep",
     "switch_mode",
+    "inhibited_switch",
 ];
 
 /// The members of a top-level JSON object, key and raw value text, so an
@@ -294,6 +309,11 @@ impl Config {
                 return Err(format!("switch_mode {m:?}: only \"path-unit\" is supported"));
             }
         }
+        let inhibited_switch = match w.inhibited_switch.as_deref() {
+            None | Some("fail") => InhibitedSwitch::Fail,
+            Some("boot") => InhibitedSwitch::Boot,
+            Some(m) => return Err(format!("inhibited_switch {m:?}: expected \"fail\" or \"boot\"")),
+        };
         Ok(Config {
             host: w.host,
             listen,
@@ -315,6 +335,7 @@ impl Config {
             health_check_network: w.health_check_network.unwrap_or(true),
             switch_timeout: bounded_secs("switch_timeout_secs", w.switch_timeout_secs)?,
             generations_to_keep: bounded("generations_to_keep", w.generations_to_keep)?,
+            inhibited_switch,
         })
     }
 
@@ -343,6 +364,9 @@ mod tests {
         assert_eq!(c.listen.len(), 2);
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/nixless"));
         assert_eq!(c.poll_interval, Duration::from_secs(300));
+        assert_eq!(c.inhibited_switch, InhibitedSwitch::Fail);
+        let c = Config::parse(cfg(r#","inhibited_switch":"boot""#).as_bytes()).unwrap();
+        assert_eq!(c.inhibited_switch, InhibitedSwitch::Boot);
         let c =
             Config::parse(cfg(r#","root":"/mnt","poll_url":"https://x/y.json","poll_interval_secs":60"#).as_bytes())
                 .unwrap();
@@ -358,6 +382,7 @@ mod tests {
             (r#","poll_interval_secs":0"#, "poll_interval_secs must be 1..=604800, got 0"),
             (r#","poll_url":"ftp://x""#, "poll_url"),
             (r#","root":"relative""#, "absolute"),
+            (r#","inhibited_switch":"reboot""#, r#"inhibited_switch "reboot": expected "fail" or "boot""#),
         ] {
             let e = Config::parse(cfg(extra).as_bytes()).unwrap_err();
             assert!(e.contains(needle), "{extra}: {e}");

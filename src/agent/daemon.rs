@@ -14,7 +14,7 @@
 //! effects are carried out; see `machine` for why that makes every crash
 //! point resumable.
 
-use super::config::Config;
+use super::config::{Config, InhibitedSwitch};
 use super::deploy::{self, Deploy, Rejection};
 use super::http::{Handler, Limits, Request, Response, Server};
 use super::machine::{self, Action, Effect, Event, Phase, State, Timing};
@@ -456,7 +456,10 @@ impl Agent {
             };
             Some(Server::bind(&cfg.listen, limits).map_err(|e| format!("listening on {:?}: {e}", cfg.listen))?)
         };
-        let timing = Timing { health_timeout_secs: cfg.health_timeout.as_secs() };
+        let timing = Timing {
+            health_timeout_secs: cfg.health_timeout.as_secs(),
+            boot_when_inhibited: cfg.inhibited_switch == InhibitedSwitch::Boot,
+        };
         let poll_seed = now() ^ u64::from(std::process::id()) << 20;
         let next_poll = cfg.poll_url.as_ref().map(|_| Instant::now());
         let shared = Shared::new(state, server);
@@ -1031,7 +1034,7 @@ mod tests {
         );
         let cfg = Config::parse(json.as_bytes()).unwrap();
         let store = Store::open(&cfg.root, &cfg.state_dir).unwrap();
-        (tmp, Ctx { cfg, store, timing: Timing { health_timeout_secs: 30 } }, sk)
+        (tmp, Ctx { cfg, store, timing: Timing { health_timeout_secs: 30, boot_when_inhibited: false } }, sk)
     }
 
     fn doc(sk: &SecretKey, seq: u64, action: Action, system: Option<&str>) -> (Deploy, Vec<u8>, Vec<u8>) {

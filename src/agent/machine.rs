@@ -302,6 +302,9 @@ pub const MAX_TRANSITIONS: u32 = 32;
 pub struct Timing {
     /// How long health checks may take before the update is rolled back.
     pub health_timeout_secs: u64,
+    /// A `switch` whose `test` switch inhibitors refuse becomes a `boot`
+    /// deploy (config `inhibited_switch: "boot"`) instead of failing.
+    pub boot_when_inhibited: bool,
 }
 
 fn finish(s: &mut State, outcome: Outcome, reason: Option<String>, now: u64) {
@@ -339,6 +342,9 @@ fn describe_exit(code: Option<i32>, tail: &str) -> String {
         Some(4) => "some units failed to start (exit 4)".to_string(),
         Some(100) => "a reboot is needed to switch (exit 100); deploy with action boot".to_string(),
         Some(-2) => "the switch helper refused the request".to_string(),
+        Some(INHIBITED) => {
+            "needs a reboot: deploy with action boot (refused by system.switch.inhibitors, exit 1)".to_string()
+        }
         Some(c) => format!("exit {c}"),
         None => "no result (helper died or timed out)".to_string(),
     };
@@ -437,6 +443,7 @@ pub fn step(s: &State, ev: Event, now: u64, t: Timing) -> (State, Vec<Effect>) {
                 s.phase = Phase::Verifying { deadline: now + t.health_timeout_secs };
                 vec![Effect::CheckHealth]
             }
+            Step::Test if code == Some(INHIBITED) => inhibited(&mut s, &tail, now, t),
             Step::Test => {
                 let why = format!("switch-to-configuration test: {}", describe_exit(code, &tail));
                 roll_back(&mut s, why, now)
@@ -488,10 +495,14 @@ pub fn step(s: &State, ev: Event, now: u64, t: Timing) -> (State, Vec<Effect>) {
                     (true, false) => Outcome::RollbackFailed,
                     (false, _) => Outcome::Failed,
                 };
-                let why = if code == Some(0) {
-                    failure
-                } else {
-                    format!("{failure}; restoring the previous generation: {}", describe_exit(code, &tail))
+                let why = match code {
+                    Some(0) => failure,
+                    // The helper made it the boot default instead.
+                    Some(INHIBITED) => format!(
+                        "{failure}; switch inhibitors refuse switching back to the previous generation live: \
+                         it is the boot default again, reboot to run it"
+                    ),
+                    _ => format!("{failure}; restoring the previous generation: {}", describe_exit(code, &tail)),
                 };
                 finish(&mut s, outcome, Some(why), now);
                 vec![]
@@ -581,6 +592,23 @@ pub fn step(s: &State, ev: Event, now: u64, t: Timing) -> (State, Vec<Effect>) {
     (s, effects)
 }
 
+/// `test` refused by switch inhibitors. Their check runs before
+/// switch-to-configuration changes anything, so the running system is the
+/// previous one still and a rollback `test` would only repeat it: the
+/// deploy fails with the advice, or (configured) goes on as a `boot`
+/// deploy of the same system, which the check lets through.
+fn inhibited(s: &mut State, tail: &str, now: u64, t: Timing) -> Vec<Effect> {
+    let job = s.job.as_mut().expect("switching a job");
+    if t.boot_when_inhibited && job.action == Action::Switch {
+        job.action = Action::Boot;
+        s.phase = Phase::Committing;
+        return vec![Effect::Commit];
+    }
+    let why = format!("switch-to-configuration test: {}", describe_exit(Some(INHIBITED), tail));
+    finish(s, Outcome::Failed, Some(why), now);
+    vec![]
+}
+
 /// A `boot` deploy failed: the profile goes back to the previous system
 /// and that system is switched to (making its generation the default).
 fn revert_boot(s: &mut State, reason: String, now: u64) -> Vec<Effect> {
@@ -603,6 +631,11 @@ fn revert_boot(s: &mut State, reason: String, now: u64) -> Vec<Effect> {
 /// one-time entries (GRUB, extlinux, …): the new generation simply became
 /// the default.
 pub const NO_ONE_SHOT: i32 = -3;
+
+/// The helper's code for a `test` or `switch` that switch-to-configuration
+/// refused because `system.switch.inhibitors` changed (it exits 1, and
+/// nothing was switched): the new system needs a reboot.
+pub const INHIBITED: i32 = -4;
 
 /// Whether the machine booted since the job was accepted.
 fn rebooted(s: &State, now_boot: &Option<String>) -> bool {

@@ -230,7 +230,7 @@ mod tests {
 
     #[test]
     fn roundtrips_every_phase() {
-        let t = Timing { health_timeout_secs: 30 };
+        let t = Timing { health_timeout_secs: 30, boot_when_inhibited: false };
         let mut s = State::default();
         let events = vec![
             Event::Accepted {

@@ -162,7 +162,7 @@ mod tests {
             previous: None,
             boot_id: None,
         };
-        snap.state = step(&snap.state, ev, 5, Timing { health_timeout_secs: 1 }).0;
+        snap.state = step(&snap.state, ev, 5, Timing { health_timeout_secs: 1, boot_when_inhibited: false }).0;
         snap.progress = Progress { paths_done: 1, paths_total: 4, bytes_done: 10, bytes_total: 40 };
         let j = status_json(&snap);
         assert!(

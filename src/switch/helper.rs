@@ -11,9 +11,10 @@
 //! health command) and writes their result the same way.
 
 pub use super::capture::run_captured;
+use super::leftovers;
 use super::protocol::{self, Outcome};
 use crate::agent::config::Config;
-use crate::agent::machine::Step;
+use crate::agent::machine::{Step, INHIBITED};
 use crate::nix::StorePath;
 use crate::store::Store;
 use std::path::Path;
@@ -64,6 +65,7 @@ fn handle_switch(cfg: &Config, store: &Store) -> Result<bool, String> {
         // machine rebooted): never run it again; say so.
         let tail = format!("switch helper was interrupted while running request {}; not repeated", req.id);
         log::warn!("{tail}");
+        clear_leftovers(&cfg.root, "the interrupted switch");
         protocol::write_result(dir, &Outcome { id: req.id, code: None, tail })
             .map_err(|e| format!("writing result: {e}"))?;
         return Ok(true);
@@ -78,12 +80,27 @@ fn handle_switch(cfg: &Config, store: &Store) -> Result<bool, String> {
         Ok(stc) => {
             protocol::write_started(dir, req.id).map_err(|e| format!("marking request started: {e}"))?;
             let action = req.step.stc_action();
+            if matches!(req.step, Step::RollbackTest | Step::BootRevert) {
+                // Whatever an earlier run of the new system left to do is
+                // not the rollback's to do.
+                clear_leftovers(&cfg.root, "the failed update, before the rollback");
+            }
             log::info!("request {}: {} {action}", req.id, stc.display());
             // Killed a little before the agent gives up on it, so the result
             // says why.
             let limit = cfg.switch_timeout.saturating_sub(Duration::from_secs(5)).max(Duration::from_secs(1));
-            let (code, tail) = run_captured(Command::new(&stc).arg(action), Some(limit));
+            let (code, mut tail) = run_captured(Command::new(&stc).arg(action), Some(limit));
             log::info!("request {}: exit {code:?}", req.id);
+            if code.is_none() {
+                clear_leftovers(&cfg.root, "the killed switch");
+            }
+            let code = match inhibitors::changed(action, code, &tail) {
+                Some(changes) => {
+                    tail.push_str(&format!("\nswitch inhibitors changed: {changes}"));
+                    Some(INHIBITED)
+                }
+                None => code,
+            };
             match (req.step, code) {
                 (Step::BootOnce, Some(0)) => {
                     let (code, more) = bootloader::one_time_boot(&cfg.root, &req.system);
@@ -93,12 +110,87 @@ fn handle_switch(cfg: &Config, store: &Store) -> Result<bool, String> {
                     let (_, more) = bootloader::drop_default_override();
                     Outcome { id: req.id, code, tail: format!("{tail}{more}") }
                 }
+                (Step::BootRevert, Some(INHIBITED)) => {
+                    let (code, tail) = default_at_least(&stc, limit, tail);
+                    Outcome { id: req.id, code, tail }
+                }
                 _ => Outcome { id: req.id, code, tail },
             }
         }
     };
     protocol::write_result(dir, &outcome).map_err(|e| format!("writing result: {e}"))?;
     Ok(true)
+}
+
+/// Going back after a `boot` deploy whose new system came up unhealthy:
+/// switch inhibitors that changed with it refuse the live `switch` back
+/// (the reason it was a `boot` deploy). `boot` is never checked, so the
+/// previous system at least becomes the boot default again (and the
+/// one-time override goes); the machine runs the new one until it reboots.
+/// [`INHIBITED`] when done, else the failing `boot`'s code.
+fn default_at_least(stc: &Path, limit: Duration, tail: String) -> (Option<i32>, String) {
+    let (code, out) = run_captured(Command::new(stc).arg("boot"), Some(limit));
+    if code != Some(0) {
+        return (code, format!("{tail}\n{out}"));
+    }
+    let (_, more) = bootloader::drop_default_override();
+    let note = "nixless: switch inhibitors refuse the live switch back; the previous generation is the boot default";
+    (Some(INHIBITED), format!("{tail}\n{out}{more}\n{note}"))
+}
+
+/// Removes the unit lists a killed or failed switch-to-configuration left
+/// in /run/nixos (see [`leftovers`]), logging what they held; a failure is
+/// logged and the switch goes on (it may still work).
+fn clear_leftovers(root: &Path, left_by: &str) {
+    match leftovers::clear(root) {
+        Ok(removed) => {
+            for r in removed {
+                log::warn!("removed {r} (left by {left_by})");
+            }
+        }
+        Err(e) => log::warn!("cannot clear switch-to-configuration's unit lists left by {left_by}: {e}"),
+    }
+}
+
+/// Telling a refusal by `system.switch.inhibitors` from other failures.
+///
+/// NixOS writes the option to `$toplevel/switch-inhibitors` (JSON), and its
+/// pre-switch check `switchInhibitors` compares it with the running
+/// system's for every action but `boot` (nixpkgs
+/// `nixos/modules/system/activation/switchable-system.nix`); on a change it
+/// prints "There are changes to critical components of the system:", the
+/// changed `key : old -> new` lines, advice to use `boot` and reboot, then
+/// (`pre-switch-check.nix`) "Pre-switch check 'switchInhibitors' failed",
+/// and switch-to-configuration "Pre-switch checks failed" and exit 1. The
+/// checks run before anything else, so nothing was switched. Its override,
+/// `NIXOS_NO_CHECK=1`, skips every pre-switch check: the helper never sets it.
+pub mod inhibitors {
+    /// Most bytes of changed `key : old -> new` lines kept for the reason.
+    const SHOWN: usize = 512;
+    const HEADING: &str = "There are changes to critical components of the system:";
+    const CHECK_FAILED: &str = "Pre-switch check 'switchInhibitors' failed";
+
+    /// The changed inhibitors ("" if the tail lost them) when `action` was
+    /// refused by the inhibitors check; `None` for any other result.
+    pub fn changed(action: &str, code: Option<i32>, tail: &str) -> Option<String> {
+        if action == "boot" || code != Some(1) || !(tail.contains(CHECK_FAILED) || tail.contains(HEADING)) {
+            return None;
+        }
+        let after = tail.split_once(HEADING).map_or("", |(_, rest)| rest);
+        let lines: Vec<&str> = after
+            .lines()
+            .map(str::trim)
+            .take_while(|l| !l.starts_with("Switching into"))
+            .filter(|l| !l.is_empty())
+            .collect();
+        let mut shown: String = lines.join("; ").chars().filter(|c| !c.is_control()).collect();
+        if shown.len() > SHOWN {
+            let cut = (0..=SHOWN).rev().find(|&i| shown.is_char_boundary(i)).unwrap_or(0);
+            shown.truncate(cut);
+            shown.push('…');
+        }
+        Some(shown)
+    }
 }
 
 /// Runs the configured health checks; `(code, output)`.
@@ -211,5 +303,59 @@ pub mod bootloader {
         }
         let (code, out) = bootctl(&["set-default", ""]);
         (code, if code == Some(0) { String::new() } else { format!("bootctl set-default \"\": {}", out.trim()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::inhibitors::changed;
+
+    /// What switch-to-configuration prints when the pre-switch check
+    /// refuses (nixpkgs switchable-system.nix, pre-switch-check.nix,
+    /// switch-to-configuration-ng), verbatim.
+    const REFUSAL: &str = "Checking switch inhibitors...
+There are changes to critical components of the system:
+
+systemd : /nix/store/aaaa-systemd-256.8 -> /nix/store/bbbb-systemd-257.1
+dbus-implementation : dbus -> broker
+
+Switching into this system is not recommended.
+You probably want to run 'nixos-rebuild boot' and reboot your system instead.
+
+If you really want to switch into this configuration directly, then
+you can set NIXOS_NO_CHECK=1 to ignore pre-switch checks.
+
+WARNING: doing so might cause the switch to fail or your system to become unstable.
+
+Pre-switch check 'switchInhibitors' failed
+Pre-switch checks failed
+";
+
+    #[test]
+    fn the_refusal_is_recognised_with_what_changed() {
+        let want = "systemd : /nix/store/aaaa-systemd-256.8 -> /nix/store/bbbb-systemd-257.1; \
+                    dbus-implementation : dbus -> broker";
+        assert_eq!(changed("test", Some(1), REFUSAL).as_deref(), Some(want));
+        assert_eq!(changed("switch", Some(1), REFUSAL).as_deref(), Some(want));
+        // The tail lost the heading: still a refusal, changes unknown.
+        let cut = &REFUSAL[REFUSAL.find("Pre-switch check '").unwrap()..];
+        assert_eq!(changed("test", Some(1), cut).as_deref(), Some(""));
+    }
+
+    #[test]
+    fn other_results_are_not_a_refusal() {
+        assert_eq!(changed("boot", Some(1), REFUSAL), None, "boot is never checked");
+        assert_eq!(changed("test", Some(0), REFUSAL), None);
+        assert_eq!(changed("test", None, REFUSAL), None);
+        assert_eq!(changed("test", Some(1), "Pre-switch check 'custom' failed\nPre-switch checks failed\n"), None);
+        assert_eq!(changed("test", Some(2), "Failed to run activate script\n"), None);
+    }
+
+    #[test]
+    fn a_long_change_list_is_bounded() {
+        let many: String = (0..200).map(|i| format!("k{i} : {} -> {}\n", "a".repeat(50), "b".repeat(50))).collect();
+        let tail = format!("There are changes to critical components of the system:\n\n{many}\nSwitching into");
+        let got = changed("test", Some(1), &tail).unwrap();
+        assert!(got.len() <= 512 + '…'.len_utf8() && got.ends_with('…'), "{}", got.len());
     }
 }

@@ -4,5 +4,6 @@
 pub mod capture;
 pub mod console;
 pub mod helper;
+pub mod leftovers;
 pub mod profile;
 pub mod protocol;

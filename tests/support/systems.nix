@@ -6,6 +6,12 @@
 #   $FAKE_NIXOS_DIR/behaviour-<name>      ok | fail2 | exit4 | exit100 | hang | slow | unhealthy | bootfail | kill-agent
 #                                         | daemon (leaves `sleep 300` holding stdout, its pid in daemon.pids)
 #                                         | hang-fork (forks `sleep 3600`, pid in grandchild.pids, and waits)
+#                                         | hang-lists (records units to start in $FAKE_NIXOS_ROOT/run/nixos/*-list,
+#                                           as switch-to-configuration does before acting, and hangs)
+#                                         | inhibited (test/switch refused by system.switch.inhibitors, verbatim)
+#   $FAKE_NIXOS_ROOT/run/nixos/*-list     units an interrupted run left: every test/switch resumes them
+#                                         first, as switch-to-configuration does, and as they are not
+#                                         this system's units, fails (exit 4)
 #   $FAKE_NIXOS_DIR/agent.pid             the agent kill-agent kills (self-update: the switch restarts it)
 #   $FAKE_NIXOS_DIR/current               name of the system last activated
 #   $FAKE_NIXOS_DIR/boot-default          name of the system last made the boot default
@@ -37,8 +43,42 @@ let
       echo "$name $action" >> "$d/calls"
       b=$(cat "$d/behaviour-$name" 2>/dev/null || echo ok)
       echo "switch-to-configuration $action of $name ($b)"
+      lists="''${FAKE_NIXOS_ROOT:-/nonexistent}/run/nixos"
       if [ "$action" = test ] || [ "$action" = switch ]; then
+        # nixpkgs' pre-switch check (switchable-system.nix), then
+        # switch-to-configuration's "Pre-switch checks failed" and exit 1.
+        if [ "$b" = inhibited ] && [ "''${NIXOS_NO_CHECK:-}" != 1 ]; then
+          echo "Checking switch inhibitors..."
+          echo "There are changes to critical components of the system:"
+          echo
+          echo "systemd : /nix/store/00000000000000000000000000000000-systemd-256 -> $self-systemd-257"
+          echo
+          echo "Switching into this system is not recommended."
+          echo "You probably want to run 'nixos-rebuild boot' and reboot your system instead."
+          echo
+          echo "If you really want to switch into this configuration directly, then"
+          echo "you can set NIXOS_NO_CHECK=1 to ignore pre-switch checks."
+          echo
+          echo "WARNING: doing so might cause the switch to fail or your system to become unstable."
+          echo
+          echo "Pre-switch check 'switchInhibitors' failed"
+          echo "Pre-switch checks failed"
+          exit 1
+        fi
+        left=$(cat "$lists/start-list" "$lists/restart-list" "$lists/reload-list" \
+          "$lists/activation-restart-list" "$lists/activation-reload-list" 2>/dev/null | sort -u | tr '\n' ' ')
+        if [ -n "$left" ]; then
+          echo "Failed to start $left(left by an interrupted switch)"
+          exit 4
+        fi
         case "$b" in
+          hang-lists)
+            mkdir -p "$lists"
+            echo "$name-only.service" >> "$lists/start-list"
+            echo "$name-daemon.service" >> "$lists/restart-list"
+            echo "$name-daemon.service" >> "$lists/activation-restart-list"
+            echo "recorded the units to start; hanging"
+            sleep 3600 ;;
           fail2) echo "error: activation script snippet 'etc' failed"; exit 2 ;;
           exit4) echo "warning: the following units failed: broken.service"; exit 4 ;;
           exit100) echo "a reboot is required"; exit 100 ;;

@@ -10,6 +10,9 @@
 #            "hang" test additionally makes the machine hang hard a few
 #                   seconds later (a kernel panic with panic=0: only the
 #                   hardware watchdog gets it back)
+#            "hang-lists" test records a unit of its own in /run/nixos/*-list,
+#                   as switch-to-configuration does before acting, starts it
+#                   and hangs until killed (the switch timeout)
 { gen, behaviour ? "ok", salt ? "" }:
 derivation {
   name = "nixless-vmtest-system-${gen}";

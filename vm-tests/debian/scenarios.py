@@ -13,6 +13,9 @@ Scenarios (default: all, in this order):
   hw-watchdog     a system that hangs the machine while it is being verified:
                   the hardware watchdog resets the VM, the previous generation
                   boots, the agent records the update as failed
+  killed-switch   a switch that records its units in /run/nixos/*-list and
+                  hangs: killed at the switch timeout, its lists removed, the
+                  rollback sees none and the deploy ends rolled-back
 
 Each check prints `VMTEST:<scenario>:<check>:PASS|FAIL:<detail>`; the last
 line is `N passed, N failed`. The exit status is non-zero if any check failed.
@@ -454,7 +457,65 @@ class HwWatchdog(Scenario):
                    any("gen=3 action=test" in r for r in runs) and not any("action=boot" in r for r in runs), runs)
 
 
-SCENARIOS = {c.name: c for c in (ReadyWatchdog, Deploy, HwWatchdog)}
+class KilledSwitch(Scenario):
+    """d. A switch killed at the switch timeout leaves switch-to-configuration's
+    unit lists (/run/nixos/*-list), which every later run resumes: the
+    rollback must not see them, and the deploy ends rolled-back."""
+
+    name = "killed-switch"
+    switch_timeout = 40
+
+    def body(self):
+        gen1 = self.build_system(1)
+        gen2 = self.build_system(2, behaviour="hang-lists")
+        self.publish([gen1, gen2])
+        self.prepare_share(self.agent_config(switch_timeout_secs=self.switch_timeout, health_timeout_secs=60))
+        self.boot()
+        self.install()
+        self.provision(gen1)
+        self.vm.succeed("systemctl start nixless-agent", 120)
+        self.wait_agent_active()
+
+        seq = int(time.time())
+        p = self.nixless("deploy", "--key", os.path.join(KEYS, "deploy.sec"), "--host", "vmtest",
+                         "--system", gen2, "--seq", str(seq), "--agent", f"http://127.0.0.1:{self.host_port}",
+                         "--no-wait", timeout=120)
+        self.check("deploy-accepted", p.returncode == 0, p.stderr.strip()[-200:])
+        # While it hangs: its unit runs, its lists are on disk.
+        hung = self.vm.wait_until_succeeds(
+            "systemctl is-active -q vmtest-gen2-only.service && cat /run/nixos/start-list", 180)
+        self.check("lists-written-while-hanging", "vmtest-gen2-only.service" in hung, hung.strip())
+
+        last = {}
+        deadline = time.time() + self.switch_timeout + 240
+        while time.time() < deadline:
+            try:
+                status = self.http_status(timeout=5)
+            except Exception:  # the rollback restarts the agent
+                status = {}
+            last = status.get("last_result") or {}
+            if last.get("seq") == seq and status.get("phase") == "idle":
+                break
+            time.sleep(2)
+        self.check("rolled-back", last.get("seq") == seq and last.get("outcome") == "rolled-back"
+                   and "killed after" in (last.get("reason") or ""), last)
+
+        runs = self.vm.succeed("cat /var/lib/fake-nixos/log").strip().splitlines()
+        fields = [dict(f.split("=", 1) for f in r.split()[1:] if "=" in f) for r in runs]
+        seen = [(f.get("gen"), f.get("action"), f.get("left")) for f in fields]
+        self.check("rollback-saw-no-lists", seen == [("2", "test", "none"), ("1", "test", "none")], seen)
+        files = self.vm.succeed("ls /run/nixos").split()
+        hang = self.vm.succeed("pid=$(cat /var/lib/fake-nixos/hang.pid);"
+                               " if kill -0 $pid 2>/dev/null; then echo alive $pid; else echo gone; fi").strip()
+        self.check("lists-gone-child-killed", not [f for f in files if f.endswith("-list")] and hang == "gone",
+                   f"/run/nixos: {files}; the hung switch's child: {hang}")
+        journal = self.vm.succeed("journalctl -b --no-pager -u nixless-switch | grep 'removed /run/nixos' || true")
+        self.check("helper-logged-removal", "vmtest-gen2-only.service" in journal, journal.strip()[-300:])
+        links = self.vm.succeed("readlink /run/current-system; readlink /nix/var/nix/profiles/system").split()
+        self.check("previous-system-runs", links == [gen1, "system-1-link"], links)
+
+
+SCENARIOS = {c.name: c for c in (ReadyWatchdog, Deploy, HwWatchdog, KilledSwitch)}
 
 
 def main():

@@ -1,7 +1,7 @@
 use super::accepted as accepted_job;
 use super::*;
 
-const T: Timing = Timing { health_timeout_secs: 60 };
+const T: Timing = Timing { health_timeout_secs: 60, boot_when_inhibited: false };
 const NEW: &str = "/nix/store/00000000000000000000000000000000-nixos-system-new";
 const OLD: &str = "/nix/store/11111111111111111111111111111111-nixos-system-old";
 
@@ -246,7 +246,7 @@ fn restart_loops_are_bounded() {
 
 #[test]
 fn a_second_accepted_while_a_job_runs_changes_nothing() {
-    let t = Timing { health_timeout_secs: 30 };
+    let t = Timing { health_timeout_secs: 30, boot_when_inhibited: false };
     let (first, effects) = step(&State::default(), accepted(5, Action::Switch), 10, t);
     assert!(accepted_job(&State::default(), &first));
     assert_eq!(effects, vec![Effect::Fetch]);
@@ -256,4 +256,69 @@ fn a_second_accepted_while_a_job_runs_changes_nothing() {
         assert!(effects.is_empty());
         assert!(!accepted_job(&first, &second));
     }
+}
+
+fn inhibited_result(id: u64) -> Event {
+    // As the helper reports switch-to-configuration's refusal.
+    let tail =
+        "Checking switch inhibitors...\nPre-switch checks failed\nswitch inhibitors changed: systemd : 256 -> 257";
+    Event::SwitchResult { id, code: Some(INHIBITED), tail: tail.into() }
+}
+
+#[test]
+fn test_refused_by_switch_inhibitors_fails_with_the_advice_and_no_rollback() {
+    let (s, effects) = run(vec![accepted(1, Action::Switch), Event::FetchOk, inhibited_result(1)]);
+    // Nothing was switched: no rollback `test` of the running system.
+    assert_eq!(effects[2], vec![]);
+    assert_eq!(s.phase, Phase::Idle);
+    let last = s.last.unwrap();
+    assert_eq!(last.outcome, Outcome::Failed);
+    let reason = last.reason.unwrap();
+    assert!(reason.contains("needs a reboot: deploy with action boot"), "{reason}");
+    assert!(reason.contains("systemd : 256 -> 257"), "{reason}");
+    // A signed rollback refused the same way fails the same way, even when
+    // inhibited switches are to become boot deploys (only `switch` does).
+    let ev = Event::Accepted { seq: 2, action: Action::Rollback, system: OLD.into(), previous: None, boot_id: None };
+    let t = Timing { boot_when_inhibited: true, ..T };
+    let (s, _) = step(&State::default(), ev, 1, t);
+    let (s, effects) = step(&s, inhibited_result(1), 2, t);
+    assert!(effects.is_empty());
+    assert_eq!(s.last.unwrap().outcome, Outcome::Failed);
+}
+
+#[test]
+fn inhibited_switch_becomes_a_boot_deploy_when_configured() {
+    let t = Timing { boot_when_inhibited: true, ..T };
+    let mut s = State::default();
+    let mut effects = Vec::new();
+    for ev in [accepted(1, Action::Switch), Event::FetchOk, inhibited_result(1), Event::CommitOk, result(2, 0)] {
+        let (n, e) = step(&s, ev, 1, t);
+        s = n;
+        effects.push(e);
+    }
+    assert_eq!(effects[2], vec![Effect::Commit], "committed as a boot deploy, no rollback");
+    assert_eq!(effects[3], vec![Effect::RequestSwitch { id: 2, step: Step::BootOnce, system: NEW.into() }]);
+    assert_eq!(s.phase, Phase::AwaitingReboot);
+    assert_eq!(s.job.as_ref().unwrap().action, Action::Boot);
+    // The next boot, into the new system, healthy: committed.
+    let (s, _) = step(&s, resumed("boot-2", NEW), 2, t);
+    let (s, _) = step(&s, Event::Healthy, 3, t);
+    let (s, _) = step(&s, result(3, 0), 4, t);
+    let last = s.last.unwrap();
+    assert_eq!((last.outcome, last.action), (Outcome::Committed, Action::Boot));
+}
+
+#[test]
+fn going_back_refused_by_switch_inhibitors_says_to_reboot() {
+    let base = run(vec![accepted(1, Action::Boot), Event::FetchOk, Event::CommitOk, result(1, 0)]).0;
+    let (s, _) = step(&base, resumed("boot-2", NEW), 1, T);
+    let (s, e) = step(&s, Event::Unhealthy("kiosk.service inactive".into()), 2, T);
+    assert_eq!(e[1], Effect::RequestSwitch { id: 2, step: Step::BootRevert, system: OLD.into() });
+    // The helper could only make the previous system the boot default.
+    let (s, _) = step(&s, inhibited_result(2), 3, T);
+    let last = s.last.unwrap();
+    assert_eq!(last.outcome, Outcome::RollbackFailed, "the new system still runs");
+    let reason = last.reason.unwrap();
+    assert!(reason.contains("kiosk.service inactive") && reason.contains("reboot to run it"), "{reason}");
+    assert!(!reason.contains("deploy with action boot"), "that advice is for the way in: {reason}");
 }
