@@ -19,6 +19,9 @@ state=/var/lib/fake-nixos
 mkdir -p "$state"
 cg=$(cut -d: -f3 /proc/self/cgroup | head -1)
 echo "$(date +%s) gen=$gen action=$action cgroup=$cg" >>"$state/log"
+# On disk now: a "hang" system panics the kernel seconds later, and ext4
+# would lose a line still in the page cache (the hw-watchdog check reads it).
+sync "$state/log"
 echo "fake switch-to-configuration: generation $gen, $action (cgroup $cg)"
 
 case $action in
