@@ -174,10 +174,11 @@ pub fn main(config: &Path) -> Result<(), String> {
 /// `options` line, not by name: nixpkgs' builder has named them
 /// `nixos-generation-N.conf`, `nixos-generation-N+TRIES.conf` with boot
 /// counting, and lately `nixos-<sha256>.conf`. With a boot counter in the
-/// name, systemd-boot before 258 uses the whole file name as the entry id
-/// (systemd issue 38813), later ones strip the counter, and the counter
-/// changes at every boot: such an entry is named by a pattern matching all of
-/// these (`LoaderEntryOneShot` and `LoaderEntryDefault` are glob patterns).
+/// name, systemd-boot uses the whole file name as the entry id (252 and
+/// 257 do, systemd issue 38813), later ones strip the counter (PR 38897,
+/// September 2025), and the counter changes at every boot: such an entry is
+/// named by a pattern matching all of these (`LoaderEntryOneShot` and
+/// `LoaderEntryDefault` are glob patterns).
 pub mod bootloader {
     use super::{run_captured, Command, Duration};
     use crate::agent::machine::NO_ONE_SHOT;
@@ -358,7 +359,7 @@ pub mod bootloader {
             w("nixos-generation-3.conf", &entry(&format!("{B}-x")));
             assert_eq!(entry_in(d.path(), A).as_deref(), Some("nixos-generation-1.conf"));
             // systemd-boot 252 (Debian 12) matches the whole name with its
-            // counter, 258+ the name without: the pattern matches both.
+            // counter, newer ones the name without: the pattern matches both.
             assert_eq!(entry_in(d.path(), B).as_deref(), Some("nixos-generation-2[+.]*"));
             assert_eq!(entry_in(d.path(), "/nix/store/dddddddddddddddddddddddddddddddd-none"), None);
             assert_eq!(entry_in(&d.path().join("missing"), A), None);
