@@ -4,7 +4,8 @@
 # the static binary, builds or reuses the cached Debian image, and runs the
 # scenarios: READY and the service watchdog; a signed deploy through the
 # switch unit with the agent's self-update; a hang while verifying ended by
-# the hardware watchdog. Last line: `N passed, N failed`.
+# the hardware watchdog; boot deploys through UEFI firmware and systemd-boot.
+# Last line: `N passed, N failed`.
 #
 #   tests/debian-vm.sh [SCENARIO...]
 set -euo pipefail
@@ -22,6 +23,11 @@ command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 command -v nginx >/dev/null || need+=(nginx-light)
 command -v nix-build >/dev/null || need+=(nix-bin)
 command -v musl-gcc >/dev/null || need+=(musl-tools)
+# The uefi-boot scenario: UEFI firmware, and tools to make its ESP image.
+[ -e /usr/share/OVMF/OVMF_CODE_4M.fd ] || need+=(ovmf)
+command -v sfdisk >/dev/null || need+=(fdisk)
+command -v mkfs.vfat >/dev/null || need+=(dosfstools)
+command -v mcopy >/dev/null || need+=(mtools)
 # Debian's qemu-system-x86 replaces a newer qemu-utils (from backports) with
 # its own version's: install it first, then qemu-utils if it went away.
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)

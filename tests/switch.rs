@@ -112,14 +112,18 @@ impl Device {
         std::os::unix::fs::symlink(sys("a"), root.path().join("run/current-system")).unwrap();
         std::os::unix::fs::symlink(sys("a"), root.path().join("run/booted-system")).unwrap();
         std::fs::write(fake.path().join("current"), "a\n").unwrap();
-        // A stand-in bootctl on the helper's PATH: records its calls;
-        // `is-installed` succeeds only when `systemd-boot` exists.
+        // A stand-in bootctl on the helper's PATH: records its calls (a
+        // `set-default` with the boot default the system's builder last
+        // wrote: when it is pinned matters); `is-installed` succeeds only
+        // when `systemd-boot` exists; no boot path (entries are named by
+        // generation).
         std::fs::create_dir_all(fake.path().join("bin")).unwrap();
         let bootctl = fake.path().join("bin/bootctl");
         std::fs::write(
             &bootctl,
             format!(
-                "#!/bin/sh\necho \"$*\" >> {d}/bootctl-calls\nif [ \"$1\" = is-installed ]; then test -e {d}/systemd-boot; fi\n",
+                "#!/bin/sh\nline=\"$*\"\n[ \"$1\" = set-default ] && line=\"$line (loader default $(cat {d}/boot-default))\"\n\
+                 echo \"$line\" >> {d}/bootctl-calls\nif [ \"$1\" = is-installed ]; then test -e {d}/systemd-boot; fi\n",
                 d = fake.path().display()
             ),
         )
@@ -428,9 +432,12 @@ fn one_time_boot_on_systemd_boot_commits_after_a_good_first_boot() {
     std::fs::write(d.fake.path().join("systemd-boot"), "").unwrap();
     d.deploy(Some(&sys("c")), "boot", 55);
     d.wait_for(|s| s.contains("\"phase\":\"awaiting-reboot\""), 60);
+    // The running generation is pinned as the default before the builder
+    // (switch-to-configuration boot) moves loader.conf's default to C.
     assert_eq!(
         d.fake_file("bootctl-calls"),
-        "is-installed\nset-default nixos-generation-1.conf\nset-oneshot nixos-generation-2.conf"
+        "is-installed\n--print-boot-path\nset-default nixos-generation-1.conf (loader default a)\n\
+         set-oneshot nixos-generation-2.conf"
     );
     // A restart without a reboot changes nothing; deploys wait.
     d.kill_agent();
@@ -438,7 +445,11 @@ fn one_time_boot_on_systemd_boot_commits_after_a_good_first_boot() {
     d.reboot_into(&sys("c"), "boot-2");
     let (outcome, status) = d.finish(55, 60);
     assert_eq!(outcome, "committed", "{status}");
-    assert!(d.fake_file("bootctl-calls").ends_with("is-installed\nset-default"), "{}", d.fake_file("bootctl-calls"));
+    assert!(
+        d.fake_file("bootctl-calls").ends_with("is-installed\nset-default  (loader default c)"),
+        "{}",
+        d.fake_file("bootctl-calls")
+    );
     assert_eq!(d.profile(), Some((2, sys("c"))));
     assert_eq!(d.calls(), vec!["c boot"], "no live switch");
 }
@@ -457,7 +468,7 @@ fn one_time_boot_that_does_not_come_up_goes_back() {
     assert_eq!(d.profile().map(|p| p.1), Some(sys("a")), "profile points at A again");
     assert_eq!(d.calls(), vec!["c boot", "a switch"]);
     assert_eq!(d.fake_file("boot-default"), "a");
-    assert!(d.fake_file("bootctl-calls").ends_with("set-default"), "override dropped");
+    assert!(d.fake_file("bootctl-calls").ends_with("set-default  (loader default a)"), "override dropped");
 }
 
 #[test]

@@ -17,6 +17,7 @@ use crate::agent::config::Config;
 use crate::agent::machine::{Step, INHIBITED};
 use crate::nix::StorePath;
 use crate::store::Store;
+use bootloader::Pin;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -79,6 +80,16 @@ fn handle_switch(cfg: &Config, store: &Store) -> Result<bool, String> {
         }
         Ok(stc) => {
             protocol::write_started(dir, req.id).map_err(|e| format!("marking request started: {e}"))?;
+            // A boot deploy pins the boot default to the running generation
+            // before the builder moves loader.conf's default to the new one:
+            // a crash or power cut in between must not leave the new
+            // generation as the default for every boot to come.
+            let pin = if req.step == Step::BootOnce { bootloader::pin_running(&cfg.root) } else { Pin::None };
+            if let Pin::Failed(code, why) = pin {
+                let outcome = Outcome { id: req.id, code, tail: why };
+                protocol::write_result(dir, &outcome).map_err(|e| format!("writing result: {e}"))?;
+                return Ok(true);
+            }
             let action = req.step.stc_action();
             if matches!(req.step, Step::RollbackTest | Step::BootRevert) {
                 // Whatever an earlier run of the new system left to do is
@@ -103,7 +114,7 @@ fn handle_switch(cfg: &Config, store: &Store) -> Result<bool, String> {
             };
             match (req.step, code) {
                 (Step::BootOnce, Some(0)) => {
-                    let (code, more) = bootloader::one_time_boot(&cfg.root, &req.system);
+                    let (code, more) = bootloader::one_time_boot(&cfg.root, &req.system, pin);
                     Outcome { id: req.id, code, tail: format!("{tail}{more}") }
                 }
                 (Step::BootRevert, Some(0)) => {
@@ -241,21 +252,36 @@ pub fn main(config: &Path) -> Result<(), String> {
 
 /// One-time boot entries, where the bootloader has them (systemd-boot).
 ///
-/// `switch-to-configuration boot` has just made the new generation the
-/// default (systemd-boot's builder writes it to loader.conf). For a `boot`
-/// deploy we want it tried once: the EFI variable `LoaderEntryDefault`
-/// (`bootctl set-default`, which overrides loader.conf) goes back to the
-/// booted generation's entry, and `LoaderEntryOneShot` (`bootctl
-/// set-oneshot`) names the new one. If the new generation does not come up,
-/// the next boot takes the old default. Once it is confirmed, the override
-/// is dropped and loader.conf's default (the new one) rules again.
+/// For a `boot` deploy the new generation is tried once. Before
+/// `switch-to-configuration boot` runs, the EFI variable `LoaderEntryDefault`
+/// (`bootctl set-default`, which overrides loader.conf) is set to the booted
+/// generation's entry ([`pin_running`]); the builder then writes the new
+/// entry and moves loader.conf's default to it, and `LoaderEntryOneShot`
+/// (`bootctl set-oneshot`) names the new entry ([`one_time_boot`]). If the new
+/// generation does not come up, the next boot takes the pinned entry. Once it
+/// is confirmed, the override is dropped and loader.conf's default (the new
+/// one) rules again.
+///
+/// Entries are found by what they boot, `init=<system>/init` on their
+/// `options` line, not by name: nixpkgs' builder has named them
+/// `nixos-generation-N.conf`, `nixos-generation-N+TRIES.conf` with boot
+/// counting, and lately `nixos-<sha256>.conf`. With a boot counter in the
+/// name, systemd-boot uses the whole file name as the entry id (252 and
+/// 257 do, systemd issue 38813), later ones strip the counter (PR 38897,
+/// September 2025), and the counter changes at every boot: such an entry is
+/// named by a pattern matching all of these (`LoaderEntryOneShot` and
+/// `LoaderEntryDefault` are glob patterns).
 pub mod bootloader {
     use super::{run_captured, Command, Duration};
     use crate::agent::machine::NO_ONE_SHOT;
     use crate::switch::profile;
-    use std::path::Path;
+    use std::io::Read;
+    use std::path::{Path, PathBuf};
 
     const BOOTCTL_TIMEOUT: Duration = Duration::from_secs(60);
+    /// Entry files are small; anything bigger is not one of the builder's.
+    const MAX_ENTRY_BYTES: u64 = 64 * 1024;
+    const MAX_ENTRIES: usize = 4096;
 
     fn bootctl(args: &[&str]) -> (Option<i32>, String) {
         run_captured(Command::new("bootctl").args(args), Some(BOOTCTL_TIMEOUT))
@@ -265,33 +291,127 @@ pub mod bootloader {
         bootctl(&["is-installed"]).0 == Some(0)
     }
 
-    fn entry_of(root: &Path, system: &str) -> Option<String> {
-        profile::generations(root)
-            .into_iter()
-            .rev()
-            .find(|(_, t)| t == system)
-            .map(|(n, _)| format!("nixos-generation-{n}.conf"))
+    /// Where the entries live: the XBOOTLDR partition if there is one, else the ESP.
+    fn boot_path() -> Option<PathBuf> {
+        let (code, out) = bootctl(&["--print-boot-path"]);
+        let path = out.lines().map(str::trim).find(|l| l.starts_with('/'))?;
+        (code == Some(0)).then(|| PathBuf::from(path))
     }
 
-    /// `(code, note)`: 0 when set up, [`NO_ONE_SHOT`] without systemd-boot.
-    pub fn one_time_boot(root: &Path, system: &str) -> (Option<i32>, String) {
+    /// What the booting of the running generation was pinned to, if anything.
+    pub enum Pin {
+        /// Not a `boot-once` request.
+        None,
+        /// No systemd-boot here.
+        NoSystemdBoot,
+        /// No entry found for the booted generation.
+        NoEntry,
+        /// `LoaderEntryDefault` names the booted generation's entry.
+        Pinned { old: String, boot: Option<PathBuf> },
+        /// `bootctl set-default` failed: nothing was changed.
+        Failed(Option<i32>, String),
+    }
+
+    /// Pins `LoaderEntryDefault` to the booted generation's entry.
+    pub fn pin_running(root: &Path) -> Pin {
         if !is_systemd_boot() {
-            return (Some(NO_ONE_SHOT), "\nnixless: no systemd-boot: the new generation is the boot default".into());
+            return Pin::NoSystemdBoot;
         }
+        let boot = boot_path();
         let booted =
             std::fs::read_link(root.join("run/booted-system")).ok().and_then(|p| p.to_str().map(str::to_owned));
-        let (Some(new), Some(old)) = (entry_of(root, system), booted.and_then(|b| entry_of(root, &b))) else {
-            return (
-                Some(NO_ONE_SHOT),
-                "\nnixless: no generation entries found: the new generation is the boot default".into(),
-            );
-        };
-        // The old default first: a crash in between leaves the safe state.
-        for args in [["set-default", old.as_str()], ["set-oneshot", new.as_str()]] {
-            let (code, out) = bootctl(&args);
-            if code != Some(0) {
-                return (code, format!("\nbootctl {}: {}", args.join(" "), out.trim()));
+        let Some(old) = booted.and_then(|b| entry_of(root, boot.as_deref(), &b)) else { return Pin::NoEntry };
+        match bootctl(&["set-default", &old]) {
+            (Some(0), _) => Pin::Pinned { old, boot },
+            (code, out) => Pin::Failed(code, format!("bootctl set-default {old}: {}", out.trim())),
+        }
+    }
+
+    /// The id (or pattern) naming `system`'s entry: found in the entries
+    /// under `boot`, else the generation-numbered name of its profile link.
+    fn entry_of(root: &Path, boot: Option<&Path>, system: &str) -> Option<String> {
+        boot.and_then(|b| entry_in(&b.join("loader/entries"), system)).or_else(|| {
+            profile::generations(root)
+                .into_iter()
+                .rev()
+                .find(|(_, t)| t == system)
+                .map(|(n, _)| format!("nixos-generation-{n}.conf"))
+        })
+    }
+
+    /// The entry in `dir` whose options boot `system`, as an id for
+    /// `bootctl set-default`/`set-oneshot`. Several (a re-installed
+    /// generation): the last by name, which is the newest generation.
+    pub fn entry_in(dir: &Path, system: &str) -> Option<String> {
+        let init = format!("init={system}/init");
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .ok()?
+            .take(MAX_ENTRIES)
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| n.ends_with(".conf") && !n.starts_with('.'))
+            .collect();
+        names.sort_by(|a, b| natural(a).cmp(&natural(b)));
+        names.into_iter().rev().find(|n| boots(&dir.join(n), &init)).map(|n| entry_id(&n))
+    }
+
+    /// Orders `nixos-generation-9` before `nixos-generation-10`.
+    fn natural(name: &str) -> (usize, &str) {
+        let digits = name.trim_start_matches(|c: char| !c.is_ascii_digit());
+        (digits.find(|c: char| !c.is_ascii_digit()).unwrap_or(digits.len()), name)
+    }
+
+    fn boots(path: &Path, init: &str) -> bool {
+        let Ok(f) = std::fs::File::open(path) else { return false };
+        let mut text = String::new();
+        if f.take(MAX_ENTRY_BYTES).read_to_string(&mut text).is_err() {
+            return false;
+        }
+        text.lines()
+            .filter_map(|l| l.trim_start().strip_prefix("options"))
+            .any(|o| o.split_whitespace().any(|w| w == init))
+    }
+
+    /// An entry's file name as systemd-boot matches it: as is, or, with a
+    /// boot counter (`NAME+LEFT[-DONE].conf`), the pattern `NAME[+.]*`,
+    /// which matches the counter-less id of newer systemd-boot, the whole
+    /// name of older ones, and the names the counter takes next.
+    pub fn entry_id(file: &str) -> String {
+        let Some(stem) = file.strip_suffix(".conf") else { return file.to_owned() };
+        let Some((name, counter)) = stem.rsplit_once('+') else { return file.to_owned() };
+        let (left, done) = counter.split_once('-').unwrap_or((counter, "0"));
+        let number = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        if !number(left) || !number(done) || name.is_empty() || name.contains(['*', '?', '[', ']', '\\']) {
+            return file.to_owned();
+        }
+        format!("{name}[+.]*")
+    }
+
+    /// `(code, note)` after `switch-to-configuration boot` succeeded: 0 when
+    /// the new entry is the one-time entry, [`NO_ONE_SHOT`] without
+    /// systemd-boot (or without an entry to go back to).
+    pub fn one_time_boot(root: &Path, system: &str, pin: Pin) -> (Option<i32>, String) {
+        let (old, boot) = match pin {
+            Pin::Pinned { old, boot } => (old, boot),
+            Pin::NoSystemdBoot | Pin::None => {
+                return (Some(NO_ONE_SHOT), "\nnixless: no systemd-boot: the new generation is the boot default".into())
             }
+            Pin::NoEntry => {
+                return (
+                    Some(NO_ONE_SHOT),
+                    "\nnixless: no boot entry of the running generation: the new generation is the boot default".into(),
+                )
+            }
+            Pin::Failed(code, why) => return (code, why),
+        };
+        let Some(new) = entry_of(root, boot.as_deref(), system) else {
+            // Nothing to boot once: the builder's default (the new one) rules.
+            let (_, more) = drop_default_override();
+            return (Some(NO_ONE_SHOT), format!("\nnixless: no boot entry for {system}: it is the boot default{more}"));
+        };
+        let (code, out) = bootctl(&["set-oneshot", &new]);
+        if code != Some(0) {
+            return (code, format!("\nbootctl set-oneshot {new}: {}", out.trim()));
         }
         (Some(0), format!("\nnixless: one-time boot of {new}; default stays {old}"))
     }
@@ -303,6 +423,79 @@ pub mod bootloader {
         }
         let (code, out) = bootctl(&["set-default", ""]);
         (code, if code == Some(0) { String::new() } else { format!("bootctl set-default \"\": {}", out.trim()) })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        const A: &str = "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-nixos-system-a";
+        const B: &str = "/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-nixos-system-b";
+
+        fn entry(system: &str) -> String {
+            format!(
+                "title NixOS\nversion Generation\nlinux /EFI/nixos/k.efi\noptions init={system}/init root=/dev/vda\n"
+            )
+        }
+
+        #[test]
+        fn entries_are_found_by_what_they_boot() {
+            let d = tempfile::tempdir().unwrap();
+            let w = |n: &str, t: &str| std::fs::write(d.path().join(n), t).unwrap();
+            w("nixos-generation-1.conf", &entry(A));
+            // A specialisation of B boots another toplevel: not B's entry.
+            w("nixos-generation-2-specialisation-x.conf", &entry("/nix/store/cccccccccccccccccccccccccccccccc-spec"));
+            w("nixos-generation-2+3.conf", &entry(B));
+            w("README", &entry(B));
+            // init= must be the whole word: a longer store path is another system.
+            w("nixos-generation-3.conf", &entry(&format!("{B}-x")));
+            assert_eq!(entry_in(d.path(), A).as_deref(), Some("nixos-generation-1.conf"));
+            // systemd-boot 252 (Debian 12) matches the whole name with its
+            // counter, newer ones the name without: the pattern matches both.
+            assert_eq!(entry_in(d.path(), B).as_deref(), Some("nixos-generation-2[+.]*"));
+            assert_eq!(entry_in(d.path(), "/nix/store/dddddddddddddddddddddddddddddddd-none"), None);
+            assert_eq!(entry_in(&d.path().join("missing"), A), None);
+        }
+
+        #[test]
+        fn newest_builder_names_are_content_hashes() {
+            let d = tempfile::tempdir().unwrap();
+            let name = format!("nixos-{}+2-1.conf", "0123456789abcdef".repeat(4));
+            std::fs::write(d.path().join(&name), entry(A)).unwrap();
+            assert_eq!(entry_in(d.path(), A), Some(format!("nixos-{}[+.]*", "0123456789abcdef".repeat(4))));
+        }
+
+        #[test]
+        fn the_newest_of_several_entries_of_one_system() {
+            let d = tempfile::tempdir().unwrap();
+            for n in [9, 10, 2] {
+                std::fs::write(d.path().join(format!("nixos-generation-{n}.conf")), entry(A)).unwrap();
+            }
+            assert_eq!(entry_in(d.path(), A).as_deref(), Some("nixos-generation-10.conf"));
+        }
+
+        #[test]
+        fn hostile_entries_change_nothing() {
+            let d = tempfile::tempdir().unwrap();
+            // Too big to be the builder's: not read past the bound.
+            let mut big = "x".repeat(MAX_ENTRY_BYTES as usize);
+            big.push_str(&entry(A));
+            std::fs::write(d.path().join("nixos-generation-1.conf"), big).unwrap();
+            std::fs::write(d.path().join("nixos-generation-2.conf"), [0xff, 0xfe, 0x00]).unwrap();
+            std::fs::create_dir(d.path().join("nixos-generation-3.conf")).unwrap();
+            assert_eq!(entry_in(d.path(), A), None);
+        }
+
+        #[test]
+        fn counters_and_odd_names() {
+            assert_eq!(entry_id("nixos-generation-4.conf"), "nixos-generation-4.conf");
+            assert_eq!(entry_id("nixos-generation-4+3.conf"), "nixos-generation-4[+.]*");
+            assert_eq!(entry_id("nixos-generation-4+0-3.conf"), "nixos-generation-4[+.]*");
+            // Not a counter, or a name that would be a pattern itself: as is.
+            for n in ["a+b.conf", "a+3-.conf", "+3.conf", "a*+3.conf", "a[1]+3.conf", "a+3-1-2.conf", "a+3"] {
+                assert_eq!(entry_id(n), n);
+            }
+        }
     }
 }
 

@@ -8,11 +8,13 @@
 #   vmlinuz      kernel, for qemu -kernel (direct boot, no bootloader)
 #   initrd.img   small initramfs (virtio, ext4, 9p modules only)
 #   cmdline      the kernel command line to boot it with
+#   systemd-bootx64.efi  the image's systemd-boot (for a UEFI boot)
 # <key> is a hash of this script and of guest/ (the files baked in), so the
 # image is rebuilt only when one of them changes. Older base-* directories
 # are removed after a successful build.
 #
-# How: debootstrap (minbase + systemd, kernel, iproute2, curl, jq) into a
+# How: debootstrap (minbase + systemd, kernel, iproute2, curl, jq,
+# systemd-boot for bootctl and systemd-bless-boot: the uefi-boot scenario) into a
 # directory, configure it, then `mkfs.ext4 -d DIR` populates a raw image
 # without mounting it, and qemu-img turns it into qcow2. Needs root (as
 # debootstrap does) and the Debian mirror apt is configured with (override
@@ -62,7 +64,10 @@ mkdir -p "$build"
 t0=$(date +%s)
 
 log "debootstrap $suite from $mirror (log: $build/debootstrap.log)"
-pkgs=systemd,systemd-sysv,udev,linux-image-amd64,initramfs-tools,zstd,kmod,iproute2,procps,curl,jq,e2fsprogs
+# systemd-boot: bootctl, systemd-bless-boot and boot-complete.target (in
+# bookworm they are not in the systemd package); its postinst installs
+# nothing here (no ESP in the chroot).
+pkgs=systemd,systemd-sysv,udev,linux-image-amd64,initramfs-tools,zstd,kmod,iproute2,procps,curl,jq,e2fsprogs,systemd-boot
 if ! debootstrap --variant=minbase --include="$pkgs" --cache-dir="$cache/debs" \
   "$suite" "$root" "$mirror" >"$build/debootstrap.log" 2>&1; then
   tail -30 "$build/debootstrap.log" >&2
@@ -174,8 +179,10 @@ umount "$root/sys" "$root/proc"
 
 # Keep only the kernel modules a virtio guest needs (and their dependencies):
 # a much smaller image, and udev has nothing else to load at boot.
+# efivarfs, vfat and its code pages: the uefi-boot scenario's EFI variables
+# and ESP.
 want="virtio_pci virtio_blk virtio_net virtio_console virtio_rng 9p 9pnet_virtio ext4
-  i6300esb crc32c_generic af_packet"
+  i6300esb crc32c_generic af_packet efivarfs vfat nls_cp437 nls_ascii nls_iso8859_1"
 keep=$build/keep-modules
 for m in $want; do
   chroot "$root" modprobe -S "$kver" --show-depends "$m" 2>/dev/null | awk '$1 == "insmod" { print $2 }'
@@ -190,6 +197,9 @@ log "kept $(wc -l <"$keep") kernel modules"
 mkdir -p "$build/out"
 cp "$root/boot/vmlinuz-$kver" "$build/out/vmlinuz"
 cp "$root/boot/initrd.img-$kver" "$build/out/initrd.img"
+# The boot loader the uefi-boot scenario puts on its ESP (same version as
+# the image's bootctl).
+cp "$root/usr/lib/systemd/boot/efi/systemd-bootx64.efi" "$build/out/"
 echo "root=/dev/vda rw console=ttyS0,115200 net.ifnames=0 panic=0 quiet loglevel=4 systemd.show_status=1" >"$build/out/cmdline"
 
 # Slim down: documentation, package lists, caches, the kernel copy in /boot.

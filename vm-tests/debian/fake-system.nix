@@ -13,13 +13,27 @@
 #            "hang-lists" test records a unit of its own in /run/nixos/*-list,
 #                   as switch-to-configuration does before acting, starts it
 #                   and hangs until killed (the switch timeout)
-{ gen, behaviour ? "ok", salt ? "" }:
+#            "boot-hang" the generation hangs when it boots: its kernel
+#                   parameters carry nixless.vmtest.hang, which makes
+#                   vmtest-boot-hang.service (uefi-boot scenario) panic the
+#                   kernel once the hardware watchdog is armed
+#
+# For booting it through a real boot loader (the uefi-boot scenario) a
+# system also has what NixOS's systemd-boot builder reads: `init` (here it
+# just starts the guest's systemd), `kernel-params` (kernelParams), and
+# bin/install-bootloader (helpers/sd-boot-builder.sh), which
+# switch-to-configuration boot runs when an ESP with systemd-boot is mounted
+# at /boot. bootCountingTries: boot.loader.systemd-boot.bootCounting.tries
+# ("" = boot counting off).
+{ gen, behaviour ? "ok", salt ? "", kernelParams ? "", bootCountingTries ? "" }:
 derivation {
   name = "nixless-vmtest-system-${gen}";
   system = "x86_64-linux";
   builder = "/bin/sh";
-  inherit gen behaviour salt;
+  inherit gen behaviour salt bootCountingTries;
+  kernelParams = kernelParams + (if behaviour == "boot-hang" then " nixless.vmtest.hang" else "");
   script = builtins.readFile ./helpers/fake-switch.sh;
+  builderScript = builtins.readFile ./helpers/sd-boot-builder.sh;
   args = [
     "-c"
     ''
@@ -30,6 +44,11 @@ derivation {
       printf '%s' "$script" | sed -e "s|@out@|$out|g" -e "s|@gen@|$gen|g" -e "s|@behaviour@|$behaviour|g" \
         > $out/bin/switch-to-configuration
       chmod 0555 $out/bin/switch-to-configuration
+      printf '%s' "$builderScript" | sed -e "s|@tries@|$bootCountingTries|g" > $out/bin/install-bootloader
+      chmod 0555 $out/bin/install-bootloader
+      printf '%s\n' "$kernelParams" > $out/kernel-params
+      printf '#!/bin/sh\n# NixOS stage 2 would activate %s here.\nexec /lib/systemd/systemd "$@"\n' "$out" > $out/init
+      chmod 0555 $out/init
     ''
   ];
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the Debian VM scenarios (see README.md beside this script):
 #
-#   vm-tests/debian/run-test.sh [SCENARIO...]    # ready-watchdog deploy hw-watchdog killed-switch (default: all)
+#   vm-tests/debian/run-test.sh [SCENARIO...]    # ready-watchdog deploy hw-watchdog killed-switch uefi-boot (default: all)
 #
 # Builds or reuses the cached base image (build-image.sh), then boots one VM
 # per scenario under qemu (TCG) and drives it through the backdoor. Uses the

@@ -16,6 +16,11 @@ Scenarios (default: all, in this order):
   killed-switch   a switch that records its units in /run/nixos/*-list and
                   hangs: killed at the switch timeout, its lists removed, the
                   rollback sees none and the deploy ends rolled-back
+  uefi-boot       OVMF + systemd-boot, entries as NixOS writes them: a boot
+                  deploy's one-time entry, confirmed and made the default; a
+                  generation that hangs at boot, reset by the hardware
+                  watchdog, the old entry boots; a boot-counted entry
+                  (+TRIES) booted once, blessed, confirmed
 
 Each check prints `VMTEST:<scenario>:<check>:PASS|FAIL:<detail>`; the last
 line is `N passed, N failed`. The exit status is non-zero if any check failed.
@@ -515,7 +520,307 @@ class KilledSwitch(Scenario):
         self.check("previous-system-runs", links == [gen1, "system-1-link"], links)
 
 
-SCENARIOS = {c.name: c for c in (ReadyWatchdog, Deploy, HwWatchdog, KilledSwitch)}
+
+OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+ESP_OFFSET = 1 << 20  # the partition's first byte: sector 2048
+LOADER_VENDOR = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"  # systemd-boot's EFI variables
+KERNEL_ON_ESP = "/EFI/nixos/vmtest-linux-bzImage.efi"
+INITRD_ON_ESP = "/EFI/nixos/vmtest-initrd-initrd.efi"
+
+
+def make_esp(path, files, size_mib=64):
+    """A raw disk: GPT, one EFI system partition (FAT) holding `files`
+    ({path on the ESP: bytes or a host file}); made without mounting."""
+    sectors = size_mib * 2048
+    part = sectors - 2048 - 2048  # room for the backup GPT at the end
+    with open(path, "wb") as f:
+        f.truncate(sectors * 512)
+    subprocess.run(["sfdisk", "-q", path], input=f"label: gpt\nstart=2048, size={part}, type={ESP_TYPE}, "
+                   "name=\"EFI system partition\"\n", text=True, check=True, capture_output=True)
+    subprocess.run(["mkfs.vfat", "-n", "ESP", "--offset", "2048", path, str(part // 2)], check=True,
+                   capture_output=True)
+    img = f"{path}@@{ESP_OFFSET}"
+    made = set()
+    for dest, src in sorted(files.items()):
+        parts = dest.strip("/").split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            d = "/".join(parts[:i])
+            if d not in made:
+                subprocess.run(["mmd", "-i", img, "::/" + d], check=True, capture_output=True)
+                made.add(d)
+        if isinstance(src, bytes):
+            tmp = path + ".file"
+            with open(tmp, "wb") as f:
+                f.write(src)
+            src = tmp
+        subprocess.run(["mcopy", "-i", img, src, "::" + dest], check=True, capture_output=True)
+
+
+class UefiBoot(Scenario):
+    """d. `boot` deploys through real UEFI firmware (OVMF) and a real
+    systemd-boot, with entries written as NixOS's builder writes them: the
+    one-time entry, the confirmed first boot that becomes the default, and a
+    generation that hangs at boot, reset by the hardware watchdog, after
+    which the old entry boots; then boot counting (boot_counting)."""
+
+    name = "uefi-boot"
+    runtime_watchdog = 10
+
+    # ---- guest helpers --------------------------------------------------
+    def efivar(self, name):
+        """A systemd-boot EFI variable as text ("" if unset)."""
+        return self.vm.succeed(
+            f"f=/sys/firmware/efi/efivars/{name}-{LOADER_VENDOR}; "
+            "if [ -e $f ]; then cat $f | tail -c +5 | tr -d '\\000'; fi").strip()
+
+    def loader_default(self):
+        return self.vm.succeed("sed -n 's/^default //p' /boot/loader/loader.conf").strip()
+
+    def reboot(self, timeout=None):
+        self.vm.succeed("systemctl --no-block reboot")
+        return self.vm.wait_for_reboot(timeout or self.args.boot_timeout)
+
+    def booted(self):
+        """(entry systemd-boot booted, /run/booted-system)."""
+        return self.efivar("LoaderEntrySelected"), self.vm.succeed("readlink /run/booted-system").strip()
+
+    def deploy_boot(self, system, seq):
+        p = self.nixless("deploy", "--key", os.path.join(KEYS, "deploy.sec"), "--host", "vmtest",
+                         "--system", system, "--seq", str(seq), "--action", "boot",
+                         "--agent", f"http://127.0.0.1:{self.host_port}", "--no-wait", timeout=120)
+        if p.returncode != 0:
+            raise CheckFailed(f"deploy of {system} not accepted: {p.stderr.strip()[-300:]}")
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            st = self.guest_status()
+            if st.get("phase") == "awaiting-reboot":
+                return st
+            if (st.get("last_result") or {}).get("seq") == seq:
+                raise CheckFailed(f"boot deploy ended before the reboot: {st.get('last_result')}")
+            time.sleep(2)
+        raise CheckFailed(f"boot deploy of {system} never reached awaiting-reboot: {self.guest_status()}")
+
+    def wait_result(self, seq, timeout=240):
+        deadline = time.time() + timeout
+        last = {}
+        while time.time() < deadline:
+            try:
+                last = self.guest_status().get("last_result") or {}
+            except (VMError, ValueError):
+                last = {}
+            if last.get("seq") == seq:
+                return last
+            time.sleep(2)
+        return last
+
+    def build(self, gen, behaviour="ok", tries=""):
+        env = dict(os.environ, NIX_CONFIG=NIX_CONFIG)
+        link = os.path.join(self.work, f"system-{gen}")
+        with open(os.path.join(self.args.image, "cmdline")) as f:
+            params = f.read().strip()
+        out = subprocess.run(
+            ["nix-build", os.path.join(HERE, "fake-system.nix"), "--argstr", "gen", str(gen),
+             "--argstr", "behaviour", behaviour, "--argstr", "kernelParams", params,
+             "--argstr", "bootCountingTries", tries, "--out-link", link],
+            env=env, capture_output=True, text=True, timeout=300)
+        if out.returncode != 0:
+            raise VMError(f"nix-build of fake system {gen}: {out.stderr[-2000:]}")
+        return out.stdout.strip().splitlines()[-1]
+
+    def boot_uefi(self):
+        with open(os.path.join(self.args.image, "cmdline")) as f:
+            cmdline = f.read().strip()
+        efi = os.path.join(self.args.image, "systemd-bootx64.efi")
+        esp = os.path.join(self.work, "esp.raw")
+        # What an installer leaves: systemd-boot (as `bootctl install` puts
+        # it), the kernel and initrd, and an entry for the installer system.
+        make_esp(esp, {
+            "/EFI/BOOT/BOOTX64.EFI": efi,
+            "/EFI/systemd/systemd-bootx64.efi": efi,
+            KERNEL_ON_ESP: os.path.join(self.args.image, "vmlinuz"),
+            INITRD_ON_ESP: os.path.join(self.args.image, "initrd.img"),
+            "/loader/loader.conf": b"timeout 0\ndefault vmtest-installer.conf\neditor 0\n",
+            "/loader/entries/vmtest-installer.conf":
+                f"title Debian (vmtest installer)\nlinux {KERNEL_ON_ESP}\ninitrd {INITRD_ON_ESP}\n"
+                f"options {cmdline}\n".encode(),
+        })
+        vars_copy = os.path.join(self.work, "OVMF_VARS.fd")
+        shutil.copyfile(OVMF_VARS, vars_copy)
+        self.vm = VM(self.args.image, os.path.join(self.work, "vm"), self.share,
+                     fwd={self.host_port: GUEST_PORT}, guestfwd={80: self.cache_port},
+                     uefi={"code": OVMF_CODE, "vars": vars_copy, "esp": esp})
+        self.vm.start(boot_timeout=self.args.boot_timeout)
+
+    def body(self):
+        for f in (OVMF_CODE, OVMF_VARS, os.path.join(self.args.image, "systemd-bootx64.efi")):
+            if not os.path.exists(f):
+                raise VMError(f"missing {f} (apt-get install ovmf; rebuild the image)")
+        gen1 = self.build(1)
+        gen2 = self.build(2)
+        gen3 = self.build(3, behaviour="boot-hang")
+        gen4 = self.build(4, tries="3")
+        self.publish([gen1, gen2, gen3, gen4])
+        self.prepare_share(self.agent_config(health_timeout_secs=120), etc={
+            "systemd/system/nixless-agent.service.d/vmtest.conf": "[Service]\nWatchdogSec=10s\n",
+            "systemd/system.conf.d/vmtest-watchdog.conf":
+                f"[Manager]\nRuntimeWatchdogSec={self.runtime_watchdog}s\n",
+            # The bad generation (kernel parameter nixless.vmtest.hang) hangs
+            # the machine at boot, once the hardware watchdog is armed.
+            "systemd/system/vmtest-boot-hang.service": """[Unit]
+Description=VM test: this generation hangs at boot
+ConditionKernelCommandLine=nixless.vmtest.hang
+DefaultDependencies=no
+After=systemd-modules-load.service
+Before=sysinit.target vmtest-backdoor.service
+
+[Service]
+Type=oneshot
+ExecStart=/bin/sh -c 'for i in $(seq 90); do [ "$(cat /sys/class/watchdog/watchdog0/state 2>/dev/null)" = active ] && break; sleep 1; done; echo "<2>vmtest: hanging at boot" >/dev/kmsg; echo c >/proc/sysrq-trigger'
+
+[Install]
+WantedBy=sysinit.target
+""",
+        })
+        self.boot_uefi()
+        efi = self.vm.succeed("test -d /sys/firmware/efi && findmnt -n -o FSTYPE /sys/firmware/efi/efivars").strip()
+        self.check("uefi-booted", efi == "efivarfs" and self.efivar("LoaderEntrySelected") == "vmtest-installer.conf",
+                   f"efivars {efi!r}, LoaderEntrySelected {self.efivar('LoaderEntrySelected')!r}, "
+                   f"loader {self.efivar('LoaderInfo')!r}")
+        self.install()
+        # The ESP at /boot (NixOS's default efiSysMountPoint), then what
+        # nixos-install does: generation 1, its boot loader entries.
+        self.vm.succeed("mkdir -p /boot && echo '/dev/vdb1 /boot vfat umask=0077 0 2' >>/etc/fstab"
+                        " && systemctl daemon-reload && mount /boot && systemctl enable -q vmtest-boot-hang.service")
+        self.provision(gen1)
+        self.vm.succeed(f"{gen1}/bin/switch-to-configuration boot", 120)
+        st = self.vm.succeed("bootctl is-installed && bootctl --print-esp-path && ls /boot/loader/entries")
+        self.check("installed", "nixos-generation-1.conf" in st and self.loader_default() == "nixos-generation-1.conf",
+                   st.strip().replace("\n", " | "))
+        t = time.time()
+        self.reboot()
+        sel, booted = self.booted()
+        self.check("boots-generation-1", sel == "nixos-generation-1.conf" and booted == gen1,
+                   f"{sel} {booted} ({time.time() - t:.0f} s)")
+        wd = self.vm.wait_until_succeeds(
+            "[ \"$(cat /sys/class/watchdog/watchdog0/state)\" = active ] && "
+            "echo $(cat /sys/class/watchdog/watchdog0/identity) $(cat /sys/class/watchdog/watchdog0/timeout)", 60)
+        self.check("hw-watchdog-armed", wd.split()[-1] == str(self.runtime_watchdog), wd.strip())
+        self.wait_agent_active(180)
+
+        # ---- a boot deploy: one-time entry, confirmed, the new default ----
+        seq = int(time.time())
+        self.deploy_boot(gen2, seq)
+        state = (self.loader_default(), self.efivar("LoaderEntryDefault"), self.efivar("LoaderEntryOneShot"))
+        self.check("one-time-entry", state == ("nixos-generation-2.conf", "nixos-generation-1.conf",
+                                               "nixos-generation-2.conf"),
+                   f"loader.conf default, LoaderEntryDefault, LoaderEntryOneShot = {state}")
+        self.check_override_before_move("nixos-generation-1.conf")
+        self.reboot()
+        sel, booted = self.booted()
+        self.check("one-time-boot-of-generation-2", sel == "nixos-generation-2.conf" and booted == gen2
+                   and self.efivar("LoaderEntryOneShot") == "", f"{sel} {booted}")
+        last = self.wait_result(seq)
+        state = (self.loader_default(), self.efivar("LoaderEntryDefault"))
+        self.check("confirmed-and-default", last.get("outcome") == "committed"
+                   and state == ("nixos-generation-2.conf", ""), f"{last}; loader.conf, LoaderEntryDefault = {state}")
+        self.reboot()
+        sel, booted = self.booted()
+        self.check("generation-2-is-the-default", sel == "nixos-generation-2.conf" and booted == gen2,
+                   f"plain reboot: {sel} {booted}")
+        self.wait_agent_active(180)
+
+        # ---- a generation that hangs at boot ------------------------------
+        seq = int(time.time())
+        self.deploy_boot(gen3, seq)
+        state = (self.loader_default(), self.efivar("LoaderEntryDefault"), self.efivar("LoaderEntryOneShot"))
+        self.check("one-time-entry-3", state == ("nixos-generation-3.conf", "nixos-generation-2.conf",
+                                                 "nixos-generation-3.conf"), state)
+        self.check_override_before_move("nixos-generation-2.conf")
+        boot_before = self.vm.boot_id
+        t = time.time()
+        self.vm.succeed("systemctl --no-block reboot")
+        # The hanging generation may or may not get its backdoor up before it
+        # hangs: wait for a boot that follows the watchdog's reset.
+        deadline = time.time() + 2 * self.args.boot_timeout + 120
+        while True:
+            self.vm.wait_for_backdoor(max(10, deadline - time.time()))
+            if any(ev[1] == "WATCHDOG" for ev in self.vm.events):
+                break
+            log(f"a boot before the watchdog reset: {self.efivar('LoaderEntrySelected')}")
+        wd_events = [ev[2] for ev in self.vm.events if ev[1] == "WATCHDOG"]
+        console = self.vm.console()
+        sel, booted = self.booted()
+        # The one-time boot did boot generation 3: its hang unit started
+        # (it runs only with generation 3's kernel parameters).
+        self.check("hang-reset-by-watchdog", wd_events and self.vm.boot_id != boot_before
+                   and "vmtest-boot-hang" in console,
+                   f"qemu WATCHDOG {wd_events}, back {time.time() - t:.0f} s after the reboot; "
+                   f"hang logged: {'vmtest: hanging at boot' in console}")
+        self.check("old-entry-booted", sel == "nixos-generation-2.conf" and booted == gen2, f"{sel} {booted}")
+        last = self.wait_result(seq)
+        state = (self.loader_default(), self.efivar("LoaderEntryDefault"), self.efivar("LoaderEntryOneShot"))
+        self.check("boot-deploy-failed", last.get("outcome") == "failed"
+                   and "did not come up" in (last.get("reason") or ""), last)
+        links = self.vm.succeed("readlink /nix/var/nix/profiles/system; readlink /run/current-system").split()
+        self.check("back-on-generation-2", state == ("nixos-generation-2.conf", "", "")
+                   and links == ["system-2-link", gen2], f"loader.conf, LoaderEntryDefault, OneShot = {state}; {links}")
+        # Every time the builder moved loader.conf's default after the
+        # installation, LoaderEntryDefault pinned the generation that was
+        # running: the default the firmware boots never moved to an
+        # unconfirmed generation.
+        lines = self.vm.succeed("cat /var/lib/fake-nixos/bootloader-log").strip().splitlines()
+        self.check("effective-default-never-moved",
+                   len(lines) >= 4 and all(l.split("LoaderEntryDefault=", 1)[-1] for l in lines[1:]),
+                   " | ".join(lines))
+
+        self.boot_counting(gen2, gen4)
+
+    def boot_counting(self, gen2, gen4):
+        """boot.loader.systemd-boot.bootCounting: the builder writes a new
+        entry as nixos-generation-N+TRIES.conf. The one-time entry must still
+        be found (systemd-boot 252 keeps the counter in the entry id), the
+        boot counts down, and systemd-bless-boot blesses it at
+        boot-complete.target."""
+        seq = int(time.time())
+        self.wait_agent_active(180)
+        self.deploy_boot(gen4, seq)
+        files = self.vm.succeed("ls /boot/loader/entries").split()
+        state = (self.loader_default(), self.efivar("LoaderEntryDefault"), self.efivar("LoaderEntryOneShot"))
+        self.check("counted-one-time-entry", "nixos-generation-4+3.conf" in files
+                   and state == ("nixos-generation-4.conf", "nixos-generation-2.conf", "nixos-generation-4[+.]*"),
+                   f"entries {files}; loader.conf, LoaderEntryDefault, LoaderEntryOneShot = {state}")
+        self.reboot()
+        sel, booted = self.booted()
+        self.check("counted-entry-booted", sel.startswith("nixos-generation-4") and booted == gen4,
+                   f"LoaderEntrySelected {sel!r} (systemd-boot 252: the whole file name), {booted}")
+        # systemd-bless-boot renames the entry once boot-complete.target is
+        # reached; nixless's confirmation is independent of it.
+        out = self.vm.wait_until_succeeds(
+            "systemctl is-active -q systemd-bless-boot.service && ls /boot/loader/entries | grep '^nixos-generation-4'"
+            " && journalctl -b -o short-monotonic --no-pager -u systemd-bless-boot -u nixless-agent"
+            " | grep -E 'bless|Successfully|boot-complete|committed|healthy' | tail -5", 120)
+        self.check("blessed-by-systemd-bless-boot", out.split()[0] == "nixos-generation-4.conf",
+                   out.strip().replace("\n", " | "))
+        last = self.wait_result(seq)
+        state = (self.loader_default(), self.efivar("LoaderEntryDefault"))
+        self.check("counted-boot-confirmed", last.get("outcome") == "committed"
+                   and state == ("nixos-generation-4.conf", ""), f"{last}; loader.conf, LoaderEntryDefault = {state}")
+        self.reboot()
+        sel, booted = self.booted()
+        self.check("blessed-entry-is-the-default", sel == "nixos-generation-4.conf" and booted == gen4,
+                   f"plain reboot: {sel} {booted}")
+
+    def check_override_before_move(self, old_entry):
+        """When the builder moved loader.conf's default to the new entry,
+        LoaderEntryDefault already held the old one: no moment in which a
+        reset would boot the new generation for good."""
+        line = self.vm.succeed("tail -n 1 /var/lib/fake-nixos/bootloader-log").strip()
+        self.check("override-set-before-loader-conf-moved", line.endswith(f"LoaderEntryDefault={old_entry}"), line)
+
+
+SCENARIOS = {c.name: c for c in (ReadyWatchdog, Deploy, HwWatchdog, KilledSwitch, UefiBoot)}
 
 
 def main():

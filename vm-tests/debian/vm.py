@@ -44,7 +44,7 @@ def log(msg):
 
 class VM:
     def __init__(self, image_dir, work_dir, share_dir, fwd=None, guestfwd=None,
-                 memory=1024, accel="tcg", append_extra="", max_runtime=1200):
+                 memory=1024, accel="tcg", append_extra="", max_runtime=1200, uefi=None):
         self.image_dir = os.path.abspath(image_dir)
         self.work = os.path.abspath(work_dir)
         self.share = os.path.abspath(share_dir)
@@ -55,6 +55,14 @@ class VM:
         self.accel = accel
         self.append_extra = append_extra
         self.max_runtime = max_runtime
+        # UEFI boot instead of -kernel/-initrd: {"code": OVMF_CODE (read-only),
+        # "vars": a writable OVMF_VARS copy (the EFI variables: kept across
+        # the guest's reboots, which stay in this qemu process), "esp": a raw
+        # disk image with a GPT and an EFI system partition (the second
+        # virtio disk, /dev/vdb; the firmware boots its \EFI\BOOT\BOOTX64.EFI)}.
+        # Debian's OVMF_CODE_4M.fd is built without SMM, so the machine has
+        # none (SMM emulation only slows TCG down).
+        self.uefi = uefi
         self.proc = None
         self.bd = None
         self.qmp = None
@@ -91,12 +99,9 @@ class VM:
         cmd = [
             # A hard bound on the VM's life, whatever happens to this driver.
             "timeout", "-s", "KILL", str(self.max_runtime),
-            "qemu-system-x86_64", "-machine", f"q35,accel={accel}", "-m", str(self.memory),
+            "qemu-system-x86_64", "-machine", f"q35,accel={accel}" + (",smm=off" if self.uefi else ""), "-m", str(self.memory),
             "-smp", "1", "-no-user-config", "-nodefaults", "-display", "none",
-            "-kernel", os.path.join(self.image_dir, "vmlinuz"),
-            "-initrd", os.path.join(self.image_dir, "initrd.img"),
-            "-append", cmdline,
-            "-drive", f"file={overlay},if=virtio,format=qcow2,cache=unsafe",
+            *self._boot_args(cmdline, overlay),
             "-serial", "file:" + os.path.join(self.work, "console.log"),
             "-netdev", net, "-device", "virtio-net-pci,netdev=n0",
             "-device", "virtio-rng-pci",
@@ -123,6 +128,18 @@ class VM:
         self._qmp_send({"execute": "qmp_capabilities"})
         self.wait_for_backdoor(boot_timeout)
         log(f"guest up after {time.time() - self.t_start:.1f} s (boot {self.boot_id})")
+
+    def _boot_args(self, cmdline, overlay):
+        root = ["-drive", f"file={overlay},if=virtio,format=qcow2,cache=unsafe"]
+        if self.uefi is None:
+            return ["-kernel", os.path.join(self.image_dir, "vmlinuz"),
+                    "-initrd", os.path.join(self.image_dir, "initrd.img"),
+                    "-append", cmdline, *root]
+        # The kernel command line comes from the boot entry the loader picks.
+        return ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={self.uefi['code']}",
+                "-drive", f"if=pflash,format=raw,unit=1,file={self.uefi['vars']}",
+                *root,
+                "-drive", f"file={self.uefi['esp']},if=virtio,format=raw,cache=writethrough"]
 
     def _connect(self, path, timeout):
         deadline = time.time() + timeout

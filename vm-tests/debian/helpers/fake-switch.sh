@@ -6,7 +6,9 @@
 #                the agent (as a real switch does when the agent changed:
 #                this is the agent's self-update)
 #   boot|switch  make this system the "boot loader" default
-#                (/var/lib/fake-boot/default, read at boot by fake-boot.sh)
+#                (/var/lib/fake-boot/default, read at boot by fake-boot.sh);
+#                with systemd-boot on /boot, also write its entries and
+#                loader.conf (bin/install-bootloader)
 # Like the real one, test|switch hold /run/nixos/switch-to-configuration.lock
 # and resume the units an interrupted run recorded in /run/nixos/*-list: this
 # system's `etc` replaces other generations' units first, so another
@@ -75,6 +77,11 @@ case $action in
 esac
 case $action in
   boot|switch)
+    # A real boot loader (the uefi-boot scenario: systemd-boot on an ESP at
+    # /boot): install it as NixOS does, through the system's builder.
+    if [ -d /boot/loader ]; then
+      "$out/bin/install-bootloader" "$out"
+    fi
     mkdir -p /var/lib/fake-boot
     echo "$out" >/var/lib/fake-boot/default.tmp
     sync /var/lib/fake-boot/default.tmp
