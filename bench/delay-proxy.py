@@ -68,6 +68,12 @@ class Link:
             return 0.0
         return max(0.0, self.free_at - now - self.queue_s)
 
+    def room(self, now):
+        """Bytes the bottleneck buffer can still take (at least one segment)."""
+        if self.rate is None:
+            return CHUNK
+        return max(MSS, int((self.queue_s - max(0.0, self.free_at - now)) * self.rate))
+
     def depart(self, now, n):
         if self.rate is None:
             return now
@@ -142,7 +148,9 @@ class Pipe:
             if wait > 0:
                 await asyncio.sleep(wait)
                 continue
-            data = await self.reader.read(min(room, CHUNK))
+            # Small reads while the buffer is nearly full, so that the
+            # connections waiting on it cannot overfill it together.
+            data = await self.reader.read(min(room, CHUNK, self.link.room(now)))
             now = loop.time()
             if not data:
                 self.queue.append((max(now + half, self.not_before), None))
@@ -230,6 +238,9 @@ class Proxy:
                 for t in tasks:
                     t.cancel()
         except (OSError, asyncio.IncompleteReadError):
+            pass
+        except asyncio.CancelledError:
+            # Shutdown with the connection still open: nothing to report.
             pass
         finally:
             st.active -= 1

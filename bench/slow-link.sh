@@ -9,6 +9,7 @@
 #   bench/slow-link.sh --full          # adds RTT 300 ms
 #   bench/slow-link.sh --rtt "0 100 300" --mbit "0 20" --rounds 3 \
 #       --tools "nixless nix-store nix-store-j1 nix-copy" --agent
+#   bench/slow-link.sh --table         # only print the table of the last run again
 #
 # Tools:
 #   nixless       nixless install --cache URL --trusted-key PK TOP
@@ -37,7 +38,7 @@ usage() {
   sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
-RTTS="0 100" MBITS="0 20" ROUNDS=1 TOOLS="nixless nix-store nix-store-j1 nix-copy" AGENT=0
+RTTS="0 100" MBITS="0 20" ROUNDS=1 TOOLS="nixless nix-store nix-store-j1 nix-copy" AGENT=0 TABLE_ONLY=0
 while [ $# -gt 0 ]; do
   case $1 in
     --full) RTTS="0 100 300" ;;
@@ -46,6 +47,7 @@ while [ $# -gt 0 ]; do
     --rounds) ROUNDS=$2; shift ;;
     --tools) TOOLS=$2; shift ;;
     --agent) AGENT=1 ;;
+    --table) TABLE_ONLY=1 ;;
     -h|--help) usage ;;
     *) echo "unknown argument: $1" >&2; usage ;;
   esac
@@ -67,7 +69,18 @@ fix=$bench/fixtures-slowlink
 work=$bench/slowlink-work
 say() { printf '==> %s\n' "$*" >&2; }
 
+raw=$bench/slow-link-runs.tsv
+if [ "$TABLE_ONLY" = 1 ]; then
+  [ -s "$raw" ] && [ -s "$fix/env" ] || { echo "no earlier run: $raw or $fix/env missing" >&2; exit 1; }
+  # Cells and tools in the order the last run used them.
+  RTTS=$(awk -F'\t' 'NR > 1 && !s[$1]++ {printf "%s ", $1}' "$raw")
+  MBITS=$(awk -F'\t' 'NR > 1 && !s[$2]++ {printf "%s ", $2}' "$raw")
+  TOOLS=$(awk -F'\t' 'NR > 1 && !s[$3]++ {printf "%s ", $3}' "$raw")
+  ROUNDS=$(awk -F'\t' 'NR > 1 && $4 > n {n = $4} END {print n}' "$raw")
+fi
+
 # --- 1. the binary (static, stripped private copy, as bench/install.sh) -------
+if [ "$TABLE_ONLY" = 0 ]; then
 for c in nix-store nix nginx python3 flock; do
   command -v "$c" >/dev/null || { echo "missing $c (apt-get install nix-bin nginx-light python3 util-linux)" >&2; exit 1; }
 done
@@ -83,6 +96,7 @@ bin=$bench/nixless-slowlink
 cp -f "$target/x86_64-unknown-linux-musl/release/nixless" "$bin.tmp"
 strip "$bin.tmp" 2>/dev/null || true
 mv -f "$bin.tmp" "$bin"
+fi
 
 # --- 2. the slow-link closure, published with zstd ---------------------------
 export NIX_CONFIG=$'build-users-group =\nexperimental-features = nix-command\nsandbox = false\nsubstituters ='
@@ -142,6 +156,8 @@ print(files + meta, nar, depth(os.path.basename(top).split("-", 1)[0]))
 PY
 )
 
+read -r -a tools <<<"$TOOLS"
+if [ "$TABLE_ONLY" = 0 ]; then
 # --- 3. nginx, proxy, agent ----------------------------------------------------
 nport=
 pxpid=
@@ -219,7 +235,6 @@ agent_fetched() {
 
 # --- 4. runs -------------------------------------------------------------------
 wipe() { [ -e "$1" ] || return 0; chmod -R u+w "$1"; rm -rf "$1"; }
-raw=$bench/slow-link-runs.tsv
 printf 'rtt_ms\tmbit\ttool\tround\twall_s\trss_kib\trequests\tconnections\tpeak_open\tbytes_down\tbytes_up\n' >"$raw"
 
 run_one() { # RTT MBIT TOOL ROUND
@@ -282,7 +297,6 @@ run_one() { # RTT MBIT TOOL ROUND
   wipe "$dir"
 }
 
-read -r -a tools <<<"$TOOLS"
 [ "$AGENT" = 1 ] && agent_setup
 say "closure: $SIZE paths, depth $DEPTH, NAR $NAR_BYTES bytes, $LINK_BYTES bytes over the link (zstd + narinfos)"
 say "cells: RTT {$RTTS} ms × cap {$MBITS} Mbit/s (0 = none) × $ROUNDS round(s); tools: $TOOLS"
@@ -303,6 +317,10 @@ for rtt in $RTTS; do
   done
 done
 load_end=$(cut -d' ' -f1-3 /proc/loadavg)
+echo "$load_start|$load_end" >"$bench/slow-link-load"
+fi
+load_start=n/a load_end=n/a
+[ -s "$bench/slow-link-load" ] && IFS='|' read -r load_start load_end <"$bench/slow-link-load"
 
 # --- 5. table --------------------------------------------------------------------
 median() { sort -n | awk '{a[NR] = $1} END {if (NR == 0) print "nan"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
@@ -311,26 +329,28 @@ col() { # RTT MBIT TOOL AWK-EXPR
 }
 results=$bench/slow-link.txt
 {
-  echo "slow link: nixless install vs nix-store --realise vs nix copy — $(date -u '+%Y-%m-%d %H:%M UTC'), $ROUNDS round(s), medians"
-  echo "machine: $(nproc) cores, $(uname -r), $(nix --version); load average before: $load_start, after: $load_end"
+  echo "slow link: nixless install vs nix-store --realise vs nix copy — run ended $(date -u -r "$raw" '+%Y-%m-%d %H:%M UTC'), $ROUNDS round(s), medians"
+  echo "machine: $(nproc) cores (shared with other work: see the load average), $(uname -r), $(nix --version); load average before: $load_start, after: $load_end"
   echo "closure: $SIZE paths, reference depth $DEPTH, NAR $(awk -v b="$NAR_BYTES" 'BEGIN {printf "%.1f", b / 1e6}') MB, over the link $(awk -v b="$LINK_BYTES" 'BEGIN {printf "%.1f", b / 1e6}') MB (zstd NARs + narinfos)"
   echo "link: bench/delay-proxy.py, RTT/2 each way, handshake = 1 RTT, slow start from 10 segments, cap shared by all connections (up and down), 100 ms bottleneck buffer"
-  echo "bound = bytes over the link / cap + depth × RTT; x_bound = wall / bound; x_nix = wall / nix-store (max-jobs 25) wall"
+  echo "bound = bytes over the link / cap + depth × RTT; x_bound = wall / bound; x_nix, x_j1 = wall / wall of nix-store with max-jobs 25, 1"
   echo
-  printf '%6s %5s %-13s %8s %6s %6s %5s %8s %8s %8s %7s %6s\n' rtt_ms mbit tool wall_s reqs conns open MB_down rss_MiB bound_s x_bound x_nix
+  printf '%6s %5s %-13s %8s %6s %6s %5s %8s %8s %8s %7s %6s %6s\n' rtt_ms mbit tool wall_s reqs conns open MB_down rss_MiB bound_s x_bound x_nix x_j1
   for rtt in $RTTS; do
     for mbit in $MBITS; do
       bound=$(awk -v b="$LINK_BYTES" -v m="$mbit" -v d="$DEPTH" -v r="$rtt" \
                 'BEGIN {printf "%.2f", (m > 0 ? b * 8 / (m * 1e6) : 0) + d * r / 1000}')
       ref=$(col "$rtt" "$mbit" nix-store '$5')
+      ref1=$(col "$rtt" "$mbit" nix-store-j1 '$5')
       for tool in "${tools[@]}"; do
         w=$(col "$rtt" "$mbit" "$tool" '$5')
-        printf '%6s %5s %-13s %8.2f %6s %6s %5s %8.1f %8.1f %8s %7s %6s\n' "$rtt" "$mbit" "$tool" "$w" \
+        printf '%6s %5s %-13s %8.2f %6s %6s %5s %8.1f %8.1f %8s %7s %6s %6s\n' "$rtt" "$mbit" "$tool" "$w" \
           "$(col "$rtt" "$mbit" "$tool" '$7')" "$(col "$rtt" "$mbit" "$tool" '$8')" \
           "$(col "$rtt" "$mbit" "$tool" '$9')" "$(col "$rtt" "$mbit" "$tool" '$10 / 1e6')" \
           "$(col "$rtt" "$mbit" "$tool" '$6 / 1024')" "$bound" \
           "$(awk -v w="$w" -v b="$bound" 'BEGIN {if (b > 0) printf "%.2f", w / b; else print "-"}')" \
-          "$(awk -v w="$w" -v n="$ref" 'BEGIN {if (n != "nan" && n > 0) printf "%.2f", w / n; else print "-"}')"
+          "$(awk -v w="$w" -v n="$ref" 'BEGIN {if (n != "nan" && n > 0) printf "%.2f", w / n; else print "-"}')" \
+          "$(awk -v w="$w" -v n="$ref1" 'BEGIN {if (n != "nan" && n > 0) printf "%.2f", w / n; else print "-"}')"
       done
     done
   done
@@ -339,4 +359,4 @@ results=$bench/slow-link.txt
 echo
 cat "$results"
 echo
-say "total $((SECONDS - t_all)) s; raw numbers in $raw, table in $results"
+[ "$TABLE_ONLY" = 1 ] || say "total $((SECONDS - t_all)) s; raw numbers in $raw, table in $results"
