@@ -96,6 +96,9 @@ bin=$bench/nixless-slowlink
 cp -f "$target/x86_64-unknown-linux-musl/release/nixless" "$bin.tmp"
 strip "$bin.tmp" 2>/dev/null || true
 mv -f "$bin.tmp" "$bin"
+
+say "checking the link model (bench/delay-proxy-check.py)"
+python3 bench/delay-proxy-check.py >&2
 fi
 
 # --- 2. the slow-link closure, published with zstd ---------------------------
