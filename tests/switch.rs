@@ -472,6 +472,32 @@ fn one_time_boot_that_does_not_come_up_goes_back() {
 }
 
 #[test]
+fn failed_boot_deploy_leaves_no_override_to_outvote_a_later_commit() {
+    // The builder fails after the running generation was pinned over
+    // loader.conf (LoaderEntryDefault). Left in place, that pin would boot A
+    // forever, whatever a later deploy commits.
+    let d = Device::new(Opts::default());
+    std::fs::write(d.fake.path().join("systemd-boot"), "").unwrap();
+    d.behave("c", "bootfail");
+    d.deploy(Some(&sys("c")), "boot", 57);
+    let (outcome, status) = d.finish(57, 60);
+    assert_eq!(outcome, "failed", "{status}");
+    assert!(status.contains("installing the boot loader failed"), "{status}");
+    assert_eq!(d.calls(), vec!["c boot", "a switch"], "the previous system is made the default again");
+    assert!(d.fake_file("bootctl-calls").ends_with("set-default  (loader default a)"), "pin dropped");
+    assert_eq!(d.profile().map(|p| p.1), Some(sys("a")));
+    // Had the pin stayed, this commit would name B in loader.conf only.
+    d.deploy(Some(&sys("b")), "switch", 58);
+    let (outcome, status) = d.finish(58, 60);
+    assert_eq!(outcome, "committed", "{status}");
+    assert!(
+        d.fake_file("bootctl-calls").ends_with("set-default  (loader default b)"),
+        "{}",
+        d.fake_file("bootctl-calls")
+    );
+}
+
+#[test]
 fn agent_killed_at_every_step_resumes_and_never_repeats_a_switch() {
     // Kill -9 the agent once it reaches each phase; the supervisor restarts
     // it; the deploy must still commit, with each switch run exactly once.

@@ -477,9 +477,14 @@ pub fn step(s: &State, ev: Event, now: u64, t: Timing) -> (State, Vec<Effect>) {
                 vec![]
             }
             Step::BootOnce => {
+                // The builder may have moved loader.conf's default to the new
+                // generation and the running one may be pinned over it
+                // (LoaderEntryDefault): going back with `switch` of the
+                // previous system puts loader.conf back and drops the pin, so
+                // neither outlives the failed deploy (a stale pin would outvote
+                // every later commit's default).
                 let why = format!("switch-to-configuration boot: {}", describe_exit(code, &tail));
-                finish(&mut s, Outcome::Failed, Some(why), now);
-                vec![Effect::RestoreProfile]
+                revert_boot(&mut s, why, now)
             }
             Step::BootConfirm => {
                 let why = (code != Some(0))

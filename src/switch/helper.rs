@@ -117,6 +117,13 @@ fn handle_switch(cfg: &Config, store: &Store) -> Result<bool, String> {
                     let (code, more) = bootloader::one_time_boot(&cfg.root, &req.system, pin);
                     Outcome { id: req.id, code, tail: format!("{tail}{more}") }
                 }
+                (Step::Boot, Some(0)) => {
+                    // The committed generation is the default: an override
+                    // left by an earlier boot deploy (one that never reached
+                    // its confirm or revert) must not outvote it.
+                    let (_, more) = bootloader::drop_default_override();
+                    Outcome { id: req.id, code, tail: format!("{tail}{more}") }
+                }
                 (Step::BootRevert, Some(0)) => {
                     let (_, more) = bootloader::drop_default_override();
                     Outcome { id: req.id, code, tail: format!("{tail}{more}") }

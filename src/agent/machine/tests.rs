@@ -102,6 +102,25 @@ fn one_time_boot_that_fails_goes_back() {
 }
 
 #[test]
+fn failed_one_time_boot_goes_back_to_the_previous_default() {
+    // switch-to-configuration boot (or bootctl set-oneshot after it) failed:
+    // loader.conf may name the new generation already, with the running one
+    // pinned over it; `switch` of the previous system undoes both.
+    let base = run(vec![accepted(1, Action::Boot), Event::FetchOk, Event::CommitOk]).0;
+    let (s, e) = step(&base, result(1, 1), 1, T);
+    assert_eq!(
+        e,
+        vec![Effect::RestoreProfile, Effect::RequestSwitch { id: 2, step: Step::BootRevert, system: OLD.into() }]
+    );
+    let (s, e) = step(&s, result(2, 0), 2, T);
+    assert!(e.is_empty());
+    let last = s.last.unwrap();
+    assert_eq!(last.outcome, Outcome::Failed, "the new generation never ran");
+    assert!(last.reason.unwrap().contains("switch-to-configuration boot: exit"), "the first failure is the reason");
+    assert_eq!(s.phase, Phase::Idle);
+}
+
+#[test]
 fn failed_switch_rolls_back_with_the_reason() {
     for (code, needle) in
         [(Some(2), "activation failed"), (Some(4), "units failed"), (Some(100), "reboot"), (None, "no result")]
