@@ -46,6 +46,7 @@ let
       health_command = cfg.health.command;
       health_check_network = cfg.health.checkNetwork;
       switch_timeout_secs = cfg.switchTimeoutSecs;
+      inhibited_switch = cfg.inhibitedSwitch;
       generations_to_keep = cfg.generationsToKeep;
     }
     // cfg.extraConfig;
@@ -418,6 +419,21 @@ in
       type = types.ints.positive;
       default = 900;
       description = "Longest a `switch-to-configuration` run may take before the helper kills it and the agent rolls back.";
+    };
+
+    inhibitedSwitch = mkOption {
+      type = types.enum [
+        "fail"
+        "boot"
+      ];
+      default = "fail";
+      description = ''
+        What a `switch` deploy does when `switch-to-configuration test`
+        refuses it because `system.switch.inhibitors` changed: `fail` (the
+        deploy fails with "needs a reboot: deploy with action boot"; the
+        operator picks when the device reboots) or `boot` (it goes on as a
+        `boot` deploy of the same system, run at the next reboot).
+      '';
     };
 
     generationsToKeep = mkOption {

@@ -95,6 +95,7 @@ rec {
     str = "str";
     ints.positive = "positive int";
     listOf = t: "list of ${t}";
+    enum = vs: "one of ${builtins.concatStringsSep ", " vs}";
     nullOr = t: "null or ${t}";
     strMatching = re: "string matching ${re}";
   };
