@@ -266,3 +266,130 @@ fn netrc_and_bearer_token_against_nginx() {
     let out = install(r.path(), &bearer, &["--bearer-token-file", &arg], &[]);
     assert_refused(&out, r.path(), &format!("cache {bearer}: 401 Unauthorized"), &["tok-wrong-value", token]);
 }
+
+// ---------------------------------------------------------------------------
+// The agent: credentials from its config, through $CREDENTIALS_DIRECTORY.
+
+/// One HTTP exchange with the agent: (status, body).
+fn http(port: u16, req: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(req).unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+fn agent_get(port: u16, path: &str) -> String {
+    let (code, body) = http(port, format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes());
+    assert_eq!(code, 200, "{body}");
+    body
+}
+
+fn deploy(port: u16, key: &nixless::nix::SecretKey, seq: u64, system: &str) {
+    use nixless::agent::deploy::{render, sign};
+    let body = render("kiosk-7", Some(system), seq, nixless::agent::machine::Action::Switch, &[], &[]);
+    let sig = sign(key, body.as_bytes());
+    let req = format!(
+        "POST /v1/deploy HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nNixless-Signature: {sig}\r\n\r\n{body}",
+        body.len()
+    );
+    let (code, answer) = http(port, req.as_bytes());
+    assert_eq!(code, 202, "{answer}");
+}
+
+fn spawn_agent(config: &Path, creds_dir: &Path, log: &Path) -> Server {
+    let logf = std::fs::File::create(log).unwrap();
+    Server(
+        Command::new(bin())
+            .args(["agent", "--config"])
+            .arg(config)
+            .env("CREDENTIALS_DIRECTORY", creds_dir)
+            .env_remove("NIXLESS_LOG")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// Every file under `dir`, read whole (state, events, records).
+fn all_text(dir: &Path) -> String {
+    let mut out = String::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.push_str(&all_text(&p));
+            } else if let Ok(b) = std::fs::read(&p) {
+                out.push_str(&String::from_utf8_lossy(&b));
+            }
+        }
+    }
+    out
+}
+
+/// A wrong token: the deploy fails naming the cache and the 401; neither
+/// status, metrics, the agent's log nor its state files carry the token.
+/// The right one (a new agent, as after a credential rotation): installed.
+#[test]
+fn agent_reads_credentials_from_its_config_and_never_shows_them() {
+    let f = fixtures();
+    let token = "tok-9d41-right-bearer";
+    let ng = auth_nginx(&f.path("CACHE_ZSTD"), "alice", "unused-pw", token);
+    let cache = format!("http://127.0.0.1:{}/bearer", ng.port);
+    let tmp = tempfile::Builder::new().prefix("nixless-agent-").tempdir().unwrap();
+    let (root, creds) = (tmp.path().join("root"), tmp.path().join("creds"));
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::create_dir_all(&creds).unwrap();
+    let key = nixless::nix::SecretKey::generate("admin-1").unwrap();
+    let port = free_port();
+    let config = tmp.path().join("config.json");
+    std::fs::write(
+        &config,
+        format!(
+            r#"{{"host":"kiosk-7","listen":["127.0.0.1:{port}"],"caches":["{cache}"],"cache_keys":["{}"],"deploy_keys":["{}"],"root":"{}","retries":0,"bearer_token_files":[{{"url":"{cache}","file":"cache-token"}}]}}"#,
+            f.get("PK_A"),
+            key.public(),
+            root.display()
+        ),
+    )
+    .unwrap();
+    let wrong = "tok-wrong-SECRET-0042";
+    std::fs::write(creds.join("cache-token"), format!("{wrong}\n")).unwrap();
+    let log = tmp.path().join("agent.log");
+    {
+        let _agent = spawn_agent(&config, &creds, &log);
+        wait_for_port(port, "the agent");
+        deploy(port, &key, 1, f.get("TOP"));
+        let status = wait_until("the deploy to fail", Duration::from_secs(60), || {
+            let s = agent_get(port, "/v1/status");
+            s.contains("\"outcome\":\"failed\"").then_some(s)
+        });
+        assert!(status.contains(&format!("cache {cache}: 401 Unauthorized")), "{status}");
+        let metrics = agent_get(port, "/metrics");
+        let files = all_text(&root.join("var/lib/nixless"));
+        let logged = std::fs::read_to_string(&log).unwrap();
+        for (what, text) in [("status", &status), ("metrics", &metrics), ("state files", &files), ("log", &logged)] {
+            assert!(!text.contains(wrong) && !text.contains(token), "the token appears in the {what}: {text}");
+        }
+    }
+    std::fs::write(creds.join("cache-token"), format!("{token}\n")).unwrap();
+    let _agent = spawn_agent(&config, &creds, &log);
+    wait_for_port(port, "the agent");
+    deploy(port, &key, 2, f.get("TOP"));
+    // No switch helper runs here: the agent waits in "switching" once the
+    // closure is installed.
+    wait_until("the closure to be installed", Duration::from_secs(60), || {
+        agent_get(port, "/v1/status").contains("\"phase\":\"switching\"").then_some(())
+    });
+    assert_eq!(assert_store_sound(&root, &f.path("CACHE_ZSTD")).len(), f.closure().len());
+}

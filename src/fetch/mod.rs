@@ -359,6 +359,12 @@ impl Fetcher {
             if offset > 0 {
                 req = req.header("Range", format!("bytes={offset}-"));
             }
+            if url.starts_with("s3://") {
+                // The signed Host and x-amz-* headers (a session token among
+                // them) must not follow a redirect to another host; ureq
+                // drops only Authorization.
+                req = req.config().max_redirects(0).build();
+            }
             let outcome = match req.call() {
                 Ok(resp) => {
                     let status = resp.status().as_u16();
