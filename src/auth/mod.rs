@@ -162,17 +162,15 @@ impl Credentials {
         Credentials::load(src, &|k| std::env::var(k).ok())
     }
 
-    fn aws_keys(&self, profile: Option<&str>) -> Result<&aws::Keys, String> {
+    fn aws_keys(&self, profile: Option<&str>) -> Result<&aws::Keys, Error> {
         let named = |name: &str| self.aws_profiles.iter().find(|(n, _)| n == name).map(|(_, k)| k);
         match profile {
-            Some(p) => named(p).ok_or_else(|| format!("no AWS credentials for profile {p:?}")),
-            None => self.aws_env.as_ref().or_else(|| named(&self.aws_profile)).ok_or_else(|| {
-                format!(
-                    "no AWS credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or profile {:?} \
-                     in the credentials file)",
-                    self.aws_profile
-                )
-            }),
+            Some(p) => named(p).ok_or_else(|| Error::NoAwsProfile(p.to_owned())),
+            None => self
+                .aws_env
+                .as_ref()
+                .or_else(|| named(&self.aws_profile))
+                .ok_or_else(|| Error::NoAwsCredentials { default_profile: self.aws_profile.clone() }),
         }
     }
 
@@ -187,7 +185,38 @@ impl Credentials {
     }
 }
 
+/// Why a request could not be prepared. Never carries a secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Error {
+    /// An `s3://` URL this module cannot turn into a request.
+    S3Url(String),
+    /// The URL names a profile the credentials file does not have.
+    NoAwsProfile(String),
+    /// No keys in the environment nor in the default profile.
+    NoAwsCredentials { default_profile: String },
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::S3Url(e) => write!(f, "{e}"),
+            Error::NoAwsProfile(p) => write!(f, "no AWS credentials for profile {p:?}"),
+            Error::NoAwsCredentials { default_profile } => write!(
+                f,
+                "no AWS credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or profile {default_profile:?} \
+                 in the credentials file)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
 /// A request ready for the wire. `Debug` leaves the header values out.
+///
+/// For `s3://` the headers include `host`, which is signed and must be
+/// sent as given, and the request must not follow redirects (the signed
+/// headers, a session token among them, would go to another host).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Prepared {
     pub url: String,
@@ -213,9 +242,9 @@ fn host_of(url: &str) -> Option<String> {
 
 /// The URL and headers for `method url` at `now` (Unix seconds).
 /// Errors say what is missing, never a secret.
-pub fn prepare(method: &str, url: &str, now: u64, creds: &Credentials) -> Result<Prepared, String> {
+pub fn prepare(method: &str, url: &str, now: u64, creds: &Credentials) -> Result<Prepared, Error> {
     if url.starts_with("s3://") {
-        let t = s3::target(url)?;
+        let t = s3::target(url).map_err(Error::S3Url)?;
         let keys = creds.aws_keys(t.profile.as_deref())?;
         let date = sigv4::amz_date(now);
         let mut signed: Vec<(&str, &str)> =
@@ -320,7 +349,7 @@ mod tests {
         let auth = &p.headers.iter().find(|(k, _)| *k == "authorization").unwrap().1;
         assert!(auth.contains("Credential=AKIDCI/19700101/eu-west-1/s3/aws4_request, SignedHeaders=host;x-amz-content-sha256;x-amz-date;x-amz-security-token,"), "{auth}");
         let e = prepare("GET", "s3://b/k?profile=nope", 0, &c).unwrap_err();
-        assert_eq!(e, "no AWS credentials for profile \"nope\"");
+        assert_eq!(e.to_string(), "no AWS credentials for profile \"nope\"");
     }
 
     #[test]

@@ -351,7 +351,7 @@ impl Fetcher {
             let now =
                 std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
             let prepared = auth::prepare("GET", url, now, &self.opts.credentials)
-                .map_err(|msg| FetchError::Auth { url: url.to_owned(), msg })?;
+                .map_err(|e| FetchError::Auth { url: url.to_owned(), msg: e.to_string() })?;
             let mut req = self.agent.get(&prepared.url);
             for (name, value) in &prepared.headers {
                 req = req.header(*name, value);
