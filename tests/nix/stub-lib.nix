@@ -92,11 +92,11 @@ rec {
     mkOption { inherit name extra; };
 
   types = {
+    attrsOf = t: "attribute set of ${t}";
     bool = "bool";
     str = "str";
     ints.positive = "positive int";
     listOf = t: "list of ${t}";
-    attrsOf = t: "attribute set of ${t}";
     nullOr = t: "null or ${t}";
     strMatching = re: "string matching ${re}";
   };
