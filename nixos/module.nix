@@ -48,8 +48,35 @@ let
       switch_timeout_secs = cfg.switchTimeoutSecs;
       inhibited_switch = cfg.inhibitedSwitch;
       generations_to_keep = cfg.generationsToKeep;
+      # Credential files reach the agent through LoadCredential= (below):
+      # the config names them relative to $CREDENTIALS_DIRECTORY.
+      netrc_file = if cfg.netrcFile == null then null else "netrc";
+      bearer_token_files =
+        if cfg.bearerTokenFiles == { } then
+          null
+        else
+          lib.imap0 (i: url: {
+            inherit url;
+            file = "bearer-token-${toString i}";
+          }) (lib.attrNames cfg.bearerTokenFiles);
+      aws_credentials_file = if cfg.s3.credentialsFile == null then null else "aws-credentials";
+      aws_profile = cfg.s3.profile;
     }
     // cfg.extraConfig;
+
+  # name:path pairs for LoadCredential=; systemd copies each file, as root,
+  # into the unit's private $CREDENTIALS_DIRECTORY at start.
+  loadCredentials =
+    lib.optional (cfg.netrcFile != null) "netrc:${cfg.netrcFile}"
+    ++ lib.imap0 (i: url: "bearer-token-${toString i}:${cfg.bearerTokenFiles.${url}}") (
+      lib.attrNames cfg.bearerTokenFiles
+    )
+    ++ lib.optional (cfg.s3.credentialsFile != null) "aws-credentials:${cfg.s3.credentialsFile}";
+
+  credentialPaths =
+    lib.optional (cfg.netrcFile != null) cfg.netrcFile
+    ++ lib.attrValues cfg.bearerTokenFiles
+    ++ lib.optional (cfg.s3.credentialsFile != null) cfg.s3.credentialsFile;
 
   configFile = pkgs.writeText "nixless-agent.json" (builtins.toJSON agentSettings);
 
@@ -279,7 +306,10 @@ let
 
   # Nix's public key format: name:base64(32 bytes).
   publicKey = types.strMatching "[^:[:space:]]+:[A-Za-z0-9+/]{43}=";
-  cacheUrl = types.strMatching "(https?://|file:///).+";
+  cacheUrl = types.strMatching "(https?://|s3://|file:///).+";
+  # A file on the machine, as a string: a Nix path literal would be copied
+  # into the world-readable store, which a secret must never be.
+  secretFile = types.strMatching "/.+";
   listenAddr = types.strMatching "([[][0-9A-Fa-f:.]+[]]|[0-9.]+):[0-9]+";
 in
 {
@@ -331,9 +361,64 @@ in
       example = [ "https://cache.example.org" ];
       description = ''
         Binary caches to install from, in priority order: `http://`,
-        `https://` or `file:///` (a cache on removable media). A deploy
-        document may name further caches, tried first.
+        `https://`, `s3://bucket?region=…&endpoint=…&scheme=…&profile=…`
+        (Nix's form; read with AWS Signature V4) or `file:///` (a cache on
+        removable media). A deploy document may name further caches, tried
+        first.
       '';
+    };
+
+    netrcFile = mkOption {
+      type = types.nullOr secretFile;
+      default = null;
+      example = "/run/secrets/nix-netrc";
+      description = ''
+        A netrc file (Nix's `netrc-file`: `machine HOST login USER password
+        PASS`) giving HTTP basic-auth credentials for private caches, as
+        Cachix and Attic use them. Give a path outside the Nix store (from
+        sops-nix, agenix, …); it reaches the agent through systemd's
+        `LoadCredential=` and is never logged or shown in status.
+      '';
+    };
+
+    bearerTokenFiles = mkOption {
+      type = types.attrsOf secretFile;
+      default = { };
+      example = {
+        "https://cache.example.org" = "/run/secrets/cache-token";
+      };
+      description = ''
+        Bearer tokens for private caches: URL prefix → file holding the
+        token. Requests under the prefix (the longest that matches) get
+        `Authorization: Bearer <token>`. Paths outside the Nix store, passed
+        with `LoadCredential=`.
+      '';
+    };
+
+    s3 = {
+      credentialsFile = mkOption {
+        type = types.nullOr secretFile;
+        default = null;
+        example = "/run/secrets/aws-credentials";
+        description = ''
+          An AWS shared credentials file (`[profile]` sections with
+          `aws_access_key_id`, `aws_secret_access_key`, optionally
+          `aws_session_token`) for `s3://` caches. A path outside the Nix
+          store, passed with `LoadCredential=`. The key needs `s3:GetObject`
+          and `s3:ListBucket` on the bucket (without the latter S3 answers a
+          missing path with 403 rather than 404).
+        '';
+      };
+
+      profile = mkOption {
+        type = types.nullOr (types.strMatching "[A-Za-z0-9_.@+=,-]+");
+        default = null;
+        example = "cache";
+        description = ''
+          The profile of {option}`services.nixless.s3.credentialsFile` for
+          `s3://` caches whose URL has no `profile=`. `null`: `default`.
+        '';
+      };
     };
 
     cacheKeys = mkOption {
@@ -506,6 +591,10 @@ in
           message = "services.nixless.caches: at least one binary cache URL is needed.";
         }
         {
+          assertion = lib.all (p: !lib.hasPrefix builtins.storeDir p) credentialPaths;
+          message = "services.nixless: netrcFile, bearerTokenFiles and s3.credentialsFile must not be in the Nix store (it is world-readable).";
+        }
+        {
           assertion = cfg.listen != [ ] || cfg.pollUrl != null;
           message = "services.nixless: set listen or pollUrl (or both); with neither, no deploy can ever arrive.";
         }
@@ -545,6 +634,7 @@ in
           serviceConfig.CapabilityBoundingSet = mkIf (lib.any (p: p < 1024) listenPorts) [
             "CAP_NET_BIND_SERVICE"
           ];
+          serviceConfig.LoadCredential = mkIf (loadCredentials != [ ]) loadCredentials;
         }
       ];
 

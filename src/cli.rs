@@ -154,9 +154,21 @@ struct InstallArgs {
     /// where records of installed paths go (default ROOT/var/lib/nixless)
     #[argh(option)]
     state_dir: Option<PathBuf>,
-    /// binary cache URL (http://, https://, file://); repeat, in priority order
+    /// binary cache URL (http://, https://, s3://, file://); repeat, in priority order
     #[argh(option)]
     cache: Vec<String>,
+    /// netrc file with credentials for http(s) caches (Nix's netrc-file)
+    #[argh(option)]
+    netrc_file: Option<PathBuf>,
+    /// PREFIX=FILE: send the token in FILE as a Bearer token to URLs under PREFIX (repeatable)
+    #[argh(option)]
+    bearer_token_file: Vec<String>,
+    /// AWS credentials file for s3:// caches (default $AWS_SHARED_CREDENTIALS_FILE or ~/.aws/credentials)
+    #[argh(option)]
+    aws_credentials_file: Option<PathBuf>,
+    /// AWS profile for s3:// caches without profile= (default $AWS_PROFILE or default)
+    #[argh(option)]
+    aws_profile: Option<String>,
     /// trusted cache public key, name:base64
     #[argh(option)]
     trusted_key: Vec<String>,
@@ -352,7 +364,26 @@ fn cmd_install(a: InstallArgs) -> CliResult {
     let state = state_dir(&a.root, a.state_dir);
     let store = Store::open(&a.root, &state).map_err(|e| format!("opening store under {}: {e}", a.root.display()))?;
     let lock = lock_store(&store, a.no_wait)?;
-    let mut fetcher = Fetcher::new(caches, Options { retries: a.retries, ..Options::default() });
+    let bearer_token_files = a
+        .bearer_token_file
+        .iter()
+        .map(|s| {
+            s.split_once('=')
+                .map(|(p, f)| (p.to_owned(), PathBuf::from(f)))
+                .ok_or_else(|| format!("--bearer-token-file {s:?}: expected PREFIX=FILE"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    // On the command line a relative path is the working directory's (the
+    // agent's config resolves them in $CREDENTIALS_DIRECTORY).
+    let abs = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+    let sources = crate::auth::Sources {
+        netrc_file: a.netrc_file.map(abs),
+        bearer_token_files: bearer_token_files.into_iter().map(|(u, p)| (u, abs(p))).collect(),
+        aws_credentials_file: a.aws_credentials_file.map(abs),
+        aws_profile: a.aws_profile,
+    };
+    let credentials = std::sync::Arc::new(crate::auth::Credentials::load_from_process(&sources)?);
+    let mut fetcher = Fetcher::new(caches, Options { retries: a.retries, credentials, ..Options::default() });
     let start = Instant::now();
     let mut meter = Meter { start, last: None, enabled: is_tty() };
     let result = install::install(&mut fetcher, &lock, &keys, &roots, &mut |p| meter.show(p));

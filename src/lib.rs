@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod auth;
 
 pub mod cli;
 pub mod fetch;

@@ -21,6 +21,20 @@ if ((${#need_pkgs[@]})); then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
 fi
+# tests/private_cache.rs: an S3 API server that checks signatures (moto's
+# server mode, with authentication turned on by the test) and boto3, the
+# standard S3 client, to upload the cache. Debian has no python3-moto: pip.
+if ! python3 -c 'import moto.server, boto3' 2>/dev/null; then
+  echo "== installing moto[server] and boto3 (pip)"
+  python3 -m pip --version >/dev/null 2>&1 || {
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip >/dev/null
+  }
+  python3 -m pip install -q 'moto[server]' boto3 2>/dev/null \
+    || python3 -m pip install -q --break-system-packages 'moto[server]' boto3 \
+    || echo "warning: could not install moto[server] and boto3: tests/private_cache.rs skips its S3 test"
+fi
+command -v openssl >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null; }
 for t in x86_64-unknown-linux-musl aarch64-unknown-linux-musl; do
   rustup target list --installed 2>/dev/null | grep -qx "$t" || rustup target add "$t"
 done

@@ -10,13 +10,22 @@
 //!   "state_dir": "/var/lib/nixless",
 //!   "root": "/",
 //!   "poll_url": "https://deploy.example.org/kiosk-7.json",
-//!   "poll_interval_secs": 300
+//!   "poll_interval_secs": 300,
+//!   "netrc_file": "/run/credentials/nixless-agent.service/netrc",
+//!   "bearer_token_files": [{"url": "https://cache.example.org", "file": "cache-token"}],
+//!   "aws_credentials_file": "aws-credentials",
+//!   "aws_profile": "cache"
 //! }
 //! ```
 //! Every key is documented in README.md. Unknown keys are an error (a typo
 //! must not silently disable a check); so are missing required keys, keys
 //! that do not parse, a number outside its key's range ([`BOUNDS`]), and a
 //! config that could never accept a deploy.
+//!
+//! Credential files (netrc, bearer tokens, AWS keys) are named here, never
+//! inlined: a relative path is looked up in `$CREDENTIALS_DIRECTORY`
+//! (systemd `LoadCredential=`). The agent reads them once at start
+//! ([`crate::auth::Credentials::load`]).
 
 use crate::fetch::CacheUrl;
 use crate::nix::{PublicKey, TrustedKeys};
@@ -51,6 +60,19 @@ struct Wire {
     generations_to_keep: Option<u64>,
     switch_mode: Option<String>,
     inhibited_switch: Option<String>,
+    netrc_file: Option<String>,
+    // A list, not a map: serde-json-core cannot read owned map keys.
+    bearer_token_files: Option<Vec<TokenFile>>,
+    aws_credentials_file: Option<String>,
+    aws_profile: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenFile {
+    /// URL prefix the token is sent to.
+    url: String,
+    file: String,
 }
 
 /// How switch requests are carried out.
@@ -98,6 +120,10 @@ pub struct Config {
     pub switch_timeout: Duration,
     pub generations_to_keep: u64,
     pub inhibited_switch: InhibitedSwitch,
+    /// Where private caches' credentials are read from.
+    pub auth: crate::auth::Sources,
+    /// Read from [`Config::auth`] by the agent at start; empty until then.
+    pub credentials: std::sync::Arc<crate::auth::Credentials>,
 }
 
 /// Bounded values fit any usize of 32 bits or more.
@@ -206,6 +232,10 @@ const KEYS: &[&str] = &[
     "generations_to_keep",
     "switch_mode",
     "inhibited_switch",
+    "netrc_file",
+    "bearer_token_files",
+    "aws_credentials_file",
+    "aws_profile",
 ];
 
 /// The members of a top-level JSON object, key and raw value text, so an
@@ -314,6 +344,23 @@ impl Config {
             Some("boot") => InhibitedSwitch::Boot,
             Some(m) => return Err(format!("inhibited_switch {m:?}: expected \"fail\" or \"boot\"")),
         };
+        let auth = crate::auth::Sources {
+            netrc_file: w.netrc_file.map(PathBuf::from),
+            bearer_token_files: w
+                .bearer_token_files
+                .unwrap_or_default()
+                .into_iter()
+                .map(|TokenFile { url: prefix, file }| {
+                    if prefix.starts_with("http://") || prefix.starts_with("https://") {
+                        Ok((prefix, PathBuf::from(file)))
+                    } else {
+                        Err(format!("bearer_token_files: {prefix:?} is not an http:// or https:// URL prefix"))
+                    }
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            aws_credentials_file: w.aws_credentials_file.map(PathBuf::from),
+            aws_profile: w.aws_profile,
+        };
         Ok(Config {
             host: w.host,
             listen,
@@ -336,6 +383,8 @@ impl Config {
             switch_timeout: bounded_secs("switch_timeout_secs", w.switch_timeout_secs)?,
             generations_to_keep: bounded("generations_to_keep", w.generations_to_keep)?,
             inhibited_switch,
+            auth,
+            credentials: Default::default(),
         })
     }
 
@@ -430,6 +479,21 @@ mod tests {
         assert_eq!(set("max_body_bytes", "0").unwrap_err(), "max_body_bytes must be 1024..=16777216, got 0");
         // A string that merely looks like a number is shown as a string.
         assert_eq!(set("retries", "\"5\"").unwrap_err(), "retries must be 0..=100, got \"5\"");
+    }
+
+    #[test]
+    fn credential_sources_are_paths() {
+        let c = Config::parse(
+            cfg(r#","netrc_file":"netrc","bearer_token_files":[{"url":"https://c.example","file":"/run/tok"}],"aws_profile":"ci""#)
+                .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(c.auth.netrc_file, Some(PathBuf::from("netrc")));
+        assert_eq!(c.auth.bearer_token_files, [("https://c.example".to_owned(), PathBuf::from("/run/tok"))]);
+        assert_eq!(c.auth.aws_profile.as_deref(), Some("ci"));
+        let e =
+            Config::parse(cfg(r#","bearer_token_files":[{"url":"c.example","file":"/t"}]"#).as_bytes()).unwrap_err();
+        assert!(e.contains("not an http:// or https:// URL prefix"), "{e}");
     }
 
     #[test]

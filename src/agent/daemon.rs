@@ -810,8 +810,12 @@ impl Agent {
                 caches.push(c.clone());
             }
         }
-        let opts =
-            Options { retries: self.ctx.cfg.retries, read_timeout: self.ctx.cfg.read_timeout, ..Options::default() };
+        let opts = Options {
+            retries: self.ctx.cfg.retries,
+            read_timeout: self.ctx.cfg.read_timeout,
+            credentials: self.ctx.cfg.credentials.clone(),
+            ..Options::default()
+        };
         let mut f = Fetcher::new(caches, opts);
         let (ctx, shared) = (self.ctx.clone(), self.shared.clone());
         f.set_tick(Box::new(move || tick(&ctx, &shared)));
@@ -1005,7 +1009,12 @@ fn truncate(s: &str, n: usize) -> &str {
 /// `nixless agent`: load config, start, drop privileges to the seccomp
 /// allowlist, run.
 pub fn main(config: &Path, opts: AgentOptions) -> Result<(), String> {
-    let cfg = Config::load(config)?;
+    let mut cfg = Config::load(config)?;
+    // Before the seccomp filter, and once: systemd credentials are fixed
+    // for the life of the unit. A bad file stops the agent like a bad config.
+    let creds =
+        crate::auth::Credentials::load_from_process(&cfg.auth).map_err(|e| format!("{}: {e}", config.display()))?;
+    cfg.credentials = std::sync::Arc::new(creds);
     let mut agent = Agent::start(cfg)?;
     for a in agent.local_addrs() {
         log::info!("listening on {a}");

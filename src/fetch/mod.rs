@@ -1,5 +1,5 @@
-//! The I/O edge towards binary caches: `http://`, `https://` and `file://`,
-//! tried in priority order, through one ureq agent whose idle connections
+//! The I/O edge towards binary caches: `http://`, `https://`, `s3://` and
+//! `file://`, tried in priority order, through one ureq agent whose idle connections
 //! are reused (keep-alive) across narinfo and NAR requests.
 //!
 //! Transient failures (connection errors, timeouts, 5xx, 429) are retried
@@ -12,18 +12,24 @@
 //! `nix-cache-info`, a polled deploy document and its signature) also have
 //! an overall deadline, retries included, so a server that trickles bytes
 //! cannot hold a fetch open for longer than [`Options::small_fetch_deadline`].
+//!
+//! Private caches: every request goes through [`crate::auth::prepare`]
+//! (netrc, bearer tokens, S3 signatures); a 401 or 403 is one line naming
+//! the cache and, for S3, the error code the server gave.
 
 pub mod decompress;
 pub mod pipeline;
 pub mod resume;
 pub mod ticking;
 
+use crate::auth::{self, Credentials};
 use crate::nix::cache_info;
 use crate::nix::StorePath;
 use std::cell::RefCell;
 use std::io::{self, Read};
 use std::path::PathBuf;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use ureq::unversioned::resolver::DefaultResolver;
 use ureq::unversioned::transport::{ConnectProxyConnector, Connector, RustlsConnector};
@@ -44,6 +50,8 @@ pub enum CacheUrl {
     Http(String),
     /// `file:///dir`: a cache on a local or removable disk.
     File(PathBuf),
+    /// `s3://bucket[?params]` (see [`auth::s3`]), without a trailing slash.
+    S3(String),
 }
 
 impl CacheUrl {
@@ -58,9 +66,31 @@ impl CacheUrl {
             if s.contains('?') || s.contains('#') {
                 return Err(format!("cache URL {s:?}: query strings are not supported"));
             }
+            // A password in the URL would be shown wherever the URL is.
+            let authority = s.split_once("://").map_or("", |(_, r)| r.split('/').next().unwrap_or(""));
+            if authority.contains('@') {
+                return Err("cache URL: user or password in the URL; put them in a netrc file instead".into());
+            }
             Ok(CacheUrl::Http(s.to_owned()))
+        } else if s.starts_with("s3://") {
+            let url = CacheUrl::S3(s.to_owned());
+            auth::s3::target(&url.join("nix-cache-info")).map_err(|e| format!("cache URL {s:?}: {e}"))?;
+            Ok(url)
         } else {
-            Err(format!("cache URL {s:?}: expected http://, https:// or file://"))
+            Err(format!("cache URL {s:?}: expected http://, https://, s3:// or file://"))
+        }
+    }
+
+    /// The URL of `rel` in this cache (for `s3://`, the key goes before the
+    /// parameters).
+    pub fn join(&self, rel: &str) -> String {
+        match self {
+            CacheUrl::Http(base) => format!("{base}/{rel}"),
+            CacheUrl::File(p) => format!("file://{}/{rel}", p.display()),
+            CacheUrl::S3(s) => match s.split_once('?') {
+                Some((bucket, params)) => format!("{}/{rel}?{params}", bucket.trim_end_matches('/')),
+                None => format!("{s}/{rel}"),
+            },
         }
     }
 }
@@ -70,6 +100,7 @@ impl std::fmt::Display for CacheUrl {
         match self {
             CacheUrl::Http(u) => f.write_str(u),
             CacheUrl::File(p) => write!(f, "file://{}", p.display()),
+            CacheUrl::S3(u) => f.write_str(u),
         }
     }
 }
@@ -102,6 +133,18 @@ pub enum FetchError {
     Deadline {
         url: String,
         after: Duration,
+    },
+    /// The request could not be authorised (no credentials for it).
+    Auth {
+        url: String,
+        msg: String,
+    },
+    /// 401 or 403: `what` names the cache (or the URL), `code` is the S3
+    /// error code from the answer, if any.
+    Denied {
+        what: String,
+        status: u16,
+        code: Option<String>,
     },
 }
 
@@ -137,6 +180,15 @@ impl std::fmt::Display for FetchError {
                     after.as_secs_f32()
                 )
             }
+            FetchError::Auth { url, msg } => write!(f, "GET {}: {}", clip(url, URL), clip(msg, MSG)),
+            FetchError::Denied { what, status, code } => {
+                let reason = if *status == 401 { "Unauthorized" } else { "Forbidden" };
+                write!(f, "{}: {status} {reason}", clip(what, URL))?;
+                match code {
+                    Some(c) => write!(f, " ({})", clip(c, 64)),
+                    None => Ok(()),
+                }
+            }
         }
     }
 }
@@ -157,6 +209,8 @@ pub struct Options {
     /// Longest a small document (narinfo, nix-cache-info, a polled deploy
     /// document or signature) may take, retries included.
     pub small_fetch_deadline: Duration,
+    /// For private caches (netrc, bearer tokens, S3 keys).
+    pub credentials: Arc<Credentials>,
 }
 
 impl Default for Options {
@@ -167,6 +221,7 @@ impl Default for Options {
             retries: 4,
             backoff: Duration::from_millis(250),
             small_fetch_deadline: Duration::from_secs(15),
+            credentials: Arc::new(Credentials::default()),
         }
     }
 }
@@ -292,9 +347,23 @@ impl Fetcher {
         let mut delay = self.opts.backoff;
         let mut attempt = 0;
         loop {
-            let mut req = self.agent.get(url);
+            // Signed per attempt: an S3 signature carries the time.
+            let now =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            let prepared = auth::prepare("GET", url, now, &self.opts.credentials)
+                .map_err(|e| FetchError::Auth { url: url.to_owned(), msg: e.to_string() })?;
+            let mut req = self.agent.get(&prepared.url);
+            for (name, value) in &prepared.headers {
+                req = req.header(*name, value);
+            }
             if offset > 0 {
                 req = req.header("Range", format!("bytes={offset}-"));
+            }
+            if url.starts_with("s3://") {
+                // The signed Host and x-amz-* headers (a session token among
+                // them) must not follow a redirect to another host; ureq
+                // drops only Authorization.
+                req = req.config().max_redirects(0).build();
             }
             let outcome = match req.call() {
                 Ok(resp) => {
@@ -327,7 +396,7 @@ impl Fetcher {
     fn get_small(&mut self, idx: usize, rel: &str, limit: u64) -> Result<Option<Vec<u8>>, FetchError> {
         let deadline = self.small_deadline();
         let _scope = self.scope(Some(deadline));
-        let url = format!("{}/{rel}", self.caches[idx].0);
+        let url = self.caches[idx].0.join(rel);
         match self.open(idx, rel, 0, Some(deadline))? {
             Answer::Missing => Ok(None),
             Answer::Found(body) => {
@@ -388,8 +457,8 @@ impl Fetcher {
                     Err(e) => Err(io_err(e)),
                 }
             }
-            CacheUrl::Http(base) => {
-                let url = format!("{base}/{rel}");
+            cache @ (CacheUrl::Http(_) | CacheUrl::S3(_)) => {
+                let url = cache.join(rel);
                 let _scope = self.scope(deadline);
                 let (status, resp) = self.get_http(&url, offset, deadline)?;
                 match status {
@@ -429,6 +498,7 @@ impl Fetcher {
                         Ok(Answer::Found(body))
                     }
                     404 | 410 => Ok(Answer::Missing),
+                    401 | 403 => Err(denied(format!("cache {cache}"), status, resp)),
                     _ => Err(FetchError::Http { url, status }),
                 }
             }
@@ -463,6 +533,7 @@ impl Fetcher {
                     Box::new(resp.into_body().into_reader())
                 }
                 404 | 410 => return Ok(None),
+                401 | 403 => return Err(denied(url.to_owned(), status, resp)),
                 _ => return Err(FetchError::Http { url: url.to_owned(), status }),
             }
         };
@@ -475,7 +546,7 @@ impl Fetcher {
     pub fn probe(&mut self, idx: usize) -> Result<(), FetchError> {
         match self.get_small(idx, "nix-cache-info", 64 << 10)? {
             Some(_) => Ok(()),
-            None => Err(FetchError::Http { url: format!("{}/nix-cache-info", self.caches[idx].0), status: 404 }),
+            None => Err(FetchError::Http { url: self.caches[idx].0.join("nix-cache-info"), status: 404 }),
         }
     }
 
@@ -521,7 +592,7 @@ impl Fetcher {
             match self.get_small(idx, &rel, MAX_NARINFO) {
                 Ok(Some(bytes)) => {
                     let text = String::from_utf8(bytes).map_err(|_| FetchError::Transport {
-                        url: format!("{}/{rel}", self.caches[idx].0),
+                        url: self.caches[idx].0.join(&rel),
                         msg: "narinfo is not UTF-8".into(),
                     })?;
                     return Ok((idx, text));
@@ -533,6 +604,21 @@ impl Fetcher {
         }
         Err(FetchError::NotFound { path: path.to_string(), unreachable })
     }
+}
+
+/// A 401/403, with the S3 error code of its body (`<Code>…</Code>`) if
+/// there is one: read up to 4 KiB, and kept only if it looks like a code,
+/// so nothing else the server echoes (a canonical request, a header) is shown.
+fn denied(what: String, status: u16, resp: ureq::http::Response<ureq::Body>) -> FetchError {
+    let mut body = Vec::new();
+    let _ = resp.into_body().into_reader().take(4096).read_to_end(&mut body);
+    let text = String::from_utf8_lossy(&body);
+    let code = text
+        .split_once("<Code>")
+        .and_then(|(_, r)| r.split_once("</Code>"))
+        .map(|(c, _)| c.to_owned())
+        .filter(|c| !c.is_empty() && c.len() <= 64 && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.'));
+    FetchError::Denied { what, status, code }
 }
 
 #[cfg(test)]
@@ -611,6 +697,48 @@ mod tests {
         let (mut f, ticks) = counting_fetcher();
         assert_deadline_with_ticks(&mut f, &ticks, &url);
         drop(held.join());
+    }
+
+    /// A server that refuses with 403 and echoes the request (headers
+    /// included, as some servers' error pages do): the error names the cache
+    /// and the S3 code, and never carries the token it was sent.
+    #[test]
+    fn a_403_names_the_cache_and_code_but_not_the_secret() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}/private", listener.local_addr().unwrap());
+        let server = std::thread::spawn(move || {
+            let (mut c, _) = listener.accept().unwrap();
+            let mut head = [0u8; 4096];
+            let n = c.read(&mut head).unwrap();
+            let req = String::from_utf8_lossy(&head[..n]).into_owned();
+            let body = format!("<Error><Code>SignatureDoesNotMatch</Code><Message>{req}</Message></Error>");
+            let _ = c.write_all(
+                format!("HTTP/1.1 403 Forbidden\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes(),
+            );
+            req
+        });
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tok"), "TOPSECRET-token-1234\n").unwrap();
+        let src =
+            auth::Sources { bearer_token_files: vec![(base.clone(), dir.path().join("tok"))], ..Default::default() };
+        let credentials = Arc::new(Credentials::load(&src, &|_| None).unwrap());
+        let mut f = Fetcher::new(
+            vec![CacheUrl::parse(&base).unwrap()],
+            Options { retries: 0, credentials, ..Options::default() },
+        );
+        let err = f.probe(0).unwrap_err().to_string();
+        assert!(server.join().unwrap().contains("Bearer TOPSECRET-token-1234"), "the token was sent");
+        assert_eq!(err, format!("cache {base}: 403 Forbidden (SignatureDoesNotMatch)"));
+    }
+
+    #[test]
+    fn cache_urls_with_passwords_are_refused() {
+        let e = CacheUrl::parse("https://alice:hunter2@cache.example").unwrap_err();
+        assert!(e.contains("netrc") && !e.contains("hunter2"), "{e}");
+        let s3 = CacheUrl::parse("s3://b?endpoint=http://127.0.0.1:9000&region=r").unwrap();
+        assert_eq!(s3.join("nar/x.nar"), "s3://b/nar/x.nar?endpoint=http://127.0.0.1:9000&region=r");
+        assert_eq!(s3.to_string(), "s3://b?endpoint=http://127.0.0.1:9000&region=r");
+        assert!(CacheUrl::parse("s3://b?regoin=x").unwrap_err().contains("unknown parameter"));
     }
 
     /// A connect that hangs (the listener's backlog is full, so the kernel

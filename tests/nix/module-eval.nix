@@ -121,6 +121,12 @@ let
     generationsToKeep = 5;
     stateDir = "/var/lib/nixless";
     extraConfig = { };
+    netrcFile = null;
+    bearerTokenFiles = { };
+    s3 = {
+      credentialsFile = null;
+      profile = null;
+    };
     hardwareWatchdog = {
       enable = true;
       runtimeSecs = 30;
@@ -151,13 +157,17 @@ let
       readOnlyStore ? false,
       fileSystems ? rootExt4,
       watchdog ? true,
+      nixless ? { },
     }:
     {
-      services.nixless = cfg // {
-        hardwareWatchdog = cfg.hardwareWatchdog // {
-          enable = watchdog;
-        };
-      };
+      services.nixless =
+        cfg
+        // {
+          hardwareWatchdog = cfg.hardwareWatchdog // {
+            enable = watchdog;
+          };
+        }
+        // nixless;
       networking.hostName = "kiosk-7";
       nix.enable = false;
       inherit fileSystems;
@@ -439,6 +449,31 @@ let
         };
       })
       (passCase "no file systems at all (a container)" current { fileSystems = { }; })
+      (case "credential files reach the agent through LoadCredential=" (
+        let
+          c = configOf current {
+            nixless = {
+              netrcFile = "/run/secrets/netrc";
+              bearerTokenFiles."https://cache.example" = "/run/secrets/token";
+              s3 = {
+                credentialsFile = "/run/secrets/aws";
+                profile = "cache";
+              };
+            };
+          };
+        in
+        expectSet c [ "systemd" "services" "nixless-agent" "serviceConfig" "LoadCredential" ] [
+          "netrc:/run/secrets/netrc"
+          "bearer-token-0:/run/secrets/token"
+          "aws-credentials:/run/secrets/aws"
+        ]
+      ))
+      (case "no credentials: no LoadCredential=" (
+        expectUnset (configOf current { }) [ "systemd" "services" "nixless-agent" "serviceConfig" "LoadCredential" ]
+      ))
+      (assertionCase "a credential file in the Nix store is refused" current {
+        nixless.netrcFile = "/nix/store/00000000000000000000000000000000-netrc";
+      } [ "must not be in the Nix store" ])
       (passCase "a disabled erofs store mount (fileSystems.<name>.enable = false) is not the store" current {
         fileSystems = rootExt4 // fs "/nix/store" {
           enable = false;

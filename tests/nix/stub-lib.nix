@@ -56,6 +56,7 @@ rec {
     if found == [ ] then default else builtins.head found;
   getExe' = pkg: name: "${pkg}/bin/${name}";
   hasPrefix = prefix: s: substring 0 (stringLength prefix) s == prefix;
+  imap0 = f: list: builtins.genList (i: f i (elemAt list i)) (length list);
   last = list: elemAt list (length list - 1);
   mapAttrsToList = f: set: map (name: f name set.${name}) (attrNames set);
   optional = cond: x: if cond then [ x ] else [ ];
@@ -91,6 +92,7 @@ rec {
     mkOption { inherit name extra; };
 
   types = {
+    attrsOf = t: "attribute set of ${t}";
     bool = "bool";
     str = "str";
     ints.positive = "positive int";
