@@ -1,7 +1,7 @@
 //! The admin side of the same binary: `keygen`, `deploy`, `status`.
 
-use crate::agent::deploy;
-use crate::agent::machine::Action;
+use crate::deploy;
+use crate::deploy::Action;
 use crate::nix::SecretKey;
 use serde::Deserialize;
 use std::io::Write;
@@ -93,7 +93,7 @@ pub fn deploy(o: DeployOpts) -> Result<(), String> {
     if o.agent.is_some() == o.out.is_some() {
         return Err("give exactly one of --agent URL or --out FILE".into());
     }
-    let now = crate::agent::daemon::now();
+    let now = crate::clock::now();
     let seq = o.seq.unwrap_or(now);
     check_seq(seq, now, o.force)?;
     let key_text = std::fs::read_to_string(&o.key).map_err(|e| format!("{}: {e}", o.key.display()))?;

@@ -10,6 +10,9 @@ pub mod admin;
 pub mod agent;
 
 pub mod cli;
+pub mod clock;
+pub mod console;
+pub mod deploy;
 pub mod fetch;
 pub mod json;
 pub mod logger;

@@ -9,8 +9,8 @@
 mod common;
 
 use common::*;
-use nixless::agent::deploy::{render, sign};
-use nixless::agent::machine::Action;
+use nixless::deploy::Action;
+use nixless::deploy::{render, sign};
 use nixless::nix::SecretKey;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};

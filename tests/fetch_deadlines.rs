@@ -13,8 +13,8 @@
 mod common;
 
 use common::*;
-use nixless::agent::deploy::{render, sign};
-use nixless::agent::machine::Action;
+use nixless::deploy::Action;
+use nixless::deploy::{render, sign};
 use nixless::nix::SecretKey;
 use serde::Deserialize;
 use std::io::{Read, Write};

@@ -315,8 +315,8 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
 
 #[test]
 fn agent_fetch_waits_for_the_lock_and_keeps_serving() {
-    use nixless::agent::deploy::{render, sign};
-    use nixless::agent::machine::Action;
+    use nixless::deploy::Action;
+    use nixless::deploy::{render, sign};
     let f = fixtures();
     let tmp = tempfile::Builder::new().prefix("nixless-lock-agent-").tempdir().unwrap();
     let root = tmp.path().join("root");

@@ -15,12 +15,12 @@
 //! point resumable.
 
 use super::config::{Config, InhibitedSwitch};
-use super::deploy::{self, Deploy, Rejection};
 use super::http::{Handler, Limits, Request, Response, Server};
-use super::machine::{self, Action, Effect, Event, Phase, State, Timing};
+use super::machine::{self, Effect, Event, Phase, State, Timing};
 use super::notify::Notifier;
 use super::persist;
 use super::status::{self, Progress, Snapshot};
+use crate::deploy::{self, Action, Deploy, Rejection};
 use crate::fetch::{CacheUrl, Fetcher, Options};
 use crate::nix::StorePath;
 use crate::store::fsutil;
@@ -32,7 +32,7 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::path::Path;
 use std::rc::Rc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// Least time between two ticks' socket polls during a transfer.
 pub const TICK_EVERY: Duration = Duration::from_millis(50);
@@ -46,9 +46,7 @@ const AUTH_PEERS: usize = 1024;
 /// Largest polled document / signature.
 const MAX_SIG_BYTES: u64 = 4096;
 
-pub fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
+pub use crate::clock::now;
 
 #[derive(Debug, Clone, Copy, Default)]
 /// Command-line switches of `nixless agent`.
@@ -337,7 +335,7 @@ fn accept(ctx: &Ctx, sh: &mut Shared, d: &Deploy, body: &[u8], sig: &[u8]) -> Re
     let previous = system_link(root, "run/current-system");
     let system = match (d.action, &d.system) {
         (_, Some(s)) => s.to_string(),
-        (Action::Rollback, None) => match crate::switch::profile::previous(root) {
+        (Action::Rollback, None) => match crate::store::profile::previous(root) {
             Some((_, p)) => p,
             None => return Err(AcceptError::Refused(Rejection::NoPrevious)),
         },
@@ -554,7 +552,7 @@ impl Agent {
                 let dir = &self.ctx.cfg.state_dir;
                 let pending = protocol::read_request(dir).is_some_and(|r| r.id >= id)
                     || protocol::read_result(dir).is_some_and(|r| r.id >= id);
-                if step == machine::Step::Test && !pending {
+                if step == protocol::Step::Test && !pending {
                     // Could we reach the network before the switch? Only then
                     // is losing it a reason to roll back (pullnix's lesson).
                     let reachable = self.network_reachable().is_ok();
@@ -576,7 +574,7 @@ impl Agent {
             }
             Effect::Commit => {
                 let system = self.shared.borrow().state.job.as_ref().map(|j| j.system.clone()).unwrap_or_default();
-                Ok(Some(match crate::switch::profile::commit(&self.ctx.cfg.root, &system) {
+                Ok(Some(match crate::store::profile::commit(&self.ctx.cfg.root, &system) {
                     Ok(n) => {
                         log::info!("committed {system} as generation {n}");
                         Event::CommitOk
@@ -587,7 +585,7 @@ impl Agent {
             Effect::RestoreProfile => {
                 let previous = self.shared.borrow().state.job.as_ref().and_then(|j| j.previous.clone());
                 if let Some(p) = previous {
-                    crate::switch::profile::restore(&self.ctx.cfg.root, &p)
+                    crate::store::profile::restore(&self.ctx.cfg.root, &p)
                         .map_err(|e| format!("restoring the profile: {e}"))?;
                     log::info!("profile points at {p} again");
                 }
@@ -647,7 +645,7 @@ impl Agent {
             log::info!("learnt the references of {n} of {} paths from narinfos", unknown.len());
         }
         let report = gc::collect(store, &roots, false)?;
-        crate::switch::profile::delete_generations(&cfg.root, &keep)
+        crate::store::profile::delete_generations(&cfg.root, &keep)
             .map_err(|e| format!("deleting old generations: {e}"))?;
         log::info!("garbage collected: {report}");
         persist::log_event(&cfg.state_dir, now(), &format!("gc: {report}"));

@@ -12,9 +12,11 @@
 //!  "outcomes":[committed,rolled-back,rollback-failed,rejected,failed,collected]}
 //! ```
 
-use super::machine::{Action, Job, Last, Outcome, Phase, State, Step};
+use super::machine::{Job, Last, Outcome, Phase, State};
+use crate::deploy::Action;
 use crate::json::string as json_string;
 use crate::store::fsutil;
+use crate::switch::protocol::Step;
 use rustix::fd::AsFd;
 use serde::Deserialize;
 use std::io::Write;
@@ -289,5 +291,12 @@ mod tests {
         let s = State { highest_seq: 99, ..State::default() };
         save(tmp.path(), &s).unwrap();
         assert_eq!(load(tmp.path()).unwrap().highest_seq, 99);
+    }
+
+    /// A damaged or planted state file is an error, not a crash.
+    #[test]
+    fn refuses_deep_json() {
+        let deep = format!(r#"{{"version":1,"x":{}{}}}"#, "[".repeat(500_000), "]".repeat(500_000));
+        assert_eq!(from_json(deep.as_bytes()).unwrap_err(), "arrays and objects nested deeper than 32 levels");
     }
 }

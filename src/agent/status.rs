@@ -150,7 +150,8 @@ pub fn metrics(s: &Snapshot) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::machine::{step, Action, Event, Timing};
+    use crate::agent::machine::{step, Event, Timing};
+    use crate::deploy::Action;
 
     #[test]
     fn status_is_json_and_metrics_are_prometheus() {

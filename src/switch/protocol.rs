@@ -17,7 +17,6 @@
 //! names its id; the agent reads `result.json` and acts on the result for the
 //! id it is waiting for, however often it restarted meanwhile.
 
-use crate::agent::machine::Step;
 use crate::json::string as json_string;
 use crate::store::fsutil;
 use rustix::fd::AsFd;
@@ -30,6 +29,74 @@ pub const STARTED: &str = "started";
 pub const RESULT: &str = "result.json";
 pub const HEALTH_REQUEST: &str = "health-request.json";
 pub const HEALTH_RESULT: &str = "health-result.json";
+
+/// The helper's code for a request it refused to run (the system is not
+/// installed, the request is malformed): nothing was switched.
+pub const REFUSED: i32 = -2;
+
+/// The helper's code for a `boot-once` request where the bootloader has no
+/// one-time entries (GRUB, extlinux, …): the new generation simply became
+/// the default.
+pub const NO_ONE_SHOT: i32 = -3;
+
+/// The helper's code for a `test` or `switch` that switch-to-configuration
+/// refused because `system.switch.inhibitors` changed (it exits 1, and
+/// nothing was switched): the new system needs a reboot.
+pub const INHIBITED: i32 = -4;
+
+/// Which `switch-to-configuration` run a switch request is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// `test` of the new system: it runs, the boot default is unchanged.
+    Test,
+    /// `boot` of the committed system: the bootloader entry.
+    Boot,
+    /// `test` of the previous system, undoing a failed update.
+    RollbackTest,
+    /// A `boot` deploy: `boot` of the new system, then (systemd-boot) a
+    /// one-time entry for it with the running system kept as the default.
+    BootOnce,
+    /// After a good first boot of a `boot` deploy: drop the one-time
+    /// arrangement so the new generation is the default.
+    BootConfirm,
+    /// After a `boot` deploy failed: `switch` of the previous system (its
+    /// generation becomes the boot default again).
+    BootRevert,
+}
+
+impl Step {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Test => "test",
+            Step::Boot => "boot",
+            Step::RollbackTest => "rollback-test",
+            Step::BootOnce => "boot-once",
+            Step::BootConfirm => "boot-confirm",
+            Step::BootRevert => "boot-revert",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Step> {
+        Some(match s {
+            "test" => Step::Test,
+            "boot" => Step::Boot,
+            "rollback-test" => Step::RollbackTest,
+            "boot-once" => Step::BootOnce,
+            "boot-confirm" => Step::BootConfirm,
+            "boot-revert" => Step::BootRevert,
+            _ => return None,
+        })
+    }
+
+    /// The `switch-to-configuration` argument.
+    pub fn stc_action(self) -> &'static str {
+        match self {
+            Step::Test | Step::RollbackTest => "test",
+            Step::Boot | Step::BootOnce | Step::BootConfirm => "boot",
+            Step::BootRevert => "switch",
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
@@ -180,5 +247,24 @@ mod tests {
         assert!(!ensure_request(tmp.path(), &r).unwrap());
         let next = Request { id: 4, ..r };
         assert!(ensure_request(tmp.path(), &next).unwrap());
+    }
+
+    /// The switch request/result files are read back from disk; a damaged
+    /// or planted one must be an error, not a crash.
+    #[test]
+    fn every_file_reader_refuses_deep_json() {
+        let deep = |fields: &str| format!(r#"{{{fields},"x":{}{}}}"#, "[".repeat(500_000), "]".repeat(500_000));
+        let too_deep = "arrays and objects nested deeper than 32 levels";
+        let e = Request::parse(deep(r#""id":1,"step":"test","system":"/x""#).as_bytes()).unwrap_err();
+        assert_eq!(e, too_deep);
+        let e = Outcome::parse(deep(r#""id":1,"code":0,"tail":"""#).as_bytes()).unwrap_err();
+        assert_eq!(e, too_deep);
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir(tmp.path())).unwrap();
+        let health = dir(tmp.path()).join(HEALTH_REQUEST);
+        std::fs::write(&health, deep(r#""id":7"#)).unwrap();
+        assert_eq!(read_health_request(tmp.path()), None);
+        std::fs::write(&health, r#"{"id":7,"x":[[1]]}"#).unwrap();
+        assert_eq!(read_health_request(tmp.path()), Some(7));
     }
 }

@@ -1,5 +1,6 @@
 //! Deploy documents: what an admin signs, and the checks that decide
-//! whether the device obeys.
+//! whether the device obeys. Shared by the agent (verifies) and `admin`
+//! (renders and signs), so it sits below both.
 //!
 //! Wire format: a JSON object, signed as raw bytes with a deploy key
 //! (detached ed25519, `name:base64(64 bytes)`), sent in the
@@ -16,10 +17,39 @@
 //! sequence at most [`MAX_SEQ`] and above the highest accepted → system a
 //! store path (not needed for `gc`) → action known.
 
-use super::machine::Action;
 use crate::nix::keys::Signature;
 use crate::nix::{SecretKey, StorePath, TrustedKeys};
 use serde::Deserialize;
+
+/// What a deploy document asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Switch,
+    Boot,
+    Rollback,
+    Gc,
+}
+
+impl Action {
+    pub fn parse(s: &str) -> Option<Action> {
+        Some(match s {
+            "switch" => Action::Switch,
+            "boot" => Action::Boot,
+            "rollback" => Action::Rollback,
+            "gc" => Action::Gc,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Switch => "switch",
+            Action::Boot => "boot",
+            Action::Rollback => "rollback",
+            Action::Gc => "gc",
+        }
+    }
+}
 
 pub const SIGNATURE_HEADER: &str = "nixless-signature";
 
