@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod api;
 
 pub mod cli;
 pub mod clock;

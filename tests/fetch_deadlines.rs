@@ -273,7 +273,7 @@ impl Agent {
     }
 
     fn deploy(&mut self, system: &str) {
-        let body = render(HOST, Some(system), 5, Action::Switch, &[], &[]);
+        let body = render(HOST, Some(system), 5, Action::Switch, &[], &[]).unwrap();
         let sig = sign(&self.key, body.as_bytes());
         let req = format!(
             "POST /v1/deploy HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\nNixless-Signature: {sig}\r\n\r\n{body}",

@@ -7,7 +7,7 @@
 //! layer 8  agent                   the daemon
 //! layer 7  admin                   keygen, deploy, status (the admin's side)
 //! layer 6  switch                  helper, its wire protocol
-//! layer 5  deploy                  signed deploy documents
+//! layer 5  deploy api              signed deploy documents, the HTTP API bodies
 //! layer 4  store                   the store, profiles, gc
 //! layer 3  fetch net               caches over HTTP
 //! layer 2  nar                     NAR parsing and writing
@@ -31,7 +31,7 @@ const LAYERS: &[&[&str]] = &[
     &["nar"],
     &["fetch", "net"],
     &["store"],
-    &["deploy"],
+    &["deploy", "api"],
     &["switch"],
     &["admin"],
     &["agent"],

@@ -276,7 +276,7 @@ impl Device {
 
     fn deploy(&self, system: Option<&str>, action: &str, seq: u64) {
         let action = nixless::deploy::Action::parse(action).unwrap();
-        let doc = nixless::deploy::render("dev", system, seq, action, &[], &[]);
+        let doc = nixless::deploy::render("dev", system, seq, action, &[], &[]).unwrap();
         let sig = nixless::deploy::sign(&self.key, doc.as_bytes());
         let resp = ureq::post(&format!("{}/v1/deploy", self.url()))
             .header("Nixless-Signature", &sig)
@@ -682,7 +682,8 @@ fn disk_full_refuses_the_deploy_and_changes_nothing() {
     while ureq::get(&format!("{url}/v1/status")).call().is_err() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
-    let doc = nixless::deploy::render("dev", Some(f.get("P_BIG")), 5, nixless::deploy::Action::Switch, &[], &[]);
+    let doc =
+        nixless::deploy::render("dev", Some(f.get("P_BIG")), 5, nixless::deploy::Action::Switch, &[], &[]).unwrap();
     let sig = nixless::deploy::sign(key, doc.as_bytes());
     let r = ureq::post(&format!("{url}/v1/deploy")).header("Nixless-Signature", &sig).send(doc.as_bytes()).unwrap();
     assert_eq!(r.status().as_u16(), 202);
@@ -911,6 +912,6 @@ fn going_back_from_a_boot_deploy_refused_by_inhibitors_makes_the_old_one_the_def
     assert!(status.contains("reboot to run it"), "{status}");
     assert_eq!(d.calls(), vec!["c boot", "a switch", "a boot"]);
     assert_eq!(d.fake_file("boot-default"), "a");
-    assert!(d.fake_file("bootctl-calls").ends_with("set-default"), "one-time override dropped");
+    assert!(d.fake_file("bootctl-calls").ends_with("set-default  (loader default a)"), "one-time override dropped");
     assert_eq!(d.profile().map(|p| p.1), Some(sys("a")), "profile points at A again");
 }

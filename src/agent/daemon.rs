@@ -20,6 +20,7 @@ use super::machine::{self, Effect, Event, Phase, State, Timing};
 use super::notify::Notifier;
 use super::persist;
 use super::status::{self, Progress, Snapshot};
+use crate::api;
 use crate::deploy::{self, Action, Deploy, Rejection};
 use crate::fetch::{CacheUrl, Fetcher, Options};
 use crate::nix::StorePath;
@@ -154,12 +155,7 @@ fn snapshot(ctx: &Ctx, sh: &Shared) -> Snapshot {
 }
 
 fn json_error(status: u16, msg: &str, seq: Option<u64>) -> Response {
-    let mut body = format!("{{\"error\":{}", crate::json::string(msg));
-    if let Some(s) = seq {
-        body += &format!(",\"seq\":{s}");
-    }
-    body.push('}');
-    Response::json(status, body)
+    Response::json_of(status, &crate::api::Error { error: msg.to_owned(), seq })
 }
 
 /// The agent's side of the HTTP server: [`Handler::head`] refuses what it
@@ -188,7 +184,7 @@ impl Handler for Front<'_> {
 
 fn handle(req: &Request, ctx: &Ctx, sh: &mut Shared) -> Response {
     match (req.method.as_str(), req.path.as_str()) {
-        ("GET", "/v1/status") => Response::json(200, status::status_json(&snapshot(ctx, sh))),
+        ("GET", "/v1/status") => Response::json_of(200, &status::status(&snapshot(ctx, sh))),
         ("GET", "/metrics") => {
             let mut r = Response::text(200, status::metrics(&snapshot(ctx, sh)));
             r.content_type = "text/plain; version=0.0.4";
@@ -252,7 +248,9 @@ fn handle_deploy(req: &Request, ctx: &Ctx, sh: &mut Shared) -> Response {
         Err(rej) => return refuse(ctx, sh, req.peer, rej),
     };
     match accept(ctx, sh, &d, &req.body, sig.unwrap_or_default()) {
-        Ok(()) => Response::json(202, format!("{{\"seq\":{},\"status\":\"/v1/status\"}}", d.seq)),
+        Ok(()) => {
+            Response::json_of(202, &api::Accepted { seq: d.seq, status: api::Accepted::STATUS_PATH.into(), note: None })
+        }
         Err(AcceptError::Refused(rej)) => refuse(ctx, sh, req.peer, rej),
         Err(AcceptError::Busy(seq)) => json_error(409, "an update is in progress", seq),
         Err(AcceptError::NoSpace(e)) if d.action == Action::Gc => {
@@ -262,7 +260,8 @@ fn handle_deploy(req: &Request, ctx: &Ctx, sh: &mut Shared) -> Response {
             // durable gives an attacker nothing.
             log::warn!("no space to record gc seq {}: collecting garbage first ({e})", d.seq);
             sh.pending_gc = Some((d.seq, req.body.clone(), sig.unwrap_or_default().to_vec()));
-            Response::json(202, format!("{{\"seq\":{},\"status\":\"/v1/status\",\"note\":\"collecting garbage before recording the request: no space left\"}}", d.seq))
+            let note = Some("collecting garbage before recording the request: no space left".into());
+            Response::json_of(202, &api::Accepted { seq: d.seq, status: api::Accepted::STATUS_PATH.into(), note })
         }
         Err(AcceptError::NoSpace(e)) => {
             sh.rejected += 1;
@@ -1026,8 +1025,8 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let sk = SecretKey::generate("admin-1").unwrap();
         let json = format!(
-            r#"{{"host":"kiosk-7","root":{},"poll_url":"http://127.0.0.1:9/d.json","caches":["http://127.0.0.1:9"],"cache_keys":["{pk}"],"deploy_keys":["{pk}"]}}"#,
-            crate::json::string(tmp.path().to_str().unwrap()),
+            r#"{{"host":"kiosk-7","root":"{}","poll_url":"http://127.0.0.1:9/d.json","caches":["http://127.0.0.1:9"],"cache_keys":["{pk}"],"deploy_keys":["{pk}"]}}"#,
+            tmp.path().display(),
             pk = sk.public()
         );
         let cfg = Config::parse(json.as_bytes()).unwrap();
@@ -1036,7 +1035,7 @@ mod tests {
     }
 
     fn doc(sk: &SecretKey, seq: u64, action: Action, system: Option<&str>) -> (Deploy, Vec<u8>, Vec<u8>) {
-        let body = deploy::render("kiosk-7", system, seq, action, &[], &[]).into_bytes();
+        let body = deploy::render("kiosk-7", system, seq, action, &[], &[]).unwrap().into_bytes();
         let sig = deploy::sign(sk, &body).into_bytes();
         let keys = crate::nix::TrustedKeys::new(vec![sk.public()]);
         let d = deploy::verify(&body, Some(&sig), &keys, "kiosk-7", 0).unwrap();

@@ -183,7 +183,8 @@ mod tests {
             crate::deploy::Action::Switch,
             &["http://c".into()],
             &["StorePath: x\n".into()],
-        );
+        )
+        .unwrap();
         let mut seeds: Vec<Vec<u8>> = vec![[&[0u8][..], good.as_bytes()].concat()];
         let signed = format!("{}\n{good}", key().0.sign(good.as_bytes()));
         seeds.push([&[1u8][..], signed.as_bytes()].concat());
