@@ -2,20 +2,23 @@
 //! `<state_dir>/switch/`:
 //!
 //! ```text
-//! request.json  {"id":N,"step":"test|boot|rollback-test","system":"/nix/store/…"}
+//! request.json  {"id":N,"step":STEP,"system":"/nix/store/…"}
+//!               STEP: test|boot|rollback-test|boot-once|boot-confirm|boot-revert
 //!               written by the agent (atomically); its appearance starts the
 //!               oneshot nixless-switch.service through nixless-switch.path
 //! started       "N\n": the helper began request N (durable before it runs
 //!               anything, so a request is never carried out twice)
 //! result.json   {"id":N,"code":C|null,"tail":"last lines of output"}
 //!               written by the helper when switch-to-configuration exits
-//!               (code -2: the helper refused, e.g. system not installed)
+//!               (the helper's own codes: -2 REFUSED, -3 NO_ONE_SHOT,
+//!               -4 INHIBITED)
 //! health-request.json {"id":N}          the agent asks for the health checks
 //! health-result.json  {"id":N,"code":C|null,"tail":"…"}
 //! ```
 //! The helper runs a request only if neither `started` nor `result.json`
 //! names its id; the agent reads `result.json` and acts on the result for the
-//! id it is waiting for, however often it restarted meanwhile.
+//! id it is waiting for, however often it restarted meanwhile. Each file is
+//! one line of JSON written by serde from the struct its reader parses.
 
 use crate::json::TooLarge;
 use crate::store::fsutil;
