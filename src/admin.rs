@@ -1,9 +1,9 @@
 //! The admin side of the same binary: `keygen`, `deploy`, `status`.
 
-use crate::agent::deploy;
-use crate::agent::machine::Action;
+use crate::api;
+use crate::deploy;
+use crate::deploy::Action;
 use crate::nix::SecretKey;
-use serde::Deserialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -93,7 +93,7 @@ pub fn deploy(o: DeployOpts) -> Result<(), String> {
     if o.agent.is_some() == o.out.is_some() {
         return Err("give exactly one of --agent URL or --out FILE".into());
     }
-    let now = crate::agent::daemon::now();
+    let now = crate::clock::now();
     let seq = o.seq.unwrap_or(now);
     check_seq(seq, now, o.force)?;
     let key_text = std::fs::read_to_string(&o.key).map_err(|e| format!("{}: {e}", o.key.display()))?;
@@ -108,7 +108,8 @@ pub fn deploy(o: DeployOpts) -> Result<(), String> {
         }
         narinfos.sort();
     }
-    let doc = deploy::render(&o.host, o.system.as_deref(), seq, action, &o.caches, &narinfos);
+    let doc = deploy::render(&o.host, o.system.as_deref(), seq, action, &o.caches, &narinfos)
+        .map_err(|e| format!("deploy document: {e}"))?;
     let sig = deploy::sign(&key, doc.as_bytes());
     if let Some(out) = &o.out {
         let sig_path = PathBuf::from(format!("{}.sig", out.display()));
@@ -139,39 +140,13 @@ pub fn deploy(o: DeployOpts) -> Result<(), String> {
     follow(&agent, &base, seq, o.timeout)
 }
 
-#[derive(Deserialize)]
-struct Last {
-    seq: u64,
-    outcome: String,
-    reason: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct Prog {
-    paths_done: u64,
-    paths_total: u64,
-    bytes_done: u64,
-    bytes_total: u64,
-}
-
-#[derive(Deserialize)]
-struct StatusWire {
-    host: String,
-    current_system: Option<String>,
-    phase: String,
-    highest_seq: u64,
-    progress: Prog,
-    last_result: Option<Last>,
-    last_error: Option<String>,
-}
-
-fn get_status(agent: &ureq::Agent, base: &str) -> Result<StatusWire, String> {
+fn get_status(agent: &ureq::Agent, base: &str) -> Result<api::Status, String> {
     let resp = agent.get(&format!("{base}/v1/status")).call().map_err(|e| format!("{base}: {e}"))?;
     if resp.status().as_u16() != 200 {
         return Err(format!("{base}: HTTP {}", resp.status().as_u16()));
     }
     let body = resp.into_body().with_config().limit(1 << 20).read_to_vec().map_err(|e| format!("{base}: {e}"))?;
-    crate::json::from_slice_bounded::<StatusWire>(&body).map_err(|e| format!("{base}: bad status JSON: {e}"))
+    crate::json::from_slice_bounded::<api::Status>(&body).map_err(|e| format!("{base}: bad status JSON: {e}"))
 }
 
 /// Follows an agent's status until the deploy `seq` has finished; the

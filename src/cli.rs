@@ -239,9 +239,11 @@ pub fn main() -> i32 {
             force: a.force,
         }),
         Command::Status(a) => crate::admin::status(&a.agents),
-        Command::SwitchHelper(a) => crate::switch::helper::main(&a.config),
-        Command::Rollback(a) => crate::switch::console::rollback(&a.config, a.dry_run),
-        Command::Gc(a) => crate::switch::console::gc(&a.config, a.dry_run, a.no_wait),
+        Command::SwitchHelper(a) => {
+            crate::agent::config::Config::load(&a.config).and_then(|c| crate::switch::helper::main(&c.helper()))
+        }
+        Command::Rollback(a) => crate::console::rollback(&a.config, a.dry_run),
+        Command::Gc(a) => crate::console::gc(&a.config, a.dry_run, a.no_wait),
     };
     match res {
         Ok(()) => 0,

@@ -1,12 +1,13 @@
-//! JSON in and out. The agent writes its JSON (state, status, documents,
-//! errors) with `format!`, and every string goes through [`push_string`].
-//! Every JSON it reads (deploy documents, config, state, switch requests,
-//! an agent's status on the admin side) goes through [`from_slice_bounded`]:
+//! JSON in and out, one path each way. Every JSON the agent writes (state,
+//! status, switch requests and results, deploy documents, HTTP bodies) is a
+//! serde `Serialize` struct written by [`to_string`]: serde-json-core
+//! escapes `"` `\\` and every control character, so a hostile string cannot
+//! end its string early or break a line. Every JSON it reads (deploy
+//! documents, config, state, switch requests, an agent's status on the
+//! admin side) goes through [`from_slice_bounded`], into the same structs:
 //! serde-json-core recurses once per nested array or object, with no limit
 //! of its own, so 2 000 000 nested arrays in an ignored field overflow the
 //! stack. The depth is checked first, without recursion.
-
-use std::fmt::Write as _;
 
 /// Deepest nesting of arrays and objects read anywhere. Our own documents
 /// nest at most 3 levels; 32 leaves room for fields added later, and
@@ -82,32 +83,48 @@ pub fn from_slice_bounded<'a, T: serde::Deserialize<'a>>(json: &'a [u8]) -> Resu
     serde_json_core::from_slice_escaped(json, &mut scratch).map(|(v, _)| v).map_err(Error::Invalid)
 }
 
-/// Appends `s` as a JSON string literal, quotes included. Control
-/// characters (and DEL) are `\u` escaped, so the output is always one line.
-pub fn push_string(out: &mut String, s: &str) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if u32::from(c) < 0x20 || c == '\u{7f}' => {
-                let _ = write!(out, "\\u{:04x}", u32::from(c));
-            }
-            c => out.push(c),
-        }
+/// Largest JSON [`to_string`] writes: the largest deploy document an agent
+/// accepts (`max_body_bytes` at most). What the agent writes itself is
+/// bounded far below this (messages are clipped, lists are short); the
+/// budget makes an unbounded one an error instead of unbounded memory.
+pub const MAX_OUTPUT: usize = 16 << 20;
+
+/// What [`to_string`] refuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooLarge;
+
+impl std::fmt::Display for TooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "JSON output larger than {MAX_OUTPUT} bytes")
     }
-    out.push('"');
 }
 
-/// `s` as a JSON string literal.
-pub fn string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    push_string(&mut out, s);
-    out
+impl std::error::Error for TooLarge {}
+
+/// `v` as JSON. serde-json-core writes into a fixed slice, so the buffer
+/// starts at 1 KiB and doubles while it is full, up to [`MAX_OUTPUT`].
+/// Only for our own structs of strings, numbers, options, lists and
+/// structs: serde-json-core panics on `char` and on a custom error.
+pub fn to_string<T: serde::Serialize + ?Sized>(v: &T) -> Result<String, TooLarge> {
+    let mut size = 1024;
+    loop {
+        let mut buf = vec![0u8; size];
+        match serde_json_core::to_slice(v, &mut buf) {
+            Ok(n) => {
+                buf.truncate(n);
+                // Only whole `str`s and ASCII go in, so this cannot fail.
+                return String::from_utf8(buf).map_err(|_| TooLarge);
+            }
+            Err(_) if size < MAX_OUTPUT => size = (size * 2).min(MAX_OUTPUT),
+            Err(_) => return Err(TooLarge),
+        }
+    }
 }
+
+/// A string for round-trip tests: quotes, backslashes, control
+/// characters, DEL, non-ASCII (one to four bytes) and a would-be field break.
+#[cfg(test)]
+pub(crate) const HOSTILE: &str = "a\"b\\c\nd\u{0}\u{1}\u{8}\u{c}\r\t\u{1b}[31m\u{1f}\u{7f}é€𝄞\",\"x\":\"y\"}\\";
 
 #[cfg(test)]
 mod tests {
@@ -175,36 +192,35 @@ mod tests {
         }
     }
 
-    /// The state file and the switch request/result files are read back
-    /// from disk; a damaged or planted one must be an error, not a crash.
-    #[test]
-    fn every_file_reader_refuses_deep_json() {
-        use crate::switch::protocol;
-        let deep = |fields: &str| format!(r#"{{{fields},"x":{}{}}}"#, "[".repeat(500_000), "]".repeat(500_000));
-        let too_deep = "arrays and objects nested deeper than 32 levels";
-        let e = crate::agent::persist::from_json(deep(r#""version":1"#).as_bytes()).unwrap_err();
-        assert_eq!(e, too_deep);
-        let e = protocol::Request::parse(deep(r#""id":1,"step":"test","system":"/x""#).as_bytes()).unwrap_err();
-        assert_eq!(e, too_deep);
-        let e = protocol::Outcome::parse(deep(r#""id":1,"code":0,"tail":"""#).as_bytes()).unwrap_err();
-        assert_eq!(e, too_deep);
-        let tmp = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(protocol::dir(tmp.path())).unwrap();
-        let health = protocol::dir(tmp.path()).join(protocol::HEALTH_REQUEST);
-        std::fs::write(&health, deep(r#""id":7"#)).unwrap();
-        assert_eq!(protocol::read_health_request(tmp.path()), None);
-        std::fs::write(&health, r#"{"id":7,"x":[[1]]}"#).unwrap();
-        assert_eq!(protocol::read_health_request(tmp.path()), Some(7));
-    }
-
     #[test]
     fn serde_errors_pass_through() {
         assert!(matches!(from_slice_bounded::<Doc>(b"{\"a\":-1}"), Err(Error::Invalid(_))));
         assert!(matches!(from_slice_bounded::<Doc>(b"{\"a\":1} x"), Err(Error::Invalid(_))));
     }
 
+    #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+    struct Hostile {
+        s: String,
+        o: Option<String>,
+        v: Vec<String>,
+    }
+
     #[test]
-    fn escapes() {
-        assert_eq!(super::string("a\"b\\c\nd\u{1}\u{7f}é"), "\"a\\\"b\\\\c\\nd\\u0001\\u007fé\"");
+    fn writes_hostile_strings_that_read_back() {
+        let all_controls: String = (0u8..0x20).map(char::from).collect();
+        let h = Hostile { s: HOSTILE.into(), o: Some(all_controls), v: vec![String::new(), "\\\"".into()] };
+        let out = to_string(&h).unwrap();
+        assert!(!out.contains('\n') && !out.contains('\r') && !out.bytes().any(|b| b < 0x20), "{out}");
+        assert_eq!(from_slice_bounded::<Hostile>(out.as_bytes()).unwrap(), h);
+        assert_eq!(to_string(&"a\"\\\n\u{1}").unwrap(), r#""a\"\\\n\u0001""#);
+    }
+
+    #[test]
+    fn output_grows_to_its_budget_and_no_further() {
+        let big = Hostile { s: "x".repeat(300_000), o: None, v: vec!["\"".repeat(100_000); 2] };
+        let out = to_string(&big).unwrap();
+        assert_eq!(from_slice_bounded::<Hostile>(out.as_bytes()).unwrap(), big);
+        let huge = Hostile { s: "x".repeat(MAX_OUTPUT), o: None, v: vec![] };
+        assert_eq!(to_string(&huge), Err(TooLarge));
     }
 }

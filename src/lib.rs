@@ -8,9 +8,13 @@
 
 pub mod admin;
 pub mod agent;
+pub mod api;
 pub mod auth;
 
 pub mod cli;
+pub mod clock;
+pub mod console;
+pub mod deploy;
 pub mod fetch;
 pub mod json;
 pub mod logger;

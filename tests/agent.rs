@@ -9,8 +9,8 @@
 mod common;
 
 use common::*;
-use nixless::agent::deploy::{render, sign};
-use nixless::agent::machine::Action;
+use nixless::deploy::Action;
+use nixless::deploy::{render, sign};
 use nixless::nix::SecretKey;
 use serde::Deserialize;
 use std::fs;
@@ -227,7 +227,7 @@ impl Setup {
 
     /// A document and its signature by the configured deploy key.
     fn doc(&self, seq: u64, system: &str) -> (String, String) {
-        let body = render(HOST, Some(system), seq, Action::Switch, &[], &[]);
+        let body = render(HOST, Some(system), seq, Action::Switch, &[], &[]).unwrap();
         let sig = sign(&self.key, body.as_bytes());
         (body, sig)
     }
@@ -246,7 +246,8 @@ impl Setup {
     fn write_result(&self, id: u64, code: i32, tail: &str) {
         let dir = self.switch_dir();
         let tmp = dir.join(".result.json.tmp");
-        fs::write(&tmp, format!("{{\"id\":{id},\"code\":{code},\"tail\":{}}}\n", nixless::json::string(tail))).unwrap();
+        let o = nixless::switch::protocol::Outcome { id, code: Some(code), tail: tail.into() };
+        fs::write(&tmp, o.to_json().unwrap()).unwrap();
         fs::rename(&tmp, dir.join("result.json")).unwrap();
     }
 }
@@ -521,7 +522,7 @@ fn happy_path(seccomp: bool) {
 
     // A signed gc: the committed generation's closure is live, so nothing
     // of it goes.
-    let gc = render(HOST, None, 8, Action::Gc, &[], &[]);
+    let gc = render(HOST, None, 8, Action::Gc, &[], &[]).unwrap();
     let r = post_deploy(agent.port(), gc.as_bytes(), Some(&sign(&setup.key, gc.as_bytes())));
     assert_eq!(r.status, 202, "{r:?}");
     let s = agent.wait_status("the gc to finish", Duration::from_secs(20), |s| {
@@ -602,7 +603,7 @@ fn rollback_without_previous_generation_is_refused() {
     let setup = Setup::new(Opts { caches: vec![file_url(&f.path("CACHE_ZSTD"))], ..Opts::default() });
     let mut agent = setup.start();
     let before = setup.state_json();
-    let doc = render(HOST, None, 9, Action::Rollback, &[], &[]);
+    let doc = render(HOST, None, 9, Action::Rollback, &[], &[]).unwrap();
     let r = post_deploy(agent.port(), doc.as_bytes(), Some(&sign(&setup.key, doc.as_bytes())));
     let s = agent.status();
     assert_eq!((s.phase.as_str(), s.highest_seq), ("idle", 0), "{s:?}");
@@ -664,7 +665,7 @@ fn bad_input_is_refused_and_changes_nothing() {
     let edited = b2.replace("201", "202");
     assert_ne!(edited, b2);
     cases.push(("body edited after signing", deploy_req(&edited, Some(&s2)), 401));
-    let other = render("kiosk-8", Some(f.get("TOP")), 203, Action::Switch, &[], &[]);
+    let other = render("kiosk-8", Some(f.get("TOP")), 203, Action::Switch, &[], &[]).unwrap();
     let (o, os) = signed(&other);
     cases.push(("other host", deploy_req(&o, Some(&os)), 403));
     cases.push(("replay of the accepted document", deploy_req(&good_body, Some(&good_sig)), 409));
@@ -978,7 +979,7 @@ fn ten_thousand_malformed_requests_leave_the_agent_alive() {
     let mut agent = setup.start();
     let port = agent.port();
     // For another host: whatever a mutation leaves intact, nothing is accepted.
-    let doc = render("other-host", Some(f.get("TOP")), 5, Action::Switch, &[], &[]);
+    let doc = render("other-host", Some(f.get("TOP")), 5, Action::Switch, &[], &[]).unwrap();
     let sig = sign(&setup.key, doc.as_bytes());
     let good = [
         format!(
@@ -1157,7 +1158,7 @@ fn a_full_disk_is_survivable_remotely() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
     assert_eq!(agent.status().highest_seq, 0);
 
-    let gc = render(HOST, None, 11, Action::Gc, &[], &[]);
+    let gc = render(HOST, None, 11, Action::Gc, &[], &[]).unwrap();
     let r = post_deploy(port, gc.as_bytes(), Some(&sign(&setup.key, gc.as_bytes())));
     assert_eq!(r.status, 202, "{r:?}");
     let last = wait_until("the gc to be recorded and done", Duration::from_secs(60), || {

@@ -9,8 +9,8 @@
 mod common;
 
 use common::*;
-use nixless::agent::deploy::{render, sign};
-use nixless::agent::machine::Action;
+use nixless::deploy::Action;
+use nixless::deploy::{render, sign};
 use nixless::nix::SecretKey;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -170,13 +170,13 @@ fn agent_takes_seq_up_to_2_pow_53_minus_1() {
     let port = free_port();
     let mut agent = Agent::start(&write_config(tmp.path(), &key, port, ""), port);
     for seq in [u64::MAX, MAX_SEQ + 1] {
-        let doc = render(HOST, None, seq, Action::Gc, &[], &[]);
+        let doc = render(HOST, None, seq, Action::Gc, &[], &[]).unwrap();
         let (code, body) = agent.post_deploy(doc.as_bytes(), &sign(&key, doc.as_bytes()));
         assert_eq!(code, 400, "{seq}: {body}");
         assert!(body.contains("above the largest allowed, 9007199254740991"), "{body}");
     }
     assert!(agent.status().contains(r#""highest_seq":0"#));
-    let doc = render(HOST, None, MAX_SEQ, Action::Gc, &[], &[]);
+    let doc = render(HOST, None, MAX_SEQ, Action::Gc, &[], &[]).unwrap();
     let (code, body) = agent.post_deploy(doc.as_bytes(), &sign(&key, doc.as_bytes()));
     assert_eq!(code, 202, "{body}");
     assert!(agent.status().contains(r#""highest_seq":9007199254740991"#));
@@ -329,7 +329,7 @@ fn agent_survives_a_job_with_seq_0_in_its_state() {
         ),
     )
     .unwrap();
-    let doc = render(HOST, Some(system), 0, Action::Switch, &[], &[]);
+    let doc = render(HOST, Some(system), 0, Action::Switch, &[], &[]).unwrap();
     fs::write(state_dir.join("deploy.json"), &doc).unwrap();
     fs::write(state_dir.join("deploy.json.sig"), sign(&key, doc.as_bytes())).unwrap();
     let mut agent = Agent::start(&config, port);

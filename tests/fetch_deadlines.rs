@@ -13,8 +13,8 @@
 mod common;
 
 use common::*;
-use nixless::agent::deploy::{render, sign};
-use nixless::agent::machine::Action;
+use nixless::deploy::Action;
+use nixless::deploy::{render, sign};
 use nixless::nix::SecretKey;
 use serde::Deserialize;
 use std::io::{Read, Write};
@@ -273,7 +273,7 @@ impl Agent {
     }
 
     fn deploy(&mut self, system: &str) {
-        let body = render(HOST, Some(system), 5, Action::Switch, &[], &[]);
+        let body = render(HOST, Some(system), 5, Action::Switch, &[], &[]).unwrap();
         let sig = sign(&self.key, body.as_bytes());
         let req = format!(
             "POST /v1/deploy HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\nNixless-Signature: {sig}\r\n\r\n{body}",

@@ -14,7 +14,7 @@
 mod common;
 
 use common::rm_rf;
-use nixless::switch::profile;
+use nixless::store::profile;
 use std::path::Path;
 use std::process::Command;
 

@@ -315,8 +315,8 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
 
 #[test]
 fn agent_fetch_waits_for_the_lock_and_keeps_serving() {
-    use nixless::agent::deploy::{render, sign};
-    use nixless::agent::machine::Action;
+    use nixless::deploy::Action;
+    use nixless::deploy::{render, sign};
     let f = fixtures();
     let tmp = tempfile::Builder::new().prefix("nixless-lock-agent-").tempdir().unwrap();
     let root = tmp.path().join("root");
@@ -350,7 +350,7 @@ fn agent_fetch_waits_for_the_lock_and_keeps_serving() {
     let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
     wait_for("the agent to listen", || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
     let system = f.get("P_FILE");
-    let body = render("dev", Some(system), 7, Action::Switch, &[], &[]);
+    let body = render("dev", Some(system), 7, Action::Switch, &[], &[]).unwrap();
     let req = format!(
         "POST /v1/deploy HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nNixless-Signature: {}\r\n\r\n{body}",
         body.len(),

@@ -107,7 +107,7 @@ impl Device {
             &sys("a"),
         ]);
         assert!(out.status.success(), "{}", stderr(&out));
-        nixless::switch::profile::commit(root.path(), &sys("a")).unwrap();
+        nixless::store::profile::commit(root.path(), &sys("a")).unwrap();
         std::fs::create_dir_all(root.path().join("run")).unwrap();
         std::os::unix::fs::symlink(sys("a"), root.path().join("run/current-system")).unwrap();
         std::os::unix::fs::symlink(sys("a"), root.path().join("run/booted-system")).unwrap();
@@ -275,9 +275,9 @@ impl Device {
     }
 
     fn deploy(&self, system: Option<&str>, action: &str, seq: u64) {
-        let action = nixless::agent::machine::Action::parse(action).unwrap();
-        let doc = nixless::agent::deploy::render("dev", system, seq, action, &[], &[]);
-        let sig = nixless::agent::deploy::sign(&self.key, doc.as_bytes());
+        let action = nixless::deploy::Action::parse(action).unwrap();
+        let doc = nixless::deploy::render("dev", system, seq, action, &[], &[]).unwrap();
+        let sig = nixless::deploy::sign(&self.key, doc.as_bytes());
         let resp = ureq::post(&format!("{}/v1/deploy", self.url()))
             .header("Nixless-Signature", &sig)
             .config()
@@ -308,7 +308,7 @@ impl Device {
     }
 
     fn profile(&self) -> Option<(u64, String)> {
-        nixless::switch::profile::current(self.root.path())
+        nixless::store::profile::current(self.root.path())
     }
 
     fn current_system(&self) -> String {
@@ -347,7 +347,7 @@ fn happy_switch_commits_profile_and_bootloader() {
     assert_eq!(d.fake_file("boot-default"), "b");
     assert_eq!(d.current_system(), sys("b"));
     // Generation 1 is still there for a rollback.
-    assert_eq!(nixless::switch::profile::previous(d.root.path()), Some((1, sys("a"))));
+    assert_eq!(nixless::store::profile::previous(d.root.path()), Some((1, sys("a"))));
 }
 
 #[test]
@@ -648,7 +648,7 @@ fn gc_keeps_exactly_what_it_must() {
     }
     // Generation 1 (A) is beyond the two kept, but A is booted: its link
     // goes, its closure stays.
-    let gens: Vec<u64> = nixless::switch::profile::generations(d.root.path()).iter().map(|g| g.0).collect();
+    let gens: Vec<u64> = nixless::store::profile::generations(d.root.path()).iter().map(|g| g.0).collect();
     assert_eq!(gens, vec![2, 3]);
     let v = nixless(&["verify", "--root", d.root.path().to_str().unwrap()]);
     assert!(v.status.success(), "{}", stderr(&v));
@@ -708,15 +708,9 @@ fn disk_full_refuses_the_deploy_and_changes_nothing() {
     while ureq::get(&format!("{url}/v1/status")).call().is_err() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
-    let doc = nixless::agent::deploy::render(
-        "dev",
-        Some(f.get("P_BIG")),
-        5,
-        nixless::agent::machine::Action::Switch,
-        &[],
-        &[],
-    );
-    let sig = nixless::agent::deploy::sign(key, doc.as_bytes());
+    let doc =
+        nixless::deploy::render("dev", Some(f.get("P_BIG")), 5, nixless::deploy::Action::Switch, &[], &[]).unwrap();
+    let sig = nixless::deploy::sign(key, doc.as_bytes());
     let r = ureq::post(&format!("{url}/v1/deploy")).header("Nixless-Signature", &sig).send(doc.as_bytes()).unwrap();
     assert_eq!(r.status().as_u16(), 202);
     let deadline = Instant::now() + Duration::from_secs(30);

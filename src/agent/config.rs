@@ -388,6 +388,18 @@ impl Config {
         })
     }
 
+    /// The part the switch helper reads.
+    pub fn helper(&self) -> crate::switch::helper::Config {
+        crate::switch::helper::Config {
+            root: self.root.clone(),
+            state_dir: self.state_dir.clone(),
+            switch_timeout: self.switch_timeout,
+            health_units: self.health_units.clone(),
+            health_command: self.health_command.clone(),
+            health_timeout: self.health_timeout,
+        }
+    }
+
     pub fn load(path: &std::path::Path) -> Result<Config, String> {
         let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
         Config::parse(&bytes).map_err(|e| format!("{}: {e}", path.display()))

@@ -15,12 +15,13 @@
 //! point resumable.
 
 use super::config::{Config, InhibitedSwitch};
-use super::deploy::{self, Deploy, Rejection};
 use super::http::{Handler, Limits, Request, Response, Server};
-use super::machine::{self, Action, Effect, Event, Phase, State, Timing};
+use super::machine::{self, Effect, Event, Phase, State, Timing};
 use super::notify::Notifier;
 use super::persist;
 use super::status::{self, Progress, Snapshot};
+use crate::api;
+use crate::deploy::{self, Action, Deploy, Rejection};
 use crate::fetch::{CacheUrl, Fetcher, Options};
 use crate::nix::StorePath;
 use crate::store::fsutil;
@@ -32,7 +33,7 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::path::Path;
 use std::rc::Rc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// Least time between two ticks' socket polls during a transfer.
 pub const TICK_EVERY: Duration = Duration::from_millis(50);
@@ -46,9 +47,7 @@ const AUTH_PEERS: usize = 1024;
 /// Largest polled document / signature.
 const MAX_SIG_BYTES: u64 = 4096;
 
-pub fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
+pub use crate::clock::now;
 
 #[derive(Debug, Clone, Copy, Default)]
 /// Command-line switches of `nixless agent`.
@@ -156,12 +155,7 @@ fn snapshot(ctx: &Ctx, sh: &Shared) -> Snapshot {
 }
 
 fn json_error(status: u16, msg: &str, seq: Option<u64>) -> Response {
-    let mut body = format!("{{\"error\":{}", crate::json::string(msg));
-    if let Some(s) = seq {
-        body += &format!(",\"seq\":{s}");
-    }
-    body.push('}');
-    Response::json(status, body)
+    Response::json_of(status, &crate::api::Error { error: msg.to_owned(), seq })
 }
 
 /// The agent's side of the HTTP server: [`Handler::head`] refuses what it
@@ -190,7 +184,7 @@ impl Handler for Front<'_> {
 
 fn handle(req: &Request, ctx: &Ctx, sh: &mut Shared) -> Response {
     match (req.method.as_str(), req.path.as_str()) {
-        ("GET", "/v1/status") => Response::json(200, status::status_json(&snapshot(ctx, sh))),
+        ("GET", "/v1/status") => Response::json_of(200, &status::status(&snapshot(ctx, sh))),
         ("GET", "/metrics") => {
             let mut r = Response::text(200, status::metrics(&snapshot(ctx, sh)));
             r.content_type = "text/plain; version=0.0.4";
@@ -254,7 +248,9 @@ fn handle_deploy(req: &Request, ctx: &Ctx, sh: &mut Shared) -> Response {
         Err(rej) => return refuse(ctx, sh, req.peer, rej),
     };
     match accept(ctx, sh, &d, &req.body, sig.unwrap_or_default()) {
-        Ok(()) => Response::json(202, format!("{{\"seq\":{},\"status\":\"/v1/status\"}}", d.seq)),
+        Ok(()) => {
+            Response::json_of(202, &api::Accepted { seq: d.seq, status: api::Accepted::STATUS_PATH.into(), note: None })
+        }
         Err(AcceptError::Refused(rej)) => refuse(ctx, sh, req.peer, rej),
         Err(AcceptError::Busy(seq)) => json_error(409, "an update is in progress", seq),
         Err(AcceptError::NoSpace(e)) if d.action == Action::Gc => {
@@ -264,7 +260,8 @@ fn handle_deploy(req: &Request, ctx: &Ctx, sh: &mut Shared) -> Response {
             // durable gives an attacker nothing.
             log::warn!("no space to record gc seq {}: collecting garbage first ({e})", d.seq);
             sh.pending_gc = Some((d.seq, req.body.clone(), sig.unwrap_or_default().to_vec()));
-            Response::json(202, format!("{{\"seq\":{},\"status\":\"/v1/status\",\"note\":\"collecting garbage before recording the request: no space left\"}}", d.seq))
+            let note = Some("collecting garbage before recording the request: no space left".into());
+            Response::json_of(202, &api::Accepted { seq: d.seq, status: api::Accepted::STATUS_PATH.into(), note })
         }
         Err(AcceptError::NoSpace(e)) => {
             sh.rejected += 1;
@@ -337,7 +334,7 @@ fn accept(ctx: &Ctx, sh: &mut Shared, d: &Deploy, body: &[u8], sig: &[u8]) -> Re
     let previous = system_link(root, "run/current-system");
     let system = match (d.action, &d.system) {
         (_, Some(s)) => s.to_string(),
-        (Action::Rollback, None) => match crate::switch::profile::previous(root) {
+        (Action::Rollback, None) => match crate::store::profile::previous(root) {
             Some((_, p)) => p,
             None => return Err(AcceptError::Refused(Rejection::NoPrevious)),
         },
@@ -554,7 +551,7 @@ impl Agent {
                 let dir = &self.ctx.cfg.state_dir;
                 let pending = protocol::read_request(dir).is_some_and(|r| r.id >= id)
                     || protocol::read_result(dir).is_some_and(|r| r.id >= id);
-                if step == machine::Step::Test && !pending {
+                if step == protocol::Step::Test && !pending {
                     // Could we reach the network before the switch? Only then
                     // is losing it a reason to roll back (pullnix's lesson).
                     let reachable = self.network_reachable().is_ok();
@@ -576,7 +573,7 @@ impl Agent {
             }
             Effect::Commit => {
                 let system = self.shared.borrow().state.job.as_ref().map(|j| j.system.clone()).unwrap_or_default();
-                Ok(Some(match crate::switch::profile::commit(&self.ctx.cfg.root, &system) {
+                Ok(Some(match crate::store::profile::commit(&self.ctx.cfg.root, &system) {
                     Ok(n) => {
                         log::info!("committed {system} as generation {n}");
                         Event::CommitOk
@@ -587,7 +584,7 @@ impl Agent {
             Effect::RestoreProfile => {
                 let previous = self.shared.borrow().state.job.as_ref().and_then(|j| j.previous.clone());
                 if let Some(p) = previous {
-                    crate::switch::profile::restore(&self.ctx.cfg.root, &p)
+                    crate::store::profile::restore(&self.ctx.cfg.root, &p)
                         .map_err(|e| format!("restoring the profile: {e}"))?;
                     log::info!("profile points at {p} again");
                 }
@@ -647,7 +644,7 @@ impl Agent {
             log::info!("learnt the references of {n} of {} paths from narinfos", unknown.len());
         }
         let report = gc::collect(store, &roots, false)?;
-        crate::switch::profile::delete_generations(&cfg.root, &keep)
+        crate::store::profile::delete_generations(&cfg.root, &keep)
             .map_err(|e| format!("deleting old generations: {e}"))?;
         log::info!("garbage collected: {report}");
         persist::log_event(&cfg.state_dir, now(), &format!("gc: {report}"));
@@ -1037,8 +1034,8 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let sk = SecretKey::generate("admin-1").unwrap();
         let json = format!(
-            r#"{{"host":"kiosk-7","root":{},"poll_url":"http://127.0.0.1:9/d.json","caches":["http://127.0.0.1:9"],"cache_keys":["{pk}"],"deploy_keys":["{pk}"]}}"#,
-            crate::json::string(tmp.path().to_str().unwrap()),
+            r#"{{"host":"kiosk-7","root":"{}","poll_url":"http://127.0.0.1:9/d.json","caches":["http://127.0.0.1:9"],"cache_keys":["{pk}"],"deploy_keys":["{pk}"]}}"#,
+            tmp.path().display(),
             pk = sk.public()
         );
         let cfg = Config::parse(json.as_bytes()).unwrap();
@@ -1047,7 +1044,7 @@ mod tests {
     }
 
     fn doc(sk: &SecretKey, seq: u64, action: Action, system: Option<&str>) -> (Deploy, Vec<u8>, Vec<u8>) {
-        let body = deploy::render("kiosk-7", system, seq, action, &[], &[]).into_bytes();
+        let body = deploy::render("kiosk-7", system, seq, action, &[], &[]).unwrap().into_bytes();
         let sig = deploy::sign(sk, &body).into_bytes();
         let keys = crate::nix::TrustedKeys::new(vec![sk.public()]);
         let d = deploy::verify(&body, Some(&sig), &keys, "kiosk-7", 0).unwrap();

@@ -9,8 +9,8 @@
 //! never accepted unless its signature verifies, and an accepted one obeys
 //! the documented field rules.
 
-use super::deploy::{self, Rejection};
 use super::http::{self, Limits};
+use crate::deploy::{self, Rejection};
 use crate::nix::{SecretKey, TrustedKeys};
 use std::sync::OnceLock;
 
@@ -180,10 +180,11 @@ mod tests {
             "kiosk-7",
             Some(sys),
             5,
-            super::super::machine::Action::Switch,
+            crate::deploy::Action::Switch,
             &["http://c".into()],
             &["StorePath: x\n".into()],
-        );
+        )
+        .unwrap();
         let mut seeds: Vec<Vec<u8>> = vec![[&[0u8][..], good.as_bytes()].concat()];
         let signed = format!("{}\n{good}", key().0.sign(good.as_bytes()));
         seeds.push([&[1u8][..], signed.as_bytes()].concat());

@@ -171,13 +171,18 @@ impl Response {
         Response { status, content_type: "text/plain; charset=utf-8", body: body.into(), headers: Vec::new() }
     }
 
-    /// `{"error": msg}` with `msg` escaped as a JSON string.
+    /// `{"error": msg}` ([`crate::api::Error`]).
     pub fn error(status: u16, msg: &str) -> Self {
-        let mut body = String::with_capacity(msg.len() + 16);
-        body.push_str("{\"error\":");
-        crate::json::push_string(&mut body, msg);
-        body.push('}');
-        Response::json(status, body)
+        Response::json_of(status, &crate::api::Error { error: msg.to_owned(), seq: None })
+    }
+
+    /// `v` as a JSON body; one past [`crate::json::MAX_OUTPUT`] is a 500
+    /// saying so.
+    pub fn json_of<T: serde::Serialize>(status: u16, v: &T) -> Self {
+        match crate::json::to_string(v) {
+            Ok(body) => Response::json(status, body),
+            Err(e) => Response::text(500, e.to_string()),
+        }
     }
 
     /// Serializes status line, headers and (unless `head_only`) the body.
@@ -1682,7 +1687,15 @@ mod tests {
                 .map(|h| std::str::from_utf8(h.value).unwrap().parse::<usize>().unwrap())
                 .unwrap();
             assert_eq!(resp.len() - n, len);
+            // Both bodies are what a client reads as an api::Error.
+            let e: crate::api::Error = crate::json::from_slice_bounded(&resp[n..]).unwrap();
+            assert!(e.error == "server busy" || e.error == "x", "{e:?}");
         }
+        let busy = crate::api::Error { error: "server busy".into(), seq: None };
+        assert!(
+            BUSY_RESPONSE.ends_with(crate::json::to_string(&busy).unwrap().as_bytes()),
+            "the canned body is serde's"
+        );
         assert_eq!(status(&Response::text(99, "").serialize(false)), 500);
     }
 

@@ -21,89 +21,8 @@
 //! [`Effect::RequestSwitch`]). Each deploy may take at most
 //! [`MAX_TRANSITIONS`] steps, which bounds restart loops.
 
-/// What a deploy document asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    Switch,
-    Boot,
-    Rollback,
-    Gc,
-}
-
-impl Action {
-    pub fn parse(s: &str) -> Option<Action> {
-        Some(match s {
-            "switch" => Action::Switch,
-            "boot" => Action::Boot,
-            "rollback" => Action::Rollback,
-            "gc" => Action::Gc,
-            _ => return None,
-        })
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Action::Switch => "switch",
-            Action::Boot => "boot",
-            Action::Rollback => "rollback",
-            Action::Gc => "gc",
-        }
-    }
-}
-
-/// Which `switch-to-configuration` run a switch request is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Step {
-    /// `test` of the new system: it runs, the boot default is unchanged.
-    Test,
-    /// `boot` of the committed system: the bootloader entry.
-    Boot,
-    /// `test` of the previous system, undoing a failed update.
-    RollbackTest,
-    /// A `boot` deploy: `boot` of the new system, then (systemd-boot) a
-    /// one-time entry for it with the running system kept as the default.
-    BootOnce,
-    /// After a good first boot of a `boot` deploy: drop the one-time
-    /// arrangement so the new generation is the default.
-    BootConfirm,
-    /// After a `boot` deploy failed: `switch` of the previous system (its
-    /// generation becomes the boot default again).
-    BootRevert,
-}
-
-impl Step {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Step::Test => "test",
-            Step::Boot => "boot",
-            Step::RollbackTest => "rollback-test",
-            Step::BootOnce => "boot-once",
-            Step::BootConfirm => "boot-confirm",
-            Step::BootRevert => "boot-revert",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Step> {
-        Some(match s {
-            "test" => Step::Test,
-            "boot" => Step::Boot,
-            "rollback-test" => Step::RollbackTest,
-            "boot-once" => Step::BootOnce,
-            "boot-confirm" => Step::BootConfirm,
-            "boot-revert" => Step::BootRevert,
-            _ => return None,
-        })
-    }
-
-    /// The `switch-to-configuration` argument.
-    pub fn stc_action(self) -> &'static str {
-        match self {
-            Step::Test | Step::RollbackTest => "test",
-            Step::Boot | Step::BootOnce | Step::BootConfirm => "boot",
-            Step::BootRevert => "switch",
-        }
-    }
-}
+use crate::deploy::Action;
+use crate::switch::protocol::{Step, INHIBITED, NO_ONE_SHOT};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Phase {
@@ -631,16 +550,6 @@ fn revert_boot(s: &mut State, reason: String, now: u64) -> Vec<Effect> {
         }
     }
 }
-
-/// The helper's code for a `boot-once` request where the bootloader has no
-/// one-time entries (GRUB, extlinux, …): the new generation simply became
-/// the default.
-pub const NO_ONE_SHOT: i32 = -3;
-
-/// The helper's code for a `test` or `switch` that switch-to-configuration
-/// refused because `system.switch.inhibitors` changed (it exits 1, and
-/// nothing was switched): the new system needs a reboot.
-pub const INHIBITED: i32 = -4;
 
 /// Whether the machine booted since the job was accepted.
 fn rebooted(s: &State, now_boot: &Option<String>) -> bool {

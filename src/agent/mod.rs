@@ -1,6 +1,8 @@
 //! The agent: the daemon on the device (`daemon`), its pure core (`machine`,
-//! `deploy`, `config`, `status`, `persist`) and its edges (`http`, `notify`,
-//! `seccomp`).
+//! `config`, `status`, `persist`) and its edges (`http`, `notify`,
+//! `seccomp`). It sits above everything but the command line: nothing under
+//! it (`deploy`, `switch`, `store`, `admin`, …) imports from it, which
+//! tests/layering.rs checks.
 //!
 //! Byte-index slicing of `str` is denied here: an index from a length or a
 //! search can land inside a character and panic, and everything the agent
@@ -11,7 +13,6 @@
 
 pub mod config;
 pub mod daemon;
-pub mod deploy;
 pub mod fuzz;
 pub mod http;
 pub mod machine;

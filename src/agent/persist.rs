@@ -12,11 +12,12 @@
 //!  "outcomes":[committed,rolled-back,rollback-failed,rejected,failed,collected]}
 //! ```
 
-use super::machine::{Action, Job, Last, Outcome, Phase, State, Step};
-use crate::json::string as json_string;
+use super::machine::{Job, Last, Outcome, Phase, State};
+use crate::deploy::Action;
 use crate::store::fsutil;
+use crate::switch::protocol::Step;
 use rustix::fd::AsFd;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::Path;
 
@@ -25,50 +26,43 @@ pub const EVENT_LOG: &str = "events.log";
 /// The event log is cut to its newest half past this size.
 const EVENT_LOG_MAX: u64 = 256 << 10;
 
-fn opt(s: &Option<String>) -> String {
-    s.as_deref().map(json_string).unwrap_or_else(|| "null".into())
-}
-
-pub fn to_json(s: &State) -> String {
-    let mut out = format!(
-        "{{\"version\":1,\"highest_seq\":{},\"next_switch_id\":{},\"phase\":\"{}\"",
-        s.highest_seq,
-        s.next_switch_id,
-        phase_key(&s.phase)
-    );
-    match &s.phase {
-        Phase::Switching { step, id } => out += &format!(",\"step\":\"{}\",\"switch_id\":{id}", step.as_str()),
-        Phase::Verifying { deadline } => out += &format!(",\"deadline\":{deadline}"),
-        _ => {}
-    }
-    if let Some(j) = &s.job {
-        out += &format!(
-            ",\"job\":{{\"seq\":{},\"action\":\"{}\",\"system\":{},\"previous\":{},\"started\":{},\"transitions\":{},\"failure\":{},\"boot_id\":{},\"booted_new\":{}}}",
-            j.seq,
-            j.action.as_str(),
-            json_string(&j.system),
-            opt(&j.previous),
-            j.started,
-            j.transitions,
-            opt(&j.failure),
-            opt(&j.boot_id),
-            j.booted_new
-        );
-    }
-    if let Some(l) = &s.last {
-        out += &format!(
-            ",\"last\":{{\"seq\":{},\"action\":\"{}\",\"system\":{},\"outcome\":\"{}\",\"reason\":{},\"finished\":{}}}",
-            l.seq,
-            l.action.as_str(),
-            json_string(&l.system),
-            l.outcome.as_str(),
-            opt(&l.reason),
-            l.finished
-        );
-    }
-    let counts: Vec<String> = s.outcomes.iter().map(u64::to_string).collect();
-    out += &format!(",\"outcomes\":[{}]}}", counts.join(","));
-    out
+/// The state as written: [`Wire`], the struct [`from_json`] reads.
+pub fn to_json(s: &State) -> Result<String, crate::json::TooLarge> {
+    let (step, switch_id, deadline) = match &s.phase {
+        Phase::Switching { step, id } => (Some(step.as_str().to_owned()), Some(*id), None),
+        Phase::Verifying { deadline } => (None, None, Some(*deadline)),
+        _ => (None, None, None),
+    };
+    let w = Wire {
+        version: 1,
+        highest_seq: s.highest_seq,
+        next_switch_id: s.next_switch_id,
+        phase: phase_key(&s.phase).to_owned(),
+        step,
+        switch_id,
+        deadline,
+        job: s.job.as_ref().map(|j| WireJob {
+            seq: j.seq,
+            action: j.action.as_str().to_owned(),
+            system: j.system.clone(),
+            previous: j.previous.clone(),
+            started: j.started,
+            transitions: j.transitions,
+            failure: j.failure.clone(),
+            boot_id: j.boot_id.clone(),
+            booted_new: j.booted_new,
+        }),
+        last: s.last.as_ref().map(|l| WireLast {
+            seq: l.seq,
+            action: l.action.as_str().to_owned(),
+            system: l.system.clone(),
+            outcome: l.outcome.as_str().to_owned(),
+            reason: l.reason.clone(),
+            finished: l.finished,
+        }),
+        outcomes: s.outcomes.to_vec(),
+    };
+    crate::json::to_string(&w)
 }
 
 /// The phase as stored (unlike `Phase::name`, rolling back is `switching`
@@ -85,7 +79,7 @@ fn phase_key(p: &Phase) -> &'static str {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize)]
 struct WireJob {
     seq: u64,
     action: String,
@@ -99,7 +93,7 @@ struct WireJob {
     booted_new: bool,
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize)]
 struct WireLast {
     seq: u64,
     action: String,
@@ -109,16 +103,22 @@ struct WireLast {
     finished: u64,
 }
 
-#[derive(Deserialize)]
+/// `state.json`. Absent optional fields are left out, not `null`.
+#[derive(Serialize, Deserialize)]
 struct Wire {
     version: u32,
     highest_seq: u64,
     next_switch_id: u64,
     phase: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     step: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     switch_id: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     deadline: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     job: Option<WireJob>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     last: Option<WireLast>,
     outcomes: Vec<u64>,
 }
@@ -189,7 +189,8 @@ pub fn load(state_dir: &Path) -> Result<State, String> {
 
 pub fn save(state_dir: &Path, s: &State) -> std::io::Result<()> {
     let dir = fsutil::open_dir(state_dir)?;
-    fsutil::write_atomic(dir.as_fd(), STATE_FILE, to_json(s).as_bytes(), true)
+    let json = to_json(s).map_err(std::io::Error::other)?;
+    fsutil::write_atomic(dir.as_fd(), STATE_FILE, json.as_bytes(), true)
 }
 
 /// Longest line the event log takes (its parts may come from clients).
@@ -248,8 +249,8 @@ mod tests {
         ];
         for ev in events {
             s = step(&s, ev, 42, t).0;
-            let back = from_json(to_json(&s).as_bytes()).unwrap();
-            assert_eq!(back, s, "{}", to_json(&s));
+            let json = to_json(&s).unwrap();
+            assert_eq!(from_json(json.as_bytes()).unwrap(), s, "{json}");
         }
         assert_eq!(s.last.as_ref().unwrap().outcome, Outcome::Failed);
     }
@@ -289,5 +290,96 @@ mod tests {
         let s = State { highest_seq: 99, ..State::default() };
         save(tmp.path(), &s).unwrap();
         assert_eq!(load(tmp.path()).unwrap().highest_seq, 99);
+    }
+
+    /// A damaged or planted state file is an error, not a crash.
+    #[test]
+    fn refuses_deep_json() {
+        let deep = format!(r#"{{"version":1,"x":{}{}}}"#, "[".repeat(500_000), "]".repeat(500_000));
+        assert_eq!(from_json(deep.as_bytes()).unwrap_err(), "arrays and objects nested deeper than 32 levels");
+    }
+
+    fn hostile_state(phase: Phase) -> State {
+        use crate::json::HOSTILE;
+        let h = || Some(HOSTILE.to_owned());
+        State {
+            highest_seq: (1 << 53) - 1,
+            next_switch_id: u64::MAX,
+            phase,
+            job: Some(Job {
+                seq: 9,
+                action: Action::Boot,
+                system: HOSTILE.into(),
+                previous: h(),
+                started: 1,
+                transitions: u32::MAX,
+                failure: h(),
+                boot_id: h(),
+                booted_new: true,
+            }),
+            last: Some(Last {
+                seq: 8,
+                action: Action::Gc,
+                system: HOSTILE.into(),
+                outcome: Outcome::RollbackFailed,
+                reason: h(),
+                finished: 2,
+            }),
+            outcomes: [1, 2, 3, 4, 5, u64::MAX],
+        }
+    }
+
+    /// Strings in the state come from documents, helpers' output and the
+    /// kernel (boot id); every one survives a save and a load unchanged.
+    #[test]
+    fn hostile_strings_survive_save_and_load() {
+        let tmp = tempfile::tempdir().unwrap();
+        for phase in [
+            Phase::Idle,
+            Phase::Switching { step: Step::BootRevert, id: 3 },
+            Phase::Verifying { deadline: u64::MAX },
+            Phase::AwaitingReboot,
+        ] {
+            let s = hostile_state(phase);
+            save(tmp.path(), &s).unwrap();
+            let text = std::fs::read_to_string(tmp.path().join(STATE_FILE)).unwrap();
+            assert!(!text.bytes().any(|b| b < 0x20), "one line: {text}");
+            assert_eq!(load(tmp.path()).unwrap(), s, "{text}");
+        }
+    }
+
+    /// The bytes are what the format!-built writer wrote before: fields in
+    /// this order, absent ones left out, `null` for empty optional strings.
+    #[test]
+    fn state_file_bytes_are_unchanged() {
+        let mut s = State { highest_seq: 5, next_switch_id: 2, ..State::default() };
+        assert_eq!(
+            to_json(&s).unwrap(),
+            r#"{"version":1,"highest_seq":5,"next_switch_id":2,"phase":"idle","outcomes":[0,0,0,0,0,0]}"#
+        );
+        s.phase = Phase::Switching { step: Step::Test, id: 1 };
+        s.job = Some(Job {
+            seq: 5,
+            action: Action::Switch,
+            system: "/nix/store/a".into(),
+            previous: None,
+            started: 7,
+            transitions: 2,
+            failure: None,
+            boot_id: Some("b".into()),
+            booted_new: false,
+        });
+        s.last = Some(Last {
+            seq: 4,
+            action: Action::Boot,
+            system: "/nix/store/b".into(),
+            outcome: Outcome::Committed,
+            reason: Some("q\"".into()),
+            finished: 6,
+        });
+        assert_eq!(
+            to_json(&s).unwrap(),
+            r#"{"version":1,"highest_seq":5,"next_switch_id":2,"phase":"switching","step":"test","switch_id":1,"job":{"seq":5,"action":"switch","system":"/nix/store/a","previous":null,"started":7,"transitions":2,"failure":null,"boot_id":"b","booted_new":false},"last":{"seq":4,"action":"boot","system":"/nix/store/b","outcome":"committed","reason":"q\"","finished":6},"outcomes":[0,0,0,0,0,0]}"#
+        );
     }
 }

@@ -2,16 +2,10 @@
 //! `GET /metrics` (Prometheus text format). Pure renderers over a snapshot.
 
 use super::machine::{Outcome, Phase, State};
-use crate::json::string as json_string;
+use crate::api;
 
 /// Progress of the current fetch.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Progress {
-    pub paths_done: u64,
-    pub paths_total: u64,
-    pub bytes_done: u64,
-    pub bytes_total: u64,
-}
+pub use crate::api::Progress;
 
 /// Everything status and metrics show.
 #[derive(Debug, Clone, Default)]
@@ -39,72 +33,49 @@ pub struct Snapshot {
 /// from caches, documents and helpers' output.
 const MESSAGE_MAX: usize = 2048;
 
-fn opt_str(s: &Option<String>) -> String {
-    s.as_deref().map(|s| json_string(&crate::text::bound(s, MESSAGE_MAX))).unwrap_or_else(|| "null".into())
+/// An optional message, clipped to [`MESSAGE_MAX`].
+fn msg(s: &Option<String>) -> Option<String> {
+    s.as_deref().map(|s| crate::text::bound(s, MESSAGE_MAX).into_owned())
 }
 
-fn opt_num(n: Option<u64>) -> String {
-    n.map(|n| n.to_string()).unwrap_or_else(|| "null".into())
-}
-
-pub fn status_json(s: &Snapshot) -> String {
+/// The status response; its JSON comes from [`api::Status`], which the
+/// admin side reads back.
+pub fn status(s: &Snapshot) -> api::Status {
     let st = &s.state;
-    let mut out = format!(
-        "{{\"host\":{},\"version\":{},\"current_system\":{},\"booted_system\":{},\"profile_system\":{},\"phase\":\"{}\",\"highest_seq\":{},",
-        json_string(&s.host),
-        json_string(s.version),
-        opt_str(&s.current_system),
-        opt_str(&s.booted_system),
-        opt_str(&s.profile_system),
-        st.phase.name(),
-        st.highest_seq
-    );
-    let p = &s.progress;
-    out += &format!(
-        "\"progress\":{{\"paths_done\":{},\"paths_total\":{},\"bytes_done\":{},\"bytes_total\":{}}},",
-        p.paths_done, p.paths_total, p.bytes_done, p.bytes_total
-    );
-    match &st.job {
-        Some(j) => {
-            out += &format!(
-                "\"job\":{{\"seq\":{},\"action\":\"{}\",\"system\":{},\"previous\":{},\"started\":{},\"failure\":{}}},",
-                j.seq,
-                j.action.as_str(),
-                json_string(&j.system),
-                opt_str(&j.previous),
-                j.started,
-                opt_str(&j.failure)
-            );
-        }
-        None => out += "\"job\":null,",
+    api::Status {
+        host: s.host.clone(),
+        version: s.version.to_owned(),
+        current_system: msg(&s.current_system),
+        booted_system: msg(&s.booted_system),
+        profile_system: msg(&s.profile_system),
+        phase: st.phase.name().to_owned(),
+        highest_seq: st.highest_seq,
+        progress: s.progress,
+        job: st.job.as_ref().map(|j| api::Job {
+            seq: j.seq,
+            action: j.action.as_str().to_owned(),
+            system: j.system.clone(),
+            previous: msg(&j.previous),
+            started: j.started,
+            failure: msg(&j.failure),
+        }),
+        health_deadline: match st.phase {
+            Phase::Verifying { deadline } => Some(deadline),
+            _ => None,
+        },
+        last_result: st.last.as_ref().map(|l| api::LastResult {
+            seq: l.seq,
+            action: l.action.as_str().to_owned(),
+            system: l.system.clone(),
+            outcome: l.outcome.as_str().to_owned(),
+            reason: msg(&l.reason),
+            finished: l.finished,
+        }),
+        last_error: msg(&s.last_error),
+        last_rejection: msg(&s.last_rejection),
+        poll: api::Poll { url: msg(&s.poll_url), last_check: s.poll_last_check, error: msg(&s.poll_error) },
+        started: s.started,
     }
-    if let Phase::Verifying { deadline } = st.phase {
-        out += &format!("\"health_deadline\":{deadline},");
-    }
-    match &st.last {
-        Some(l) => {
-            out += &format!(
-                "\"last_result\":{{\"seq\":{},\"action\":\"{}\",\"system\":{},\"outcome\":\"{}\",\"reason\":{},\"finished\":{}}},",
-                l.seq,
-                l.action.as_str(),
-                json_string(&l.system),
-                l.outcome.as_str(),
-                opt_str(&l.reason),
-                l.finished
-            );
-        }
-        None => out += "\"last_result\":null,",
-    }
-    out += &format!(
-        "\"last_error\":{},\"last_rejection\":{},\"poll\":{{\"url\":{},\"last_check\":{},\"error\":{}}},\"started\":{}}}",
-        opt_str(&s.last_error),
-        opt_str(&s.last_rejection),
-        opt_str(&s.poll_url),
-        opt_num(s.poll_last_check),
-        opt_str(&s.poll_error),
-        s.started
-    );
-    out
 }
 
 const PHASES: [&str; 8] =
@@ -150,7 +121,8 @@ pub fn metrics(s: &Snapshot) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::machine::{step, Action, Event, Timing};
+    use crate::agent::machine::{step, Event, Timing};
+    use crate::deploy::Action;
 
     #[test]
     fn status_is_json_and_metrics_are_prometheus() {
@@ -164,20 +136,15 @@ mod tests {
         };
         snap.state = step(&snap.state, ev, 5, Timing { health_timeout_secs: 1, boot_when_inhibited: false }).0;
         snap.progress = Progress { paths_done: 1, paths_total: 4, bytes_done: 10, bytes_total: 40 };
-        let j = status_json(&snap);
+        let j = crate::json::to_string(&status(&snap)).unwrap();
         assert!(
             j.contains("\"phase\":\"fetching\"") && j.contains("\"paths_total\":4") && j.contains("kiosk-\\\"7\\\""),
             "{j}"
         );
-        // It is valid JSON: parse it back with the same JSON reader.
-        #[derive(serde::Deserialize)]
-        struct Probe {
-            highest_seq: u64,
-            phase: String,
-        }
-        let mut scratch = vec![0u8; j.len()];
-        let (p, _): (Probe, _) = serde_json_core::from_slice_escaped(j.as_bytes(), &mut scratch).unwrap();
-        assert_eq!((p.highest_seq, p.phase.as_str()), (3, "fetching"));
+        // It reads back as what the admin side reads.
+        let p: crate::api::Status = crate::json::from_slice_bounded(j.as_bytes()).unwrap();
+        assert_eq!(p, status(&snap));
+        assert_eq!((p.highest_seq, p.phase.as_str(), p.job.unwrap().seq), (3, "fetching", 3));
         let m = metrics(&snap);
         assert!(m.contains("nixless_phase{phase=\"fetching\"} 1\n"));
         assert!(m.contains("nixless_phase{phase=\"idle\"} 0\n"));
@@ -185,5 +152,32 @@ mod tests {
             let (name, value) = line.rsplit_once(' ').unwrap();
             assert!(value.parse::<f64>().is_ok() && name.starts_with("nixless_"), "{line}");
         }
+    }
+
+    /// Messages from caches, documents and helpers reach status whatever
+    /// they hold: they come back intact (or clipped, when long) and the
+    /// response stays one line of JSON.
+    #[test]
+    fn status_carries_hostile_and_long_messages() {
+        use crate::json::HOSTILE;
+        let long = format!("{HOSTILE}{}", "€".repeat(3 * MESSAGE_MAX));
+        let snap = Snapshot {
+            host: HOSTILE.into(),
+            version: "0.1.0",
+            current_system: Some(HOSTILE.into()),
+            last_error: Some(long.clone()),
+            last_rejection: Some(HOSTILE.into()),
+            poll_url: Some(HOSTILE.into()),
+            poll_error: Some(long),
+            ..Snapshot::default()
+        };
+        let j = crate::json::to_string(&status(&snap)).unwrap();
+        assert!(!j.bytes().any(|b| b < 0x20), "{j}");
+        let back: crate::api::Status = crate::json::from_slice_bounded(j.as_bytes()).unwrap();
+        assert_eq!((back.host.as_str(), back.current_system.as_deref()), (HOSTILE, Some(HOSTILE)));
+        assert_eq!(back.last_rejection.as_deref(), Some(HOSTILE));
+        let err = back.last_error.unwrap();
+        assert!(err.starts_with(HOSTILE) && err.ends_with("bytes)"), "clipped: {err}");
+        assert!(err.chars().count() < MESSAGE_MAX + 24, "{}", err.chars().count());
     }
 }

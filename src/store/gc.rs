@@ -229,10 +229,10 @@ impl RootWalk<'_> {
 /// current one); plus `/run/{current,booted}-system`. Second: the system
 /// generations kept.
 pub fn roots(root: &Path, generations_to_keep: u64) -> Result<(Vec<StorePath>, Vec<u64>), String> {
-    let gens = crate::switch::profile::generations(root);
-    let current = crate::switch::profile::current(root).map(|(n, _)| n);
+    let gens = crate::store::profile::generations(root);
+    let current = crate::store::profile::current(root).map(|(n, _)| n);
     let keep: Vec<u64> = gens.iter().rev().take(generations_to_keep as usize).map(|(n, _)| *n).chain(current).collect();
-    let profiles = crate::switch::profile::profiles_dir(root);
+    let profiles = crate::store::profile::profiles_dir(root);
     let doomed = gens
         .iter()
         .filter(|(n, _)| !keep.contains(n))
@@ -381,9 +381,9 @@ mod tests {
     fn generations_this_gc_deletes_are_no_roots_however_reached() {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path();
-        crate::switch::profile::commit(root, A).unwrap();
-        crate::switch::profile::commit(root, B).unwrap();
-        let profiles = crate::switch::profile::profiles_dir(root);
+        crate::store::profile::commit(root, A).unwrap();
+        crate::store::profile::commit(root, B).unwrap();
+        let profiles = crate::store::profile::profiles_dir(root);
         std::fs::create_dir_all(profiles.join("per-user/root")).unwrap();
         symlink(U, profiles.join("per-user/root/profile-1-link")).unwrap();
         // NixOS's gcroots/profiles: the profiles seen a second time.

@@ -12,18 +12,27 @@
 
 pub use super::capture::run_captured;
 use super::leftovers;
-use super::protocol::{self, Outcome};
-use crate::agent::config::Config;
-use crate::agent::machine::{Step, INHIBITED};
+use super::protocol::{self, Outcome, Step, INHIBITED, REFUSED};
 use crate::nix::StorePath;
 use crate::store::Store;
 use bootloader::Pin;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-/// Result code for a request the helper refused to run.
-pub const REFUSED: i32 = -2;
+/// What the helper reads of the agent's config file. The agent's parser
+/// (`agent::config::Config::helper`) builds it, so the file has one reader
+/// and the helper depends on the five keys it uses, not on the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub root: PathBuf,
+    pub state_dir: PathBuf,
+    /// Longest a switch-to-configuration run may take before it is killed.
+    pub switch_timeout: Duration,
+    pub health_units: Vec<String>,
+    pub health_command: Vec<String>,
+    pub health_timeout: Duration,
+}
 
 /// Why a system cannot be switched to, if it cannot.
 pub fn check_system(root: &Path, store: &Store, system: &str) -> Result<std::path::PathBuf, String> {
@@ -242,14 +251,13 @@ fn handle_health(cfg: &Config) -> Result<bool, String> {
     Ok(true)
 }
 
-/// `nixless switch-helper --config FILE`.
-pub fn main(config: &Path) -> Result<(), String> {
-    let cfg = Config::load(config)?;
+/// `nixless switch-helper --config FILE`, with that file parsed.
+pub fn main(cfg: &Config) -> Result<(), String> {
     let store = Store::open(&cfg.root, &cfg.state_dir).map_err(|e| format!("opening store: {e}"))?;
     // Requests written while we ran (a rollback after a timed-out switch,
     // the next health round) may not start the unit again: drain them.
     for _ in 0..16 {
-        let ran = handle_switch(&cfg, &store)? | handle_health(&cfg)?;
+        let ran = handle_switch(cfg, &store)? | handle_health(cfg)?;
         if !ran {
             break;
         }
@@ -279,9 +287,9 @@ pub fn main(config: &Path) -> Result<(), String> {
 /// named by a pattern matching all of these (`LoaderEntryOneShot` and
 /// `LoaderEntryDefault` are glob patterns).
 pub mod bootloader {
+    use super::protocol::NO_ONE_SHOT;
     use super::{run_captured, Command, Duration};
-    use crate::agent::machine::NO_ONE_SHOT;
-    use crate::switch::profile;
+    use crate::store::profile;
     use std::io::Read;
     use std::path::{Path, PathBuf};
 

@@ -1,5 +1,6 @@
 //! Deploy documents: what an admin signs, and the checks that decide
-//! whether the device obeys.
+//! whether the device obeys. Shared by the agent (verifies) and `admin`
+//! (renders and signs), so it sits below both.
 //!
 //! Wire format: a JSON object, signed as raw bytes with a deploy key
 //! (detached ed25519, `name:base64(64 bytes)`), sent in the
@@ -16,10 +17,39 @@
 //! sequence at most [`MAX_SEQ`] and above the highest accepted → system a
 //! store path (not needed for `gc`) → action known.
 
-use super::machine::Action;
 use crate::nix::keys::Signature;
 use crate::nix::{SecretKey, StorePath, TrustedKeys};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+
+/// What a deploy document asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Switch,
+    Boot,
+    Rollback,
+    Gc,
+}
+
+impl Action {
+    pub fn parse(s: &str) -> Option<Action> {
+        Some(match s {
+            "switch" => Action::Switch,
+            "boot" => Action::Boot,
+            "rollback" => Action::Rollback,
+            "gc" => Action::Gc,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Switch => "switch",
+            Action::Boot => "boot",
+            Action::Rollback => "rollback",
+            Action::Gc => "gc",
+        }
+    }
+}
 
 pub const SIGNATURE_HEADER: &str = "nixless-signature";
 
@@ -28,17 +58,19 @@ pub const SIGNATURE_HEADER: &str = "nixless-signature";
 /// 2^64 − 1 would otherwise block every later deploy for good.
 pub const MAX_SEQ: u64 = (1 << 53) - 1;
 
-#[derive(Deserialize)]
-struct Wire {
-    host: String,
-    #[serde(default)]
-    system: Option<String>,
-    seq: u64,
-    action: String,
-    #[serde(default)]
-    caches: Option<Vec<String>>,
-    #[serde(default)]
-    narinfos: Option<Vec<String>>,
+/// The document as JSON: what [`render`] writes and [`verify`] reads.
+/// Absent optional fields are left out, not `null`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Document {
+    pub host: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+    pub seq: u64,
+    pub action: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caches: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub narinfos: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,7 +193,7 @@ pub fn verify(
     highest: u64,
 ) -> Result<Deploy, Rejection> {
     let key = check_signature(body, sig, keys)?;
-    let w: Wire = crate::json::from_slice_bounded(body).map_err(|e| Rejection::Malformed(e.to_string()))?;
+    let w: Document = crate::json::from_slice_bounded(body).map_err(|e| Rejection::Malformed(e.to_string()))?;
     if w.host != host {
         return Err(Rejection::OtherHost { doc: w.host, me: host.to_owned() });
     }
@@ -188,7 +220,8 @@ pub fn verify(
     })
 }
 
-/// Writes a document (the admin side).
+/// Writes a document (the admin side); past [`crate::json::MAX_OUTPUT`],
+/// the most any agent takes, it is refused.
 pub fn render(
     host: &str,
     system: Option<&str>,
@@ -196,21 +229,17 @@ pub fn render(
     action: Action,
     caches: &[String],
     narinfos: &[String],
-) -> String {
-    let mut out = format!("{{\"host\":{},", crate::json::string(host));
-    if let Some(s) = system {
-        out += &format!("\"system\":{},", crate::json::string(s));
-    }
-    out += &format!("\"seq\":{seq},\"action\":{}", crate::json::string(action.as_str()));
-    let list = |v: &[String]| v.iter().map(|s| crate::json::string(s)).collect::<Vec<_>>().join(",");
-    if !caches.is_empty() {
-        out += &format!(",\"caches\":[{}]", list(caches));
-    }
-    if !narinfos.is_empty() {
-        out += &format!(",\"narinfos\":[{}]", list(narinfos));
-    }
-    out.push('}');
-    out
+) -> Result<String, crate::json::TooLarge> {
+    let some = |v: &[String]| (!v.is_empty()).then(|| v.to_vec());
+    let doc = Document {
+        host: host.to_owned(),
+        system: system.map(str::to_owned),
+        seq,
+        action: action.as_str().to_owned(),
+        caches: some(caches),
+        narinfos: some(narinfos),
+    };
+    crate::json::to_string(&doc)
 }
 
 /// Signs document bytes: the value of the `Nixless-Signature` header.
@@ -235,7 +264,8 @@ mod tests {
     fn accepts_a_good_document_with_narinfos() {
         let (sk, keys) = setup();
         let ni = "StorePath: /nix/store/x\nURL: nar/a \"quoted\"\n".to_string();
-        let doc = render("kiosk-7", Some(SYS), 10, Action::Switch, &["http://c".into()], std::slice::from_ref(&ni));
+        let doc =
+            render("kiosk-7", Some(SYS), 10, Action::Switch, &["http://c".into()], std::slice::from_ref(&ni)).unwrap();
         let sig = sign(&sk, doc.as_bytes());
         let d = verify(doc.as_bytes(), Some(sig.as_bytes()), &keys, "kiosk-7", 9).unwrap();
         assert_eq!(d.seq, 10);
@@ -248,7 +278,7 @@ mod tests {
     #[test]
     fn refusals_in_order() {
         let (sk, keys) = setup();
-        let doc = render("kiosk-7", Some(SYS), 10, Action::Switch, &[], &[]);
+        let doc = render("kiosk-7", Some(SYS), 10, Action::Switch, &[], &[]).unwrap();
         let b = doc.as_bytes();
         let sig = sign(&sk, b);
         let other = SecretKey::generate("admin-1").unwrap();
@@ -291,7 +321,7 @@ mod tests {
     fn seq_above_2_pow_53_minus_1_is_refused() {
         let (sk, keys) = setup();
         let at = |seq: u64| {
-            let doc = render("kiosk-7", Some(SYS), seq, Action::Switch, &[], &[]);
+            let doc = render("kiosk-7", Some(SYS), seq, Action::Switch, &[], &[]).unwrap();
             verify(doc.as_bytes(), Some(sign(&sk, doc.as_bytes()).as_bytes()), &keys, "kiosk-7", 0)
         };
         assert_eq!(at(MAX_SEQ).unwrap().seq, 9_007_199_254_740_991);
@@ -301,7 +331,7 @@ mod tests {
             assert_eq!(e.status(), 400);
         }
         // Checked before staleness: the answer says what is wrong with it.
-        let doc = render("kiosk-7", Some(SYS), u64::MAX, Action::Switch, &[], &[]);
+        let doc = render("kiosk-7", Some(SYS), u64::MAX, Action::Switch, &[], &[]).unwrap();
         let e = verify(doc.as_bytes(), Some(sign(&sk, doc.as_bytes()).as_bytes()), &keys, "kiosk-7", MAX_SEQ);
         assert_eq!(
             e.unwrap_err().to_string(),

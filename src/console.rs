@@ -1,13 +1,15 @@
 //! Commands for an operator at the device's console: `nixless rollback`
 //! and `nixless gc`. Both refuse to run while the agent is in the middle of
 //! an update (its state says so), so they never race it.
+//!
+//! Beside `cli`, above the agent: it reads the agent's config and state
+//! file, so it is an entry point, not part of `switch`.
 
-use super::helper::run_captured;
-use super::profile;
 use crate::agent::config::Config;
 use crate::agent::machine::Phase;
 use crate::agent::persist;
-use crate::store::{gc, Store};
+use crate::store::{gc, profile, Store};
+use crate::switch::helper::{self, run_captured};
 use std::path::Path;
 use std::process::Command;
 
@@ -29,7 +31,7 @@ pub fn rollback(config: &Path, dry_run: bool) -> Result<(), String> {
     let (cur, _) = profile::current(&cfg.root).ok_or("no current system generation in the profile")?;
     let (prev, system) = profile::previous(&cfg.root).ok_or(format!("no generation before {cur}"))?;
     let store = Store::open(&cfg.root, &cfg.state_dir).map_err(|e| format!("opening store: {e}"))?;
-    let stc = super::helper::check_system(&cfg.root, &store, &system)?;
+    let stc = helper::check_system(&cfg.root, &store, &system)?;
     println!("generation {cur} -> {prev}: {system}");
     if dry_run {
         return Ok(());
@@ -37,7 +39,7 @@ pub fn rollback(config: &Path, dry_run: bool) -> Result<(), String> {
     profile::set_current(&cfg.root, prev).map_err(|e| format!("setting profile: {e}"))?;
     persist::log_event(
         &cfg.state_dir,
-        crate::agent::daemon::now(),
+        crate::clock::now(),
         &format!("console rollback to generation {prev}: {system}"),
     );
     let (code, tail) = run_captured(Command::new(&stc).arg("switch"), None);

@@ -7,7 +7,7 @@
 //! into place, and the directory is fsynced, so a crash leaves either the
 //! old profile or the new one.
 
-use crate::store::fsutil;
+use super::fsutil;
 use rustix::fd::AsFd;
 use rustix::fs::{self as rfs, AtFlags};
 use std::path::{Path, PathBuf};

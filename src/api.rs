@@ -1,0 +1,191 @@
+//! The JSON bodies of the agent's HTTP API, as the agent writes them and
+//! `nixless deploy --wait` / `nixless status` (and tests, and the VM
+//! scenarios) read them back. Below the agent, so the admin side reads
+//! the very structs the agent writes.
+//!
+//! ```text
+//! GET /v1/status   {"host":S,"version":S,"current_system":S|null,"booted_system":S|null,
+//!                   "profile_system":S|null,"phase":S,"highest_seq":N,
+//!                   "progress":{"paths_done":N,"paths_total":N,"bytes_done":N,"bytes_total":N},
+//!                   "job":{"seq":N,"action":S,"system":S,"previous":S|null,"started":N,"failure":S|null}|null,
+//!                   "health_deadline":N?,                        ; only while verifying
+//!                   "last_result":{"seq":N,"action":S,"system":S,"outcome":S,"reason":S|null,"finished":N}|null,
+//!                   "last_error":S|null,"last_rejection":S|null,
+//!                   "poll":{"url":S|null,"last_check":N|null,"error":S|null},"started":N}
+//! POST /v1/deploy  202 {"seq":N,"status":"/v1/status","note":S?}
+//! any refusal      {"error":S,"seq":N?}
+//! ```
+//! Readers take missing fields as their defaults, so an admin can read an
+//! older or newer agent.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub host: String,
+    #[serde(default)]
+    pub version: String,
+    #[serde(default)]
+    pub current_system: Option<String>,
+    #[serde(default)]
+    pub booted_system: Option<String>,
+    #[serde(default)]
+    pub profile_system: Option<String>,
+    pub phase: String,
+    #[serde(default)]
+    pub highest_seq: u64,
+    #[serde(default)]
+    pub progress: Progress,
+    #[serde(default)]
+    pub job: Option<Job>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_deadline: Option<u64>,
+    #[serde(default)]
+    pub last_result: Option<LastResult>,
+    #[serde(default)]
+    pub last_error: Option<String>,
+    #[serde(default)]
+    pub last_rejection: Option<String>,
+    #[serde(default)]
+    pub poll: Poll,
+    #[serde(default)]
+    pub started: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub paths_done: u64,
+    pub paths_total: u64,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+}
+
+/// The deploy in progress.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    pub seq: u64,
+    pub action: String,
+    pub system: String,
+    #[serde(default)]
+    pub previous: Option<String>,
+    #[serde(default)]
+    pub started: u64,
+    #[serde(default)]
+    pub failure: Option<String>,
+}
+
+/// How the last deploy ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastResult {
+    pub seq: u64,
+    #[serde(default)]
+    pub action: String,
+    #[serde(default)]
+    pub system: String,
+    pub outcome: String,
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub finished: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Poll {
+    pub url: Option<String>,
+    pub last_check: Option<u64>,
+    pub error: Option<String>,
+}
+
+/// `202 Accepted` to a deploy: where to follow it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accepted {
+    pub seq: u64,
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+impl Accepted {
+    pub const STATUS_PATH: &'static str = "/v1/status";
+}
+
+/// Every refusal's body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Error {
+    pub error: String,
+    /// The highest sequence accepted, when a deploy was stale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::json::{from_slice_bounded, to_string, HOSTILE};
+
+    fn back<T: Serialize + for<'a> Deserialize<'a> + PartialEq + std::fmt::Debug>(v: &T) -> String {
+        let s = to_string(v).unwrap();
+        assert!(!s.bytes().any(|b| b < 0x20), "one line: {s}");
+        assert_eq!(&from_slice_bounded::<T>(s.as_bytes()).unwrap(), v, "{s}");
+        s
+    }
+
+    #[test]
+    fn status_roundtrips_with_hostile_strings() {
+        let h = || Some(HOSTILE.to_owned());
+        let full = Status {
+            host: HOSTILE.into(),
+            version: "0.1.0".into(),
+            current_system: h(),
+            booted_system: h(),
+            profile_system: None,
+            phase: "verifying".into(),
+            highest_seq: (1 << 53) - 1,
+            progress: Progress { paths_done: 1, paths_total: 2, bytes_done: u64::MAX, bytes_total: 0 },
+            job: Some(Job {
+                seq: 7,
+                action: "switch".into(),
+                system: HOSTILE.into(),
+                previous: h(),
+                started: 5,
+                failure: h(),
+            }),
+            health_deadline: Some(99),
+            last_result: Some(LastResult {
+                seq: 6,
+                action: "boot".into(),
+                system: HOSTILE.into(),
+                outcome: "failed".into(),
+                reason: h(),
+                finished: 4,
+            }),
+            last_error: h(),
+            last_rejection: h(),
+            poll: Poll { url: h(), last_check: Some(3), error: h() },
+            started: 1,
+        };
+        back(&full);
+        let empty = Status { host: "h".into(), phase: "idle".into(), ..Status::default() };
+        let s = back(&empty);
+        // The field names and order tools and tests read.
+        assert_eq!(
+            s,
+            r#"{"host":"h","version":"","current_system":null,"booted_system":null,"profile_system":null,"phase":"idle","highest_seq":0,"progress":{"paths_done":0,"paths_total":0,"bytes_done":0,"bytes_total":0},"job":null,"last_result":null,"last_error":null,"last_rejection":null,"poll":{"url":null,"last_check":null,"error":null},"started":0}"#
+        );
+    }
+
+    #[test]
+    fn a_reader_takes_an_agent_with_fewer_fields() {
+        let s: Status = from_slice_bounded(br#"{"host":"h","phase":"idle","future":[1]}"#).unwrap();
+        assert_eq!(s, Status { host: "h".into(), phase: "idle".into(), ..Status::default() });
+    }
+
+    #[test]
+    fn bodies_roundtrip() {
+        let a = Accepted { seq: 3, status: Accepted::STATUS_PATH.into(), note: None };
+        assert_eq!(back(&a), r#"{"seq":3,"status":"/v1/status"}"#);
+        back(&Accepted { note: Some(HOSTILE.into()), ..a });
+        assert_eq!(back(&Error { error: "stale".into(), seq: Some(4) }), r#"{"error":"stale","seq":4}"#);
+        assert_eq!(back(&Error { error: HOSTILE.into(), seq: None }).matches("\"seq\"").count(), 0);
+    }
+}
