@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod channel;
 
 pub mod cli;
 pub mod fetch;
