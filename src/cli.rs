@@ -29,6 +29,7 @@ enum Command {
     SwitchHelper(SwitchHelperArgs),
     Rollback(RollbackArgs),
     Gc(GcArgs),
+    Sign(SignArgs),
 }
 
 #[derive(FromArgs)]
@@ -136,6 +137,18 @@ struct DeployArgs {
 }
 
 #[derive(FromArgs)]
+/// Check a channel document or key rotation as devices will, and write FILE.sig.
+#[argh(subcommand, name = "sign")]
+struct SignArgs {
+    /// secret deploy key file (from nixless keygen)
+    #[argh(option)]
+    key: PathBuf,
+    /// the JSON document to sign (its bytes are signed unchanged)
+    #[argh(positional)]
+    file: PathBuf,
+}
+
+#[derive(FromArgs)]
 /// Show what each agent runs, its phase, progress and last result.
 #[argh(subcommand, name = "status")]
 struct StatusArgs {
@@ -230,6 +243,7 @@ pub fn main() -> i32 {
         Command::SwitchHelper(a) => crate::switch::helper::main(&a.config),
         Command::Rollback(a) => crate::switch::console::rollback(&a.config, a.dry_run),
         Command::Gc(a) => crate::switch::console::gc(&a.config, a.dry_run, a.no_wait),
+        Command::Sign(a) => crate::channel::sign::sign_file(&a.key, &a.file, crate::agent::daemon::now()).map(|_| ()),
     };
     match res {
         Ok(()) => 0,

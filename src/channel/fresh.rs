@@ -13,7 +13,7 @@
 //! be replayed forever. The floor fixes that:
 //!
 //! - Only a signed `issued` advances it. It is time an admin's key vouches
-//!   for (the admin side refuses to sign one more than a day ahead of its
+//!   for (the admin side refuses to sign one more than an hour ahead of its
 //!   clock, [`super::MAX_ISSUED_AHEAD_SECS`]); the wall clock never
 //!   advances it, because a clock glitch to 2099 would otherwise be
 //!   persisted and refuse every real document until 2099. No maximum step:

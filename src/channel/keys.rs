@@ -144,36 +144,16 @@ pub fn effective(config: &TrustedKeys, applied: Option<&Applied>) -> TrustedKeys
     }
 }
 
-/// Verifies a rotation against the keys trusted now (`trusted`, from
-/// [`effective`]), the last applied rotation's sequence and digest, and the
-/// effective time `now`.
-pub fn verify(
-    body: &[u8],
-    sig: Option<&[u8]>,
-    trusted: &TrustedKeys,
-    last: Option<(u64, [u8; 32])>,
-    now: u64,
-) -> Result<Outcome, RotationRefusal> {
-    let signer = signed::check_signature(body, sig, trusted).map_err(Refusal::Signature)?;
+/// The JSON and every rule that does not depend on the device (no
+/// signature: the admin side checks what it is about to sign). `signer` is
+/// left empty.
+pub fn parse(body: &[u8]) -> Result<Rotation, RotationRefusal> {
     let w: Wire = crate::json::from_slice_bounded(body).map_err(|e| RotationRefusal::Malformed(e.to_string()))?;
     let w = w.rotate_keys;
     if w.seq > MAX_SEQ {
         return Err(Refusal::SeqTooLarge(w.seq).into());
     }
     super::validity(w.issued, w.expires)?;
-    let now = now.max(w.issued);
-    if super::fresh::expired(w.expires, now) {
-        return Err(Refusal::Expired { expires: w.expires, now }.into());
-    }
-    let digest: [u8; 32] = Sha256::digest(body).into();
-    if let Some((applied, d)) = last {
-        if w.seq == applied && d == digest {
-            return Ok(Outcome::AlreadyApplied);
-        }
-        if w.seq <= applied {
-            return Err(RotationRefusal::Stale { seq: w.seq, applied });
-        }
-    }
     if w.deploy_keys.total > MAX_KEYS {
         let r = Refusal::TooMany { what: "deploy keys", got: w.deploy_keys.total, max: MAX_KEYS };
         return Err(r.into());
@@ -193,7 +173,35 @@ pub fn verify(
         }
         keys.push(pk);
     }
-    Ok(Outcome::Apply(Rotation { seq: w.seq, issued: w.issued, expires: w.expires, keys, signer, digest }))
+    let digest = Sha256::digest(body).into();
+    Ok(Rotation { seq: w.seq, issued: w.issued, expires: w.expires, keys, signer: String::new(), digest })
+}
+
+/// Verifies a rotation against the keys trusted now (`trusted`, from
+/// [`effective`]), the last applied rotation's sequence and digest, and the
+/// effective time `now` ([`super::fresh::Clock::now`]).
+pub fn verify(
+    body: &[u8],
+    sig: Option<&[u8]>,
+    trusted: &TrustedKeys,
+    last: Option<(u64, [u8; 32])>,
+    now: u64,
+) -> Result<Outcome, RotationRefusal> {
+    let signer = signed::check_signature(body, sig, trusted).map_err(Refusal::Signature)?;
+    let r = Rotation { signer, ..parse(body)? };
+    let now = now.max(r.issued);
+    if super::fresh::expired(r.expires, now) {
+        return Err(Refusal::Expired { expires: r.expires, now }.into());
+    }
+    if let Some((applied, d)) = last {
+        if r.seq == applied && d == r.digest {
+            return Ok(Outcome::AlreadyApplied);
+        }
+        if r.seq <= applied {
+            return Err(RotationRefusal::Stale { seq: r.seq, applied });
+        }
+    }
+    Ok(Outcome::Apply(r))
 }
 
 impl Rotation {

@@ -41,6 +41,7 @@
 pub mod decide;
 pub mod fresh;
 pub mod keys;
+pub mod sign;
 pub mod wave;
 mod wire;
 
@@ -518,7 +519,11 @@ pub fn render(d: &Doc) -> String {
 /// verified `issued` as a floor for their clock ([`fresh`]), so a document
 /// from an admin whose clock runs a year ahead would make every device
 /// refuse correct documents as expired for a year.
-pub const MAX_ISSUED_AHEAD_SECS: u64 = 86_400;
+///
+/// One hour covers any clock an admin's CI keeps with NTP; devices may
+/// then believe a time up to an hour ahead, so a validity well above an
+/// hour (a day or more) is never cut short by it.
+pub const MAX_ISSUED_AHEAD_SECS: u64 = 3600;
 
 /// The admin side: checks `body` as a device would (every rule of
 /// [`parse`], plus `issued` at most [`MAX_ISSUED_AHEAD_SECS`] ahead of
@@ -530,6 +535,12 @@ pub fn issue(body: &[u8], key: &SecretKey, now: u64) -> Result<(Doc, String), St
             "issued {} is more than {MAX_ISSUED_AHEAD_SECS} s ahead of this machine's clock ({now}): devices would \
              take it as the time and refuse every earlier-dated document as expired",
             doc.issued
+        ));
+    }
+    if fresh::expired(doc.expires, now) {
+        return Err(format!(
+            "expires {} is not after this machine's clock ({now}): devices would refuse it",
+            doc.expires
         ));
     }
     Ok((doc, signed::sign(key, body)))

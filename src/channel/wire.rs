@@ -137,3 +137,19 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod upstream {
+    use std::collections::BTreeMap;
+
+    /// Why [`super::Entries`] reads keys itself: serde-json-core 0.7's map
+    /// key deserializer has `unreachable!()` for `String` keys, so a plain
+    /// `BTreeMap<String, _>` field would panic on any object — and a panic
+    /// in the agent (panic = "abort") is a crash loop. If this starts to
+    /// pass, upstream has fixed it and `Entries` could become a map.
+    #[test]
+    fn serde_json_core_panics_on_string_map_keys() {
+        let r = std::panic::catch_unwind(|| crate::json::from_slice_bounded::<BTreeMap<String, u64>>(b"{\"a\":1}"));
+        assert!(r.is_err());
+    }
+}
