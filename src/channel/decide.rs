@@ -9,7 +9,7 @@
 //! halt                                           → Halted
 //! no tag of the device names a group             → NotForMe
 //! group halt                                     → Halted
-//! device runs the group's system                 → AlreadyRunning
+//! device runs (or will boot) the group's system   → AlreadyRunning
 //! the group's system failed here before          → FailedBefore
 //! no wave covers the device's position           → NotInPlan
 //! its wave starts after now                      → Wait(until start)
@@ -39,8 +39,12 @@ pub struct Device<'a> {
     pub host: &'a str,
     /// The config's tags, in config order.
     pub tags: &'a [String],
-    /// The system running now, if known.
+    /// The system running now (`/run/current-system`), if known.
     pub running: Option<&'a str>,
+    /// The system profile's current generation (the next boot's default),
+    /// if known: a `boot` deploy that committed and waits for a reboot
+    /// runs the old system, and must not be started again.
+    pub profile: Option<&'a str>,
 }
 
 /// What the device remembers of its channel (persisted by the agent).
@@ -77,6 +81,7 @@ pub enum Decision {
     },
     Halted,
     NotForMe,
+    /// It runs the group's system, or is set to boot it.
     AlreadyRunning {
         tag: String,
     },
@@ -137,7 +142,8 @@ pub fn decide(v: &Verified, dev: &Device, record: &Record, now: u64) -> Result<D
         return Ok(Decision::Halted);
     }
     let system = g.system.to_absolute();
-    if dev.running.and_then(|r| StorePath::from_absolute(r).ok()).is_some_and(|r| r == g.system) {
+    let is_it = |p: Option<&str>| p.and_then(|p| StorePath::from_absolute(p).ok()).is_some_and(|p| p == g.system);
+    if is_it(dev.running) || is_it(dev.profile) {
         return Ok(Decision::AlreadyRunning { tag });
     }
     if record.failed.as_deref() == Some(system.as_str()) {

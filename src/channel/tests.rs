@@ -315,7 +315,7 @@ fn waves_open_in_turn() {
     let rec = Record::default();
     for (n, start) in [(1, T0), (2, T0 + 3600), (3, T0 + DAY)] {
         let host = host_in_wave(n);
-        let dev = Device { host: &host, tags: &kiosk, running: None };
+        let dev = Device { host: &host, tags: &kiosk, running: None, profile: None };
         if n > 1 {
             let want = Decision::Wait { tag: "kiosk".into(), wave: n, until: start };
             assert_eq!(decide(&v, &dev, &rec, start - 1).unwrap(), want);
@@ -332,7 +332,7 @@ fn waves_open_in_turn() {
     }
     // A clock behind `issued` is taken as `issued`: wave 1 opens at once.
     let h = host_in_wave(1);
-    let dev = Device { host: &h, tags: &kiosk, running: None };
+    let dev = Device { host: &h, tags: &kiosk, running: None, profile: None };
     assert_eq!(decide(&v, &dev, &rec, 0).unwrap().name(), "deploy");
 }
 
@@ -341,19 +341,19 @@ fn the_first_named_tag_in_config_order_wins() {
     let v = verified(&doc());
     let host = host_in_wave(3);
     let t = tags(&["nothing", "lab", "kiosk"]);
-    let dev = Device { host: &host, tags: &t, running: None };
+    let dev = Device { host: &host, tags: &t, running: None, profile: None };
     match decide(&v, &dev, &Record::default(), T0).unwrap() {
         Decision::Deploy { tag, action, .. } => assert_eq!((tag.as_str(), action), ("lab", GroupAction::Boot)),
         d => panic!("{d:?}"),
     }
     let t = tags(&["kiosk", "lab"]);
-    let dev = Device { host: &host, tags: &t, running: None };
+    let dev = Device { host: &host, tags: &t, running: None, profile: None };
     assert!(matches!(decide(&v, &dev, &Record::default(), T0).unwrap(), Decision::Wait { .. }));
     let t = tags(&["other"]);
-    let dev = Device { host: &host, tags: &t, running: None };
+    let dev = Device { host: &host, tags: &t, running: None, profile: None };
     assert_eq!(decide(&v, &dev, &Record::default(), T0).unwrap(), Decision::NotForMe);
     assert_eq!(
-        decide(&v, &Device { host: &host, tags: &[], running: None }, &Record::default(), T0).unwrap(),
+        decide(&v, &Device { host: &host, tags: &[], running: None, profile: None }, &Record::default(), T0).unwrap(),
         Decision::NotForMe
     );
 }
@@ -363,9 +363,12 @@ fn already_running_and_failed_before() {
     let v = verified(&doc());
     let host = host_in_wave(1);
     let kiosk = tags(&["kiosk"]);
-    let running = Device { host: &host, tags: &kiosk, running: Some(SYS) };
+    let running = Device { host: &host, tags: &kiosk, running: Some(SYS), profile: Some(SYS2) };
     assert_eq!(decide(&v, &running, &Record::default(), T0).unwrap(), Decision::AlreadyRunning { tag: "kiosk".into() });
-    let dev = Device { host: &host, tags: &kiosk, running: Some(SYS2) };
+    // Committed for the next boot, not running yet: not started again.
+    let booting = Device { host: &host, tags: &kiosk, running: Some(SYS2), profile: Some(SYS) };
+    assert_eq!(decide(&v, &booting, &Record::default(), T0).unwrap(), Decision::AlreadyRunning { tag: "kiosk".into() });
+    let dev = Device { host: &host, tags: &kiosk, running: Some(SYS2), profile: Some(SYS2) };
     let mut rec = Record::default();
     rec.accept(&v, &kiosk);
     rec.failed(SYS);
@@ -404,7 +407,7 @@ fn halt_stops_devices_that_have_not_started() {
     let mut d = doc();
     let host = host_in_wave(1);
     let kiosk = tags(&["kiosk"]);
-    let dev = Device { host: &host, tags: &kiosk, running: None };
+    let dev = Device { host: &host, tags: &kiosk, running: None, profile: None };
     let mut rec = Record::default();
     let v = verified(&d);
     assert_eq!(decide(&v, &dev, &rec, T0).unwrap().name(), "deploy");
@@ -426,7 +429,10 @@ fn halt_stops_devices_that_have_not_started() {
     let g = verified(&d);
     assert_eq!(decide(&g, &dev, &rec, T0).unwrap(), Decision::Halted);
     let lab = tags(&["lab"]);
-    assert_eq!(decide(&g, &Device { host: &host, tags: &lab, running: None }, &rec, T0).unwrap().name(), "deploy");
+    assert_eq!(
+        decide(&g, &Device { host: &host, tags: &lab, running: None, profile: None }, &rec, T0).unwrap().name(),
+        "deploy"
+    );
 }
 
 #[test]
@@ -593,7 +599,7 @@ fn mutated_documents_survive_a_fixed_seed_fuzz_run() {
                 // What a device does with it: never a panic, whatever the time.
                 for now in [0, T0, d.expires, u64::MAX] {
                     for rec in [Record::default(), Record { seq: 7, digest: Some([0; 32]), failed: Some(SYS.into()) }] {
-                        let dev = Device { host: &host, tags: &kiosk, running: Some("/junk") };
+                        let dev = Device { host: &host, tags: &kiosk, running: Some("/junk"), profile: Some("") };
                         let _ = decide(&v, &dev, &rec, now);
                     }
                 }
