@@ -31,7 +31,7 @@
 //!   be replayed after such a reset.
 
 use super::wire::Capped;
-use super::Refusal;
+use super::{need, Refusal};
 use crate::agent::deploy::{self as signed, MAX_SEQ};
 use crate::nix::{PublicKey, TrustedKeys};
 use crate::text::{clip, FIELD_MAX};
@@ -42,15 +42,20 @@ pub const MAX_KEYS: usize = 16;
 
 #[derive(Deserialize)]
 struct WireInner {
-    seq: u64,
-    issued: u64,
-    expires: u64,
-    deploy_keys: Capped<String, MAX_KEYS>,
+    #[serde(default)]
+    seq: Option<u64>,
+    #[serde(default)]
+    issued: Option<u64>,
+    #[serde(default)]
+    expires: Option<u64>,
+    #[serde(default)]
+    deploy_keys: Option<Capped<String, MAX_KEYS>>,
 }
 
 #[derive(Deserialize)]
 struct Wire {
-    rotate_keys: WireInner,
+    #[serde(default)]
+    rotate_keys: Option<WireInner>,
 }
 
 /// A verified rotation.
@@ -149,20 +154,23 @@ pub fn effective(config: &TrustedKeys, applied: Option<&Applied>) -> TrustedKeys
 /// left empty.
 pub fn parse(body: &[u8]) -> Result<Rotation, RotationRefusal> {
     let w: Wire = crate::json::from_slice_bounded(body).map_err(|e| RotationRefusal::Malformed(e.to_string()))?;
-    let w = w.rotate_keys;
-    if w.seq > MAX_SEQ {
-        return Err(Refusal::SeqTooLarge(w.seq).into());
+    let w = need(w.rotate_keys, "document", "rotate_keys")?;
+    let seq = need(w.seq, "rotate_keys", "seq")?;
+    let (issued, expires) = (need(w.issued, "rotate_keys", "issued")?, need(w.expires, "rotate_keys", "expires")?);
+    let listed = need(w.deploy_keys, "rotate_keys", "deploy_keys")?;
+    if seq > MAX_SEQ {
+        return Err(Refusal::SeqTooLarge(seq).into());
     }
-    super::validity(w.issued, w.expires)?;
-    if w.deploy_keys.total > MAX_KEYS {
-        let r = Refusal::TooMany { what: "deploy keys", got: w.deploy_keys.total, max: MAX_KEYS };
+    super::validity(issued, expires)?;
+    if listed.total > MAX_KEYS {
+        let r = Refusal::TooMany { what: "deploy keys", got: listed.total, max: MAX_KEYS };
         return Err(r.into());
     }
-    if w.deploy_keys.items.is_empty() {
+    if listed.items.is_empty() {
         return Err(RotationRefusal::NoKeys);
     }
-    let mut keys: Vec<PublicKey> = Vec::with_capacity(w.deploy_keys.items.len());
-    for k in &w.deploy_keys.items {
+    let mut keys: Vec<PublicKey> = Vec::with_capacity(listed.items.len());
+    for k in &listed.items {
         let pk = PublicKey::parse(k).map_err(|e| RotationRefusal::BadKey { key: k.clone(), error: e.to_string() })?;
         if pk.name().len() > FIELD_MAX {
             let error = format!("key name longer than {FIELD_MAX} bytes");
@@ -174,7 +182,7 @@ pub fn parse(body: &[u8]) -> Result<Rotation, RotationRefusal> {
         keys.push(pk);
     }
     let digest = Sha256::digest(body).into();
-    Ok(Rotation { seq: w.seq, issued: w.issued, expires: w.expires, keys, signer: String::new(), digest })
+    Ok(Rotation { seq, issued, expires, keys, signer: String::new(), digest })
 }
 
 /// Verifies a rotation against the keys trusted now (`trusted`, from
@@ -355,7 +363,7 @@ mod tests {
             ),
             (
                 format!(r#"{{"rotate_keys":{{"seq":1,"issued":{T0},"expires":{}}}}}"#, T0 + 1),
-                "malformed key rotation: JSON does not match deserializer’s expected format.",
+                "key rotation: rotate_keys: missing field `deploy_keys`",
             ),
         ];
         for (body, want) in cases {

@@ -157,6 +157,11 @@ pub enum Refusal {
     /// Missing, malformed, unknown-key or invalid signature.
     Signature(signed::Rejection),
     Malformed(String),
+    /// A required field is absent (`at`: "document", "group \"kiosk\"", …).
+    Missing {
+        at: String,
+        field: &'static str,
+    },
     OtherChannel {
         doc: String,
         me: String,
@@ -231,6 +236,7 @@ impl std::fmt::Display for Refusal {
         match self {
             Refusal::Signature(r) => write!(f, "{r}"),
             Refusal::Malformed(e) => write!(f, "malformed channel document: {}", clip(e, 4 * FIELD_MAX)),
+            Refusal::Missing { at, field } => write!(f, "{at}: missing field `{field}`"),
             Refusal::OtherChannel { doc, me } => {
                 write!(f, "document is for channel \"{}\", this agent follows \"{}\"", c(doc), c(me))
             }
@@ -283,7 +289,10 @@ impl std::fmt::Display for Refusal {
 
 #[derive(Deserialize)]
 struct WireWave {
-    percent: f64,
+    // Required fields are Options checked by name: serde-json-core reports
+    // a missing field only as "does not match the expected format".
+    #[serde(default)]
+    percent: Option<f64>,
     #[serde(default)]
     start: Option<u64>,
     #[serde(default)]
@@ -292,24 +301,37 @@ struct WireWave {
 
 #[derive(Deserialize)]
 struct WireGroup {
-    system: String,
-    action: String,
+    #[serde(default)]
+    system: Option<String>,
+    #[serde(default)]
+    action: Option<String>,
     #[serde(default)]
     caches: Capped<String, MAX_CACHES>,
     #[serde(default)]
     halt: bool,
-    waves: Capped<WireWave, MAX_WAVES>,
+    #[serde(default)]
+    waves: Option<Capped<WireWave, MAX_WAVES>>,
 }
 
 #[derive(Deserialize)]
 struct Wire {
-    channel: String,
-    seq: u64,
-    issued: u64,
-    expires: u64,
+    #[serde(default)]
+    channel: Option<String>,
+    #[serde(default)]
+    seq: Option<u64>,
+    #[serde(default)]
+    issued: Option<u64>,
+    #[serde(default)]
+    expires: Option<u64>,
     #[serde(default)]
     halt: bool,
-    groups: Entries<WireGroup, MAX_GROUPS>,
+    #[serde(default)]
+    groups: Option<Entries<WireGroup, MAX_GROUPS>>,
+}
+
+/// A required field, or a refusal naming it (`at`: where, for a message).
+pub(crate) fn need<T>(v: Option<T>, at: &str, field: &'static str) -> Result<T, Refusal> {
+    v.ok_or_else(|| Refusal::Missing { at: at.to_owned(), field })
 }
 
 /// A channel name or tag: short, and plain ASCII, so it is the same text in
@@ -358,10 +380,11 @@ fn waves(tag: &str, wire: Vec<WireWave>, issued: u64, expires: u64) -> Result<Ve
     let mut out: Vec<Wave> = Vec::with_capacity(wire.len());
     for (i, w) in wire.into_iter().enumerate() {
         let n = i + 1;
-        let bp = basis_points(w.percent).ok_or_else(|| Refusal::BadPercent {
+        let percent = need(w.percent, &format!("group \"{}\" wave {n}", clip(tag, FIELD_MAX)), "percent")?;
+        let bp = basis_points(percent).ok_or_else(|| Refusal::BadPercent {
             tag: tag.to_owned(),
             wave: n,
-            value: w.percent.to_string(),
+            value: percent.to_string(),
         })?;
         let prev = out.last();
         if prev.is_some_and(|p| bp <= p.basis_points) {
@@ -401,10 +424,11 @@ fn group(tag: String, w: WireGroup, issued: u64, expires: u64) -> Result<Group, 
     if !valid_name(&tag) {
         return Err(Refusal::BadName { what: "group tag", value: tag });
     }
-    let system = StorePath::from_absolute(&w.system)
-        .map_err(|_| Refusal::NotStorePath { tag: tag.clone(), system: w.system })?;
-    let action =
-        GroupAction::parse(&w.action).ok_or_else(|| Refusal::UnknownAction { tag: tag.clone(), action: w.action })?;
+    let at = format!("group \"{}\"", clip(&tag, FIELD_MAX));
+    let (system, action) = (need(w.system, &at, "system")?, need(w.action, &at, "action")?);
+    let waves_in = need(w.waves, &at, "waves")?;
+    let system = StorePath::from_absolute(&system).map_err(|_| Refusal::NotStorePath { tag: tag.clone(), system })?;
+    let action = GroupAction::parse(&action).ok_or_else(|| Refusal::UnknownAction { tag: tag.clone(), action })?;
     if w.caches.total > MAX_CACHES {
         return Err(Refusal::TooMany { what: "caches in a group", got: w.caches.total, max: MAX_CACHES });
     }
@@ -415,13 +439,13 @@ fn group(tag: String, w: WireGroup, issued: u64, expires: u64) -> Result<Group, 
         }
         crate::fetch::CacheUrl::parse(c).map_err(|error| Refusal::BadCache { tag: tag.clone(), error })?;
     }
-    if w.waves.total > MAX_WAVES {
-        return Err(Refusal::TooMany { what: "waves in a group", got: w.waves.total, max: MAX_WAVES });
+    if waves_in.total > MAX_WAVES {
+        return Err(Refusal::TooMany { what: "waves in a group", got: waves_in.total, max: MAX_WAVES });
     }
-    if w.waves.items.is_empty() {
+    if waves_in.items.is_empty() {
         return Err(Refusal::NoWaves(tag));
     }
-    let waves = waves(&tag, w.waves.items, issued, expires)?;
+    let waves = waves(&tag, waves_in.items, issued, expires)?;
     Ok(Group { tag, system, action, caches: w.caches.items, halt: w.halt, waves })
 }
 
@@ -429,24 +453,28 @@ fn group(tag: String, w: WireGroup, issued: u64, expires: u64) -> Result<Group, 
 /// signature check (the admin side checks what it is about to sign).
 pub fn parse(body: &[u8]) -> Result<Doc, Refusal> {
     let w: Wire = crate::json::from_slice_bounded(body).map_err(|e| Refusal::Malformed(e.to_string()))?;
-    if !valid_name(&w.channel) {
-        return Err(Refusal::BadName { what: "channel", value: w.channel });
+    let channel = need(w.channel, "document", "channel")?;
+    let seq = need(w.seq, "document", "seq")?;
+    let (issued, expires) = (need(w.issued, "document", "issued")?, need(w.expires, "document", "expires")?);
+    let wire_groups = need(w.groups, "document", "groups")?;
+    if !valid_name(&channel) {
+        return Err(Refusal::BadName { what: "channel", value: channel });
     }
-    if w.seq > MAX_SEQ {
-        return Err(Refusal::SeqTooLarge(w.seq));
+    if seq > MAX_SEQ {
+        return Err(Refusal::SeqTooLarge(seq));
     }
-    validity(w.issued, w.expires)?;
-    if w.groups.total > MAX_GROUPS {
-        return Err(Refusal::TooMany { what: "groups", got: w.groups.total, max: MAX_GROUPS });
+    validity(issued, expires)?;
+    if wire_groups.total > MAX_GROUPS {
+        return Err(Refusal::TooMany { what: "groups", got: wire_groups.total, max: MAX_GROUPS });
     }
-    let mut groups: Vec<Group> = Vec::with_capacity(w.groups.items.len());
-    for (tag, g) in w.groups.items {
+    let mut groups: Vec<Group> = Vec::with_capacity(wire_groups.items.len());
+    for (tag, g) in wire_groups.items {
         if groups.iter().any(|have| have.tag == tag) {
             return Err(Refusal::DuplicateGroup(tag));
         }
-        groups.push(group(tag, g, w.issued, w.expires)?);
+        groups.push(group(tag, g, issued, expires)?);
     }
-    Ok(Doc { channel: w.channel, seq: w.seq, issued: w.issued, expires: w.expires, halt: w.halt, groups })
+    Ok(Doc { channel, seq, issued, expires, halt: w.halt, groups })
 }
 
 /// Signature (with the deploy keys, through the deploy documents' own

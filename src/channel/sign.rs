@@ -136,10 +136,7 @@ mod tests {
         );
         let e = c(&channel_json(T0 + 7200, T0 + 86_400), T0);
         assert!(e.starts_with("issued 1800007200 is more than 3600 s ahead"), "{e}");
-        assert_eq!(
-            c("{\"rotate_keys\":{}}", T0),
-            "malformed key rotation: JSON does not match deserializer’s expected format."
-        );
+        assert_eq!(c("{\"rotate_keys\":{}}", T0), "key rotation: rotate_keys: missing field `seq`");
         let rot = keys::render(1, T0, T0 + 10, &[sk.public()]);
         assert_eq!(
             c(&rot, T0 + 10),
