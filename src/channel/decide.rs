@@ -160,7 +160,8 @@ pub fn decide(v: &Verified, dev: &Device, record: &Record, now: u64) -> Result<D
 }
 
 impl Record {
-    /// Remembers an admissible document: its sequence and bytes, and
+    /// Remembers an admissible document (call it only after [`decide`] or
+    /// [`admissible`] said Ok): its sequence and bytes, and
     /// forgets a failed system the document no longer names for this
     /// device. Returns whether anything changed (and must be persisted).
     pub fn accept(&mut self, v: &Verified, tags: &[String]) -> bool {

@@ -21,8 +21,11 @@
 //! p        = number, 0 < p <= 100, at most 2 decimals, strictly increasing
 //! secs     = 0..=MAX_SOAK_SECS
 //! ```
-//! Unknown fields are ignored (later versions may add some); duplicate
-//! groups are refused by name, duplicate fields as a malformed document.
+//! Unknown fields are ignored (later versions may add some); a missing
+//! required field (`null` counts as missing) is refused by name, duplicate
+//! groups by name, duplicate fields as a malformed document. Percents grow
+//! strictly: a wave with the previous one's share would hold no hosts, and
+//! a pause is a longer soak.
 //! A wave starts at its `start`, or `soak_secs` after the previous wave's
 //! start (the first: after `issued`), or — the first wave with neither — at
 //! `issued`; a later wave needs exactly one of the two. Starts never go
@@ -413,7 +416,7 @@ fn waves(tag: &str, wire: Vec<WireWave>, issued: u64, expires: u64) -> Result<Ve
             return Err(bad(n, "starts before the previous wave"));
         }
         if start >= expires {
-            return Err(bad(n, "starts after the document expires"));
+            return Err(bad(n, "does not start before the document expires"));
         }
         out.push(Wave { basis_points: bp, from, start });
     }

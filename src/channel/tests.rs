@@ -152,7 +152,7 @@ fn every_refusal_with_its_message() {
         ),
         (
             base.replace(&format!("\"start\":{}", T0 + DAY), &format!("\"start\":{}", T0 + 30 * DAY)),
-            "group \"kiosk\" wave 3: starts after the document expires",
+            "group \"kiosk\" wave 3: does not start before the document expires",
         ),
         (
             base.replace(&format!("\"start\":{}", T0 + DAY), "\"start\":253402300800"),
