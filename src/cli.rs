@@ -29,6 +29,7 @@ enum Command {
     SwitchHelper(SwitchHelperArgs),
     Rollback(RollbackArgs),
     Gc(GcArgs),
+    Sign(SignArgs),
 }
 
 #[derive(FromArgs)]
@@ -133,6 +134,18 @@ struct DeployArgs {
     /// with --agent: give up following after this many seconds (default 3600)
     #[argh(option, default = "3600")]
     timeout: u64,
+}
+
+#[derive(FromArgs)]
+/// Check a channel document or key rotation as devices will, and write FILE.sig.
+#[argh(subcommand, name = "sign")]
+struct SignArgs {
+    /// secret deploy key file (from nixless keygen)
+    #[argh(option)]
+    key: PathBuf,
+    /// the JSON document to sign (its bytes are signed unchanged)
+    #[argh(positional)]
+    file: PathBuf,
 }
 
 #[derive(FromArgs)]
@@ -244,6 +257,7 @@ pub fn main() -> i32 {
         }
         Command::Rollback(a) => crate::console::rollback(&a.config, a.dry_run),
         Command::Gc(a) => crate::console::gc(&a.config, a.dry_run, a.no_wait),
+        Command::Sign(a) => crate::channel::sign::sign_file(&a.key, &a.file, crate::clock::now()).map(|_| ()),
     };
     match res {
         Ok(()) => 0,

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod agent;
 pub mod api;
 pub mod auth;
+pub mod channel;
 
 pub mod cli;
 pub mod clock;

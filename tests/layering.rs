@@ -33,7 +33,7 @@ const LAYERS: &[&[&str]] = &[
     &["auth"],
     &["fetch", "net"],
     &["store"],
-    &["deploy", "api"],
+    &["deploy", "api", "channel"],
     &["switch"],
     &["admin"],
     &["agent"],
