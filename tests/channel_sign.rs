@@ -48,7 +48,7 @@ fn signs_channel_and_rotation_files_that_agents_accept() {
 
     let (_, next) = keygen(tmp.path(), "admin-2");
     let rot = tmp.path().join("keys.json");
-    std::fs::write(&rot, keys::render(1, t, t + 86_400, next.keys())).unwrap();
+    std::fs::write(&rot, keys::render(1, t, t + 86_400, next.keys()).unwrap()).unwrap();
     let out = nixless(&["sign", "--key", key.to_str().unwrap(), rot.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("admin-1 is not in the new key set"), "{}", stderr(&out));

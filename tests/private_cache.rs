@@ -291,8 +291,8 @@ fn agent_get(port: u16, path: &str) -> String {
 }
 
 fn deploy(port: u16, key: &nixless::nix::SecretKey, seq: u64, system: &str) {
-    use nixless::agent::deploy::{render, sign};
-    let body = render("kiosk-7", Some(system), seq, nixless::agent::machine::Action::Switch, &[], &[]);
+    use nixless::deploy::{render, sign};
+    let body = render("kiosk-7", Some(system), seq, nixless::deploy::Action::Switch, &[], &[]).unwrap();
     let sig = sign(key, body.as_bytes());
     let req = format!(
         "POST /v1/deploy HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n\

@@ -224,13 +224,23 @@ impl Rotation {
     }
 }
 
+#[derive(serde::Serialize)]
+struct RotationOut {
+    seq: u64,
+    issued: u64,
+    expires: u64,
+    deploy_keys: Vec<String>,
+}
+
+#[derive(serde::Serialize)]
+struct DocOut {
+    rotate_keys: RotationOut,
+}
+
 /// The document's JSON (the admin side).
-pub fn render(seq: u64, issued: u64, expires: u64, keys: &[PublicKey]) -> String {
-    let list: Vec<String> = keys.iter().map(|k| crate::json::string(&k.to_string())).collect();
-    format!(
-        "{{\"rotate_keys\":{{\"seq\":{seq},\"issued\":{issued},\"expires\":{expires},\"deploy_keys\":[{}]}}}}",
-        list.join(",")
-    )
+pub fn render(seq: u64, issued: u64, expires: u64, keys: &[PublicKey]) -> Result<String, crate::json::TooLarge> {
+    let deploy_keys = keys.iter().map(PublicKey::to_string).collect();
+    crate::json::to_string(&DocOut { rotate_keys: RotationOut { seq, issued, expires, deploy_keys } })
 }
 
 #[cfg(test)]
@@ -251,7 +261,7 @@ mod tests {
     }
 
     fn rotate(signer: &SecretKey, seq: u64, to: &[&SecretKey]) -> (String, String) {
-        let body = render(seq, T0, T0 + 7 * DAY, &to.iter().map(|k| k.public()).collect::<Vec<_>>());
+        let body = render(seq, T0, T0 + 7 * DAY, &to.iter().map(|k| k.public()).collect::<Vec<_>>()).unwrap();
         let sig = signer.sign(body.as_bytes());
         (body, sig)
     }
@@ -329,7 +339,10 @@ mod tests {
         let sign = |body: String| (body.clone(), k.sign(body.as_bytes()));
         let pk = k.public().to_string();
         let cases: Vec<(String, &str)> = vec![
-            (render(1, T0, T0 + DAY, &[]), "key rotation names no keys: the device could never be told anything"),
+            (
+                render(1, T0, T0 + DAY, &[]).unwrap(),
+                "key rotation names no keys: the device could never be told anything",
+            ),
             (
                 format!(
                     r#"{{"rotate_keys":{{"seq":1,"issued":{T0},"expires":{},"deploy_keys":["{pk}","{pk}"]}}}}"#,
@@ -350,15 +363,15 @@ mod tests {
                 "key rotation: 17 deploy keys, at most 16 allowed",
             ),
             (
-                render(1, T0, T0 + 91 * DAY, &[k.public()]),
+                render(1, T0, T0 + 91 * DAY, &[k.public()]).unwrap(),
                 "key rotation: valid for 7862400 s (expires - issued), more than the 7776000 s (90 days) allowed",
             ),
             (
-                render(1, T0 - 2 * DAY, T0 - DAY, &[k.public()]),
+                render(1, T0 - 2 * DAY, T0 - DAY, &[k.public()]).unwrap(),
                 "key rotation: document expired at 1799913600 (now 1800000000)",
             ),
             (
-                render(MAX_SEQ + 1, T0, T0 + DAY, &[k.public()]),
+                render(MAX_SEQ + 1, T0, T0 + DAY, &[k.public()]).unwrap(),
                 "key rotation: sequence 9007199254740992 is above the largest allowed, 9007199254740991 (2^53-1)",
             ),
             (
@@ -375,7 +388,7 @@ mod tests {
             format!(r#"{{"rotate_keys":{{"seq":1,"issued":{T0},"expires":{},"deploy_keys":["{long}"]}}}}"#, T0 + 1);
         assert!(run(&sign(body), &trusted, None).unwrap_err().to_string().ends_with("key name longer than 128 bytes"));
         // Same sequence, other bytes: refused, not taken as applied.
-        let doc = sign(render(5, T0, T0 + DAY, &[k.public()]));
+        let doc = sign(render(5, T0, T0 + DAY, &[k.public()]).unwrap());
         let e = run(&doc, &trusted, Some((5, [1; 32]))).unwrap_err();
         assert_eq!(e, RotationRefusal::Stale { seq: 5, applied: 5 });
     }

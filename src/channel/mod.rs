@@ -491,59 +491,94 @@ pub fn verify(body: &[u8], sig: Option<&[u8]>, keys: &TrustedKeys, channel: &str
     Ok(Verified { doc, key, digest: sha2::Sha256::digest(body).into() })
 }
 
-/// `basis_points` as the shortest decimal percent ("1", "0.5", "12.34").
-fn percent(bp: u16) -> String {
-    match bp % 100 {
-        0 => format!("{}", bp / 100),
-        r if r % 10 == 0 => format!("{}.{}", bp / 100, r / 10),
-        r => format!("{}.{r:02}", bp / 100),
+/// A percent as the shortest JSON number ("1", "0.5", "12.34"): whole
+/// percents as integers, the rest through ryu's shortest round trip.
+struct Percent(u16);
+
+impl serde::Serialize for Percent {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.0 % 100 == 0 {
+            s.serialize_u16(self.0 / 100)
+        } else {
+            s.serialize_f64(f64::from(self.0) / 100.0)
+        }
     }
+}
+
+#[derive(serde::Serialize)]
+struct WaveOut {
+    percent: Percent,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    start: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    soak_secs: Option<u64>,
+}
+
+#[derive(serde::Serialize)]
+struct GroupOut<'a> {
+    system: String,
+    action: &'a str,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    caches: &'a [String],
+    #[serde(skip_serializing_if = "core::ops::Not::not")]
+    halt: bool,
+    waves: Vec<WaveOut>,
+}
+
+/// The groups in document order, as a JSON object keyed by tag.
+struct GroupsOut<'a>(&'a [Group]);
+
+impl serde::Serialize for GroupsOut<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for g in self.0 {
+            let waves = g
+                .waves
+                .iter()
+                .map(|w| {
+                    let (start, soak_secs) = match w.from {
+                        Start::Issued => (None, None),
+                        Start::At(t) => (Some(t), None),
+                        Start::Soak(s) => (None, Some(s)),
+                    };
+                    WaveOut { percent: Percent(w.basis_points), start, soak_secs }
+                })
+                .collect();
+            let out = GroupOut {
+                system: g.system.to_absolute(),
+                action: g.action.as_str(),
+                caches: &g.caches,
+                halt: g.halt,
+                waves,
+            };
+            m.serialize_entry(g.tag.as_str(), &out)?;
+        }
+        m.end()
+    }
+}
+
+#[derive(serde::Serialize)]
+struct DocOut<'a> {
+    channel: &'a str,
+    seq: u64,
+    issued: u64,
+    expires: u64,
+    halt: bool,
+    groups: GroupsOut<'a>,
 }
 
 /// The document's JSON (the admin side). Only a [`Doc`] that [`parse`]
 /// accepts should be signed: [`issue`] checks.
-pub fn render(d: &Doc) -> String {
-    use crate::json::string;
-    let mut out = format!(
-        "{{\"channel\":{},\"seq\":{},\"issued\":{},\"expires\":{},\"halt\":{},\"groups\":{{",
-        string(&d.channel),
-        d.seq,
-        d.issued,
-        d.expires,
-        d.halt
-    );
-    for (i, g) in d.groups.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        out += &format!(
-            "{}:{{\"system\":{},\"action\":\"{}\"",
-            string(&g.tag),
-            string(&g.system.to_absolute()),
-            g.action.as_str()
-        );
-        if !g.caches.is_empty() {
-            out += &format!(",\"caches\":[{}]", g.caches.iter().map(|c| string(c)).collect::<Vec<_>>().join(","));
-        }
-        if g.halt {
-            out += ",\"halt\":true";
-        }
-        let waves: Vec<String> = g
-            .waves
-            .iter()
-            .map(|w| {
-                let when = match w.from {
-                    Start::Issued => String::new(),
-                    Start::At(t) => format!(",\"start\":{t}"),
-                    Start::Soak(s) => format!(",\"soak_secs\":{s}"),
-                };
-                format!("{{\"percent\":{}{when}}}", percent(w.basis_points))
-            })
-            .collect();
-        out += &format!(",\"waves\":[{}]}}", waves.join(","));
-    }
-    out += "}}";
-    out
+pub fn render(d: &Doc) -> Result<String, crate::json::TooLarge> {
+    crate::json::to_string(&DocOut {
+        channel: &d.channel,
+        seq: d.seq,
+        issued: d.issued,
+        expires: d.expires,
+        halt: d.halt,
+        groups: GroupsOut(&d.groups),
+    })
 }
 
 /// How far ahead of the signer's clock `issued` may be. Devices take a

@@ -120,7 +120,7 @@ mod tests {
         // A key rotation from a file, the same way.
         let new = SecretKey::generate("admin-2").unwrap();
         let rot = dir.path().join("keys.json");
-        std::fs::write(&rot, keys::render(1, T0, T0 + 86_400, &[new.public()])).unwrap();
+        std::fs::write(&rot, keys::render(1, T0, T0 + 86_400, &[new.public()]).unwrap()).unwrap();
         let sig = std::fs::read(sign_file(&key, &rot, T0).unwrap()).unwrap();
         let out = keys::verify(&std::fs::read(&rot).unwrap(), Some(&sig), &keys, None, T0).unwrap();
         assert!(matches!(out, keys::Outcome::Apply(r) if r.keys[0].name() == "admin-2"));
@@ -137,7 +137,7 @@ mod tests {
         let e = c(&channel_json(T0 + 7200, T0 + 86_400), T0);
         assert!(e.starts_with("issued 1800007200 is more than 3600 s ahead"), "{e}");
         assert_eq!(c("{\"rotate_keys\":{}}", T0), "key rotation: rotate_keys: missing field `seq`");
-        let rot = keys::render(1, T0, T0 + 10, &[sk.public()]);
+        let rot = keys::render(1, T0, T0 + 10, &[sk.public()]).unwrap();
         assert_eq!(
             c(&rot, T0 + 10),
             "expires 1800000010 is not after this machine's clock (1800000010): devices would refuse it"

@@ -67,7 +67,7 @@ fn check(body: &str) -> Result<Verified, Refusal> {
 fn round_trip_with_the_signer() {
     let (sk, keys) = setup();
     let d = doc();
-    let body = render(&d);
+    let body = render(&d).unwrap();
     let (back, sig) = issue(body.as_bytes(), &sk, T0).unwrap();
     assert_eq!(back, d);
     let v = verify(body.as_bytes(), Some(sig.as_bytes()), &keys, "stable").unwrap();
@@ -83,7 +83,7 @@ fn percents_read_and_render_with_two_decimals() {
     for (text, bp) in [("0.01", 1), ("0.05", 5), ("0.07", 7), ("0.5", 50), ("1", 100), ("12.34", 1234), ("100", 10_000)]
     {
         assert_eq!(basis_points(text.parse().unwrap()), Some(bp), "{text}");
-        assert_eq!(percent(bp), text);
+        assert_eq!(crate::json::to_string(&Percent(bp)).unwrap(), text);
     }
     for bad in [0.0, -0.0, -1.0, 0.001, 0.005, 100.01, 101.0, 1.234, f64::NAN, f64::INFINITY] {
         assert_eq!(basis_points(bad), None, "{bad}");
@@ -93,7 +93,7 @@ fn percents_read_and_render_with_two_decimals() {
 /// Each rule's refusal, with its one line.
 #[test]
 fn every_refusal_with_its_message() {
-    let base = render(&doc());
+    let base = render(&doc()).unwrap();
     let mut cases: Vec<(String, &str)> = vec![
         (base.replace("\"stable\"", "\"st able\""), "channel \"st able\" is not 1 to 64 of A-Z a-z 0-9 . _ -"),
         (
@@ -118,7 +118,7 @@ fn every_refusal_with_its_message() {
         (base.replace("\"boot\"", "\"rollback\""), "group \"lab\": unknown action \"rollback\" (switch, boot)"),
         (
             base.replace("https://cache.example.org", "ftp://x"),
-            "group \"kiosk\": cache URL \"ftp://x\": expected http://, https:// or file://",
+            "group \"kiosk\": cache URL \"ftp://x\": expected http://, https://, s3:// or file://",
         ),
         (base.replace("[{\"percent\":100}]", "[]"), "group \"lab\" has no waves"),
         (
@@ -187,7 +187,7 @@ fn every_refusal_with_its_message() {
 #[test]
 fn signature_refusals_are_the_deploy_documents() {
     let (sk, keys) = setup();
-    let body = render(&doc());
+    let body = render(&doc()).unwrap();
     let b = body.as_bytes();
     let stranger = SecretKey::generate("stranger").unwrap();
     let same_name = SecretKey::generate("admin-1").unwrap();
@@ -208,7 +208,7 @@ fn signature_refusals_are_the_deploy_documents() {
 
 #[test]
 fn hostile_inputs_are_refused_cleanly() {
-    let base = render(&doc());
+    let base = render(&doc()).unwrap();
     let deep = format!("{{\"channel\":\"stable\",\"x\":{}{}}}", "[".repeat(1_000_000), "]".repeat(1_000_000));
     assert_eq!(
         check(&deep).unwrap_err().to_string(),
@@ -270,9 +270,9 @@ fn hostile_inputs_are_refused_cleanly() {
 fn document_kinds_do_not_pass_for_one_another() {
     use crate::deploy::Action;
     let (sk, keys) = setup();
-    let deploy = crate::deploy::render("kiosk-7", Some(SYS), 10, Action::Switch, &[], &[]);
-    let channel = render(&doc());
-    let rotation = super::keys::render(1, T0, T0 + DAY, &[sk.public()]);
+    let deploy = crate::deploy::render("kiosk-7", Some(SYS), 10, Action::Switch, &[], &[]).unwrap();
+    let channel = render(&doc()).unwrap();
+    let rotation = super::keys::render(1, T0, T0 + DAY, &[sk.public()]).unwrap();
     let sig = |b: &str| sk.sign(b.as_bytes()).into_bytes();
     for other in [&deploy, &rotation] {
         let e = verify(other.as_bytes(), Some(&sig(other)), &keys, "stable").unwrap_err();
@@ -291,7 +291,7 @@ fn document_kinds_do_not_pass_for_one_another() {
 #[test]
 fn issue_refuses_what_devices_would_and_a_far_future_issued() {
     let (sk, _) = setup();
-    let body = render(&doc());
+    let body = render(&doc()).unwrap();
     assert!(issue(body.as_bytes(), &sk, T0 - 3600).is_ok());
     let e = issue(body.as_bytes(), &sk, T0 - 3601).unwrap_err();
     assert!(e.starts_with("issued 1800000000 is more than 3600 s ahead of this machine's clock (1799996399)"), "{e}");
@@ -303,7 +303,7 @@ fn issue_refuses_what_devices_would_and_a_far_future_issued() {
 
 fn verified(d: &Doc) -> Verified {
     let (sk, keys) = setup();
-    let body = render(d);
+    let body = render(d).unwrap();
     verify(body.as_bytes(), Some(sk.sign(body.as_bytes()).as_bytes()), &keys, &d.channel).unwrap()
 }
 
@@ -564,7 +564,11 @@ fn mutated_documents_survive_a_fixed_seed_fuzz_run() {
     let (sk, keys) = setup();
     let mut halted = doc();
     halted.halt = true;
-    let seeds = [render(&doc()), render(&halted), super::keys::render(3, T0, T0 + DAY, &[sk.public()])];
+    let seeds = [
+        render(&doc()).unwrap(),
+        render(&halted).unwrap(),
+        super::keys::render(3, T0, T0 + DAY, &[sk.public()]).unwrap(),
+    ];
     let dict: &[&[u8]] = &[
         b"[",
         b"{",
@@ -616,7 +620,7 @@ fn mutated_documents_survive_a_fixed_seed_fuzz_run() {
                     }
                 }
                 // It renders back to a document that parses to the same.
-                assert_eq!(parse(render(d).as_bytes()).unwrap(), *d);
+                assert_eq!(parse(render(d).unwrap().as_bytes()).unwrap(), *d);
             }
             Err(e) => {
                 let msg = e.to_string();
