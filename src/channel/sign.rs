@@ -114,7 +114,7 @@ mod tests {
         let sig_path = sign_file(&key, &doc, T0).unwrap();
         let (body, sig) = (std::fs::read(&doc).unwrap(), std::fs::read(&sig_path).unwrap());
         let keys = TrustedKeys::new(vec![sk.public()]);
-        let v = super::super::verify(&body, Some(&sig), &keys, "stable").unwrap();
+        let v = crate::channel::verify(&body, Some(&sig), &keys, "stable").unwrap();
         assert_eq!(v.doc.seq, 3);
         assert!(!dir.path().join("stable.json.sig.tmp").exists());
         // A key rotation from a file, the same way.

@@ -41,7 +41,7 @@ pub fn wave_of(waves: &[Wave], position: u64) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::Start;
+    use crate::channel::Start;
     use super::*;
 
     fn plan(bps: &[u16]) -> Vec<Wave> {
