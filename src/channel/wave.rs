@@ -41,8 +41,8 @@ pub fn wave_of(waves: &[Wave], position: u64) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
-    use crate::channel::Start;
     use super::*;
+    use crate::channel::Start;
 
     fn plan(bps: &[u16]) -> Vec<Wave> {
         bps.iter().map(|&basis_points| Wave { basis_points, from: Start::Issued, start: 0 }).collect()
