@@ -192,6 +192,8 @@ struct Conn {
     /// Plaintext requests not yet handed to the socket (or to rustls).
     out: Vec<u8>,
     queue: VecDeque<ReqId>,
+    /// How many requests in `queue` are not urgent.
+    bulk: usize,
     last_io: Instant,
     served: u32,
 }
@@ -346,8 +348,8 @@ impl Engine {
         let mut i = 0;
         while i < self.pending.len() {
             let id = self.pending[i];
-            let origin = self.reqs[&id].origin;
-            match self.pick_conn(origin) {
+            let (origin, urgent) = (self.reqs[&id].origin, self.reqs[&id].urgent);
+            match self.pick_conn(origin, urgent) {
                 Ok(Some(slot)) => {
                     self.pending.remove(i);
                     self.assign(slot, id, h);
@@ -362,10 +364,22 @@ impl Engine {
         }
     }
 
-    /// An idle connection, else a new one, else the shortest queue with room.
-    fn pick_conn(&mut self, origin: usize) -> Result<Option<usize>, NetError> {
-        let mut best: Option<(usize, usize)> = None;
-        let mut count = 0;
+    /// Where a request goes. Urgent ones: an idle connection, else a new
+    /// one, else pipelined behind the shortest queue that holds no bulk
+    /// request (a narinfo must not wait behind a NAR: it is on the critical
+    /// path). Bulk ones: an idle or new connection while bulk holds fewer
+    /// than N-1 of them (one stays free for the urgent), else pipelined one
+    /// deep behind a bulk request (the next NAR is on its way when the
+    /// previous ends). `None`: wait.
+    fn pick_conn(&mut self, origin: usize, urgent: bool) -> Result<Option<usize>, NetError> {
+        let n = self.cfg.conns_per_origin;
+        let max_bulk = if n > 1 { n - 1 } else { 1 };
+        let depth = if self.origins[origin].closes { 1 } else { self.cfg.pipeline };
+        let (mut count, mut bulk_conns) = (0, 0);
+        let mut idle = None;
+        let mut free_best: Option<(usize, usize)> = None;
+        let mut bulk_best: Option<(usize, usize)> = None;
+        let mut any_best: Option<(usize, usize)> = None;
         for (slot, c) in self.conns.iter().enumerate() {
             let Some(c) = c else { continue };
             if c.origin != origin || c.proto.is_dead() {
@@ -373,18 +387,41 @@ impl Engine {
             }
             count += 1;
             let load = c.queue.len();
-            if best.is_none_or(|(_, l)| load < l) {
-                best = Some((slot, load));
+            let better = |b: Option<(usize, usize)>| b.is_none_or(|(_, l)| load < l);
+            if load == 0 && idle.is_none() {
+                idle = Some(slot);
+            }
+            if better(any_best) {
+                any_best = Some((slot, load));
+            }
+            if c.bulk > 0 {
+                bulk_conns += 1;
+                if better(bulk_best) {
+                    bulk_best = Some((slot, load));
+                }
+            } else if better(free_best) {
+                free_best = Some((slot, load));
             }
         }
-        match best {
-            Some((slot, 0)) => return Ok(Some(slot)),
-            _ if count < self.cfg.conns_per_origin => return self.open(origin).map(Some),
-            // No pipelining to a server that closes after a response.
-            Some((slot, load)) if load < self.cfg.pipeline && !self.origins[origin].closes => return Ok(Some(slot)),
-            _ => {}
+        if urgent {
+            if idle.is_some() {
+                return Ok(idle);
+            }
+            if count < n {
+                return self.open(origin).map(Some);
+            }
+            let shared = if n == 1 { any_best } else { free_best };
+            return Ok(shared.filter(|(_, l)| *l < depth).map(|(s, _)| s));
         }
-        Ok(None)
+        if bulk_conns < max_bulk {
+            if idle.is_some() {
+                return Ok(idle);
+            }
+            if count < n {
+                return self.open(origin).map(Some);
+            }
+        }
+        Ok(bulk_best.filter(|(_, l)| *l < depth.min(2)).map(|(s, _)| s))
     }
 
     fn open(&mut self, origin: usize) -> Result<usize, NetError> {
@@ -414,6 +451,7 @@ impl Engine {
                         inbuf: Vec::new(),
                         out: Vec::new(),
                         queue: VecDeque::new(),
+                        bulk: 0,
                         last_io: Instant::now(),
                         served: 0,
                     };
@@ -449,6 +487,7 @@ impl Engine {
             c.last_io = Instant::now();
         }
         c.queue.push_back(id);
+        c.bulk += usize::from(!req.urgent);
     }
 
     fn finish_connect(&mut self, slot: usize, h: &mut dyn Handler) {
@@ -594,6 +633,7 @@ impl Engine {
                 }
                 Event::End { keep_alive } => {
                     c.queue.pop_front();
+                    c.bulk -= usize::from(self.reqs.get(&id).is_some_and(|r| !r.urgent));
                     c.served += 1;
                     c.last_io = Instant::now();
                     self.reqs.remove(&id);
