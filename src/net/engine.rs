@@ -29,6 +29,9 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Bulk requests in flight on one connection: on a long round trip, small
+/// NARs are latency-bound (requests in flight per RTT), big ones bandwidth-bound.
+const BULK_DEPTH: usize = 8;
 /// Bytes read from one connection per round before the others get a turn.
 const READ_PER_TURN: usize = 256 << 10;
 const READ_BUF: usize = 64 << 10;
@@ -140,7 +143,8 @@ pub type ReqId = u64;
 pub struct Config {
     /// Connections per origin, 1..=64.
     pub conns_per_origin: usize,
-    /// Requests in flight on one connection, 1..=32 (1: no pipelining).
+    /// Urgent (small) requests in flight on one connection, 1..=32 (1: no
+    /// pipelining); bulk ones pipeline at most [`BULK_DEPTH`] deep.
     pub pipeline: usize,
     pub connect_timeout: Duration,
     /// Longest silence while a response is due.
@@ -151,7 +155,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             conns_per_origin: 8,
-            pipeline: 4,
+            pipeline: 16,
             connect_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(30),
         }
@@ -367,13 +371,15 @@ impl Engine {
     /// Where a request goes. Urgent ones: an idle connection, else a new
     /// one, else pipelined behind the shortest queue that holds no bulk
     /// request (a narinfo must not wait behind a NAR: it is on the critical
-    /// path). Bulk ones: an idle or new connection while bulk holds fewer
-    /// than N-1 of them (one stays free for the urgent), else pipelined one
-    /// deep behind a bulk request (the next NAR is on its way when the
-    /// previous ends). `None`: wait.
+    /// path; small answers pipeline deep). Bulk ones: an idle or new
+    /// connection while bulk holds fewer than 3/4 of them (the rest stay
+    /// free for the urgent), else pipelined up to [`BULK_DEPTH`] deep behind
+    /// the shortest bulk queue (small NARs cost a round trip each, so many
+    /// must be in flight). `None`: wait.
     fn pick_conn(&mut self, origin: usize, urgent: bool) -> Result<Option<usize>, NetError> {
         let n = self.cfg.conns_per_origin;
-        let max_bulk = if n > 1 { n - 1 } else { 1 };
+        // A quarter of the connections (at least one) stay free of bulk.
+        let max_bulk = if n > 1 { n - (n / 4).max(1) } else { 1 };
         let depth = if self.origins[origin].closes { 1 } else { self.cfg.pipeline };
         let (mut count, mut bulk_conns) = (0, 0);
         let mut idle = None;
@@ -421,7 +427,7 @@ impl Engine {
                 return self.open(origin).map(Some);
             }
         }
-        Ok(bulk_best.filter(|(_, l)| *l < depth.min(2)).map(|(s, _)| s))
+        Ok(bulk_best.filter(|(_, l)| *l < depth.min(BULK_DEPTH)).map(|(s, _)| s))
     }
 
     fn open(&mut self, origin: usize) -> Result<usize, NetError> {

@@ -38,7 +38,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// Most NAR spools (downloading or waiting to be unpacked) at once.
-pub const MAX_SPOOLS: usize = 32;
+pub const MAX_SPOOLS: usize = 64;
 
 #[derive(Debug, Clone)]
 pub struct NetOptions {
