@@ -226,3 +226,22 @@ fn a_connection_dropped_mid_body_resumes() {
     assert_eq!(counts.ranges.load(Ordering::SeqCst), 1);
     assert_eq!(assert_store_sound(r.path(), &cache).len(), f.closure().len());
 }
+
+/// `--connections` is ranged: 0 or more than 64 is one line, and nothing is created.
+#[test]
+fn connections_out_of_range_are_refused() {
+    let f = fixtures();
+    let r = root();
+    let rp = r.path().join("never-created");
+    let cache = format!("file://{}", f.path("CACHE_ZSTD").display());
+    for n in ["0", "65"] {
+        let args = ["install", "--root", rp.to_str().unwrap(), "--cache", &cache, "--trusted-key", f.get("PK_A")];
+        let mut args = args.to_vec();
+        args.extend(["--connections", n, f.get("TOP")]);
+        let out = nixless(&args);
+        assert!(!out.status.success(), "--connections {n}");
+        assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+        assert!(stderr(&out).contains(&format!("--connections {n}: expected 1 to 64")), "{}", stderr(&out));
+        assert!(!rp.exists());
+    }
+}

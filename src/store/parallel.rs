@@ -20,6 +20,13 @@
 //!   failure keeps the complete prefix and removes every other temp and spool.
 //!
 //! `file://` caches are read directly (no request, no spool).
+//!
+//! `progress` is also the tick: it runs after every poll round (at most
+//! 50 ms apart while waiting on the network) and after every chunk an
+//! unpack moves, so a supervisor can ping its watchdog from it. Nothing is
+//! called back from inside the engine's round. The agent still installs
+//! through the sequential [`super::install`] until its loop moves onto the
+//! engine (a later slice of issue 11).
 
 use super::fsutil;
 use super::install::{commit_batch, io_err, topo_order, BatchLimits, InstallError, Pending, Plan, PlanItem, Progress};
