@@ -1,9 +1,9 @@
 //! Command line: `nixless <command>`. Every failure is one line on stderr
 //! and a non-zero exit.
 
-use crate::fetch::{CacheUrl, Fetcher, Options};
+use crate::fetch::{CacheUrl, Options};
 use crate::nix::{PublicKey, StorePath, TrustedKeys};
-use crate::store::install::{self, Progress};
+use crate::store::install::Progress;
 use crate::store::{Store, StoreLock};
 use argh::FromArgs;
 use std::io::Write;
@@ -194,6 +194,9 @@ struct InstallArgs {
     /// fail at once if another nixless holds the store lock (default: wait)
     #[argh(switch)]
     no_wait: bool,
+    /// connections per cache, 1 to 64 (default 8)
+    #[argh(option, default = "8")]
+    connections: usize,
     /// store paths to install (/nix/store/<hash>-<name>)
     #[argh(positional)]
     paths: Vec<String>,
@@ -377,6 +380,9 @@ fn cmd_install(a: InstallArgs) -> CliResult {
     }
     let caches = a.cache.iter().map(|c| CacheUrl::parse(c)).collect::<Result<Vec<_>, _>>()?;
     let keys = trusted_keys(&a.trusted_key, &a.trusted_key_file)?;
+    if !(1..=64).contains(&a.connections) {
+        return Err(format!("--connections {}: expected 1 to 64", a.connections));
+    }
     let state = state_dir(&a.root, a.state_dir);
     let store = Store::open(&a.root, &state).map_err(|e| format!("opening store under {}: {e}", a.root.display()))?;
     let lock = lock_store(&store, a.no_wait)?;
@@ -399,10 +405,14 @@ fn cmd_install(a: InstallArgs) -> CliResult {
         aws_profile: a.aws_profile,
     };
     let credentials = std::sync::Arc::new(crate::auth::Credentials::load_from_process(&sources)?);
-    let mut fetcher = Fetcher::new(caches, Options { retries: a.retries, credentials, ..Options::default() });
+    let opts = crate::store::parallel::NetOptions {
+        fetch: Options { retries: a.retries, credentials, ..Options::default() },
+        connections: a.connections,
+        ..Default::default()
+    };
     let start = Instant::now();
     let mut meter = Meter { start, last: None, enabled: is_tty() };
-    let result = install::install(&mut fetcher, &lock, &keys, &roots, &mut |p| meter.show(p));
+    let result = crate::store::parallel::install(&caches, opts, &lock, &keys, &roots, &mut |p| meter.show(p));
     meter.clear();
     let (plan, prog) = result.map_err(|e| e.to_string())?;
     let secs = start.elapsed().as_secs_f64();

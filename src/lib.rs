@@ -20,6 +20,7 @@ pub mod fetch;
 pub mod json;
 pub mod logger;
 pub mod nar;
+pub mod net;
 pub mod nix;
 pub mod store;
 pub mod switch;

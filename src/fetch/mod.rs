@@ -611,14 +611,21 @@ impl Fetcher {
 /// so nothing else the server echoes (a canonical request, a header) is shown.
 fn denied(what: String, status: u16, resp: ureq::http::Response<ureq::Body>) -> FetchError {
     let mut body = Vec::new();
-    let _ = resp.into_body().into_reader().take(4096).read_to_end(&mut body);
-    let text = String::from_utf8_lossy(&body);
-    let code = text
-        .split_once("<Code>")
+    let _ = resp.into_body().into_reader().take(DENIED_BODY).read_to_end(&mut body);
+    FetchError::Denied { what, status, code: denied_code(&body) }
+}
+
+/// How much of a 401/403 answer is read for its error code.
+pub(crate) const DENIED_BODY: u64 = 4096;
+
+/// The S3 error code (`<Code>…</Code>`) of a 401/403 answer's first
+/// [`DENIED_BODY`] bytes, kept only if it looks like a code.
+pub(crate) fn denied_code(body: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(body);
+    text.split_once("<Code>")
         .and_then(|(_, r)| r.split_once("</Code>"))
         .map(|(c, _)| c.to_owned())
-        .filter(|c| !c.is_empty() && c.len() <= 64 && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.'));
-    FetchError::Denied { what, status, code }
+        .filter(|c| !c.is_empty() && c.len() <= 64 && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.'))
 }
 
 #[cfg(test)]

@@ -221,3 +221,4 @@ impl ResumeCount for ResumableBody<'_> {
 
 impl ResumeCount for &[u8] {}
 impl ResumeCount for std::fs::File {}
+impl ResumeCount for &std::fs::File {}

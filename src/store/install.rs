@@ -69,7 +69,7 @@ impl std::fmt::Display for InstallError {
 
 impl std::error::Error for InstallError {}
 
-fn io_err(op: &'static str, path: impl std::fmt::Display) -> impl FnOnce(io::Error) -> InstallError {
+pub(super) fn io_err(op: &'static str, path: impl std::fmt::Display) -> impl FnOnce(io::Error) -> InstallError {
     move |err| InstallError::Io { op, path: path.to_string(), err }
 }
 
@@ -219,7 +219,7 @@ fn find_narinfo(fetcher: &mut Fetcher, keys: &TrustedKeys, path: &StorePath) -> 
 
 /// Kahn's algorithm over references within the set; ties by name, so the
 /// order is deterministic.
-fn topo_order(mut found: BTreeMap<StorePath, PlanItem>) -> Result<Vec<PlanItem>, InstallError> {
+pub(super) fn topo_order(mut found: BTreeMap<StorePath, PlanItem>) -> Result<Vec<PlanItem>, InstallError> {
     let mut pending: BTreeMap<StorePath, usize> = BTreeMap::new();
     let mut referrers: BTreeMap<StorePath, Vec<StorePath>> = BTreeMap::new();
     for (p, item) in &found {
@@ -273,7 +273,7 @@ impl Default for BatchLimits {
 }
 
 /// A verified temp waiting for its batch's rename, and its path.
-type Pending<'p> = (&'p PlanItem, String);
+pub(super) type Pending<'p> = (&'p PlanItem, String);
 
 /// Installs `plan` into `store`, reporting progress after every chunk.
 pub fn install_plan(
@@ -359,7 +359,7 @@ fn fetch_into_temp(
     }
 }
 
-fn commit_batch(store: &StoreLock, batch: &[Pending]) -> Result<(), InstallError> {
+pub(super) fn commit_batch(store: &StoreLock, batch: &[Pending]) -> Result<(), InstallError> {
     if batch.is_empty() {
         return Ok(());
     }

@@ -5,6 +5,7 @@
 pub mod fsutil;
 pub mod install;
 pub mod lock;
+pub mod parallel;
 pub mod profile;
 pub mod record;
 

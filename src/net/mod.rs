@@ -1,0 +1,5 @@
+//! The network engine: sans-IO HTTP/1.1 ([`http1`]) driven from one
+//! `poll(2)` loop over many connections ([`engine`]).
+
+pub mod engine;
+pub mod http1;

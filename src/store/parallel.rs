@@ -1,0 +1,817 @@
+//! Installing a closure over the network engine ([`crate::net::engine`]):
+//! many requests in flight from one thread, same checks and same order of
+//! operations on disk as [`super::install`].
+//!
+//! - **Resolution** is breadth-first and concurrent: every narinfo known to
+//!   be needed is requested at once (urgent, ahead of NARs), and each verified
+//!   narinfo queues its references' narinfos and its own NAR.
+//! - **Downloads** overlap on up to N connections per cache. Each NAR body is
+//!   spooled, compressed, to a file in the store's temp area
+//!   (`.nixless-tmp-…​.nar`, under the store lock, removed after use and on
+//!   every error, and by the next run's temp cleanup after a crash) while its
+//!   FileSize is capped and its FileHash computed; a broken download resumes
+//!   with `Range` from what the spool holds. At most [`MAX_SPOOLS`] spools and
+//!   about `spool_budget` bytes of them exist at once.
+//! - **Unpacking** takes one finished spool at a time through the existing
+//!   pull pipeline (decompress → NarHash → NAR parser → unpacker) into a temp,
+//!   so memory stays that of one decompressor whatever the concurrency.
+//! - **Commit** is exactly [`super::install`]'s: temps are renamed in plan
+//!   order (references before referrers) by batches, after one `syncfs`; a
+//!   failure keeps the complete prefix and removes every other temp and spool.
+//!
+//! `file://` caches are read directly (no request, no spool).
+//!
+//! `progress` is also the tick: it runs after every poll round (at most
+//! 50 ms apart while waiting on the network) and after every chunk an
+//! unpack moves, so a supervisor can ping its watchdog from it. Nothing is
+//! called back from inside the engine's round. The agent still installs
+//! through the sequential [`super::install`] until its loop moves onto the
+//! engine (a later slice of issue 11).
+
+use super::fsutil;
+use super::install::{commit_batch, io_err, topo_order, BatchLimits, InstallError, Pending, Plan, PlanItem, Progress};
+use super::{temp_name, StoreLock};
+use crate::fetch::pipeline::{self, PipelineError};
+use crate::fetch::{CacheUrl, FetchError, Options, MAX_NARINFO};
+use crate::nar::{NarError, Unpacker};
+use crate::net::engine::{self, Engine, Handler, NetError, Origin, ReqId};
+use crate::net::http1::Head;
+use crate::nix::{cache_info, NarInfo, Sha256, StorePath, TrustedKeys};
+use sha2::{Digest, Sha256 as Hasher};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::fs::File;
+use std::io::{self, Seek, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Most NAR spools (downloading or waiting to be unpacked) at once.
+pub const MAX_SPOOLS: usize = 64;
+
+#[derive(Debug, Clone)]
+pub struct NetOptions {
+    pub fetch: Options,
+    /// Connections per cache, 1..=64.
+    pub connections: usize,
+    /// Compressed bytes spooled at once (one larger NAR is still let through alone).
+    pub spool_budget: u64,
+}
+
+impl Default for NetOptions {
+    fn default() -> Self {
+        NetOptions { fetch: Options::default(), connections: 8, spool_budget: 256 << 20 }
+    }
+}
+
+enum Source {
+    Http { origin: usize },
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Health {
+    Unchecked,
+    Ok,
+    Down(String),
+}
+
+struct Cache {
+    url: CacheUrl,
+    source: Source,
+    health: Health,
+}
+
+/// What a request is for.
+#[derive(Debug, Clone)]
+enum Job {
+    CacheInfo(usize),
+    NarInfo(StorePath, usize),
+    Nar(StorePath, usize),
+}
+
+/// A NAR body being written to disk.
+struct Spool {
+    file: File,
+    path: PathBuf,
+    written: u64,
+    hasher: Hasher,
+    /// FileSize, if the narinfo has one: more is cut off.
+    limit: Option<u64>,
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+enum Sink {
+    Mem(Vec<u8>, u64),
+    Spool(Spool),
+}
+
+/// One request in flight and what has arrived for it.
+struct Active {
+    job: Job,
+    url: String,
+    sink: Sink,
+    /// Bytes already held before this request (a resume from there).
+    offset: u64,
+    status: Option<u16>,
+    /// Leading body bytes to drop: the server ignored our Range.
+    skip: u64,
+    /// Why the handler stopped the body, if it did.
+    refused: Option<PipelineError>,
+    /// The start of a 401/403 answer, for its S3 error code.
+    denied_body: Vec<u8>,
+}
+
+/// The engine's handler: fills sinks, collects completions.
+#[derive(Default)]
+struct Inbox {
+    active: HashMap<ReqId, Active>,
+    finished: Vec<(ReqId, Result<(), NetError>)>,
+}
+
+impl Handler for Inbox {
+    fn head(&mut self, id: ReqId, head: &Head) -> bool {
+        let Some(a) = self.active.get_mut(&id) else { return false };
+        a.status = Some(head.status);
+        if a.offset > 0 {
+            match head.status {
+                206 if head.range_start != Some(a.offset) => {
+                    let msg = format!(
+                        "asked for bytes from {}, got Content-Range starting at {:?}",
+                        a.offset, head.range_start
+                    );
+                    a.refused = Some(PipelineError::Fetch(FetchError::Transport { url: a.url.clone(), msg }));
+                    return false;
+                }
+                200 => {
+                    log::info!("{}: server ignored Range, re-reading {} bytes", a.url, a.offset);
+                    a.skip = a.offset;
+                }
+                _ => {}
+            }
+        }
+        true
+    }
+
+    fn data(&mut self, id: ReqId, mut bytes: &[u8]) -> bool {
+        let Some(a) = self.active.get_mut(&id) else { return false };
+        if !matches!(a.status, Some(200 | 206)) {
+            // An error page: read past it so the connection stays usable
+            // (keeping the start of a refusal, for its error code).
+            if matches!(a.status, Some(401 | 403)) {
+                let room = (crate::fetch::DENIED_BODY as usize).saturating_sub(a.denied_body.len());
+                a.denied_body.extend_from_slice(&bytes[..room.min(bytes.len())]);
+            }
+            return true;
+        }
+        let skip = usize::try_from(a.skip).map_or(bytes.len(), |s| s.min(bytes.len()));
+        a.skip -= skip as u64;
+        bytes = &bytes[skip..];
+        match &mut a.sink {
+            Sink::Mem(buf, limit) => {
+                if (buf.len() + bytes.len()) as u64 > *limit {
+                    let e = FetchError::TooLarge { url: a.url.clone(), limit: *limit };
+                    a.refused = Some(PipelineError::Fetch(e));
+                    return false;
+                }
+                buf.extend_from_slice(bytes);
+            }
+            Sink::Spool(s) => {
+                let n = bytes.len() as u64;
+                if let Some(limit) = s.limit.filter(|l| s.written + n > *l) {
+                    a.refused = Some(PipelineError::TooLong { what: "file", limit });
+                    return false;
+                }
+                if let Err(e) = s.file.write_all(bytes) {
+                    a.refused = Some(PipelineError::Read { url: format!("spool {}", s.path.display()), source: e });
+                    return false;
+                }
+                s.hasher.update(bytes);
+                s.written += n;
+            }
+        }
+        true
+    }
+
+    fn done(&mut self, id: ReqId, result: Result<(), NetError>) {
+        self.finished.push((id, result));
+    }
+}
+
+/// A NAR whose bytes are all here: spooled, or in a `file://` cache.
+enum Ready {
+    Spooled(Spool, Sha256),
+    InCache(PathBuf),
+}
+
+/// A path whose narinfo is being looked for, cache by cache.
+struct Lookup {
+    first_err: Option<InstallError>,
+    unreachable: Vec<String>,
+}
+
+/// A request to send again later (after a backoff).
+struct Retry {
+    at: Instant,
+    job: Job,
+    tries: u32,
+    spool: Option<Spool>,
+}
+
+struct Driver<'a> {
+    engine: Engine,
+    inbox: Inbox,
+    caches: Vec<Cache>,
+    keys: &'a TrustedKeys,
+    store: &'a StoreLock<'a>,
+    opts: NetOptions,
+    /// Consecutive failures of the job behind each request.
+    tries: HashMap<ReqId, u32>,
+    retries: Vec<Retry>,
+    checking: usize,
+    roots: Vec<StorePath>,
+    seen: BTreeSet<StorePath>,
+    present: BTreeSet<StorePath>,
+    lookups: BTreeMap<StorePath, Lookup>,
+    found: BTreeMap<StorePath, PlanItem>,
+    /// NARs waiting for a spool slot.
+    nar_queue: VecDeque<StorePath>,
+    spools_open: usize,
+    spool_bytes: u64,
+    ready: VecDeque<(StorePath, Ready)>,
+    unpacked: BTreeMap<StorePath, String>,
+    order: Option<Vec<PlanItem>>,
+    committed: usize,
+    prog: Progress,
+}
+
+/// Resolves and installs the closures of `roots` over the engine; the
+/// result as [`super::install::install`]'s.
+pub fn install(
+    caches: &[CacheUrl],
+    opts: NetOptions,
+    store: &StoreLock,
+    keys: &TrustedKeys,
+    roots: &[StorePath],
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<(Plan, Progress), InstallError> {
+    store.clean_temps().map_err(io_err("clean", store.store_dir().display()))?;
+    let mut engine = Engine::new(engine::Config {
+        conns_per_origin: opts.connections,
+        connect_timeout: opts.fetch.connect_timeout,
+        read_timeout: opts.fetch.read_timeout,
+        ..engine::Config::default()
+    });
+    let mut cs = Vec::new();
+    for url in caches {
+        let source = match url {
+            CacheUrl::File(dir) => Source::File(dir.clone()),
+            CacheUrl::Http(u) => {
+                let (origin, _) = Origin::parse(u)
+                    .map_err(|msg| InstallError::Fetch(FetchError::CacheInfo { cache: u.clone(), msg }))?;
+                Source::Http { origin: engine.add_origin(origin) }
+            }
+            // Path-style: the endpoint is the origin, the bucket the prefix.
+            CacheUrl::S3(u) => {
+                let cache = |msg: String| InstallError::Fetch(FetchError::CacheInfo { cache: u.clone(), msg });
+                let t = crate::auth::s3::target(u).map_err(cache)?;
+                let (origin, _) = Origin::parse(&t.url).map_err(cache)?;
+                Source::Http { origin: engine.add_origin(origin) }
+            }
+        };
+        cs.push(Cache { url: url.clone(), source, health: Health::Unchecked });
+    }
+    let mut d = Driver {
+        engine,
+        inbox: Inbox::default(),
+        caches: cs,
+        keys,
+        store,
+        opts,
+        tries: HashMap::new(),
+        retries: Vec::new(),
+        checking: 0,
+        roots: roots.to_vec(),
+        seen: BTreeSet::new(),
+        present: BTreeSet::new(),
+        lookups: BTreeMap::new(),
+        found: BTreeMap::new(),
+        nar_queue: VecDeque::new(),
+        spools_open: 0,
+        spool_bytes: 0,
+        ready: VecDeque::new(),
+        unpacked: BTreeMap::new(),
+        order: None,
+        committed: 0,
+        prog: Progress::default(),
+    };
+    let result = d.run(progress);
+    if result.is_err() {
+        // What is unpacked and closure-complete (a prefix of the plan) stays,
+        // as in the sequential install: a retry need not fetch it again.
+        let _ = d.commit(true);
+    }
+    // Whatever is not committed goes: temps of unpacked paths, spools (by
+    // their Drop, with the inbox, the retries and the ready queue).
+    for tmp in d.unpacked.values() {
+        let _ = fsutil::remove_tree(store.store_fd(), tmp.as_bytes());
+    }
+    result
+}
+
+impl Driver<'_> {
+    fn run(&mut self, progress: &mut dyn FnMut(&Progress)) -> Result<(Plan, Progress), InstallError> {
+        // All counted first: a file:// cache answers at once, and
+        // resolution must not start before every cache has answered.
+        self.checking = self.caches.len();
+        for idx in 0..self.caches.len() {
+            self.send(Job::CacheInfo(idx), 0, None)?;
+        }
+        if self.checking == 0 {
+            self.start_resolution()?;
+        }
+        loop {
+            let resolved = self.checking == 0 && self.lookups.is_empty();
+            if resolved && self.order.is_none() {
+                let order = topo_order(std::mem::take(&mut self.found))?;
+                self.prog.paths_total = order.len();
+                self.prog.nar_bytes_total = order.iter().fold(0u64, |s, i| s.saturating_add(i.nar_size));
+                self.order = Some(order);
+            }
+            self.commit(false)?;
+            if let Some(order) = &self.order {
+                if self.committed == order.len() {
+                    break;
+                }
+            }
+            self.send_due_retries()?;
+            self.start_nars()?;
+            let wait = if self.ready.is_empty() { Duration::from_millis(50) } else { Duration::ZERO };
+            self.engine.turn(&mut self.inbox, wait);
+            for (id, result) in std::mem::take(&mut self.inbox.finished) {
+                self.finished(id, result)?;
+            }
+            // One unpack per round while the network is busy; all when idle.
+            let mut budget = if self.engine.in_flight() > 0 { 1 } else { usize::MAX };
+            while budget > 0 {
+                let Some((path, ready)) = self.ready.pop_front() else { break };
+                self.unpack(path, ready, progress)?;
+                budget -= 1;
+            }
+            progress(&self.prog);
+        }
+        self.commit(true)?;
+        progress(&self.prog);
+        let items = self.order.take().unwrap_or_default();
+        Ok((Plan { items, present: self.present.len() }, self.prog))
+    }
+
+    fn cache_name(&self, idx: usize) -> String {
+        self.caches[idx].url.to_string()
+    }
+
+    fn url_of(&self, idx: usize, rel: &str) -> String {
+        self.caches[idx].url.join(rel)
+    }
+
+    /// The request for `rel` of cache `idx` with its credentials
+    /// ([`crate::auth::prepare`], signed now: an S3 signature carries the
+    /// time): the path to ask the cache's origin for, and the extra header
+    /// fields. The Host field is the origin's own (for S3 the signed one is
+    /// the same: both come from the endpoint).
+    fn authorised(&self, idx: usize, rel: &str) -> Result<(String, Vec<(String, String)>), FetchError> {
+        let url = self.url_of(idx, rel);
+        let now = crate::clock::now();
+        let auth_err = |msg: String| FetchError::Auth { url: url.clone(), msg };
+        let p = crate::auth::prepare("GET", &url, now, &self.opts.fetch.credentials)
+            .map_err(|e| auth_err(e.to_string()))?;
+        let (origin, target) = Origin::parse(&p.url).map_err(auth_err)?;
+        let Source::Http { origin: o, .. } = &self.caches[idx].source else {
+            return Err(auth_err("not an HTTP cache".into()));
+        };
+        if origin.authority != self.engine.authority(*o) {
+            return Err(auth_err(format!("credentials moved the request to {}", origin.authority)));
+        }
+        let headers = p
+            .headers
+            .into_iter()
+            .filter(|(name, _)| !name.eq_ignore_ascii_case("host"))
+            .map(|(name, value)| (name.to_owned(), value))
+            .collect();
+        Ok((if target.is_empty() { "/".into() } else { target }, headers))
+    }
+
+    /// Sends (or, for `file://`, does) the request behind `job`.
+    fn send(&mut self, job: Job, tries: u32, spool: Option<Spool>) -> Result<(), InstallError> {
+        let (idx, rel, urgent) = match &job {
+            Job::CacheInfo(idx) => (*idx, "nix-cache-info".to_owned(), true),
+            Job::NarInfo(p, idx) => (*idx, format!("{}.narinfo", p.hash_part()), true),
+            Job::Nar(p, idx) => (*idx, self.item(p).info().url.to_owned(), false),
+        };
+        let url = self.url_of(idx, &rel);
+        let Source::Http { origin, .. } = &self.caches[idx].source else {
+            return self.read_file(job, idx, &rel);
+        };
+        let origin = *origin;
+        let (target, headers) = match self.authorised(idx, &rel) {
+            Ok(t) => t,
+            Err(e) => return self.fail(job, PipelineError::Fetch(e)),
+        };
+        let (sink, limit_deadline) = match (&job, spool) {
+            (Job::Nar(..), Some(s)) => (Sink::Spool(s), None),
+            (Job::Nar(p, _), None) => (Sink::Spool(self.new_spool(p)?), None),
+            (Job::CacheInfo(_), _) => (Sink::Mem(Vec::new(), 64 << 10), Some(())),
+            (Job::NarInfo(..), _) => (Sink::Mem(Vec::new(), MAX_NARINFO), Some(())),
+        };
+        let offset = match &sink {
+            Sink::Spool(s) => s.written,
+            Sink::Mem(..) => 0,
+        };
+        let deadline = limit_deadline.map(|()| Instant::now() + self.opts.fetch.small_fetch_deadline);
+        let id = self.engine.submit(origin, target, headers, offset, deadline, urgent);
+        self.tries.insert(id, tries);
+        let active = Active { job, url, sink, offset, status: None, skip: 0, refused: None, denied_body: Vec::new() };
+        self.inbox.active.insert(id, active);
+        Ok(())
+    }
+
+    fn new_spool(&self, p: &StorePath) -> Result<Spool, InstallError> {
+        let name = format!("{}.nar", temp_name(p));
+        let path = self.store.store_dir().join(&name);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io_err("create spool", path.display()))?;
+        let limit = self.item(p).info().file_size;
+        Ok(Spool { file, path, written: 0, hasher: Hasher::new(), limit })
+    }
+
+    fn item(&self, p: &StorePath) -> &PlanItem {
+        match &self.order {
+            Some(order) => order.iter().find(|i| i.path == *p).expect("planned"),
+            None => &self.found[p],
+        }
+    }
+
+    /// A `file://` cache: the answer now.
+    fn read_file(&mut self, job: Job, idx: usize, rel: &str) -> Result<(), InstallError> {
+        let Source::File(dir) = &self.caches[idx].source else { unreachable!("an http cache") };
+        // A query string means nothing to a directory.
+        let rel = rel.split(['?', '#']).next().unwrap_or(rel);
+        let path = dir.join(rel);
+        if let Job::Nar(p, _) = job {
+            if !path.exists() {
+                let url = format!("{}/{rel}", self.caches[idx].url);
+                return Err(InstallError::Nar { path: p, err: PipelineError::MissingNar { url } });
+            }
+            self.ready.push_back((p, Ready::InCache(path)));
+            return Ok(());
+        }
+        let limit = if matches!(job, Job::CacheInfo(_)) { 64 << 10 } else { MAX_NARINFO };
+        let url = format!("file://{}", path.display());
+        let got = match File::open(&path) {
+            Ok(f) => {
+                let mut buf = Vec::new();
+                match io::Read::read_to_end(&mut io::Read::take(f, limit + 1), &mut buf) {
+                    Ok(_) if buf.len() as u64 > limit => Err(FetchError::TooLarge { url, limit }),
+                    Ok(_) => Ok(Some(buf)),
+                    Err(e) => Err(FetchError::Transport { url, msg: e.to_string() }),
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(FetchError::Transport { url, msg: e.to_string() }),
+        };
+        self.answer(job, got)
+    }
+
+    fn start_resolution(&mut self) -> Result<(), InstallError> {
+        for p in std::mem::take(&mut self.roots) {
+            self.discover(p)?;
+        }
+        Ok(())
+    }
+
+    /// A path of the closure: present, or its narinfo is looked for.
+    fn discover(&mut self, p: StorePath) -> Result<(), InstallError> {
+        if !self.seen.insert(p.clone()) {
+            return Ok(());
+        }
+        if self.store.is_present(&p) {
+            self.present.insert(p);
+            return Ok(());
+        }
+        self.lookups.insert(p.clone(), Lookup { first_err: None, unreachable: Vec::new() });
+        self.next_cache(p, 0)
+    }
+
+    /// Asks the first usable cache from `from` on for `p`'s narinfo, or fails.
+    fn next_cache(&mut self, p: StorePath, from: usize) -> Result<(), InstallError> {
+        for idx in from..self.caches.len() {
+            match &self.caches[idx].health {
+                Health::Ok => return self.send(Job::NarInfo(p, idx), 0, None),
+                Health::Down(why) => {
+                    let why = why.clone();
+                    if let Some(l) = self.lookups.get_mut(&p) {
+                        l.unreachable.push(why);
+                    }
+                }
+                Health::Unchecked => unreachable!("resolution starts after the checks"),
+            }
+        }
+        let l = self.lookups.remove(&p).expect("looked up");
+        Err(l
+            .first_err
+            .unwrap_or(InstallError::Fetch(FetchError::NotFound { path: p.to_string(), unreachable: l.unreachable })))
+    }
+
+    /// A finished request: its answer, a retry, or a failure.
+    fn finished(&mut self, id: ReqId, result: Result<(), NetError>) -> Result<(), InstallError> {
+        let Some(a) = self.inbox.active.remove(&id) else { return Ok(()) };
+        let tries = self.tries.remove(&id).unwrap_or(0);
+        if let Some(err) = a.refused {
+            return self.fail(a.job, err);
+        }
+        let status = a.status.unwrap_or(0);
+        let transient = match &result {
+            Err(e) => Some(e.to_string()),
+            Ok(()) if status >= 500 || status == 429 || status == 408 => Some(format!("GET {}: HTTP {status}", a.url)),
+            Ok(()) => None,
+        };
+        let progressed = match &a.sink {
+            Sink::Spool(s) => s.written > a.offset,
+            Sink::Mem(..) => false,
+        };
+        if let Some(why) = transient {
+            // The budget is for consecutive failures: progress resets it.
+            let tries = if progressed { 1 } else { tries + 1 };
+            let spool = match a.sink {
+                Sink::Spool(s) => Some(s),
+                Sink::Mem(..) => None,
+            };
+            if tries > self.opts.fetch.retries {
+                let e = FetchError::Transport { url: a.url, msg: why };
+                return self.fail(a.job, PipelineError::Fetch(e));
+            }
+            let delay = self.opts.fetch.backoff.saturating_mul(1 << (tries - 1).min(16));
+            match &spool {
+                Some(s) if s.written > 0 => log::warn!("{}: {why}; resuming at byte {}", a.url, s.written),
+                _ => log::warn!("{}: {why}; retrying in {delay:?}", a.url),
+            }
+            self.retries.push(Retry { at: Instant::now() + delay, job: a.job, tries, spool });
+            return Ok(());
+        }
+        if matches!(status, 401 | 403) {
+            let what = match a.job {
+                Job::CacheInfo(idx) => format!("cache {}", self.cache_name(idx)),
+                _ => a.url,
+            };
+            let e = FetchError::Denied { what, status, code: crate::fetch::denied_code(&a.denied_body) };
+            return self.fail(a.job, PipelineError::Fetch(e));
+        }
+        match (a.job, a.sink) {
+            (job @ (Job::CacheInfo(_) | Job::NarInfo(..)), Sink::Mem(buf, _)) => {
+                let got = match status {
+                    200 | 206 => Ok(Some(buf)),
+                    404 | 410 => Ok(None),
+                    _ => Err(FetchError::Http { url: a.url, status }),
+                };
+                self.answer(job, got)
+            }
+            (Job::Nar(p, idx), Sink::Spool(s)) => match status {
+                200 | 206 => {
+                    let hash = Sha256(s.hasher.clone().finalize().into());
+                    self.ready.push_back((p, Ready::Spooled(s, hash)));
+                    Ok(())
+                }
+                404 | 410 => {
+                    let url = self.url_of(idx, self.item(&p).info().url);
+                    Err(InstallError::Nar { path: p, err: PipelineError::MissingNar { url } })
+                }
+                _ => Err(InstallError::Nar {
+                    path: p,
+                    err: PipelineError::Fetch(FetchError::Http { url: a.url, status }),
+                }),
+            },
+            _ => unreachable!("sinks match their jobs"),
+        }
+    }
+
+    /// A request that will not be retried failed with `err`.
+    fn fail(&mut self, job: Job, err: PipelineError) -> Result<(), InstallError> {
+        match job {
+            Job::Nar(p, _) => Err(InstallError::Nar { path: p, err }),
+            job => {
+                let e = match err {
+                    PipelineError::Fetch(e) => e,
+                    other => FetchError::Transport { url: String::new(), msg: other.to_string() },
+                };
+                self.answer(job, Err(e))
+            }
+        }
+    }
+
+    /// The answer to a small request: the body, `None` for "not here", or why it failed.
+    fn answer(&mut self, job: Job, got: Result<Option<Vec<u8>>, FetchError>) -> Result<(), InstallError> {
+        match job {
+            Job::CacheInfo(idx) => {
+                let cache = self.cache_name(idx);
+                self.caches[idx].health = match got {
+                    Ok(Some(bytes)) => {
+                        let text = String::from_utf8_lossy(&bytes);
+                        cache_info::parse(&text).map_err(|e| {
+                            InstallError::Fetch(FetchError::CacheInfo { cache: cache.clone(), msg: e.to_string() })
+                        })?;
+                        Health::Ok
+                    }
+                    Ok(None) => Health::Down(format!("{cache}: no nix-cache-info (not a binary cache)")),
+                    Err(e) => Health::Down(e.to_string()),
+                };
+                if let Health::Down(why) = &self.caches[idx].health {
+                    log::warn!("skipping cache for this run: {why}");
+                }
+                self.checking -= 1;
+                if self.checking == 0 {
+                    self.start_resolution()?;
+                }
+                Ok(())
+            }
+            Job::NarInfo(p, idx) => match got {
+                Ok(None) => self.next_cache(p, idx + 1),
+                Err(e @ FetchError::TooLarge { .. }) => Err(InstallError::Fetch(e)),
+                Err(e) => {
+                    if let Some(l) = self.lookups.get_mut(&p) {
+                        l.unreachable.push(e.to_string());
+                    }
+                    self.next_cache(p, idx + 1)
+                }
+                Ok(Some(bytes)) => self.narinfo(p, idx, bytes),
+            },
+            Job::Nar(..) => unreachable!("NARs are not small answers"),
+        }
+    }
+
+    fn narinfo(&mut self, p: StorePath, idx: usize, bytes: Vec<u8>) -> Result<(), InstallError> {
+        let cache = self.cache_name(idx);
+        let Ok(text) = String::from_utf8(bytes) else {
+            let e = FetchError::Transport { url: self.url_of(idx, p.hash_part()), msg: "narinfo is not UTF-8".into() };
+            return Err(InstallError::Fetch(e));
+        };
+        let checked = NarInfo::parse(&text, Some(&p)).and_then(|ni| ni.verify(self.keys).map(|_| ni));
+        let (nar_size, references) = match checked {
+            Ok(ni) => (ni.nar_size, ni.references.clone()),
+            Err(err) => {
+                if idx + 1 < self.caches.len() {
+                    log::warn!("{p}: narinfo from {cache}: {err}; trying the next cache");
+                }
+                if let Some(l) = self.lookups.get_mut(&p) {
+                    l.first_err.get_or_insert(InstallError::NarInfo { path: p.clone(), cache, err });
+                }
+                return self.next_cache(p, idx + 1);
+            }
+        };
+        self.lookups.remove(&p);
+        let item = PlanItem { path: p.clone(), cache: idx, narinfo: text, nar_size, references: references.clone() };
+        self.found.insert(p.clone(), item);
+        self.nar_queue.push_back(p.clone());
+        for r in references {
+            if r != p {
+                self.discover(r)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts queued NAR downloads while spool slots and budget allow.
+    fn start_nars(&mut self) -> Result<(), InstallError> {
+        while let Some(p) = self.nar_queue.front() {
+            let item = self.item(p);
+            let size = item.info().file_size.unwrap_or(item.nar_size);
+            let busy = self.spools_open > 0;
+            if busy
+                && (self.spools_open >= MAX_SPOOLS || self.spool_bytes.saturating_add(size) > self.opts.spool_budget)
+            {
+                return Ok(());
+            }
+            let p = self.nar_queue.pop_front().expect("front");
+            let idx = self.item(&p).cache;
+            if matches!(self.caches[idx].source, Source::Http { .. }) {
+                self.spools_open += 1;
+                self.spool_bytes = self.spool_bytes.saturating_add(size);
+            }
+            self.send(Job::Nar(p, idx), 0, None)?;
+        }
+        Ok(())
+    }
+
+    fn send_due_retries(&mut self) -> Result<(), InstallError> {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.retries.len() {
+            if self.retries[i].at <= now {
+                let r = self.retries.swap_remove(i);
+                self.send(r.job, r.tries, r.spool)?;
+            } else {
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Decompresses, verifies and unpacks one NAR into a temp.
+    fn unpack(&mut self, p: StorePath, ready: Ready, progress: &mut dyn FnMut(&Progress)) -> Result<(), InstallError> {
+        let item = self.item(&p).clone();
+        let mut info = item.info();
+        let tmp = temp_name(&p);
+        let before = self.prog.nar_bytes_done;
+        let spool_url = self.url_of(item.cache, info.url);
+        let result = {
+            let mut unpacker = Unpacker::new(self.store.store_fd(), tmp.as_bytes());
+            let prog = &mut self.prog;
+            let mut sink = |ev: crate::nar::Event<'_>| unpacker.event(ev).map_err(NarError::from);
+            let mut meter = |n| {
+                prog.nar_bytes_done += n;
+                progress(prog);
+            };
+            match &ready {
+                Ready::InCache(path) => {
+                    let url = format!("file://{}", path.display());
+                    match File::open(path) {
+                        Ok(f) => pipeline::process(f, &url, &info, &mut sink, &mut meter),
+                        Err(e) => Err(PipelineError::Read { url, source: e }),
+                    }
+                }
+                Ready::Spooled(spool, hash) => {
+                    let url = spool_url;
+                    // FileHash was computed while spooling; it is compared
+                    // last, as the streaming pass does.
+                    let expected = info.file_hash.take();
+                    let mut f = &spool.file;
+                    let r = f.rewind().map_err(|e| PipelineError::Read { url: url.clone(), source: e });
+                    r.and_then(|()| pipeline::process(&spool.file, &url, &info, &mut sink, &mut meter)).and_then(
+                        |stats| match expected {
+                            Some(want) if want != *hash => {
+                                Err(PipelineError::Hash { what: "FileHash", expected: want, got: *hash })
+                            }
+                            _ => Ok(stats),
+                        },
+                    )
+                }
+            }
+        };
+        if let Ready::Spooled(s, _) = &ready {
+            self.spools_open -= 1;
+            let size = s.limit.unwrap_or(item.nar_size);
+            self.spool_bytes = self.spool_bytes.saturating_sub(size);
+        }
+        drop(ready);
+        match result {
+            Ok(stats) => {
+                self.prog.paths_done += 1;
+                self.prog.file_bytes += stats.file_bytes;
+                self.unpacked.insert(p, tmp);
+                Ok(())
+            }
+            Err(err) => {
+                self.prog.nar_bytes_done = before;
+                let _ = fsutil::remove_tree(self.store.store_fd(), tmp.as_bytes());
+                Err(InstallError::Nar { path: p, err })
+            }
+        }
+    }
+
+    /// Renames the unpacked prefix of the plan into place by batches; with
+    /// `all`, whatever prefix there is (the end, or a failure).
+    fn commit(&mut self, all: bool) -> Result<(), InstallError> {
+        let Some(order) = &self.order else { return Ok(()) };
+        let limits = BatchLimits::default();
+        loop {
+            let mut end = self.committed;
+            let mut bytes = 0u64;
+            while end < order.len() && self.unpacked.contains_key(&order[end].path) {
+                bytes = bytes.saturating_add(order[end].nar_size);
+                end += 1;
+                if end - self.committed >= limits.paths || bytes >= limits.nar_bytes {
+                    break;
+                }
+            }
+            let full = end - self.committed >= limits.paths || bytes >= limits.nar_bytes;
+            if end == self.committed || !(full || all || end == order.len()) {
+                return Ok(());
+            }
+            let batch: Vec<Pending> = order[self.committed..end]
+                .iter()
+                .map(|i| (i, self.unpacked.get(&i.path).cloned().expect("unpacked")))
+                .collect();
+            commit_batch(self.store, &batch)?;
+            for i in &order[self.committed..end] {
+                self.unpacked.remove(&i.path);
+            }
+            self.committed = end;
+        }
+    }
+}
