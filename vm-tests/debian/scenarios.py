@@ -28,7 +28,7 @@ ready-watchdog and deploy):
                   watchdog, the old entry boots; a boot-counted entry
                   (+TRIES) booted once, blessed, confirmed
   install-bench   not run by default: `nixless install` of a benchmark
-                  closure in the guest, twice (both architectures, to compare
+                  closure in the guest, three times (both architectures, to compare
                   them under TCG: emulated speeds, not hardware speeds)
 
 Each check prints `VMTEST:<scenario>:<check>:PASS|FAIL:<detail>`; the last
@@ -894,7 +894,7 @@ class InstallBench(Scenario):
 
     name = "install-bench"
     arches = ("x86_64", "aarch64")
-    rounds = 2
+    rounds = 3
     n_small = 200
     big_mib = 32
 
@@ -918,6 +918,7 @@ class InstallBench(Scenario):
         self.boot()
         self.vm.succeed("install -m 0755 /mnt/vmtest/nixless /usr/local/bin/nixless")
         key = read_key("cache.pub")
+        times = []
         for r in range(1, self.rounds + 1):
             res = self.vm.succeed(f"""
                 d=/var/tmp/bench; rm -rf $d; mkdir -p $d; sync
@@ -936,6 +937,10 @@ class InstallBench(Scenario):
             bench(self.args.arch, f"install-round-{r}",
                   f"{len(closure)} paths, NAR {nar / 2**20:.1f} MiB in {ms / 1000:.1f} s = "
                   f"{nar / 2**20 / (ms / 1000):.2f} MiB/s (emulated, TCG), peak VmHWM {hwm} KiB")
+            times.append(ms)
+        ms = sorted(times)[len(times) // 2]
+        bench(self.args.arch, "install-median", f"{nar / 2**20 / (ms / 1000):.2f} MiB/s of NAR over {self.rounds} rounds"
+              " (emulated, TCG)")
 
 
 SCENARIOS = {c.name: c for c in (ReadyWatchdog, Deploy, HwWatchdog, KilledSwitch, UefiBoot, InstallBench)}
