@@ -103,12 +103,14 @@ binfmt_aarch64() {
     || { log "cannot mount binfmt_misc at $binfmt: arm64 binaries cannot run here"; return 1; }
   local f
   for f in "$binfmt"/*; do
+    # Another build's temporary handler goes away when that build ends.
+    case ${f##*/} in nixless-vmtest-aarch64-*) continue ;; esac
     [ -f "$f" ] && grep -qx enabled "$f" 2>/dev/null && grep -q '^magic 7f454c460201010000000000000000000200b700' "$f" \
       && { log "binfmt_misc: using $(basename "$f")"; return 0; }
   done
   # The ELF header of a 64-bit little-endian aarch64 executable (e_machine
   # 0xb7), as qemu's own scripts/qemu-binfmt-conf.sh registers it.
-  binfmt_ours=nixless-vmtest-aarch64
+  binfmt_ours=nixless-vmtest-aarch64-$$
   printf '%s' ":$binfmt_ours:M::\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xb7\x00:\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff:$(command -v qemu-aarch64-static):F" \
     >"$binfmt/register" 2>/dev/null || { binfmt_ours=; log "cannot register a binfmt_misc handler for aarch64"; return 1; }
   log "binfmt_misc: registered $binfmt_ours (removed when done)"
