@@ -85,7 +85,9 @@ CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_RUNNER=qemu-aarch64-static NIXLESS_TEST_
   | tee target/test-aarch64.log | grep -vE '^(running|$)'
 
 # The slower tier: systemd behaviour under a real systemd, in a Debian VM
-# (qemu, TCG). NIXLESS_SKIP_VM=1 skips it for a quick local run.
+# (qemu, TCG): an x86_64 guest, then an arm64 guest with the aarch64 binary
+# on a real aarch64 kernel (there the seccomp filter runs). NIXLESS_SKIP_VM=1
+# skips both for a quick local run, NIXLESS_SKIP_ARM_VM=1 only the arm64 one.
 if [ -z "${NIXLESS_SKIP_VM:-}" ]; then
   echo "== Debian VM tests (tests/debian-vm.sh)"
   bash tests/debian-vm.sh

@@ -7,6 +7,8 @@
 
 The guest sees SHARE_DIR at /mnt/vmtest; HOSTPORT (default 18731) forwards
 to the guest's 8731; the console log is WORK_DIR/console.log.
+VMTEST_ARCH=aarch64 boots an arm64 image (build-image.sh with the same
+variable) instead of an x86_64 one.
 """
 import json
 import os
@@ -18,7 +20,7 @@ from vm import VM  # noqa: E402
 
 
 def serve(image, share, work, port):
-    vm = VM(image, work, share, fwd={port: 8731})
+    vm = VM(image, work, share, fwd={port: 8731}, arch=os.environ.get("VMTEST_ARCH", "x86_64"))
     vm.start()
     ctl = os.path.join(work, "ctl.sock")
     if os.path.exists(ctl):

@@ -25,10 +25,16 @@
 # switch-to-configuration boot runs when an ESP with systemd-boot is mounted
 # at /boot. bootCountingTries: boot.loader.systemd-boot.bootCounting.tries
 # ("" = boot counting off).
+#
+# The store path holds only /bin/sh scripts and text, so the same path
+# serves the x86_64 and the arm64 guest: it is built for the host's own
+# system (an aarch64-linux derivation could not be built on an x86_64 host
+# without binfmt_misc), and nothing in it depends on the guest's
+# architecture.
 { gen, behaviour ? "ok", salt ? "", kernelParams ? "", bootCountingTries ? "" }:
 derivation {
   name = "nixless-vmtest-system-${gen}";
-  system = "x86_64-linux";
+  system = builtins.currentSystem;
   builder = "/bin/sh";
   inherit gen behaviour salt bootCountingTries;
   kernelParams = kernelParams + (if behaviour == "boot-hang" then " nixless.vmtest.hang" else "");

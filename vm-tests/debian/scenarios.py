@@ -2,11 +2,17 @@
 """The Debian VM scenarios: nixless under a real systemd, driven from the host.
 
     scenarios.py --image DIR --bin NIXLESS [--units nixos/units.json]
+                 [--arch x86_64|aarch64] [--host-bin NIXLESS]
                  [--work DIR] [SCENARIO ...]
 
-Scenarios (default: all, in this order):
+--bin is the binary installed in the guest, --host-bin (default: --bin) the
+one the host deploys with; they differ for the aarch64 guest.
+
+Scenarios (default: all those for --arch, in this order; aarch64 runs
+ready-watchdog and deploy):
   ready-watchdog  Type=notify READY, the host reaches /v1/status through a
-                  port forward, the service watchdog restarts a frozen agent
+                  port forward, the seccomp filter is active and kills a
+                  forbidden call, the service watchdog restarts a frozen agent
   deploy          a signed deploy from the host through nixless-switch.path /
                   nixless-switch.service; the switch restarts the agent (its
                   self-update); the deploy ends committed
@@ -21,9 +27,14 @@ Scenarios (default: all, in this order):
                   generation that hangs at boot, reset by the hardware
                   watchdog, the old entry boots; a boot-counted entry
                   (+TRIES) booted once, blessed, confirmed
+  install-bench   not run by default: `nixless install` of a benchmark
+                  closure in the guest, three times (both architectures, to compare
+                  them under TCG: emulated speeds, not hardware speeds)
 
 Each check prints `VMTEST:<scenario>:<check>:PASS|FAIL:<detail>`; the last
 line is `N passed, N failed`. The exit status is non-zero if any check failed.
+Measurements (the agent's RSS, install throughput) are printed as
+`VMBENCH:<arch>:<what>:<value>` lines; they are numbers, not checks.
 Every scenario boots its own copy-on-write overlay of the base image.
 """
 
@@ -75,11 +86,30 @@ class Results:
             self.failed += 1
 
 
+# src/agent/seccomp.rs `selftest`: each must die of SIGSYS under the filter.
+FORBIDDEN = ("execve", "spawn", "fork", "clone", "ptrace", "socket-netlink", "ioctl-other", "mmap-exec")
+
+
+def bench(arch, what, value):
+    print(f"VMBENCH:{arch}:{what}:{value}", flush=True)
+
+
+def kib(status_text, field):
+    """A `Field:  N kB` value from /proc/PID/status, in KiB (None if absent)."""
+    for line in status_text.splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return None
+
+
 class Scenario:
     """One scenario: a work dir, a share for the guest, a VM, checks."""
 
     name = ""
     needs_cache = False
+    # The guest architectures the scenario is written for (the hardware
+    # watchdog and UEFI scenarios need the x86_64 machine's devices).
+    arches = ("x86_64",)
 
     def __init__(self, args, results):
         self.args = args
@@ -105,7 +135,7 @@ class Scenario:
 
     # ---- host side ----------------------------------------------------------
     def nixless(self, *argv, timeout=600):
-        p = subprocess.run([self.args.bin, *argv], capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run([self.args.host_bin, *argv], capture_output=True, text=True, timeout=timeout)
         log(f"host: nixless {' '.join(argv[:1])} -> {p.returncode}: {(p.stdout + p.stderr).strip()[-600:]}")
         return p
 
@@ -168,7 +198,7 @@ class Scenario:
 
     def boot(self):
         self.vm = VM(self.args.image, os.path.join(self.work, "vm"), self.share,
-                     fwd={self.host_port: GUEST_PORT}, guestfwd={80: self.cache_port})
+                     fwd={self.host_port: GUEST_PORT}, guestfwd={80: self.cache_port}, arch=self.args.arch)
         self.vm.start(boot_timeout=self.args.boot_timeout)
 
     def install(self):
@@ -203,7 +233,7 @@ class Scenario:
             rc, out = self.vm.execute(r"""
                 systemctl --no-pager status nixless-agent nixless-switch.service nixless-switch.path 2>&1 | tail -40
                 journalctl -b --no-pager -u nixless-agent -u nixless-switch -u nixless-switch.path -n 80
-                echo "--- seccomp kills (audit type=1326; syscall numbers are x86_64):"
+                echo "--- seccomp kills (audit type=1326; syscall numbers are the guest architecture's):"
                 dmesg | grep 'type=1326' | sed 's/.*comm=/comm=/' | tail -5
                 echo "--- state:"; cat /var/lib/nixless/state.json 2>/dev/null; echo
                 d=/var/lib/nixless/switch; ls -la $d 2>/dev/null
@@ -249,6 +279,7 @@ class ReadyWatchdog(Scenario):
     """a. READY (Type=notify) and the service watchdog."""
 
     name = "ready-watchdog"
+    arches = ("x86_64", "aarch64")
     watchdog_sec = 10
 
     def body(self):
@@ -258,6 +289,11 @@ class ReadyWatchdog(Scenario):
         })
         self.boot()
         self.install()
+        # The kernel and the binary really are the architecture asked for
+        # (ELF e_machine: 62 x86-64, 183 aarch64).
+        out = self.vm.succeed("uname -m; od -An -tu2 -j18 -N2 /usr/local/bin/nixless").split()
+        self.check("guest-architecture", out == [self.args.arch, {"x86_64": "62", "aarch64": "183"}[self.args.arch]],
+                   f"uname -m, the binary's e_machine: {out}")
         st = self.show("nixless-agent", "ActiveState", "Type", "NotifyAccess")
         self.check("inactive-before-start", st.get("ActiveState") == "inactive"
                    and st.get("Type") == "notify" and st.get("NotifyAccess") == "main", st)
@@ -279,6 +315,7 @@ class ReadyWatchdog(Scenario):
         seccomp = self.vm.succeed(f"grep -E '^(Seccomp|NoNewPrivs|CapBnd):' /proc/{pid}/status").split()
         self.check("hardened", "Seccomp:" in seccomp and seccomp[seccomp.index("Seccomp:") + 1] == "2",
                    " ".join(seccomp))
+        self.check_seccomp_kills()
 
         status = self.http_status()
         self.check("host-status-via-hostfwd", status.get("host") == "vmtest" and status.get("phase") == "idle",
@@ -291,6 +328,8 @@ class ReadyWatchdog(Scenario):
         pings = [line.split()[-1] for line in metrics.splitlines() if line.startswith("nixless_watchdog_pings_total")]
         self.check("watchdog-fed", st2.get("MainPID") == str(pid) and st2.get("NRestarts") == "0"
                    and pings and int(float(pings[0])) > 0, f"{st2} pings={pings}")
+        mem = self.vm.succeed(f"cat /proc/{pid}/status")
+        bench(self.args.arch, "agent-idle-rss-kib", f"VmRSS={kib(mem, 'VmRSS')} VmHWM={kib(mem, 'VmHWM')}")
 
         # Frozen: systemd's watchdog must kill and restart it.
         t = time.time()
@@ -312,11 +351,27 @@ class ReadyWatchdog(Scenario):
         self.check("status-after-restart", status.get("host") == "vmtest", f"phase {status.get('phase')}")
 
 
+    def check_seccomp_kills(self):
+        """The filter on this kernel: `nixless __seccomp-selftest` installs
+        it in a fresh process; the agent's own operations must run, each
+        forbidden call must end the process with SIGSYS (bash: 128 + 31)."""
+        # (bash also reports each "Bad system call" on stderr: only the
+        # RC lines count.)
+        out = self.vm.succeed(
+            f"for w in allowed {' '.join(FORBIDDEN)}; do"
+            "   nixless __seccomp-selftest $w >/dev/null 2>&1; echo RC $w $?; done", 120)
+        got = dict(line.split()[1:3] for line in out.splitlines() if line.startswith("RC ") and len(line.split()) == 3)
+        want = {"allowed": "0", **{w: "159" for w in FORBIDDEN}}
+        self.check("seccomp-kills-forbidden", got == want,
+                   f"exit codes (159 = SIGSYS): {got}")
+
+
 class Deploy(Scenario):
     """b. A signed deploy through the oneshot switch unit; the switch
     restarts the agent (self-update); the deploy ends committed."""
 
     name = "deploy"
+    arches = ("x86_64", "aarch64")
 
     def body(self):
         gen1 = self.build_system(1)
@@ -335,6 +390,12 @@ class Deploy(Scenario):
         self.check("provisioned", st.get("current_system") == gen1 and st.get("profile_system") == gen1,
                    f"current {st.get('current_system')}")
 
+        # The deploying agent's peak RSS: VmHWM (monotonic) sampled until
+        # the switch replaces the process; the last sample is its peak.
+        mem = self.vm.succeed(f"cat /proc/{pid1}/status")
+        self.vm.succeed(f"echo 'while [ -e /proc/{pid1} ]; do awk \"/^VmHWM:/ {{print \\$2}}\" /proc/{pid1}/status;"
+                        " sleep 0.1; done >/run/vmtest-hwm' >/run/vmtest-hwm.sh"
+                        " && systemd-run -q --unit vmtest-hwm --collect /bin/bash /run/vmtest-hwm.sh")
         seq = int(time.time())
         t = time.time()
         p = self.nixless("deploy", "--key", os.path.join(KEYS, "deploy.sec"), "--host", "vmtest",
@@ -342,6 +403,9 @@ class Deploy(Scenario):
                          "--timeout", "300", timeout=360)
         self.check("deploy-committed", p.returncode == 0 and "committed" in p.stderr,
                    f"{time.time() - t:.0f} s: {p.stderr.strip()[-300:]}")
+        hwm = self.vm.succeed("grep -E '^[0-9]+$' /run/vmtest-hwm | tail -n 1 || true").strip()
+        bench(self.args.arch, "agent-deploy-peak-kib",
+              f"VmHWM={hwm or '?'} (idle before: VmRSS={kib(mem, 'VmRSS')} VmHWM={kib(mem, 'VmHWM')})")
 
         log_lines = self.vm.succeed("cat /var/lib/fake-nixos/log").strip().splitlines()
         runs = [(l.split()[1], l.split()[2], l.split()[3]) for l in log_lines]
@@ -820,31 +884,107 @@ WantedBy=sysinit.target
         self.check("override-set-before-loader-conf-moved", line.endswith(f"LoaderEntryDefault={old_entry}"), line)
 
 
-SCENARIOS = {c.name: c for c in (ReadyWatchdog, Deploy, HwWatchdog, KilledSwitch, UefiBoot)}
+class InstallBench(Scenario):
+    """`nixless install` throughput in the guest: tests/support/bench.nix
+    (n small paths and one file half random, half repetitive, zstd) from the
+    host's nginx into a fresh --root, ROUNDS times, timed in the guest; the
+    process's peak RSS sampled from /proc. Under TCG these are emulated
+    speeds: compare the two architectures on one machine, not with
+    hardware."""
+
+    name = "install-bench"
+    arches = ("x86_64", "aarch64")
+    rounds = 3
+    n_small = 200
+    big_mib = 32
+
+    def body(self):
+        env = dict(os.environ, NIX_CONFIG=NIX_CONFIG)
+        out = subprocess.run(
+            ["nix-build", os.path.join(REPO, "tests", "support", "bench.nix"), "--argstr", "salt", "vmbench-v1",
+             "--arg", "n", str(self.n_small), "--arg", "bigMiB", str(self.big_mib),
+             "--out-link", os.path.join(self.work, "bench-top")],
+            env=env, capture_output=True, text=True, timeout=600)
+        if out.returncode != 0:
+            raise VMError(f"nix-build of the bench closure: {out.stderr[-2000:]}")
+        top = out.stdout.strip().splitlines()[-1]
+        closure = subprocess.run(["nix-store", "-qR", top], env=env, capture_output=True, text=True,
+                                 check=True, timeout=120).stdout.split()
+        info = subprocess.run(["nix", "path-info", "-S", "--json", top], env=env, capture_output=True, text=True,
+                              check=True, timeout=120).stdout
+        nar = int(json.loads(info)[0]["closureSize"])
+        self.publish([top])
+        self.prepare_share(self.agent_config())
+        self.boot()
+        self.vm.succeed("install -m 0755 /mnt/vmtest/nixless /usr/local/bin/nixless")
+        key = read_key("cache.pub")
+        times = []
+        for r in range(1, self.rounds + 1):
+            res = self.vm.succeed(f"""
+                d=/var/tmp/bench; rm -rf $d; mkdir -p $d; sync
+                t0=$(date +%s%N)
+                nixless install --root $d --cache http://{CACHE_IP} --trusted-key '{key}' {top} 2>/var/tmp/bench.err &
+                pid=$!; hwm=0
+                while kill -0 $pid 2>/dev/null; do
+                  h=$(awk '/^VmHWM:/ {{print $2}}' /proc/$pid/status 2>/dev/null); [ -n "$h" ] && hwm=$h; sleep 0.1
+                done
+                wait $pid; rc=$?; t1=$(date +%s%N)
+                [ $rc -eq 0 ] || {{ tail -5 /var/tmp/bench.err; exit $rc; }}
+                echo $(( (t1 - t0) / 1000000 )) $hwm $(ls $d/nix/store | grep -cv '^\.')""", 900)
+            ms, hwm, count = (int(x) for x in res.split()[-3:])
+            self.check(f"round-{r}-complete", count == len(closure),
+                       f"{count} of {len(closure)} store paths installed in {ms} ms")
+            bench(self.args.arch, f"install-round-{r}",
+                  f"{len(closure)} paths, NAR {nar / 2**20:.1f} MiB in {ms / 1000:.1f} s = "
+                  f"{nar / 2**20 / (ms / 1000):.2f} MiB/s (emulated, TCG), peak VmHWM {hwm} KiB")
+            times.append(ms)
+        ms = sorted(times)[len(times) // 2]
+        bench(self.args.arch, "install-median", f"{nar / 2**20 / (ms / 1000):.2f} MiB/s of NAR over {self.rounds} rounds"
+              " (emulated, TCG)")
+
+
+SCENARIOS = {c.name: c for c in (ReadyWatchdog, Deploy, HwWatchdog, KilledSwitch, UefiBoot, InstallBench)}
+DEFAULT = ("ready-watchdog", "deploy", "hw-watchdog", "killed-switch", "uefi-boot")
+
+
+def private_copy(src, dst):
+    shutil.copy2(src, dst + ".tmp")
+    os.replace(dst + ".tmp", dst)
+    return dst
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--image", required=True)
-    ap.add_argument("--bin", required=True)
+    ap.add_argument("--bin", required=True, help="the nixless binary installed in the guest")
+    ap.add_argument("--host-bin", help="the nixless binary the host runs (default: --bin)")
+    ap.add_argument("--arch", default="x86_64", choices=("x86_64", "aarch64"), help="the guest's architecture")
     ap.add_argument("--units", default=os.path.join(REPO, "nixos", "units.json"))
     ap.add_argument("--work", default=os.path.join(REPO, "target", "debian-vm", "run"))
     ap.add_argument("--boot-timeout", type=int, default=300)
+    ap.add_argument("--skip-unsupported", action="store_true",
+                    help="leave out named scenarios not written for --arch (instead of an error)")
     ap.add_argument("scenarios", nargs="*")
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
     # A private copy: cargo may rebuild the binary while we run.
-    bin_copy = os.path.join(args.work, "nixless")
-    shutil.copy2(args.bin, bin_copy + ".tmp")
-    os.replace(bin_copy + ".tmp", bin_copy)
-    args.bin = bin_copy
+    host_bin = args.host_bin or args.bin
+    args.bin = private_copy(args.bin, os.path.join(args.work, "nixless"))
+    args.host_bin = private_copy(host_bin, os.path.join(args.work, "nixless-host"))
     # SIGTERM (e.g. from `timeout`) unwinds through the scenarios' cleanup,
     # which stops qemu and nginx.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    names = args.scenarios or list(SCENARIOS)
+    names = args.scenarios or [n for n in DEFAULT if args.arch in SCENARIOS[n].arches]
     for n in names:
         if n not in SCENARIOS:
             ap.error(f"unknown scenario {n!r}; known: {', '.join(SCENARIOS)}")
+        if args.arch not in SCENARIOS[n].arches and not args.skip_unsupported:
+            ap.error(f"scenario {n!r} needs a {' or '.join(SCENARIOS[n].arches)} guest, not {args.arch}")
+    names = [n for n in names if args.arch in SCENARIOS[n].arches]
+    if not names:
+        log(f"no scenario to run for {args.arch}")
+        print("0 passed, 0 failed", flush=True)
+        sys.exit(0)
     results = Results()
     t0 = time.time()
     for n in names:

@@ -8,6 +8,10 @@ drives the guest through its backdoor (guest/backdoor.sh on /dev/hvc0).
     vm.crash_expected(...)          # a command during which the guest resets
     vm.stop()
 
+`arch` picks the guest: "x86_64" (q35, i6300esb hardware watchdog, UEFI
+optional) or "aarch64" (`virt` machine, a Cortex-A57, console on the PL011
+UART ttyAMA0, no hardware watchdog device); both run under TCG.
+
 Every wait is bounded. qemu's serial console (kernel, systemd, journal) goes
 to WORK/console.log; QMP events (WATCHDOG, RESET, SHUTDOWN) are recorded in
 `vm.events`. The guest reaches nothing outside qemu: user-mode networking with
@@ -42,9 +46,31 @@ def log(msg):
     print(f"[vm {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+# What differs between the guest architectures. The arm64 guest is the
+# `virt` board: PCI (virtio-*-pci as on x86_64), a PL011 UART for -serial.
+# Cortex-A57 rather than `max`: `max` emulates pointer authentication, which
+# makes TCG several times slower, and the musl binary needs only ARMv8.0.
+ARCHES = {
+    "x86_64": {
+        "qemu": "qemu-system-x86_64", "machine": "q35", "cpu": [],
+        # The hardware watchdog; what it does when it fires:
+        "watchdog": ["-device", "i6300esb", "-action", "watchdog=reset"],
+    },
+    "aarch64": {
+        "qemu": "qemu-system-aarch64", "machine": "virt", "cpu": ["-cpu", "cortex-a57"],
+        "watchdog": [],
+    },
+}
+
+
 class VM:
     def __init__(self, image_dir, work_dir, share_dir, fwd=None, guestfwd=None,
-                 memory=1024, accel="tcg", append_extra="", max_runtime=1200, uefi=None):
+                 memory=1024, accel="tcg", append_extra="", max_runtime=1200, uefi=None, arch="x86_64"):
+        if arch not in ARCHES:
+            raise VMError(f"unknown guest architecture {arch!r}; known: {', '.join(ARCHES)}")
+        if uefi is not None and arch != "x86_64":
+            raise VMError("UEFI boot is set up for x86_64 guests only (OVMF)")
+        self.arch = arch
         self.image_dir = os.path.abspath(image_dir)
         self.work = os.path.abspath(work_dir)
         self.share = os.path.abspath(share_dir)
@@ -99,14 +125,13 @@ class VM:
         cmd = [
             # A hard bound on the VM's life, whatever happens to this driver.
             "timeout", "-s", "KILL", str(self.max_runtime),
-            "qemu-system-x86_64", "-machine", f"q35,accel={accel}" + (",smm=off" if self.uefi else ""), "-m", str(self.memory),
+            *self._machine_args(accel), "-m", str(self.memory),
             "-smp", "1", "-no-user-config", "-nodefaults", "-display", "none",
             *self._boot_args(cmdline, overlay),
             "-serial", "file:" + os.path.join(self.work, "console.log"),
             "-netdev", net, "-device", "virtio-net-pci,netdev=n0",
             "-device", "virtio-rng-pci",
-            # The hardware watchdog; what it does when it fires:
-            "-device", "i6300esb", "-action", "watchdog=reset",
+            *ARCHES[self.arch]["watchdog"],
             "-virtfs", f"local,path={self.share},mount_tag=vmtest,security_model=none,readonly=on",
             "-device", "virtio-serial-pci",
             "-chardev", f"socket,id=bd,path={self.bd_path},server=on,wait=on",
@@ -128,6 +153,11 @@ class VM:
         self._qmp_send({"execute": "qmp_capabilities"})
         self.wait_for_backdoor(boot_timeout)
         log(f"guest up after {time.time() - self.t_start:.1f} s (boot {self.boot_id})")
+
+    def _machine_args(self, accel):
+        a = ARCHES[self.arch]
+        machine = a["machine"] + f",accel={accel}" + (",smm=off" if self.uefi else "")
+        return [a["qemu"], "-machine", machine, *a["cpu"]]
 
     def _boot_args(self, cmdline, overlay):
         root = ["-drive", f"file={overlay},if=virtio,format=qcow2,cache=unsafe"]
