@@ -81,7 +81,7 @@ cargo test -q 2>&1 | tee target/test.log | grep -vE '^(running|$)'
 # process trees that emulation slows and distorts.
 echo "== cargo test, aarch64 under qemu-user"
 CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_RUNNER=qemu-aarch64-static NIXLESS_TEST_RUNNER=qemu-aarch64-static \
-  timeout 1200 cargo test -q --target aarch64-unknown-linux-musl --lib --test install --test nar_vs_nix --test qemu_syscalls 2>&1 \
+  timeout 1200 cargo test -q --target aarch64-unknown-linux-musl --lib --test install --test nar_vs_nix --test install_engine --test qemu_syscalls 2>&1 \
   | tee target/test-aarch64.log | grep -vE '^(running|$)'
 
 # The slower tier: systemd behaviour under a real systemd, in a Debian VM
