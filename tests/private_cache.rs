@@ -65,7 +65,9 @@ fn assert_refused(out: &Output, root: &Path, needle: &str, secrets: &[&str]) {
     assert!(!root.join("nix/store").exists() || std::fs::read_dir(root.join("nix/store")).unwrap().next().is_none());
 }
 
-/// A child process killed (by its own pid) when dropped.
+/// A child process killed (by its own pid) when dropped. nginx runs
+/// without a master process for this: a SIGKILLed master leaves its
+/// workers running (holding the test's ports and every fd it inherited).
 struct Server(Child);
 
 impl Drop for Server {
@@ -179,7 +181,7 @@ fn auth_nginx(cache: &Path, user: &str, password: &str, token: &str) -> AuthNgin
     let conf = format!(
         r#"{user_line}
 daemon off;
-master_process on;
+master_process off;
 worker_processes 1;
 pid {d}/nginx.pid;
 error_log {d}/error.log warn;
