@@ -59,6 +59,10 @@ struct Trickler {
     port: u16,
     /// Connections holding right now.
     holding: Arc<AtomicUsize>,
+    /// Connections that have ever reached holding: a stale connection the
+    /// server has not yet noticed is closed still counts in `holding`, so
+    /// "a new fetch is held" is `held` growing, not `holding > 0`.
+    held: Arc<AtomicUsize>,
     /// Requests seen (paths), in order.
     seen: Arc<Mutex<Vec<String>>>,
     released: Arc<AtomicBool>,
@@ -69,20 +73,21 @@ impl Trickler {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let holding = Arc::new(AtomicUsize::new(0));
+        let held = Arc::new(AtomicUsize::new(0));
         let seen = Arc::new(Mutex::new(Vec::new()));
         let released = Arc::new(AtomicBool::new(false));
-        let (h, s, r) = (holding.clone(), seen.clone(), released.clone());
+        let (h, t, s, r) = (holding.clone(), held.clone(), seen.clone(), released.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(c) = conn else { continue };
                 if r.load(Ordering::SeqCst) {
                     break;
                 }
-                let (h, s, r) = (h.clone(), s.clone(), r.clone());
-                std::thread::spawn(move || serve_one(c, route, &h, &s, &r));
+                let (h, t, s, r) = (h.clone(), t.clone(), s.clone(), r.clone());
+                std::thread::spawn(move || serve_one(c, route, &h, &t, &s, &r));
             }
         });
-        Trickler { port, holding, seen, released }
+        Trickler { port, holding, held, seen, released }
     }
 
     fn url(&self) -> String {
@@ -91,6 +96,10 @@ impl Trickler {
 
     fn holding(&self) -> usize {
         self.holding.load(Ordering::SeqCst)
+    }
+
+    fn held(&self) -> usize {
+        self.held.load(Ordering::SeqCst)
     }
 
     fn requests(&self, suffix: &str) -> usize {
@@ -113,6 +122,7 @@ fn serve_one(
     mut c: TcpStream,
     route: fn(&str) -> Serve,
     holding: &AtomicUsize,
+    held: &AtomicUsize,
     seen: &Mutex<Vec<String>>,
     released: &AtomicBool,
 ) {
@@ -137,6 +147,7 @@ fn serve_one(
         sleep(Duration::from_millis(20));
     }
     holding.fetch_add(1, Ordering::SeqCst);
+    held.fetch_add(1, Ordering::SeqCst);
     while !released.load(Ordering::SeqCst) {
         if c.write_all(b"a").is_err() {
             break;
@@ -315,11 +326,11 @@ fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-/// While `server` holds one of the agent's fetches: status answers, and
-/// three watchdog pings arrive, each time with the server still holding
-/// (so the answer did not wait for the fetch to give up).
-fn assert_loop_alive_while_held(agent: &mut Agent, server: &Trickler, phase: &str) {
-    wait_until("the server to hold a fetch", PATIENCE, || (server.holding() > 0).then_some(()));
+/// While `server` holds the agent's `nth` held fetch (1-based): status
+/// answers, and three watchdog pings arrive, each time with the server
+/// still holding (so the answer did not wait for the fetch to give up).
+fn assert_loop_alive_while_held(agent: &mut Agent, server: &Trickler, nth: usize, phase: &str) {
+    wait_until("the server to hold a fetch", PATIENCE, || (server.held() >= nth).then_some(()));
     agent.forget_pings();
     for _ in 0..3 {
         let s = agent.status();
@@ -342,12 +353,12 @@ fn a_trickling_poll_url_does_not_block_the_loop() {
     let server = Trickler::start(|_| Serve::TrickleBody);
     let extra = format!(r#","poll_url":"{}/doc.json","poll_interval_secs":1"#, server.url());
     let mut agent = Agent::start("file:///nonexistent-nixless-cache", &extra);
-    assert_loop_alive_while_held(&mut agent, &server, "idle");
+    assert_loop_alive_while_held(&mut agent, &server, 1, "idle");
     let s = agent.wait_status("the poll deadline error", |s| deadline_message(s.poll.error.as_deref(), "/doc.json"));
     assert!(s.poll.last_check.is_some(), "{s:?}");
     // And it polls again (and is held again) with the loop alive.
-    wait_until("a second poll", PATIENCE, || (server.requests("/doc.json") >= 2).then_some(()));
-    assert_loop_alive_while_held(&mut agent, &server, "idle");
+    assert_loop_alive_while_held(&mut agent, &server, 2, "idle");
+    assert!(server.requests("/doc.json") >= 2);
     agent.assert_alive("polling again");
 }
 
@@ -359,7 +370,7 @@ fn a_trickling_cache_info_does_not_block_a_deploy() {
     let server = Trickler::start(|_| Serve::TrickleHead);
     let mut agent = Agent::start(&server.url(), SLOW_READS);
     agent.deploy(MISSING);
-    assert_loop_alive_while_held(&mut agent, &server, "fetching");
+    assert_loop_alive_while_held(&mut agent, &server, 1, "fetching");
     let s = agent.wait_status("the failed fetch", |s| s.phase == "idle" && s.last_result.is_some());
     let last = s.last_result.as_ref().unwrap();
     assert_eq!(last.outcome, "failed", "{s:?}");
@@ -376,7 +387,7 @@ fn a_trickling_narinfo_does_not_block_a_deploy() {
     });
     let mut agent = Agent::start(&server.url(), SLOW_READS);
     agent.deploy(MISSING);
-    assert_loop_alive_while_held(&mut agent, &server, "fetching");
+    assert_loop_alive_while_held(&mut agent, &server, 1, "fetching");
     assert_eq!(server.requests(".narinfo"), 1);
     let s = agent.wait_status("the failed fetch", |s| s.phase == "idle" && s.last_result.is_some());
     let last = s.last_result.as_ref().unwrap();
