@@ -501,6 +501,8 @@ mod tests {
             let e = Config::parse(cfg(extra).as_bytes()).unwrap_err();
             assert!(e.contains(needle), "{extra}: {e}");
         }
+        let e = Config::parse(cfg(r#","pushgateway_url":"https://u:s3cret@gw""#).as_bytes()).unwrap_err();
+        assert!(!e.contains("s3cret"), "a password in the URL is not repeated: {e}");
         let bad_listen = cfg("").replace("127.0.0.1:8731", "localhost");
         assert!(Config::parse(bad_listen.as_bytes()).unwrap_err().contains("listen"));
         let bad_key = cfg("").replacen(KEY, "nope", 1);

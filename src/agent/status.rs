@@ -207,6 +207,32 @@ mod tests {
         }
     }
 
+    /// What a fleet view reads: the systems as info labels, escaped per the
+    /// text format and bounded; the last outcome's seq; the push counters.
+    #[test]
+    fn fleet_metrics_escape_and_bound_label_values() {
+        let odd = "/nix/store/x-a\\b\"c\nd";
+        let snap = Snapshot {
+            current_system: Some(odd.into()),
+            booted_system: Some(format!("/nix/store/{}", "é".repeat(400))),
+            push: Some(api::Push { url: "http://gw".into(), last_ok: Some(77), error: None, errors: 3 }),
+            ..Snapshot::default()
+        };
+        let m = metrics(&snap);
+        assert!(m.contains("nixless_system_info{kind=\"current\",system=\"/nix/store/x-a\\\\b\\\"c\\nd\"} 1\n"), "{m}");
+        let booted = m.lines().find(|l| l.contains("kind=\"booted\"")).unwrap();
+        assert!(booted.len() < LABEL_MAX + 64 && booted.ends_with("\"} 1"), "{booted}");
+        assert!(!m.contains("kind=\"profile\""), "no profile link, no line");
+        assert!(m.contains("nixless_push_errors_total 3\n") && m.contains("nixless_last_push_timestamp_seconds 77\n"));
+        assert!(!m.contains("nixless_last_result_seq"), "no deploy yet");
+        for line in m.lines().filter(|l| !l.starts_with('#')) {
+            assert!(line.rsplit_once(' ').is_some_and(|(_, v)| v.parse::<f64>().is_ok()), "{line}");
+        }
+        let s = status(&snap);
+        assert_eq!(s.push.map(|p| (p.errors, p.last_ok)), Some((3, Some(77))));
+        assert_eq!(status(&Snapshot::default()).push, None);
+    }
+
     /// Messages from caches, documents and helpers reach status whatever
     /// they hold: they come back intact (or clipped, when long) and the
     /// response stays one line of JSON.
