@@ -1,6 +1,7 @@
 //! The agent pushing its metrics to a real Prometheus Pushgateway (Debian's
-//! `prometheus-pushgateway`, run on a loopback port by the test; it keeps
-//! metrics in memory unless given `--persistence.file`).
+//! `prometheus-pushgateway`, run on a loopback port by the test). Debian's
+//! build persists to /var/lib/prometheus/pushgateway.data by default, which
+//! would share groups between runs: each gateway gets a file of its own.
 //!
 //! The agent runs under its seccomp filter, with a real Nix-built cache
 //! (file://), and is SIGKILLed and reaped when its guard drops. Every wait
@@ -42,6 +43,7 @@ fn get(url: &str) -> Option<(u16, String)> {
 struct Gateway {
     child: Child,
     port: u16,
+    _dir: tempfile::TempDir,
 }
 
 impl Gateway {
@@ -50,13 +52,15 @@ impl Gateway {
             eprintln!("SKIP: {GATEWAY} missing (apt-get install prometheus-pushgateway; tests/run.sh does)");
             return None;
         }
+        let dir = tempfile::Builder::new().prefix("nixless-pushgateway-").tempdir().unwrap();
         let child = Command::new(GATEWAY)
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg(format!("--persistence.file={}", dir.path().join("data").display()))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let gw = Gateway { child, port };
+        let gw = Gateway { child, port, _dir: dir };
         wait_until("the pushgateway to be ready", Duration::from_secs(20), || {
             get(&format!("{}/-/ready", gw.url())).filter(|(s, _)| *s == 200)
         });
