@@ -15,7 +15,7 @@
 //!
 //! When: once at start, after every phase change and finished deploy, and
 //! every `push_interval_secs` plus up to a tenth of it (jitter, so a fleet
-//! spreads out). One attempt per push, bounded by the small-fetch deadline
+//! spreads out); while pushes fail, only on the schedule. One attempt per push, bounded by the small-fetch deadline
 //! while the loop keeps serving (the fetcher ticks); a failure is logged
 //! once per kind of error, counted, shown in status, and changes nothing
 //! else: the next push is the retry.
@@ -115,8 +115,12 @@ impl Pusher {
         }
     }
 
+    /// A phase change or outcome pushes at once, unless the last push
+    /// failed: then only the schedule retries, so a gateway that swallows
+    /// connections costs a deploy at most one deadline per interval, not one
+    /// per phase (the health deadline runs meanwhile).
     pub fn due(&self, trigger: &Trigger) -> bool {
-        Instant::now() >= self.next || self.pushed.as_ref() != Some(trigger)
+        Instant::now() >= self.next || (self.pushed.as_ref() != Some(trigger) && self.status.error.is_none())
     }
 
     /// PUTs `body` (rendered with the push time `now`), records how it went,
@@ -159,6 +163,25 @@ impl Pusher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A failed push is retried on the schedule only, not at every phase
+    /// change; a working gateway gets every change at once.
+    #[test]
+    fn a_failing_gateway_is_retried_on_the_schedule_only() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let mut p = Pusher::new(&format!("http://127.0.0.1:{port}"), "h", Duration::from_secs(10), 7);
+        let idle: Trigger = ("idle".into(), None);
+        let fetching: Trigger = ("fetching".into(), None);
+        assert!(p.due(&idle), "at start");
+        let mut f = Fetcher::new(vec![], crate::fetch::Options::default());
+        p.push(&mut f, "", idle.clone(), 1);
+        assert_eq!(p.status.errors, 1);
+        assert!(!p.due(&idle) && !p.due(&fetching), "failing: wait for the schedule");
+        p.status.error = None;
+        assert!(!p.due(&idle) && p.due(&fetching), "working: every change at once");
+    }
 
     #[test]
     fn host_names_become_one_path_segment() {
