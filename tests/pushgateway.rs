@@ -35,7 +35,16 @@ fn http() -> ureq::Agent {
 }
 
 fn get(url: &str) -> Option<(u16, String)> {
-    let mut r = http().get(url).call().ok()?;
+    get_as(url, None)
+}
+
+/// A GET with HTTP basic auth when `auth` is given ("user:password").
+fn get_as(url: &str, auth: Option<&str>) -> Option<(u16, String)> {
+    let mut req = http().get(url);
+    if let Some(a) = auth {
+        req = req.header("Authorization", format!("Basic {}", nixless::nix::base64::encode(a.as_bytes())));
+    }
+    let mut r = req.call().ok()?;
     Some((r.status().as_u16(), r.body_mut().read_to_string().ok()?))
 }
 
@@ -44,10 +53,21 @@ struct Gateway {
     child: Child,
     port: u16,
     _dir: tempfile::TempDir,
+    /// Basic auth ("user:password") the gateway requires, if any.
+    auth: Option<&'static str>,
 }
+
+/// The gateway's users: `nixless`, password `pw` (a bcrypt hash, cost 4,
+/// made with Python's crypt.crypt over libxcrypt; the gateway checks it).
+const WEB_CONFIG: &str = "basic_auth_users:\n  nixless: $2b$04$oQm0W9Ckf5C9qzeT5WVkMeJVORUlA88negOwu.Oy.Jk4GR07TnWsO\n";
 
 impl Gateway {
     fn start(port: u16) -> Option<Gateway> {
+        Gateway::start_with(port, None)
+    }
+
+    /// With `auth`, the gateway requires that user (see [`WEB_CONFIG`]).
+    fn start_with(port: u16, auth: Option<&'static str>) -> Option<Gateway> {
         if !Path::new(GATEWAY).exists() {
             eprintln!("SKIP: {GATEWAY} missing (apt-get install prometheus-pushgateway; tests/run.sh does)");
             return None;
@@ -56,13 +76,18 @@ impl Gateway {
         let child = Command::new(GATEWAY)
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .arg(format!("--persistence.file={}", dir.path().join("data").display()))
+            .args(auth.map(|_| {
+                let web = dir.path().join("web.yml");
+                fs::write(&web, WEB_CONFIG).unwrap();
+                format!("--web.config.file={}", web.display())
+            }))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let gw = Gateway { child, port, _dir: dir };
+        let gw = Gateway { child, port, _dir: dir, auth };
         wait_until("the pushgateway to be ready", Duration::from_secs(20), || {
-            get(&format!("{}/-/ready", gw.url())).filter(|(s, _)| *s == 200)
+            get_as(&format!("{}/-/ready", gw.url()), gw.auth).filter(|(s, _)| *s == 200)
         });
         Some(gw)
     }
@@ -73,7 +98,7 @@ impl Gateway {
 
     /// The gateway's exposition lines of this host's group.
     fn host_lines(&self) -> Vec<String> {
-        let Some((200, text)) = get(&format!("{}/metrics", self.url())) else { return vec![] };
+        let Some((200, text)) = get_as(&format!("{}/metrics", self.url()), self.auth) else { return vec![] };
         let label = format!("host=\"{HOST}\"");
         text.lines().filter(|l| l.contains(&label) && l.contains("job=\"nixless\"")).map(str::to_owned).collect()
     }
@@ -111,6 +136,12 @@ struct Agent {
 
 impl Agent {
     fn start(pushgateway: &str, interval: u64) -> Agent {
+        Agent::start_with(pushgateway, interval, None)
+    }
+
+    /// With `netrc`, the agent's credentials file for the caches and the
+    /// gateway.
+    fn start_with(pushgateway: &str, interval: u64, netrc: Option<&str>) -> Agent {
         let f = fixtures();
         let tmp = tempfile::Builder::new().prefix("nixless-push-").tempdir().unwrap();
         let key = SecretKey::generate("admin-1").unwrap();
@@ -120,9 +151,17 @@ impl Agent {
         std::os::unix::fs::symlink(f.get("P_FILE"), root.join("run/current-system")).unwrap();
         std::os::unix::fs::symlink(f.get("P_FILE"), root.join("run/booted-system")).unwrap();
         let config = tmp.path().join("config.json");
+        let netrc_key = match netrc {
+            Some(text) => {
+                let path = tmp.path().join("netrc");
+                fs::write(&path, text).unwrap();
+                format!(r#","netrc_file":"{}""#, path.display())
+            }
+            None => String::new(),
+        };
         let cache = format!("file://{}", f.path("CACHE_ZSTD").display());
         let text = format!(
-            r#"{{"host":"{HOST}","listen":["127.0.0.1:{port}"],"caches":["{cache}"],"cache_keys":["{}"],"deploy_keys":["{}"],"root":"{}","retries":0,"pushgateway_url":"{pushgateway}","push_interval_secs":{interval}}}"#,
+            r#"{{"host":"{HOST}","listen":["127.0.0.1:{port}"],"caches":["{cache}"],"cache_keys":["{}"],"deploy_keys":["{}"],"root":"{}","retries":0,"pushgateway_url":"{pushgateway}","push_interval_secs":{interval}{netrc_key}}}"#,
             f.get("PK_A"),
             key.public(),
             root.display(),
@@ -328,4 +367,22 @@ impl Gateway {
         TcpListener::bind(("127.0.0.1", port)).ok()?;
         Some(Gateway::start(port))
     }
+}
+
+/// A gateway behind basic auth: the agent's netrc (the caches' credentials)
+/// opens it; a wrong password is a 401 in status, and nothing else changes.
+#[test]
+fn credentials_from_netrc_reach_the_gateway() {
+    let Some(gw) = Gateway::start_with(free_port(), Some("nixless:pw")) else { return };
+    assert_eq!(get(&format!("{}/metrics", gw.url())).map(|r| r.0), Some(401), "the gateway wants a password");
+    let mut wrong = Agent::start_with(&gw.url(), 86_400, Some("machine 127.0.0.1 login nixless password nope\n"));
+    let s = wrong.wait_status("a refused push", |s| s.push.as_ref().is_some_and(|p| p.errors >= 1));
+    let err = s.push.unwrap().error.unwrap_or_default();
+    assert!(err.contains("HTTP 401") && !err.contains("nope"), "{err}");
+    drop(wrong);
+    let mut agent = Agent::start_with(&gw.url(), 86_400, Some("machine 127.0.0.1 login nixless password pw\n"));
+    gw.wait_for("nixless_phase", &["phase=\"idle\""], "1");
+    let s = agent.wait_status("a push recorded", |s| s.push.as_ref().is_some_and(|p| p.last_ok.is_some()));
+    assert_eq!(s.push.unwrap().errors, 0);
+    assert!(!agent.log().contains("pw\n") && !agent.log().contains("password"), "{}", agent.log());
 }
