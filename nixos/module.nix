@@ -61,6 +61,8 @@ let
           }) (lib.attrNames cfg.bearerTokenFiles);
       aws_credentials_file = if cfg.s3.credentialsFile == null then null else "aws-credentials";
       aws_profile = cfg.s3.profile;
+      pushgateway_url = cfg.pushgateway.url;
+      push_interval_secs = if cfg.pushgateway.url == null then null else cfg.pushgateway.intervalSecs;
     }
     // cfg.extraConfig;
 
@@ -458,6 +460,28 @@ in
       type = types.ints.positive;
       default = 300;
       description = "Seconds between two polls of {option}`services.nixless.pollUrl`.";
+    };
+
+    pushgateway = {
+      url = mkOption {
+        type = types.nullOr (types.strMatching "https?://[^@?#]+");
+        default = null;
+        example = "https://pushgateway.example.org";
+        description = ''
+          A Prometheus Pushgateway the agent pushes its metrics to (PUT
+          `URL/metrics/job/nixless/host/HOST`), for machines behind NAT that
+          Prometheus cannot scrape: at start, after every phase change and
+          finished deploy, and every {option}`services.nixless.pushgateway.intervalSecs`.
+          Credentials: {option}`services.nixless.netrcFile` or
+          {option}`services.nixless.bearerTokenFiles` (by URL prefix), never
+          in the URL. `null`: no pushing.
+        '';
+      };
+      intervalSecs = mkOption {
+        type = types.ints.between 10 86400;
+        default = 300;
+        description = "Seconds between two pushes (plus up to a tenth of it, at random).";
+      };
     };
 
     health = {

@@ -11,7 +11,8 @@
 //!                   "health_deadline":N?,                        ; only while verifying
 //!                   "last_result":{"seq":N,"action":S,"system":S,"outcome":S,"reason":S|null,"finished":N}|null,
 //!                   "last_error":S|null,"last_rejection":S|null,
-//!                   "poll":{"url":S|null,"last_check":N|null,"error":S|null},"started":N}
+//!                   "poll":{"url":S|null,"last_check":N|null,"error":S|null},"started":N,
+//!                   "push":{"url":S,"last_ok":N|null,"error":S|null,"errors":N}?}  ; only with a pushgateway
 //! POST /v1/deploy  202 {"seq":N,"status":"/v1/status","note":S?}
 //! any refusal      {"error":S,"seq":N?}
 //! ```
@@ -50,6 +51,8 @@ pub struct Status {
     pub poll: Poll,
     #[serde(default)]
     pub started: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push: Option<Push>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,6 +97,21 @@ pub struct Poll {
     pub url: Option<String>,
     pub last_check: Option<u64>,
     pub error: Option<String>,
+}
+
+/// Pushes of the metrics to a Prometheus Pushgateway.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Push {
+    pub url: String,
+    /// When the last push was accepted (Unix seconds).
+    #[serde(default)]
+    pub last_ok: Option<u64>,
+    /// Why the last push failed; null once one succeeds again.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Failed pushes since start.
+    #[serde(default)]
+    pub errors: u64,
 }
 
 /// `202 Accepted` to a deploy: where to follow it.
@@ -163,6 +181,7 @@ mod tests {
             last_rejection: h(),
             poll: Poll { url: h(), last_check: Some(3), error: h() },
             started: 1,
+            push: Some(Push { url: HOSTILE.into(), last_ok: Some(2), error: h(), errors: 3 }),
         };
         back(&full);
         let empty = Status { host: "h".into(), phase: "idle".into(), ..Status::default() };

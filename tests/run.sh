@@ -34,6 +34,13 @@ if ! python3 -c 'import moto.server, boto3' 2>/dev/null; then
     || python3 -m pip install -q --break-system-packages 'moto[server]' boto3 \
     || echo "warning: could not install moto[server] and boto3: tests/private_cache.rs skips its S3 test"
 fi
+# tests/pushgateway.rs: Debian's Pushgateway; the test runs the binary on a
+# loopback port of its own (the package's service is not needed).
+if [[ ! -x /usr/bin/prometheus-pushgateway ]]; then
+  echo "== installing prometheus-pushgateway"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus-pushgateway >/dev/null; } \
+    || echo "warning: could not install prometheus-pushgateway: tests/pushgateway.rs skips"
+fi
 command -v openssl >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null; }
 for t in x86_64-unknown-linux-musl aarch64-unknown-linux-musl; do
   rustup target list --installed 2>/dev/null | grep -qx "$t" || rustup target add "$t"

@@ -14,7 +14,9 @@
 //!   "netrc_file": "/run/credentials/nixless-agent.service/netrc",
 //!   "bearer_token_files": [{"url": "https://cache.example.org", "file": "cache-token"}],
 //!   "aws_credentials_file": "aws-credentials",
-//!   "aws_profile": "cache"
+//!   "aws_profile": "cache",
+//!   "pushgateway_url": "https://pushgateway.example.org",
+//!   "push_interval_secs": 300
 //! }
 //! ```
 //! Every key is documented in README.md. Unknown keys are an error (a typo
@@ -65,6 +67,8 @@ struct Wire {
     bearer_token_files: Option<Vec<TokenFile>>,
     aws_credentials_file: Option<String>,
     aws_profile: Option<String>,
+    pushgateway_url: Option<String>,
+    push_interval_secs: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -120,6 +124,10 @@ pub struct Config {
     pub switch_timeout: Duration,
     pub generations_to_keep: u64,
     pub inhibited_switch: InhibitedSwitch,
+    /// A Prometheus Pushgateway the metrics are pushed to (no trailing
+    /// slash, no user info: credentials come from [`Config::auth`]).
+    pub pushgateway_url: Option<String>,
+    pub push_interval: Duration,
     /// Where private caches' credentials are read from.
     pub auth: crate::auth::Sources,
     /// Read from [`Config::auth`] by the agent at start; empty until then.
@@ -174,6 +182,9 @@ pub const BOUNDS: &[Bound] = &[
     bound("health_timeout_secs", 1, DAY, 120),
     bound("switch_timeout_secs", 1, DAY, 900),
     bound("generations_to_keep", 1, 10_000, 5),
+    // Each push is a few KiB; a fleet of 10 000 at 10 s is 1 000 pushes/s
+    // on one gateway, so nothing shorter.
+    bound("push_interval_secs", 10, DAY, 300),
 ];
 
 fn range_error(b: &Bound, got: &str) -> String {
@@ -236,6 +247,8 @@ const KEYS: &[&str] = &[
     "bearer_token_files",
     "aws_credentials_file",
     "aws_profile",
+    "pushgateway_url",
+    "push_interval_secs",
 ];
 
 /// The members of a top-level JSON object, key and raw value text, so an
@@ -291,6 +304,31 @@ fn top_level_members(json: &[u8]) -> Option<Vec<(String, &[u8])>> {
     Some(members)
 }
 
+/// A Pushgateway base URL: `http(s)://authority[/prefix]`, without query,
+/// fragment or user info (a password there would reach logs and status;
+/// `netrc_file` and `bearer_token_files` carry credentials instead).
+fn pushgateway_url(u: &str) -> Result<String, String> {
+    let shown = crate::text::clip(u, 200);
+    let rest = u.strip_prefix("http://").or_else(|| u.strip_prefix("https://"));
+    let Some(rest) = rest else {
+        return Err(format!("pushgateway_url {shown:?}: expected http:// or https://"));
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    if authority.is_empty() {
+        return Err(format!("pushgateway_url {shown:?}: no host"));
+    }
+    if authority.contains('@') {
+        // Not shown: it may hold a password.
+        return Err("pushgateway_url: no user info in the URL; use netrc_file or bearer_token_files".into());
+    }
+    if u.len() > 1024 || u.contains(['?', '#']) || u.chars().any(|c| c.is_control() || c == ' ') {
+        return Err(format!(
+            "pushgateway_url {shown:?}: no query, fragment, spaces or control characters; at most 1024 bytes"
+        ));
+    }
+    Ok(u.trim_end_matches('/').to_owned())
+}
+
 impl Config {
     pub fn parse(json: &[u8]) -> Result<Config, String> {
         let members = top_level_members(json).unwrap_or_default();
@@ -327,6 +365,7 @@ impl Config {
                 return Err(format!("poll_url {u:?}: expected http://, https:// or file:///"));
             }
         }
+        let pushgateway_url = w.pushgateway_url.map(|u| pushgateway_url(&u)).transpose()?;
         let root = PathBuf::from(w.root.unwrap_or_else(|| "/".into()));
         let state_dir = w.state_dir.map(PathBuf::from).unwrap_or_else(|| root.join("var/lib/nixless"));
         for (name, p) in [("root", &root), ("state_dir", &state_dir)] {
@@ -382,6 +421,8 @@ impl Config {
             health_check_network: w.health_check_network.unwrap_or(true),
             switch_timeout: bounded_secs("switch_timeout_secs", w.switch_timeout_secs)?,
             generations_to_keep: bounded("generations_to_keep", w.generations_to_keep)?,
+            pushgateway_url,
+            push_interval: bounded_secs("push_interval_secs", w.push_interval_secs)?,
             inhibited_switch,
             auth,
             credentials: Default::default(),
@@ -426,6 +467,13 @@ mod tests {
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/nixless"));
         assert_eq!(c.poll_interval, Duration::from_secs(300));
         assert_eq!(c.inhibited_switch, InhibitedSwitch::Fail);
+        assert_eq!((c.pushgateway_url, c.push_interval), (None, Duration::from_secs(300)));
+        let c = Config::parse(cfg(r#","pushgateway_url":"http://[::1]:9091/gw/","push_interval_secs":10"#).as_bytes())
+            .unwrap();
+        assert_eq!(
+            (c.pushgateway_url.as_deref(), c.push_interval),
+            (Some("http://[::1]:9091/gw"), Duration::from_secs(10))
+        );
         let c = Config::parse(cfg(r#","inhibited_switch":"boot""#).as_bytes()).unwrap();
         assert_eq!(c.inhibited_switch, InhibitedSwitch::Boot);
         let c =
@@ -444,10 +492,17 @@ mod tests {
             (r#","poll_url":"ftp://x""#, "poll_url"),
             (r#","root":"relative""#, "absolute"),
             (r#","inhibited_switch":"reboot""#, r#"inhibited_switch "reboot": expected "fail" or "boot""#),
+            (r#","pushgateway_url":"ftp://x""#, "pushgateway_url \"ftp://x\": expected http:// or https://"),
+            (r#","pushgateway_url":"http://u:secret@gw:9091""#, "pushgateway_url: no user info in the URL"),
+            (r#","pushgateway_url":"http://gw:9091/?x=1""#, "no query"),
+            (r#","pushgateway_url":"https:///x""#, "no host"),
+            (r#","push_interval_secs":9"#, "push_interval_secs must be 10..=86400, got 9"),
         ] {
             let e = Config::parse(cfg(extra).as_bytes()).unwrap_err();
             assert!(e.contains(needle), "{extra}: {e}");
         }
+        let e = Config::parse(cfg(r#","pushgateway_url":"https://u:s3cret@gw""#).as_bytes()).unwrap_err();
+        assert!(!e.contains("s3cret"), "a password in the URL is not repeated: {e}");
         let bad_listen = cfg("").replace("127.0.0.1:8731", "localhost");
         assert!(Config::parse(bad_listen.as_bytes()).unwrap_err().contains("listen"));
         let bad_key = cfg("").replacen(KEY, "nope", 1);

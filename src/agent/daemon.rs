@@ -78,6 +78,8 @@ struct Shared {
     /// A verified gc document that could not be recorded for lack of space
     /// (seq, body, signature): the loop collects garbage, then accepts it.
     pending_gc: Option<(u64, Vec<u8>, Vec<u8>)>,
+    /// How pushes to the Pushgateway go (None without one).
+    push: Option<api::Push>,
 }
 
 impl Shared {
@@ -99,6 +101,7 @@ impl Shared {
             queued: VecDeque::new(),
             fatal: None,
             pending_gc: None,
+            push: None,
         }
     }
 }
@@ -151,6 +154,7 @@ fn snapshot(ctx: &Ctx, sh: &Shared) -> Snapshot {
         started: sh.started,
         watchdog_pings: sh.notifier.pings,
         rejected_requests: sh.rejected,
+        push: sh.push.clone(),
     }
 }
 
@@ -431,6 +435,7 @@ pub struct Agent {
     switch_since: Option<(u64, Instant)>,
     next_poll: Option<Instant>,
     poll_seed: u64,
+    pusher: Option<super::push::Pusher>,
 }
 
 impl Agent {
@@ -459,7 +464,12 @@ impl Agent {
         };
         let poll_seed = now() ^ u64::from(std::process::id()) << 20;
         let next_poll = cfg.poll_url.as_ref().map(|_| Instant::now());
-        let shared = Shared::new(state, server);
+        let pusher = cfg
+            .pushgateway_url
+            .as_deref()
+            .map(|u| super::push::Pusher::new(u, &cfg.host, cfg.push_interval, poll_seed.rotate_left(32)));
+        let mut shared = Shared::new(state, server);
+        shared.push = pusher.as_ref().map(|p| p.status.clone());
         Ok(Agent {
             ctx: Rc::new(Ctx { cfg, store, timing }),
             shared: Rc::new(RefCell::new(shared)),
@@ -468,6 +478,7 @@ impl Agent {
             switch_since: None,
             next_poll,
             poll_seed,
+            pusher,
         })
     }
 
@@ -520,6 +531,7 @@ impl Agent {
             }
             self.maybe_poll()?;
             self.collect_pending_gc()?;
+            self.maybe_push();
             {
                 let mut sh = self.shared.borrow_mut();
                 let line = status_line(&sh);
@@ -930,6 +942,34 @@ impl Agent {
                 tick(&ctx, &shared)
             })
             .map_err(|e| e.to_string())
+    }
+
+    /// Pushes the metrics when due (see `push`). Never an error: a push
+    /// that fails is the gateway's problem, not the device's.
+    fn maybe_push(&mut self) {
+        let trigger = {
+            let sh = self.shared.borrow();
+            (sh.state.phase.name().to_owned(), sh.state.last.as_ref().map(|l| (l.seq, l.finished)))
+        };
+        if !self.pusher.as_ref().is_some_and(|p| p.due(&trigger)) {
+            return;
+        }
+        let mut fetcher = self.fetcher(&[]);
+        let t = now();
+        let body = {
+            let sh = self.shared.borrow();
+            let mut snap = snapshot(&self.ctx, &sh);
+            // The pushed copy says when it was pushed: a fleet view tells
+            // silent hosts by it.
+            if let Some(p) = snap.push.as_mut() {
+                p.last_ok = Some(t);
+            }
+            status::metrics(&snap)
+        };
+        if let Some(p) = self.pusher.as_mut() {
+            p.push(&mut fetcher, &body, trigger, t);
+            self.shared.borrow_mut().push = Some(p.status.clone());
+        }
     }
 
     fn maybe_poll(&mut self) -> Result<(), String> {

@@ -18,5 +18,6 @@ pub mod http;
 pub mod machine;
 pub mod notify;
 pub mod persist;
+pub mod push;
 pub mod seccomp;
 pub mod status;

@@ -1,5 +1,12 @@
 //! What the agent tells the world: `GET /v1/status` (JSON) and
-//! `GET /metrics` (Prometheus text format). Pure renderers over a snapshot.
+//! `GET /metrics` (Prometheus text format, version 0.0.4: also what is
+//! pushed to a Pushgateway). Pure renderers over a snapshot.
+//!
+//! ```text
+//! metrics = { "# HELP " name " " text "\n" "# TYPE " name " " type "\n" { sample } }
+//! sample  = name [ "{" label "=\"" value "\"" { "," … } "}" ] " " number "\n"
+//! value   = label text, `\` `"` and newline escaped (\\ \" \n), cut to LABEL_MAX bytes
+//! ```
 
 use super::machine::{Outcome, Phase, State};
 use crate::api;
@@ -27,6 +34,8 @@ pub struct Snapshot {
     pub started: u64,
     pub watchdog_pings: u64,
     pub rejected_requests: u64,
+    /// Pushes to a Pushgateway, when one is configured.
+    pub push: Option<api::Push>,
 }
 
 /// Longest message (a reason, an error) status carries: they can hold text
@@ -75,7 +84,35 @@ pub fn status(s: &Snapshot) -> api::Status {
         last_rejection: msg(&s.last_rejection),
         poll: api::Poll { url: msg(&s.poll_url), last_check: s.poll_last_check, error: msg(&s.poll_error) },
         started: s.started,
+        push: s.push.as_ref().map(|p| api::Push {
+            url: crate::text::bound(&p.url, MESSAGE_MAX).into_owned(),
+            error: msg(&p.error),
+            ..p.clone()
+        }),
     }
+}
+
+/// Longest label value: a store path is under 256 bytes; anything longer
+/// is cut (on a character boundary), so one odd value cannot bloat every push.
+const LABEL_MAX: usize = 512;
+
+/// A label value in the text format's escaping: backslash, double quote
+/// and line feed escaped; cut to [`LABEL_MAX`] bytes before escaping.
+fn label(v: &str) -> String {
+    let mut end = v.len().min(LABEL_MAX);
+    while !v.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut out = String::with_capacity(end + 8);
+    for c in v.get(..end).unwrap_or_default().chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 const PHASES: [&str; 8] =
@@ -115,6 +152,22 @@ pub fn metrics(s: &Snapshot) -> String {
     out += &format!("nixless_watchdog_pings_total {}\n", s.watchdog_pings);
     out += "# HELP nixless_poll_error 1 if the last poll of the deploy document failed.\n# TYPE nixless_poll_error gauge\n";
     out += &format!("nixless_poll_error {}\n", u8::from(s.poll_error.is_some()));
+    out += "# HELP nixless_system_info The system each link points at (current, booted, profile); always 1.\n# TYPE nixless_system_info gauge\n";
+    for (kind, sys) in [("current", &s.current_system), ("booted", &s.booted_system), ("profile", &s.profile_system)] {
+        if let Some(sys) = sys {
+            out += &format!("nixless_system_info{{kind=\"{kind}\",system=\"{}\"}} 1\n", label(sys));
+        }
+    }
+    if let Some(l) = &st.last {
+        out += "# HELP nixless_last_result_seq Sequence number of the last finished deploy.\n# TYPE nixless_last_result_seq gauge\n";
+        out += &format!("nixless_last_result_seq {}\n", l.seq);
+    }
+    out += "# HELP nixless_push_errors_total Failed pushes to the Pushgateway since start.\n# TYPE nixless_push_errors_total counter\n";
+    out += &format!("nixless_push_errors_total {}\n", s.push.as_ref().map_or(0, |p| p.errors));
+    if let Some(t) = s.push.as_ref().and_then(|p| p.last_ok) {
+        out += "# HELP nixless_last_push_timestamp_seconds When metrics were last pushed to the Pushgateway.\n# TYPE nixless_last_push_timestamp_seconds gauge\n";
+        out += &format!("nixless_last_push_timestamp_seconds {t}\n");
+    }
     out
 }
 
@@ -152,6 +205,32 @@ mod tests {
             let (name, value) = line.rsplit_once(' ').unwrap();
             assert!(value.parse::<f64>().is_ok() && name.starts_with("nixless_"), "{line}");
         }
+    }
+
+    /// What a fleet view reads: the systems as info labels, escaped per the
+    /// text format and bounded; the last outcome's seq; the push counters.
+    #[test]
+    fn fleet_metrics_escape_and_bound_label_values() {
+        let odd = "/nix/store/x-a\\b\"c\nd";
+        let snap = Snapshot {
+            current_system: Some(odd.into()),
+            booted_system: Some(format!("/nix/store/{}", "é".repeat(400))),
+            push: Some(api::Push { url: "http://gw".into(), last_ok: Some(77), error: None, errors: 3 }),
+            ..Snapshot::default()
+        };
+        let m = metrics(&snap);
+        assert!(m.contains("nixless_system_info{kind=\"current\",system=\"/nix/store/x-a\\\\b\\\"c\\nd\"} 1\n"), "{m}");
+        let booted = m.lines().find(|l| l.contains("kind=\"booted\"")).unwrap();
+        assert!(booted.len() < LABEL_MAX + 64 && booted.ends_with("\"} 1"), "{booted}");
+        assert!(!m.contains("kind=\"profile\""), "no profile link, no line");
+        assert!(m.contains("nixless_push_errors_total 3\n") && m.contains("nixless_last_push_timestamp_seconds 77\n"));
+        assert!(!m.contains("nixless_last_result_seq"), "no deploy yet");
+        for line in m.lines().filter(|l| !l.starts_with('#')) {
+            assert!(line.rsplit_once(' ').is_some_and(|(_, v)| v.parse::<f64>().is_ok()), "{line}");
+        }
+        let s = status(&snap);
+        assert_eq!(s.push.map(|p| (p.errors, p.last_ok)), Some((3, Some(77))));
+        assert_eq!(status(&Snapshot::default()).push, None);
     }
 
     /// Messages from caches, documents and helpers reach status whatever

@@ -541,6 +541,34 @@ impl Fetcher {
         self.read_small(url, body, limit, (start + allowed, allowed)).map(Some)
     }
 
+    /// PUTs `body` to an absolute `http(s)://` URL (a Pushgateway group):
+    /// one attempt, with credentials as for a GET, ending at the small-fetch
+    /// deadline. Returns the status and the first [`PUT_ANSWER`] bytes of
+    /// the answer (a gateway says there why it refused a push).
+    pub fn put_url(&mut self, url: &str, content_type: &str, body: &[u8]) -> Result<(u16, String), FetchError> {
+        let deadline = self.small_deadline();
+        let _scope = self.scope(Some(deadline));
+        let now = crate::clock::now();
+        let prepared = auth::prepare("PUT", url, now, &self.opts.credentials)
+            .map_err(|e| FetchError::Auth { url: url.to_owned(), msg: e.to_string() })?;
+        let mut req = self.agent.put(&prepared.url).header("content-type", content_type);
+        for (name, value) in &prepared.headers {
+            req = req.header(*name, value);
+        }
+        let resp = match req.send(body) {
+            Ok(resp) => resp,
+            Err(_) if Instant::now() >= deadline => {
+                return Err(self.deadline_error(url, self.opts.small_fetch_deadline))
+            }
+            Err(e) => return Err(FetchError::Transport { url: url.to_owned(), msg: e.to_string() }),
+        };
+        let status = resp.status().as_u16();
+        let mut answer = Vec::new();
+        // Best effort: the status is the result; the words only explain it.
+        let _ = resp.into_body().into_reader().take(PUT_ANSWER).read_to_end(&mut answer);
+        Ok((status, crate::text::clip_bytes(&answer, PUT_ANSWER as usize)))
+    }
+
     /// Whether cache `idx` answers at all (its nix-cache-info), uncached:
     /// the health check's "can I still reach my cache".
     pub fn probe(&mut self, idx: usize) -> Result<(), FetchError> {
@@ -614,6 +642,9 @@ fn denied(what: String, status: u16, resp: ureq::http::Response<ureq::Body>) -> 
     let _ = resp.into_body().into_reader().take(DENIED_BODY).read_to_end(&mut body);
     FetchError::Denied { what, status, code: denied_code(&body) }
 }
+
+/// How much of an answer to a PUT is kept.
+pub const PUT_ANSWER: u64 = 512;
 
 /// How much of a 401/403 answer is read for its error code.
 pub(crate) const DENIED_BODY: u64 = 4096;

@@ -118,6 +118,7 @@ let
       checkNetwork = true;
     };
     switchTimeoutSecs = 900;
+    inhibitedSwitch = "fail";
     generationsToKeep = 5;
     stateDir = "/var/lib/nixless";
     extraConfig = { };
@@ -126,6 +127,10 @@ let
     s3 = {
       credentialsFile = null;
       profile = null;
+    };
+    pushgateway = {
+      url = null;
+      intervalSecs = 300;
     };
     hardwareWatchdog = {
       enable = true;
@@ -467,6 +472,37 @@ let
           "bearer-token-0:/run/secrets/token"
           "aws-credentials:/run/secrets/aws"
         ]
+      ))
+      (case "the pushgateway options reach the agent's config; without a URL, neither key" (
+        let
+          # writeText that keeps the text: the agent's JSON, as written.
+          agentJson =
+            nixless:
+            builtins.fromJSON
+              (resolve
+                (import module {
+                  inherit lib;
+                  pkgs = pkgs // {
+                    writeText = _: text: text;
+                  };
+                  options = current;
+                  config = configFor current { inherit nixless; };
+                }).config
+              ).environment.etc."nixless/agent.json".source;
+          on = agentJson {
+            pushgateway = {
+              url = "https://gw.example:9091";
+              intervalSecs = 60;
+            };
+          };
+          off = agentJson { };
+        in
+        expect "pushgateway_url/push_interval_secs: ${builtins.toJSON on}" (
+          on.pushgateway_url == "https://gw.example:9091" && on.push_interval_secs == 60
+        )
+        ++ expect "no push keys without a URL: ${builtins.toJSON off}" (
+          !(off ? pushgateway_url) && !(off ? push_interval_secs)
+        )
       ))
       (case "no credentials: no LoadCredential=" (
         expectUnset (configOf current { }) [ "systemd" "services" "nixless-agent" "serviceConfig" "LoadCredential" ]
