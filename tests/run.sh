@@ -32,14 +32,14 @@ if ! python3 -c 'import moto.server, boto3' 2>/dev/null; then
   }
   python3 -m pip install -q 'moto[server]' boto3 2>/dev/null \
     || python3 -m pip install -q --break-system-packages 'moto[server]' boto3 \
-    || echo "warning: could not install moto[server] and boto3: tests/private_cache.rs skips its S3 test"
+    || { echo "error: could not install moto[server] and boto3 (tests/private_cache.rs needs them)"; exit 1; }
 fi
 # tests/pushgateway.rs: Debian's Pushgateway; the test runs the binary on a
 # loopback port of its own (the package's service is not needed).
 if [[ ! -x /usr/bin/prometheus-pushgateway ]]; then
   echo "== installing prometheus-pushgateway"
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus-pushgateway >/dev/null; } \
-    || echo "warning: could not install prometheus-pushgateway: tests/pushgateway.rs skips"
+    || { echo "error: could not install prometheus-pushgateway (tests/pushgateway.rs needs it)"; exit 1; }
 fi
 command -v openssl >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null; }
 for t in x86_64-unknown-linux-musl aarch64-unknown-linux-musl; do
