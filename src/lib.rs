@@ -24,4 +24,6 @@ pub mod net;
 pub mod nix;
 pub mod store;
 pub mod switch;
+#[cfg(test)]
+mod testkit;
 pub mod text;

@@ -26,7 +26,7 @@
 use std::path::{Path, PathBuf};
 
 const LAYERS: &[&[&str]] = &[
-    &["text", "json", "clock", "logger"],
+    &["text", "json", "clock", "logger", "testkit"],
     &["nix"],
     &["nar"],
     // Cache credentials (netrc, bearer, SigV4): pure, used by the HTTP clients.

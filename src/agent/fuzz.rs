@@ -90,54 +90,7 @@ pub fn deploy_document(data: &[u8]) {
 mod tests {
     use super::*;
 
-    /// A small deterministic generator (xorshift64).
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n.max(1) as u64) as usize
-        }
-    }
-
-    /// Mutates a seed: flips, inserts, deletes, duplicates, truncates.
-    fn mutate(rng: &mut Rng, seed: &[u8], dict: &[&[u8]]) -> Vec<u8> {
-        let mut v = seed.to_vec();
-        for _ in 0..1 + rng.below(6) {
-            let at = rng.below(v.len() + 1);
-            match rng.below(7) {
-                0 if !v.is_empty() => {
-                    let i = rng.below(v.len());
-                    v[i] = rng.next() as u8;
-                }
-                1 => v.insert(at, rng.next() as u8),
-                2 if at < v.len() => {
-                    v.remove(at);
-                }
-                3 => {
-                    let d = dict[rng.below(dict.len())];
-                    v.splice(at..at, d.iter().copied());
-                }
-                4 if at < v.len() => {
-                    let end = (at + rng.below(64)).min(v.len());
-                    let piece = v[at..end].to_vec();
-                    v.splice(at..at, piece);
-                }
-                5 => v.truncate(at),
-                _ => {
-                    let n = rng.below(2000);
-                    let b = dict[rng.below(dict.len())].first().copied().unwrap_or(b'[');
-                    v.splice(at..at, std::iter::repeat_n(b, n));
-                }
-            }
-        }
-        v
-    }
+    use crate::testkit::{mutate, Rng};
 
     const RUNS: usize = 60_000;
 
@@ -165,7 +118,7 @@ mod tests {
         let mut rng = Rng(0x2545_f491_4f6c_dd1d);
         for i in 0..RUNS {
             let seed = seeds[i % seeds.len()];
-            http_head(&mutate(&mut rng, seed, dict));
+            http_head(&mutate(&mut rng, seed, dict, 2000));
         }
         for n in 0..300 {
             let junk: Vec<u8> = (0..n * 7).map(|_| rng.next() as u8).collect();
@@ -208,7 +161,7 @@ mod tests {
         // Fewer: each input is signed and verified (slow in a debug build).
         for i in 0..RUNS / 8 {
             let seed = &seeds[i % seeds.len()];
-            deploy_document(&mutate(&mut rng, seed, dict));
+            deploy_document(&mutate(&mut rng, seed, dict, 2000));
         }
     }
 }

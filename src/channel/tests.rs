@@ -510,51 +510,7 @@ fn replay_to_a_reset_clock_is_refused_through_the_floor() {
 
 // ---- fuzz ----
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
-fn mutate(rng: &mut Rng, seed: &[u8], dict: &[&[u8]]) -> Vec<u8> {
-    let mut v = seed.to_vec();
-    for _ in 0..1 + rng.below(6) {
-        let at = rng.below(v.len() + 1);
-        match rng.below(6) {
-            0 if !v.is_empty() => {
-                let i = rng.below(v.len());
-                v[i] = rng.next() as u8;
-            }
-            1 if at < v.len() => {
-                v.remove(at);
-            }
-            2 => {
-                let d = dict[rng.below(dict.len())];
-                v.splice(at..at, d.iter().copied());
-            }
-            3 if at < v.len() => {
-                let end = (at + rng.below(64)).min(v.len());
-                let piece = v[at..end].to_vec();
-                v.splice(at..at, piece);
-            }
-            4 => v.truncate(at),
-            _ => {
-                let n = rng.below(300);
-                let b = dict[rng.below(dict.len())].first().copied().unwrap_or(b'[');
-                v.splice(at..at, std::iter::repeat_n(b, n));
-            }
-        }
-    }
-    v
-}
+use crate::testkit::{mutate, Rng};
 
 /// Mutated documents, each signed (so parsing and validation are reached):
 /// no panic, every refusal one bounded line, every accepted document within
@@ -596,7 +552,7 @@ fn mutated_documents_survive_a_fixed_seed_fuzz_run() {
     let mut rng = Rng(0x853c_49e6_748f_ea9b);
     let (mut accepted, mut rotations) = (0, 0);
     for i in 0..6_000 {
-        let body = mutate(&mut rng, seeds[i % seeds.len()].as_bytes(), dict);
+        let body = mutate(&mut rng, seeds[i % seeds.len()].as_bytes(), dict, 300);
         let sig = sk.sign(&body);
         match verify(&body, Some(sig.as_bytes()), &keys, "stable") {
             Ok(v) => {

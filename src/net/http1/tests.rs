@@ -1,4 +1,5 @@
 use super::*;
+use crate::testkit::Rng;
 
 /// An owned [`Event`], to compare whole runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -244,22 +245,6 @@ fn requests_are_serialised_and_injection_refused() {
         let mut out = Vec::new();
         assert!(write_get(&mut out, host, target, 0, &extra).is_err(), "{host:?} {target:?} {extra:?}");
         assert!(out.is_empty());
-    }
-}
-
-/// xorshift64: reproducible pseudo-random bytes.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
     }
 }
 
