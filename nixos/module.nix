@@ -61,6 +61,7 @@ let
           }) (lib.attrNames cfg.bearerTokenFiles);
       aws_credentials_file = if cfg.s3.credentialsFile == null then null else "aws-credentials";
       aws_profile = cfg.s3.profile;
+      ssl_cert_file = cfg.sslCertFile;
       pushgateway_url = cfg.pushgateway.url;
       push_interval_secs = if cfg.pushgateway.url == null then null else cfg.pushgateway.intervalSecs;
     }
@@ -460,6 +461,27 @@ in
       type = types.ints.positive;
       default = 300;
       description = "Seconds between two polls of {option}`services.nixless.pollUrl`.";
+    };
+
+    sslCertFile = mkOption {
+      type = types.nullOr (types.strMatching "/.*");
+      # nixpkgs nixos/modules/security/ca.nix writes this file from Mozilla's
+      # list plus security.pki.certificates{,Files}, unless
+      # security.pki.installCACerts is false (an option newer releases have;
+      # older ones always write it).
+      default = if config.security.pki.installCACerts or true then "/etc/ssl/certs/ca-certificates.crt" else null;
+      defaultText = lib.literalExpression ''
+        if config.security.pki.installCACerts or true then "/etc/ssl/certs/ca-certificates.crt" else null
+      '';
+      example = "/etc/nixless/cache-ca.pem";
+      description = ''
+        PEM file of the certificate authorities `https://` caches, poll URLs
+        and the Pushgateway are checked against (Nix's `ssl-cert-file`). The
+        default is the system bundle, so a private cache behind a CA in
+        {option}`security.pki.certificates` just works. Read once at the
+        agent's start. `null`: the webpki roots built into nixless
+        (Mozilla's list).
+      '';
     };
 
     pushgateway = {

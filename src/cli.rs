@@ -182,6 +182,9 @@ struct InstallArgs {
     /// AWS profile for s3:// caches without profile= (default $AWS_PROFILE or default)
     #[argh(option)]
     aws_profile: Option<String>,
+    /// PEM file of the certificate authorities https:// caches are checked against, instead of the built-in webpki roots (Nix's ssl-cert-file; default $NIX_SSL_CERT_FILE if set)
+    #[argh(option)]
+    ssl_cert_file: Option<PathBuf>,
     /// trusted cache public key, name:base64
     #[argh(option)]
     trusted_key: Vec<String>,
@@ -405,8 +408,12 @@ fn cmd_install(a: InstallArgs) -> CliResult {
         aws_profile: a.aws_profile,
     };
     let credentials = std::sync::Arc::new(crate::auth::Credentials::load_from_process(&sources)?);
+    let trust = match a.ssl_cert_file.or_else(|| std::env::var_os("NIX_SSL_CERT_FILE").map(PathBuf::from)) {
+        Some(p) => crate::net::tls::load(&abs(p))?,
+        None => crate::net::tls::Trust::WebPki,
+    };
     let opts = crate::store::parallel::NetOptions {
-        fetch: Options { retries: a.retries, credentials, ..Options::default() },
+        fetch: Options { retries: a.retries, credentials, trust, ..Options::default() },
         connections: a.connections,
         ..Default::default()
     };

@@ -15,6 +15,7 @@
 //!   "bearer_token_files": [{"url": "https://cache.example.org", "file": "cache-token"}],
 //!   "aws_credentials_file": "aws-credentials",
 //!   "aws_profile": "cache",
+//!   "ssl_cert_file": "/etc/ssl/certs/ca-certificates.crt",
 //!   "pushgateway_url": "https://pushgateway.example.org",
 //!   "push_interval_secs": 300
 //! }
@@ -67,6 +68,7 @@ struct Wire {
     bearer_token_files: Option<Vec<TokenFile>>,
     aws_credentials_file: Option<String>,
     aws_profile: Option<String>,
+    ssl_cert_file: Option<String>,
     pushgateway_url: Option<String>,
     push_interval_secs: Option<u64>,
 }
@@ -132,6 +134,11 @@ pub struct Config {
     pub auth: crate::auth::Sources,
     /// Read from [`Config::auth`] by the agent at start; empty until then.
     pub credentials: std::sync::Arc<crate::auth::Credentials>,
+    /// A CA file (PEM) `https://` is checked against instead of the
+    /// built-in webpki roots; absolute.
+    pub ssl_cert_file: Option<PathBuf>,
+    /// Read from [`Config::ssl_cert_file`] by the agent at start.
+    pub trust: crate::net::tls::Trust,
 }
 
 /// Bounded values fit any usize of 32 bits or more.
@@ -247,6 +254,7 @@ const KEYS: &[&str] = &[
     "bearer_token_files",
     "aws_credentials_file",
     "aws_profile",
+    "ssl_cert_file",
     "pushgateway_url",
     "push_interval_secs",
 ];
@@ -400,6 +408,12 @@ impl Config {
             aws_credentials_file: w.aws_credentials_file.map(PathBuf::from),
             aws_profile: w.aws_profile,
         };
+        let ssl_cert_file = match w.ssl_cert_file.map(PathBuf::from) {
+            Some(p) if !p.is_absolute() => {
+                return Err(format!("ssl_cert_file {:?}: not an absolute path", p.display()))
+            }
+            p => p,
+        };
         Ok(Config {
             host: w.host,
             listen,
@@ -426,6 +440,8 @@ impl Config {
             inhibited_switch,
             auth,
             credentials: Default::default(),
+            ssl_cert_file,
+            trust: Default::default(),
         })
     }
 

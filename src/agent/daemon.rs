@@ -823,6 +823,7 @@ impl Agent {
             retries: self.ctx.cfg.retries,
             read_timeout: self.ctx.cfg.read_timeout,
             credentials: self.ctx.cfg.credentials.clone(),
+            trust: self.ctx.cfg.trust.clone(),
             ..Options::default()
         };
         let mut f = Fetcher::new(caches, opts);
@@ -1052,6 +1053,9 @@ pub fn main(config: &Path, opts: AgentOptions) -> Result<(), String> {
     let creds =
         crate::auth::Credentials::load_from_process(&cfg.auth).map_err(|e| format!("{}: {e}", config.display()))?;
     cfg.credentials = std::sync::Arc::new(creds);
+    if let Some(p) = &cfg.ssl_cert_file {
+        cfg.trust = crate::net::tls::load(p).map_err(|e| format!("{}: {e}", config.display()))?;
+    }
     let mut agent = Agent::start(cfg)?;
     for a in agent.local_addrs() {
         log::info!("listening on {a}");

@@ -211,6 +211,8 @@ pub struct Options {
     pub small_fetch_deadline: Duration,
     /// For private caches (netrc, bearer tokens, S3 keys).
     pub credentials: Arc<Credentials>,
+    /// The authorities `https://` caches are checked against.
+    pub trust: crate::net::tls::Trust,
 }
 
 impl Default for Options {
@@ -222,6 +224,7 @@ impl Default for Options {
             backoff: Duration::from_millis(250),
             small_fetch_deadline: Duration::from_secs(15),
             credentials: Arc::new(Credentials::default()),
+            trust: crate::net::tls::Trust::WebPki,
         }
     }
 }
@@ -273,6 +276,7 @@ impl Fetcher {
             .timeout_recv_response(Some(opts.read_timeout))
             .max_idle_connections_per_host(4)
             .user_agent(concat!("nixless/", env!("CARGO_PKG_VERSION")))
+            .tls_config(ureq::tls::TlsConfig::builder().root_certs(crate::net::tls::ureq_roots(&opts.trust)).build())
             .build();
         let agent = http_agent(config);
         Fetcher {

@@ -149,6 +149,8 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Longest silence while a response is due.
     pub read_timeout: Duration,
+    /// The authorities `https://` origins are checked against.
+    pub trust: super::tls::Trust,
 }
 
 impl Default for Config {
@@ -158,6 +160,7 @@ impl Default for Config {
             pipeline: 16,
             connect_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(30),
+            trust: super::tls::Trust::WebPki,
         }
     }
 }
@@ -519,7 +522,7 @@ impl Engine {
         c.last_io = Instant::now();
         let origin = &self.origins[c.origin].origin;
         if origin.tls {
-            let config = self.tls.get_or_insert_with(tls_config).clone();
+            let config = self.tls.get_or_insert_with(|| super::tls::client_config(&self.cfg.trust)).clone();
             let tls = rustls::pki_types::ServerName::try_from(origin.host.clone())
                 .map_err(|e| NetError::Tls(e.to_string()))
                 .and_then(|name| rustls::ClientConnection::new(config, name).map_err(|e| NetError::Tls(e.to_string())));
@@ -813,21 +816,6 @@ fn tls_in(tls: &mut rustls::ClientConnection, mut bytes: &[u8], inbuf: &mut Vec<
         if bytes.is_empty() || closed {
             return Ok(closed);
         }
-    }
-}
-
-/// The TLS client configuration ureq uses by default (see `ureq::tls`):
-/// rustls with ring, TLS 1.2 and 1.3, the webpki root certificates.
-fn tls_config() -> Arc<rustls::ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(rustls::ALL_VERSIONS)
-        .map(|b| b.with_root_certificates(roots).with_no_client_auth());
-    match config {
-        Ok(c) => Arc::new(c),
-        // ring supports every version rustls has; this cannot happen.
-        Err(e) => panic!("rustls rejected ring's protocol versions: {e}"),
     }
 }
 

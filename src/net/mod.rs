@@ -3,3 +3,4 @@
 
 pub mod engine;
 pub mod http1;
+pub mod tls;

@@ -263,6 +263,7 @@ pub fn install(
         conns_per_origin: opts.connections,
         connect_timeout: opts.fetch.connect_timeout,
         read_timeout: opts.fetch.read_timeout,
+        trust: opts.fetch.trust.clone(),
         ..engine::Config::default()
     });
     let mut cs = Vec::new();

@@ -132,6 +132,7 @@ let
       url = null;
       intervalSecs = 300;
     };
+    sslCertFile = "/etc/ssl/certs/ca-certificates.crt";
     hardwareWatchdog = {
       enable = true;
       runtimeSecs = 30;
@@ -502,6 +503,12 @@ let
         )
         ++ expect "no push keys without a URL: ${builtins.toJSON off}" (
           !(off ? pushgateway_url) && !(off ? push_interval_secs)
+        )
+        ++ expect "the system CA bundle by default: ${builtins.toJSON off}" (
+          off.ssl_cert_file == "/etc/ssl/certs/ca-certificates.crt"
+        )
+        ++ expect "sslCertFile = null: the built-in roots (no key)" (
+          !((agentJson { sslCertFile = null; }) ? ssl_cert_file)
         )
       ))
       (case "no credentials: no LoadCredential=" (
