@@ -46,7 +46,7 @@ pub mod fresh;
 pub mod keys;
 pub mod sign;
 pub mod wave;
-mod wire;
+pub(crate) mod wire;
 
 pub use decide::{decide, Decision, Device, Record};
 
