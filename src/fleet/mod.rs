@@ -19,10 +19,12 @@ use std::time::{Duration, Instant};
 pub const QUERY_DEADLINE: Duration = Duration::from_secs(30);
 
 /// A fetcher for the admin side: credentials from the environment and the
-/// default AWS files (for `s3://`), one deadline per request.
+/// default AWS files (for `s3://`), one deadline per request, and no
+/// retries (each would log a line; `rollout watch` retries by rounds).
 pub fn fetcher(deadline: Duration) -> Result<Fetcher, String> {
     let credentials = crate::auth::Credentials::load_from_process(&crate::auth::Sources::default())?;
     let opts = Options {
+        retries: 0,
         small_fetch_deadline: deadline,
         read_timeout: deadline,
         credentials: std::sync::Arc::new(credentials),
@@ -68,7 +70,9 @@ pub fn query(f: &mut Fetcher, base: &str, deadline: Duration) -> Result<Vec<prom
 /// A fetch error without its long query URL.
 fn short(e: &str) -> String {
     match (e.find("/api/v1/query?"), e.find(": ")) {
-        (Some(q), Some(c)) if c > q => format!("GET {}/api/v1/query{}", e.get(4..q).unwrap_or(""), e.get(c..).unwrap_or("")),
+        (Some(q), Some(c)) if c > q => {
+            format!("GET {}/api/v1/query{}", e.get(4..q).unwrap_or(""), e.get(c..).unwrap_or(""))
+        }
         _ => e.to_owned(),
     }
 }

@@ -47,13 +47,27 @@ impl Sample {
 pub enum Error {
     Malformed(String),
     /// Prometheus said `"status": "error"`.
-    Query { kind: String, error: String },
+    Query {
+        kind: String,
+        error: String,
+    },
     NotSuccess(String),
     NotVector(String),
-    TooMany { what: &'static str, max: usize },
-    BadTime { series: usize },
-    BadValue { series: usize, value: String },
-    Missing { series: usize, field: &'static str },
+    TooMany {
+        what: &'static str,
+        max: usize,
+    },
+    BadTime {
+        series: usize,
+    },
+    BadValue {
+        series: usize,
+        value: String,
+    },
+    Missing {
+        series: usize,
+        field: &'static str,
+    },
 }
 
 impl std::fmt::Display for Error {
@@ -173,7 +187,11 @@ mod tests {
 
     #[test]
     fn reads_specials_and_errors() {
-        let one = |v: &str| format!(r#"{{"status":"success","data":{{"resultType":"vector","result":[{{"metric":{{}},"value":[1,"{v}"]}}]}}}}"#);
+        let one = |v: &str| {
+            format!(
+                r#"{{"status":"success","data":{{"resultType":"vector","result":[{{"metric":{{}},"value":[1,"{v}"]}}]}}}}"#
+            )
+        };
         assert!(parse(one("NaN").as_bytes()).unwrap()[0].value.is_nan());
         assert_eq!(parse(one("+Inf").as_bytes()).unwrap()[0].value, f64::INFINITY);
         assert_eq!(parse(one("-Inf").as_bytes()).unwrap()[0].value, f64::NEG_INFINITY);
@@ -197,7 +215,8 @@ mod tests {
     #[test]
     fn hostile_answers_are_clean_errors() {
         let series = |labels: &str, value: &str| format!(r#"{{"metric":{{{labels}}},"value":{value}}}"#);
-        let wrap = |result: &str| format!(r#"{{"status":"success","data":{{"resultType":"vector","result":[{result}]}}}}"#);
+        let wrap =
+            |result: &str| format!(r#"{{"status":"success","data":{{"resultType":"vector","result":[{result}]}}}}"#);
         // Too many series: counted, not kept.
         let many = vec![series("", r#"[1,"1"]"#); MAX_SERIES + 5].join(",");
         assert_eq!(parse(wrap(&many).as_bytes()).unwrap_err(), Error::TooMany { what: "series", max: MAX_SERIES });

@@ -99,7 +99,10 @@ mod tests {
 
     #[test]
     fn signatures_sit_next_to_their_document() {
-        assert_eq!(sig_of("s3://b/ch/stable.json?endpoint=http://x:9&region=r"), "s3://b/ch/stable.json.sig?endpoint=http://x:9&region=r");
+        assert_eq!(
+            sig_of("s3://b/ch/stable.json?endpoint=http://x:9&region=r"),
+            "s3://b/ch/stable.json.sig?endpoint=http://x:9&region=r"
+        );
         assert_eq!(sig_of("https://c/stable.json"), "https://c/stable.json.sig");
         assert_eq!(sig_of("/srv/ch/stable.json"), "/srv/ch/stable.json.sig");
         assert_eq!(sig_of("odd?name.json"), "odd?name.json.sig", "a file path keeps its question mark");

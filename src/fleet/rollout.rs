@@ -71,7 +71,12 @@ pub fn rollout(doc: &Doc, hosts: &[Host]) -> Rollout {
     let mut r = Rollout { channel: doc.channel.clone(), seq: doc.seq, ..Rollout::default() };
     for g in &doc.groups {
         for w in 1..=g.waves.len() {
-            r.waves.push(WaveStat { group: g.tag.clone(), wave: w, system: g.system.to_absolute(), ..WaveStat::default() });
+            r.waves.push(WaveStat {
+                group: g.tag.clone(),
+                wave: w,
+                system: g.system.to_absolute(),
+                ..WaveStat::default()
+            });
         }
     }
     for h in hosts {
@@ -110,12 +115,17 @@ pub fn rollout(doc: &Doc, hosts: &[Host]) -> Rollout {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
     /// Halt these groups: the first failing wave is `because`.
-    Halt { groups: Vec<String>, because: WaveStat },
+    Halt {
+        groups: Vec<String>,
+        because: WaveStat,
+    },
     /// Every group halts already (the document or each group).
     Halted,
     /// Every host is done, and nothing to halt. `halted`: some group was
     /// halted before.
-    Complete { halted: bool },
+    Complete {
+        halted: bool,
+    },
     InProgress,
 }
 
@@ -130,8 +140,10 @@ pub fn judge(doc: &Doc, r: &Rollout, max_rate: f64, min_hosts: usize) -> Verdict
     if !doc.groups.iter().any(|g| live(&g.tag)) {
         return Verdict::Halted;
     }
-    if let Some(bad) =
-        r.waves.iter().find(|w| live(&w.group) && w.finished() >= min_hosts.max(1) && passes(w.failed, w.finished(), max_rate))
+    if let Some(bad) = r
+        .waves
+        .iter()
+        .find(|w| live(&w.group) && w.finished() >= min_hosts.max(1) && passes(w.failed, w.finished(), max_rate))
     {
         let groups = doc
             .groups
@@ -175,7 +187,10 @@ pub fn describe(w: &WaveStat) -> String {
         s += &format!(", {} halted", w.halted);
     }
     if !w.failed_hosts.is_empty() {
-        s += &format!(" (failed: {})", w.failed_hosts.iter().map(|h| crate::text::clip(h, 64)).collect::<Vec<_>>().join(", "));
+        s += &format!(
+            " (failed: {})",
+            w.failed_hosts.iter().map(|h| crate::text::clip(h, 64)).collect::<Vec<_>>().join(", ")
+        );
     }
     s
 }
@@ -302,7 +317,10 @@ mod tests {
         assert_eq!(back.groups.iter().map(|g| g.halt).collect::<Vec<_>>(), [true, true, false]);
         // Every wave starts when it did, soak or not.
         for (a, b) in back.groups.iter().zip(&d.groups) {
-            assert_eq!(a.waves.iter().map(|w| w.start).collect::<Vec<_>>(), b.waves.iter().map(|w| w.start).collect::<Vec<_>>());
+            assert_eq!(
+                a.waves.iter().map(|w| w.start).collect::<Vec<_>>(),
+                b.waves.iter().map(|w| w.start).collect::<Vec<_>>()
+            );
         }
         // A device not yet started, in the halted group: Halted. In the
         // other group: its wave as before.

@@ -82,7 +82,11 @@ pub fn hosts(samples: &[Sample]) -> (Vec<Host>, f64) {
                 h.current.get_or_insert_with(|| l("system"));
             }
             "nixless_last_result_info" => {
-                h.last.get_or_insert_with(|| LastResult { outcome: l("outcome"), system: l("system"), origin: l("origin") });
+                h.last.get_or_insert_with(|| LastResult {
+                    outcome: l("outcome"),
+                    system: l("system"),
+                    origin: l("origin"),
+                });
             }
             "nixless_channel_info" => {
                 let c = ChannelInfo {
@@ -156,20 +160,32 @@ pub struct Summary {
     pub silent: Vec<Silent>,
 }
 
-fn counts<'a>(keys: impl Iterator<Item = &'a str>) -> Vec<Count> {
-    let mut m: BTreeMap<&str, usize> = BTreeMap::new();
+/// Equal keys counted, in key order. A sorted Vec grown by binary search:
+/// keys are few (systems, phases, waves), and it links far less code
+/// than a map or a sort.
+fn tally<K: Ord>(keys: impl Iterator<Item = K>) -> Vec<(K, usize)> {
+    let mut out: Vec<(K, usize)> = Vec::new();
     for k in keys {
-        *m.entry(k).or_default() += 1;
+        match out.binary_search_by(|(have, _)| have.cmp(&k)) {
+            Ok(i) => out[i].1 += 1,
+            Err(i) => out.insert(i, (k, 1)),
+        }
     }
-    m.into_iter().map(|(k, n)| Count { key: k.to_owned(), hosts: n }).collect()
+    out
+}
+
+fn counts<'a>(keys: impl Iterator<Item = &'a str>) -> Vec<Count> {
+    tally(keys).into_iter().map(|(k, n)| Count { key: k.to_owned(), hosts: n }).collect()
 }
 
 pub fn summary(hosts: &[Host], now: f64, silent_after: u64) -> Summary {
     let unknown = "-";
-    let mut ch: BTreeMap<(&str, u64, &str, u32, &str), usize> = BTreeMap::new();
-    for c in hosts.iter().filter_map(|h| h.channel.as_ref()) {
-        *ch.entry((&c.channel, c.seq, &c.group, c.wave, &c.decision)).or_default() += 1;
-    }
+    let ch = tally(
+        hosts
+            .iter()
+            .filter_map(|h| h.channel.as_ref())
+            .map(|c| (c.channel.as_str(), c.seq, c.group.as_str(), c.wave, c.decision.as_str())),
+    );
     Summary {
         time: if now.is_finite() && now > 0.0 { now as u64 } else { 0 },
         hosts: hosts.len(),
@@ -216,9 +232,24 @@ pub(crate) mod tests {
             sample("nixless_system_info", "a", &[("kind", "current"), ("system", "/nix/store/new")], 1.0),
             sample("nixless_last_push_timestamp_seconds", "a", &[], 990.0),
             sample("nixless_last_push_timestamp_seconds", "b", &[], 10.0),
-            sample("nixless_last_result_info", "b", &[("outcome", "rolled-back"), ("system", "/s"), ("origin", "channel")], 1.0),
-            sample("nixless_channel_info", "b", &[("channel", "c"), ("seq", "4"), ("wave", "1"), ("group", "g"), ("decision", "deploy")], 1.0),
-            sample("nixless_channel_info", "b", &[("channel", "c"), ("seq", "5"), ("wave", "2"), ("group", "g"), ("decision", "wait")], 1.0),
+            sample(
+                "nixless_last_result_info",
+                "b",
+                &[("outcome", "rolled-back"), ("system", "/s"), ("origin", "channel")],
+                1.0,
+            ),
+            sample(
+                "nixless_channel_info",
+                "b",
+                &[("channel", "c"), ("seq", "4"), ("wave", "1"), ("group", "g"), ("decision", "deploy")],
+                1.0,
+            ),
+            sample(
+                "nixless_channel_info",
+                "b",
+                &[("channel", "c"), ("seq", "5"), ("wave", "2"), ("group", "g"), ("decision", "wait")],
+                1.0,
+            ),
             sample("nixless_phase", "c", &[("phase", "fetching")], 1.0),
             // Not an agent's.
             Sample { labels: vec![("__name__".into(), "nixless_phase".into())], time: 5000.0, value: 1.0 },
@@ -241,7 +272,10 @@ pub(crate) mod tests {
         // b pushed 990 s ago (> 900), c never; a 10 s ago.
         assert_eq!(sum.silent, [Silent { host: "b".into(), secs: Some(990) }, Silent { host: "c".into(), secs: None }]);
         let j = crate::json::to_string(&sum).unwrap();
-        assert!(j.contains(r#""channels":[{"channel":"c","seq":5,"group":"g","wave":2,"decision":"wait","hosts":1}]"#), "{j}");
+        assert!(
+            j.contains(r#""channels":[{"channel":"c","seq":5,"group":"g","wave":2,"decision":"wait","hosts":1}]"#),
+            "{j}"
+        );
     }
 
     #[test]
