@@ -3,7 +3,7 @@
 //! ```text
 //! dest = "s3://" bucket "/" key [ "?" params ]    ; PUT, AWS SigV4 (crate::auth::s3)
 //!      | "http://" … | "https://" …               ; PUT, netrc/bearer as for caches
-//!      | path                                     ; a local file
+//!      | [ "file://" ] path                         ; a local file
 //! signature = dest with ".sig" appended to the path (before any "?")
 //! ```
 //! The signature goes first, then the document: a poller that sees the
@@ -56,6 +56,7 @@ fn put(f: &mut Fetcher, url: &str, content_type: &str, body: &[u8]) -> Result<()
 
 /// Publishes `doc` and its signature line `sig` at `dest`.
 pub fn publish(f: &mut Fetcher, dest: &str, doc: &[u8], sig: &str) -> Result<(), String> {
+    let dest = dest.strip_prefix("file://").unwrap_or(dest);
     let sig_line = format!("{sig}\n");
     if is_url(dest) {
         put(f, &sig_of(dest), "text/plain", sig_line.as_bytes())?;
@@ -69,6 +70,7 @@ pub fn publish(f: &mut Fetcher, dest: &str, doc: &[u8], sig: &str) -> Result<(),
 /// names them), each at most `limit` bytes. A missing signature is `None`
 /// (the verifier says so).
 pub fn read(f: &mut Fetcher, src: &str, limit: u64) -> Result<(Vec<u8>, Option<Vec<u8>>), String> {
+    let src = src.strip_prefix("file://").unwrap_or(src);
     if is_url(src) {
         let shown = crate::text::clip(src.split('?').next().unwrap_or(src), 256);
         let doc = f.get_url(src, limit).map_err(|e| e.to_string())?.ok_or_else(|| format!("{shown}: not found"))?;
@@ -115,7 +117,7 @@ mod tests {
         std::fs::write(&dest, "old").unwrap();
         let mut f = crate::fleet::fetcher(std::time::Duration::from_secs(5)).unwrap();
         publish(&mut f, dest.to_str().unwrap(), b"{new}", "k:sig").unwrap();
-        let (doc, sig) = read(&mut f, dest.to_str().unwrap(), 1 << 20).unwrap();
+        let (doc, sig) = read(&mut f, &format!("file://{}", dest.display()), 1 << 20).unwrap();
         assert_eq!((doc.as_slice(), sig.as_deref()), (&b"{new}"[..], Some(&b"k:sig\n"[..])));
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 2, "no temporary left: {names:?}");

@@ -66,10 +66,11 @@ fn run(o: Opts) -> Result<i32, String> {
     let text = std::fs::read_to_string(&o.key).map_err(|e| format!("{}: {e}", o.key.display()))?;
     let key = SecretKey::parse(&text).map_err(|e| format!("{}: {e}", o.key.display()))?;
     let end = Instant::now() + o.deadline;
-    let mut f = super::fetcher(super::QUERY_DEADLINE)?;
     loop {
+        // Each request of the round ends by the deadline (at least a second
+        // to try), and credentials are read anew (a rotated key file).
         let left = end.saturating_duration_since(Instant::now()).min(super::QUERY_DEADLINE).max(Duration::from_secs(1));
-        let err = match round(&o, &key, &mut f, left) {
+        let err = match super::fetcher(left).and_then(|mut f| round(&o, &key, &mut f, left)) {
             Ok(Round::Done(code)) => return Ok(code),
             Ok(Round::Again) if o.once => return Ok(EXIT_COMPLETE),
             Ok(Round::Again) => None,
