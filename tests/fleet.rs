@@ -275,6 +275,11 @@ fn watch(s: &Stack, c: &Channel, publish: &str, rate: &str) -> Output {
 #[test]
 fn fleet_status_and_rollout_watch_on_real_prometheus() {
     let Some(s) = stack() else { return };
+    // Nothing pushed yet: zero hosts, and a hint at the usual cause.
+    let out = nixless(&["fleet", "status", "--prometheus", &s.prometheus]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("0 hosts, 0 silent"));
+    assert!(stderr(&out).contains("honor_labels: true"), "{}", stderr(&out));
     let c = channel_doc();
     let hosts = fleet(&c, 1);
     push_all(&s, &hosts, c.now);

@@ -82,6 +82,12 @@ pub fn status(prometheus: &str, silent_after: u64, json: bool) -> Result<(), Str
     let mut f = fetcher(QUERY_DEADLINE)?;
     let samples = query(&mut f, prometheus, QUERY_DEADLINE)?;
     let (hosts, now) = view::hosts(&samples);
+    if hosts.is_empty() {
+        // The usual cause: without honor_labels the scrape renames `job`.
+        eprintln!(
+            "nixless: no agent's metrics in Prometheus (job=\"nixless\"); is the Pushgateway scraped with honor_labels: true?"
+        );
+    }
     let s = view::summary(&hosts, now, silent_after);
     if json {
         println!("{}", crate::json::to_string(&s).map_err(|e| e.to_string())?);
