@@ -30,6 +30,86 @@ enum Command {
     Rollback(RollbackArgs),
     Gc(GcArgs),
     Sign(SignArgs),
+    Fleet(FleetArgs),
+    Rollout(RolloutArgs),
+}
+
+#[derive(FromArgs)]
+/// The fleet as Prometheus sees it (agents push to a Pushgateway it scrapes).
+#[argh(subcommand, name = "fleet")]
+struct FleetArgs {
+    #[argh(subcommand)]
+    cmd: FleetCommand,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum FleetCommand {
+    Status(FleetStatusArgs),
+}
+
+#[derive(FromArgs)]
+/// Hosts per system, phase, last result and channel wave; hosts gone silent.
+#[argh(subcommand, name = "status")]
+struct FleetStatusArgs {
+    /// the Prometheus URL, e.g. http://prometheus:9090
+    #[argh(option)]
+    prometheus: String,
+    /// a host is silent after this many seconds without a push (default 900)
+    #[argh(option, default = "900")]
+    silent_after: u64,
+    /// print JSON instead of tables
+    #[argh(switch)]
+    json: bool,
+}
+
+#[derive(FromArgs)]
+/// Follow channel rollouts.
+#[argh(subcommand, name = "rollout")]
+struct RolloutArgs {
+    #[argh(subcommand)]
+    cmd: RolloutCommand,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum RolloutCommand {
+    Watch(RolloutWatchArgs),
+}
+
+#[derive(FromArgs)]
+/// Watch a channel's waves in Prometheus; sign and publish a halt when a wave
+/// fails too often. Exit 0: complete (or --once, nothing to do); 3: halted;
+/// 4: deadline passed while in progress; 1: error.
+#[argh(subcommand, name = "watch")]
+struct RolloutWatchArgs {
+    /// the Prometheus URL, e.g. http://prometheus:9090
+    #[argh(option)]
+    prometheus: String,
+    /// the signed channel document (path, http(s):// or s3:// URL; signature at .sig)
+    #[argh(option)]
+    channel_doc: String,
+    /// secret deploy key file: verifies the document and signs the halt
+    #[argh(option)]
+    key: PathBuf,
+    /// where the halt goes: a file, an s3:// or http(s):// URL (PUT)
+    #[argh(option)]
+    publish: String,
+    /// halt when failed / finished hosts of a wave is above this (default 0.1)
+    #[argh(option, default = "0.1")]
+    max_failure_rate: f64,
+    /// finished hosts a wave needs before its rate counts (default 1)
+    #[argh(option, default = "1")]
+    min_hosts: usize,
+    /// seconds between rounds (default 30)
+    #[argh(option, default = "30")]
+    interval: u64,
+    /// one round, then exit
+    #[argh(switch)]
+    once: bool,
+    /// give up after this many seconds (default 86400)
+    #[argh(option, default = "86400")]
+    deadline: u64,
 }
 
 #[derive(FromArgs)]
@@ -264,6 +344,22 @@ pub fn main() -> i32 {
         Command::Rollback(a) => crate::console::rollback(&a.config, a.dry_run),
         Command::Gc(a) => crate::console::gc(&a.config, a.dry_run, a.no_wait),
         Command::Sign(a) => crate::channel::sign::sign_file(&a.key, &a.file, crate::clock::now()).map(|_| ()),
+        Command::Fleet(FleetArgs { cmd: FleetCommand::Status(a) }) => {
+            crate::fleet::status(&a.prometheus, a.silent_after, a.json)
+        }
+        Command::Rollout(RolloutArgs { cmd: RolloutCommand::Watch(a) }) => {
+            return crate::fleet::watch::main(crate::fleet::watch::Opts {
+                prometheus: a.prometheus,
+                channel_doc: a.channel_doc,
+                key: a.key,
+                publish: a.publish,
+                max_failure_rate: a.max_failure_rate,
+                min_hosts: a.min_hosts,
+                interval: std::time::Duration::from_secs(a.interval),
+                once: a.once,
+                deadline: std::time::Duration::from_secs(a.deadline),
+            })
+        }
     };
     match res {
         Ok(()) => 0,

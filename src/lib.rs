@@ -17,6 +17,7 @@ pub mod clock;
 pub mod console;
 pub mod deploy;
 pub mod fetch;
+pub mod fleet;
 pub mod json;
 pub mod logger;
 pub mod nar;

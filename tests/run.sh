@@ -41,6 +41,13 @@ if [[ ! -x /usr/bin/prometheus-pushgateway ]]; then
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus-pushgateway >/dev/null; } \
     || { echo "error: could not install prometheus-pushgateway (tests/pushgateway.rs needs it)"; exit 1; }
 fi
+# tests/fleet.rs: Debian's Prometheus scraping that Pushgateway; the test
+# runs it on a loopback port with its own config and storage directory.
+if [[ ! -x /usr/bin/prometheus ]]; then
+  echo "== installing prometheus"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; } \
+    || { echo "error: could not install prometheus (tests/fleet.rs needs it)"; exit 1; }
+fi
 command -v openssl >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null; }
 for t in x86_64-unknown-linux-musl aarch64-unknown-linux-musl; do
   rustup target list --installed 2>/dev/null | grep -qx "$t" || rustup target add "$t"

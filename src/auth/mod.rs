@@ -240,15 +240,28 @@ fn host_of(url: &str) -> Option<String> {
     Some(host.to_ascii_lowercase())
 }
 
-/// The URL and headers for `method url` at `now` (Unix seconds).
-/// Errors say what is missing, never a secret.
+/// The URL and headers for `method url` at `now` (Unix seconds), without
+/// a body. Errors say what is missing, never a secret.
 pub fn prepare(method: &str, url: &str, now: u64, creds: &Credentials) -> Result<Prepared, Error> {
+    prepare_payload(method, url, now, creds, sigv4::EMPTY_SHA256)
+}
+
+/// [`prepare`] for a request with a body whose SHA-256 is `payload_sha256`
+/// (lower-case hex): S3 checks the signed `x-amz-content-sha256` against
+/// the body it receives, so a PUT must sign its own.
+pub fn prepare_payload(
+    method: &str,
+    url: &str,
+    now: u64,
+    creds: &Credentials,
+    payload_sha256: &str,
+) -> Result<Prepared, Error> {
     if url.starts_with("s3://") {
         let t = s3::target(url).map_err(Error::S3Url)?;
         let keys = creds.aws_keys(t.profile.as_deref())?;
         let date = sigv4::amz_date(now);
         let mut signed: Vec<(&str, &str)> =
-            vec![("host", &t.host), ("x-amz-content-sha256", sigv4::EMPTY_SHA256), ("x-amz-date", &date)];
+            vec![("host", &t.host), ("x-amz-content-sha256", payload_sha256), ("x-amz-date", &date)];
         if let Some(tok) = &keys.session_token {
             signed.push(("x-amz-security-token", tok.expose()));
         }
@@ -257,7 +270,7 @@ pub fn prepare(method: &str, url: &str, now: u64, creds: &Credentials) -> Result
             canonical_uri: &t.canonical_uri,
             canonical_query: "",
             headers: &signed,
-            payload_hash: sigv4::EMPTY_SHA256,
+            payload_hash: payload_sha256,
         };
         let scope = sigv4::Scope {
             access_key_id: &keys.access_key_id,
@@ -269,7 +282,7 @@ pub fn prepare(method: &str, url: &str, now: u64, creds: &Credentials) -> Result
         let auth = sigv4::authorization(&req, &scope);
         let mut headers = vec![
             ("host", t.host.clone()),
-            ("x-amz-content-sha256", sigv4::EMPTY_SHA256.to_owned()),
+            ("x-amz-content-sha256", payload_sha256.to_owned()),
             ("x-amz-date", date.clone()),
         ];
         if let Some(tok) = &keys.session_token {
@@ -350,6 +363,22 @@ mod tests {
         assert!(auth.contains("Credential=AKIDCI/19700101/eu-west-1/s3/aws4_request, SignedHeaders=host;x-amz-content-sha256;x-amz-date;x-amz-security-token,"), "{auth}");
         let e = prepare("GET", "s3://b/k?profile=nope", 0, &c).unwrap_err();
         assert_eq!(e.to_string(), "no AWS credentials for profile \"nope\"");
+    }
+
+    /// A PUT signs its body's hash, in the header and in the signature
+    /// (with the empty body's hash S3 answers XAmzContentSHA256Mismatch).
+    #[test]
+    fn s3_puts_sign_the_payload_hash() {
+        let c = creds_with(&[("aws", "[default]\naws_access_key_id=AKID\naws_secret_access_key=S\n")], |_| Sources {
+            aws_credentials_file: Some("aws".into()),
+            ..Sources::default()
+        });
+        let body_hash = sigv4::sha256_hex(b"{}");
+        let put = prepare_payload("PUT", "s3://b/c.json?endpoint=http://127.0.0.1:9", 0, &c, &body_hash).unwrap();
+        let get = |p: &Prepared, name: &str| p.headers.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone());
+        assert_eq!(get(&put, "x-amz-content-sha256"), Some(body_hash));
+        let empty = prepare("PUT", "s3://b/c.json?endpoint=http://127.0.0.1:9", 0, &c).unwrap();
+        assert_ne!(get(&put, "authorization"), get(&empty, "authorization"));
     }
 
     #[test]

@@ -46,7 +46,7 @@ pub mod fresh;
 pub mod keys;
 pub mod sign;
 pub mod wave;
-mod wire;
+pub(crate) mod wire;
 
 pub use decide::{decide, Decision, Device, Record};
 
@@ -492,15 +492,19 @@ pub fn verify(body: &[u8], sig: Option<&[u8]>, keys: &TrustedKeys, channel: &str
 }
 
 /// A percent as the shortest JSON number ("1", "0.5", "12.34"): whole
-/// percents as integers, the rest through ryu's shortest round trip.
+/// percents as integers, the rest as exact decimals written by hand.
+/// serde-json-core (the only serializer here, [`crate::json::to_string`])
+/// writes `serialize_bytes` as raw JSON text; `serialize_f64` would link
+/// ryu's 10 KiB of f64 tables for two decimals.
 struct Percent(u16);
 
 impl serde::Serialize for Percent {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        if self.0 % 100 == 0 {
-            s.serialize_u16(self.0 / 100)
-        } else {
-            s.serialize_f64(f64::from(self.0) / 100.0)
+        let (whole, frac) = (self.0 / 100, self.0 % 100);
+        match (frac, frac % 10) {
+            (0, _) => s.serialize_u16(whole),
+            (_, 0) => s.serialize_bytes(format!("{whole}.{}", frac / 10).as_bytes()),
+            _ => s.serialize_bytes(format!("{whole}.{frac:02}").as_bytes()),
         }
     }
 }

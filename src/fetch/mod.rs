@@ -545,7 +545,7 @@ impl Fetcher {
         self.read_small(url, body, limit, (start + allowed, allowed)).map(Some)
     }
 
-    /// PUTs `body` to an absolute `http(s)://` URL (a Pushgateway group):
+    /// PUTs `body` to an absolute `http(s)://` or `s3://` URL (a Pushgateway group, a halt document):
     /// one attempt, with credentials as for a GET, ending at the small-fetch
     /// deadline. Returns the status and the first [`PUT_ANSWER`] bytes of
     /// the answer (a gateway says there why it refused a push).
@@ -553,11 +553,16 @@ impl Fetcher {
         let deadline = self.small_deadline();
         let _scope = self.scope(Some(deadline));
         let now = crate::clock::now();
-        let prepared = auth::prepare("PUT", url, now, &self.opts.credentials)
+        let hash = auth::sigv4::sha256_hex(body);
+        let prepared = auth::prepare_payload("PUT", url, now, &self.opts.credentials, &hash)
             .map_err(|e| FetchError::Auth { url: url.to_owned(), msg: e.to_string() })?;
         let mut req = self.agent.put(&prepared.url).header("content-type", content_type);
         for (name, value) in &prepared.headers {
             req = req.header(*name, value);
+        }
+        if url.starts_with("s3://") {
+            // As for a GET: signed headers never follow a redirect.
+            req = req.config().max_redirects(0).build();
         }
         let resp = match req.send(body) {
             Ok(resp) => resp,

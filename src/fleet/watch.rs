@@ -1,0 +1,152 @@
+//! `nixless rollout watch`: follows a channel's rollout in Prometheus and
+//! halts it when a wave fails too often ([`super::rollout`] decides).
+//!
+//! Each round, at most every `interval`: read and verify the channel
+//! document (with the public half of the signing key: a document the
+//! watcher did not sign is not one it may halt), query Prometheus, judge.
+//! Every round ends by `deadline`; a round that fails (Prometheus down, a
+//! document being replaced) is retried at the next one, and the last error
+//! is the exit's when the deadline passes.
+//!
+//! Exit codes: [`EXIT_COMPLETE`], [`EXIT_HALTED`], [`EXIT_ERROR`],
+//! [`EXIT_DEADLINE`].
+
+use super::rollout::{self, Verdict};
+use crate::channel;
+use crate::nix::{SecretKey, TrustedKeys};
+use std::time::{Duration, Instant};
+
+/// Every wave's hosts are done and nothing was halted; or `--once` with
+/// nothing to do.
+pub const EXIT_COMPLETE: i32 = 0;
+pub const EXIT_ERROR: i32 = 1;
+/// The watcher published a halt, or the channel was halted already.
+pub const EXIT_HALTED: i32 = 3;
+/// The deadline passed with the rollout still going (nothing to halt).
+pub const EXIT_DEADLINE: i32 = 4;
+
+pub struct Opts {
+    pub prometheus: String,
+    pub channel_doc: String,
+    pub key: std::path::PathBuf,
+    pub publish: String,
+    pub max_failure_rate: f64,
+    pub min_hosts: usize,
+    pub interval: Duration,
+    pub once: bool,
+    pub deadline: Duration,
+}
+
+/// What one round found.
+enum Round {
+    Done(i32),
+    Again,
+}
+
+pub fn main(o: Opts) -> i32 {
+    match run(o) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("nixless: error: {e}");
+            EXIT_ERROR
+        }
+    }
+}
+
+fn run(o: Opts) -> Result<i32, String> {
+    if !(0.0..1.0).contains(&o.max_failure_rate) {
+        return Err(format!("--max-failure-rate {}: expected 0 <= rate < 1", o.max_failure_rate));
+    }
+    if !(1..=1_000_000).contains(&o.min_hosts) {
+        return Err(format!("--min-hosts {}: expected 1 to 1000000", o.min_hosts));
+    }
+    if !(1..=86_400).contains(&o.interval.as_secs()) || o.deadline.as_secs() > 30 * 86_400 {
+        return Err("--interval: 1 to 86400 s; --deadline: at most 30 days".into());
+    }
+    let text = std::fs::read_to_string(&o.key).map_err(|e| format!("{}: {e}", o.key.display()))?;
+    let key = SecretKey::parse(&text).map_err(|e| format!("{}: {e}", o.key.display()))?;
+    let end = Instant::now() + o.deadline;
+    loop {
+        // Each request of the round ends by the deadline (at least a second
+        // to try), and credentials are read anew (a rotated key file).
+        let left = end.saturating_duration_since(Instant::now()).min(super::QUERY_DEADLINE).max(Duration::from_secs(1));
+        let err = match super::fetcher(left).and_then(|mut f| round(&o, &key, &mut f, left)) {
+            Ok(Round::Done(code)) => return Ok(code),
+            Ok(Round::Again) if o.once => return Ok(EXIT_COMPLETE),
+            Ok(Round::Again) => None,
+            Err(e) if o.once => return Err(e),
+            Err(e) => {
+                eprintln!("nixless: {e} (retrying)");
+                Some(e)
+            }
+        };
+        let next = Instant::now() + o.interval;
+        if next >= end {
+            return match err {
+                Some(e) => Err(format!("deadline of {} s passed; last error: {e}", o.deadline.as_secs())),
+                None => {
+                    eprintln!("nixless: deadline of {} s passed, rollout still in progress", o.deadline.as_secs());
+                    Ok(EXIT_DEADLINE)
+                }
+            };
+        }
+        std::thread::sleep(o.interval);
+    }
+}
+
+fn round(o: &Opts, key: &SecretKey, f: &mut crate::fetch::Fetcher, left: Duration) -> Result<Round, String> {
+    let (body, sig) = super::publish::read(f, &o.channel_doc, channel::sign::MAX_FILE)?;
+    let name = channel::parse(&body).map_err(|e| format!("{}: {e}", o.channel_doc))?.channel;
+    let keys = TrustedKeys::new(vec![key.public()]);
+    let v = channel::verify(&body, sig.as_deref(), &keys, &name).map_err(|e| format!("{}: {e}", o.channel_doc))?;
+    let now = crate::clock::now();
+    if channel::fresh::expired(v.doc.expires, now) {
+        return Err(format!("{}: expired at {} (now {now}); devices refuse it", o.channel_doc, v.doc.expires));
+    }
+    let samples = super::query(f, &o.prometheus, left)?;
+    let (hosts, _) = super::view::hosts(&samples);
+    let r = rollout::rollout(&v.doc, &hosts);
+    let d = &v.doc;
+    eprintln!(
+        "nixless: channel {} seq {}: {} hosts report it, {} still on an older document{}",
+        d.channel,
+        d.seq,
+        r.on_channel,
+        r.pending,
+        if r.ahead > 0 { format!(", {} on a NEWER one (re-reading)", r.ahead) } else { String::new() }
+    );
+    for w in &r.waves {
+        eprintln!("nixless:   {}", rollout::describe(w));
+    }
+    match rollout::judge(d, &r, o.max_failure_rate, o.min_hosts) {
+        Verdict::Halt { groups, because } => {
+            let halt = rollout::halt_doc(d, &groups, now);
+            let out = channel::render(&halt).map_err(|e| e.to_string())?;
+            let (_, sig) = channel::issue(out.as_bytes(), key, now)?;
+            super::publish::publish(f, &o.publish, out.as_bytes(), &sig)?;
+            eprintln!(
+                "nixless: HALTED group(s) {} of channel {} (seq {}): wave {} of group {}: {} of {} finished hosts failed, \
+                 more than {}; wrote {}",
+                groups.join(", "),
+                d.channel,
+                halt.seq,
+                because.wave,
+                because.group,
+                because.failed,
+                because.finished(),
+                o.max_failure_rate,
+                o.publish.split('?').next().unwrap_or_default()
+            );
+            Ok(Round::Done(EXIT_HALTED))
+        }
+        Verdict::Halted => {
+            eprintln!("nixless: channel {} seq {} is halted already", d.channel, d.seq);
+            Ok(Round::Done(EXIT_HALTED))
+        }
+        Verdict::Complete { halted } => {
+            eprintln!("nixless: channel {} seq {}: rollout complete", d.channel, d.seq);
+            Ok(Round::Done(if halted { EXIT_HALTED } else { EXIT_COMPLETE }))
+        }
+        Verdict::InProgress => Ok(Round::Again),
+    }
+}
