@@ -35,7 +35,8 @@ const LAYERS: &[&[&str]] = &[
     &["store"],
     &["deploy", "api", "channel"],
     &["switch"],
-    &["admin"],
+    // The admin side: keys, deploy, status, fleet status and rollout watch.
+    &["admin", "fleet"],
     &["agent"],
     &["cli", "console", "main", "lib"],
 ];
