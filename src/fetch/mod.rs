@@ -574,7 +574,12 @@ impl Fetcher {
         let status = resp.status().as_u16();
         let mut answer = Vec::new();
         // Best effort: the status is the result; the words only explain it.
-        let _ = resp.into_body().into_reader().take(PUT_ANSWER).read_to_end(&mut answer);
+        // An S3 error document says it in its <Code> (the rest is XML noise
+        // and request ids), the same word a refused GET shows.
+        let _ = resp.into_body().into_reader().take(PUT_ANSWER.max(DENIED_BODY)).read_to_end(&mut answer);
+        if let Some(code) = denied_code(&answer).filter(|_| status >= 400) {
+            return Ok((status, code));
+        }
         Ok((status, crate::text::clip_bytes(&answer, PUT_ANSWER as usize)))
     }
 
@@ -795,5 +800,29 @@ mod tests {
         let (addr, _held) = ticking::tests::hanging_addr();
         let (mut f, ticks) = counting_fetcher();
         assert_deadline_with_ticks(&mut f, &ticks, &format!("http://{addr}/doc.json"));
+    }
+
+    /// A refused PUT to S3 shows the error document's code, not its XML.
+    #[test]
+    fn a_refused_put_answers_with_the_s3_error_code() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/bucket/doc.json", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for body in [
+                "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>AccessDenied</Code><Message>Access Denied</Message><RequestId>4442587FB7D0A2F9</RequestId></Error>",
+                "plain words",
+            ] {
+                let Ok((mut c, _)) = listener.accept() else { return };
+                let mut head = [0u8; 8192];
+                let _ = c.read(&mut head);
+                let _ = c.write_all(
+                    format!("HTTP/1.1 403 Forbidden\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+                        .as_bytes(),
+                );
+            }
+        });
+        let mut f = Fetcher::new(vec![], Options { retries: 0, ..Options::default() });
+        assert_eq!(f.put_url(&url, "text/plain", b"x").unwrap(), (403, "AccessDenied".to_owned()));
+        assert_eq!(f.put_url(&url, "text/plain", b"x").unwrap(), (403, "plain words".to_owned()));
     }
 }
