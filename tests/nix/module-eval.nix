@@ -132,6 +132,13 @@ let
       url = null;
       intervalSecs = 300;
     };
+    channel = {
+      url = null;
+      name = null;
+      tags = [ ];
+      keysUrl = null;
+      clockFloor = null;
+    };
     hardwareWatchdog = {
       enable = true;
       runtimeSecs = 30;
@@ -504,6 +511,64 @@ let
           !(off ? pushgateway_url) && !(off ? push_interval_secs)
         )
       ))
+      (case "the channel options reach the agent's config; without a URL, no channel key" (
+        let
+          agentJson =
+            nixless:
+            builtins.fromJSON
+              (resolve
+                (import module {
+                  inherit lib;
+                  pkgs = pkgs // {
+                    writeText = _: text: text;
+                  };
+                  options = current;
+                  config = configFor current { inherit nixless; };
+                }).config
+              ).environment.etc."nixless/agent.json".source;
+          on = agentJson {
+            listen = [ ];
+            channel = {
+              url = "https://deploy.example/stable.json";
+              name = "stable";
+              tags = [
+                "kiosk"
+                "all"
+              ];
+              keysUrl = "https://deploy.example/keys.json";
+              clockFloor = 1796083200;
+            };
+          };
+          off = agentJson { };
+        in
+        expect "channel keys: ${builtins.toJSON on}" (
+          on.channel_url == "https://deploy.example/stable.json"
+          && on.channel == "stable"
+          && on.tags == [
+            "kiosk"
+            "all"
+          ]
+          && on.keys_url == "https://deploy.example/keys.json"
+          && on.clock_floor == 1796083200
+        )
+        ++ expect "no channel keys without a URL: ${builtins.toJSON off}" (
+          !(off ? channel_url || off ? channel || off ? tags || off ? keys_url || off ? clock_floor)
+        )
+      ))
+      (passCase "a channel alone (no listen, no pollUrl) can receive deploys" current {
+        nixless = cfg // {
+          listen = [ ];
+          channel = cfg.channel // {
+            url = "file:///media/usb/stable.json";
+            name = "stable";
+          };
+        };
+      })
+      (assertionCase "a channel URL without its name is refused" current {
+        nixless.channel = cfg.channel // {
+          url = "https://deploy.example/stable.json";
+        };
+      } [ "channel.name: required with channel.url" ])
       (case "no credentials: no LoadCredential=" (
         expectUnset (configOf current { }) [ "systemd" "services" "nixless-agent" "serviceConfig" "LoadCredential" ]
       ))
