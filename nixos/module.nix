@@ -687,6 +687,10 @@ in
           assertion = cfg.channel.url == null || cfg.channel.name != null;
           message = "services.nixless.channel.name: required with channel.url (the name of the channel followed).";
         }
+        {
+          assertion = cfg.channel.url == null || cfg.channel.tags != [ ];
+          message = "services.nixless.channel.tags: at least one is needed with channel.url (a machine's group is one of its tags).";
+        }
       ]
       ++ compatAssertions
       ++ unitAssertions;

@@ -142,11 +142,17 @@ struct Agent {
     child: Child,
     tmp: tempfile::TempDir,
     port: u16,
+    seccomp: bool,
 }
 
 impl Agent {
     /// `extra`: config keys, JSON, starting with a comma.
     fn start(host: &str, deploy_key: &SecretKey, extra: &str) -> Agent {
+        Agent::start_with(host, deploy_key, extra, false)
+    }
+
+    /// With `seccomp`, under the agent's own filter (as in production).
+    fn start_with(host: &str, deploy_key: &SecretKey, extra: &str, seccomp: bool) -> Agent {
         let f = fixtures();
         let tmp = tempfile::Builder::new().prefix("nixless-follow-").tempdir().unwrap();
         let port = free_port();
@@ -167,10 +173,19 @@ impl Agent {
             root.display(),
         );
         fs::write(&config, text).unwrap();
-        let log = fs::File::create(tmp.path().join("agent.log")).unwrap();
-        let child = Command::new(bin())
-            .args(["agent", "--no-seccomp", "--config"])
-            .arg(&config)
+        let child = Agent::spawn(tmp.path(), seccomp);
+        let mut a = Agent { child, tmp, port, seccomp };
+        a.wait_serving();
+        a
+    }
+
+    fn spawn(dir: &Path, seccomp: bool) -> Child {
+        let log = fs::OpenOptions::new().create(true).append(true).open(dir.join("agent.log")).unwrap();
+        Command::new(bin())
+            .arg("agent")
+            .args((!seccomp).then_some("--no-seccomp"))
+            .arg("--config")
+            .arg(dir.join("config.json"))
             .env_remove("NIXLESS_LOG")
             .env_remove("NOTIFY_SOCKET")
             .env_remove("WATCHDOG_USEC")
@@ -178,22 +193,35 @@ impl Agent {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .unwrap();
-        let mut a = Agent { child, tmp, port };
+            .unwrap()
+    }
+
+    fn wait_serving(&mut self) {
         wait_until("the agent to serve status", Duration::from_secs(10), || {
-            a.assert_alive();
-            get(&format!("{}/v1/status", a.url())).filter(|(s, _)| *s == 200)
+            self.assert_alive();
+            get(&format!("{}/v1/status", self.url())).filter(|(s, _)| *s == 200)
         });
-        a
+    }
+
+    /// SIGKILL, reap, start again on the same root and config.
+    fn restart(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.child = Agent::spawn(self.tmp.path(), self.seccomp);
+        self.wait_serving();
     }
 
     /// Follows the publisher's `stable.json` with tag `kiosk`.
     fn follow(host: &str, p: &Publisher, extra: &str) -> Agent {
+        Agent::follow_with(host, p, extra, false)
+    }
+
+    fn follow_with(host: &str, p: &Publisher, extra: &str, seccomp: bool) -> Agent {
         let keys = format!(
             r#","channel_url":"{}","channel":"{CHANNEL}","tags":["nope","kiosk"]{extra}"#,
             p.url("stable.json")
         );
-        Agent::start(host, &p.secret, &keys)
+        Agent::start_with(host, &p.secret, &keys, seccomp)
     }
 
     fn url(&self) -> String {
@@ -319,7 +347,9 @@ fn wave_one_deploys_and_commits() {
     let system = f.get("TOP");
     let p = Publisher::new("admin-1");
     p.publish("stable.json", &Doc::new(7, system).json());
-    let mut a = Agent::follow("kiosk-1", &p, "");
+    // Under the seccomp filter: reading the channel, keeping its document
+    // and the record are all within the allowlist.
+    let mut a = Agent::follow_with("kiosk-1", &p, "", true);
     let s = a.wait_status("the channel job to switch", |s| s.phase == "switching");
     let job = s.job.unwrap();
     assert_eq!((job.seq, job.action.as_str(), job.system.as_str()), (7, "switch", system));
@@ -403,6 +433,29 @@ fn a_later_wave_waits_and_a_halt_stops_it() {
     assert_eq!((r.step.as_str(), r.system.as_str()), ("test", system));
     let c = a.channel();
     assert_eq!((c.seq, c.decision.as_deref(), c.wave, c.until), (Some(3), Some("deploy"), Some(2), None));
+}
+
+/// A plan that stops short of the device's position leaves it out: it
+/// shows not-in-plan with wave 0 and no system, and does nothing.
+#[test]
+fn a_device_past_the_plan_is_not_in_it() {
+    let f = fixtures();
+    let p = Publisher::new("admin-1");
+    let mut d = Doc::new(1, f.get("TOP"));
+    d.waves = r#"[{"percent":1}]"#.into();
+    p.publish("stable.json", &d.json());
+    let mut a = Agent::follow(&wave_two_host(), &p, "");
+    let s =
+        a.wait_status("not-in-plan", |s| s.channel.as_ref().and_then(|c| c.decision.as_deref()) == Some("not-in-plan"));
+    let c = s.channel.unwrap();
+    assert_eq!((c.group.as_deref(), c.wave, c.system.as_deref()), (Some("kiosk"), Some(0), Some("")));
+    let m = a.metrics();
+    assert!(
+        m.contains("nixless_channel_info{channel=\"stable\",group=\"kiosk\",wave=\"0\",seq=\"1\",system=\"\",decision=\"not-in-plan\"} 1\n"),
+        "{m}"
+    );
+    a.wait_checks(2);
+    assert!(a.store_is_empty() && a.request().is_none() && a.status().phase == "idle");
 }
 
 /// A whole-channel halt (`"halt": true`) stops a device that has not
@@ -517,6 +570,14 @@ fn a_failed_system_is_not_retried() {
     assert!(state.contains(&format!(r#""failed":"{system}""#)), "{state}");
     a.wait_checks(3);
     assert_eq!(a.request().map(|r| r.id), Some(2), "no new switch request");
+    assert_eq!((a.status().phase.as_str(), a.state_json()), ("idle", state.clone()));
+    // Nor after a restart: the record is in the state file.
+    a.restart();
+    a.wait_status("failed-before after a restart", |s| {
+        s.channel.as_ref().and_then(|c| c.decision.as_deref()) == Some("failed-before")
+    });
+    a.wait_checks(2);
+    assert_eq!(a.request().map(|r| r.id), Some(2), "no new switch request");
     assert_eq!((a.status().phase.as_str(), a.state_json()), ("idle", state));
 }
 
@@ -547,21 +608,7 @@ fn a_key_rotation_makes_a_new_key_valid_for_deploys() {
     let s = a.wait_status("the deploy to fail", |s| s.last_result.is_some() && s.phase == "idle");
     assert_eq!(s.highest_seq, 3);
     // The rotation survives a restart (it is in the state file).
-    let config = a.tmp.path().join("config.json");
-    a.child.kill().unwrap();
-    a.child.wait().unwrap();
-    a.child = Command::new(bin())
-        .args(["agent", "--no-seccomp", "--config"])
-        .arg(&config)
-        .env_remove("NIXLESS_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(fs::OpenOptions::new().append(true).open(a.tmp.path().join("agent.log")).unwrap())
-        .spawn()
-        .unwrap();
-    wait_until("the restarted agent", Duration::from_secs(10), || {
-        get(&format!("{}/v1/status", a.url())).filter(|(s, _)| *s == 200)
-    });
+    a.restart();
     assert_eq!(a.post(&p.secret, 4, f.get("TOP")), 401);
     assert_eq!(a.post(&next.secret, 5, "/nix/store/00000000000000000000000000000000-missing"), 202);
 }

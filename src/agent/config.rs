@@ -435,6 +435,11 @@ impl Config {
                 return Err(format!("tags: {t:?} appears twice"));
             }
         }
+        if channel.is_some() && tags.is_empty() {
+            // The device's group is one of its tags: with none, no document
+            // could ever name it.
+            return Err("channel_url needs tags (the groups this device belongs to, in priority order)".into());
+        }
         let keys_url = w.keys_url.map(|u| document_url("keys_url", &u)).transpose()?;
         if let Some(u) = &w.poll_url {
             if !(u.starts_with("http://") || u.starts_with("https://") || u.starts_with("file:///")) {
@@ -645,9 +650,10 @@ mod tests {
         assert_eq!((c.channel, c.tags.len(), c.keys_url, c.clock_floor), (None, 0, None, 0));
         for (extra, needle) in [
             (r#","channel_url":"http://x/c.json""#, "channel_url needs channel"),
+            (r#","channel_url":"http://x/c.json","channel":"s""#, "channel_url needs tags"),
             (r#","channel":"stable""#, "channel needs channel_url"),
-            (r#","channel_url":"ftp://x","channel":"s""#, "channel_url \"ftp://x\": expected"),
-            (r#","channel_url":"http://x","channel":"a b""#, "channel \"a b\": 1 to 64"),
+            (r#","channel_url":"ftp://x","channel":"s","tags":["t"]"#, "channel_url \"ftp://x\": expected"),
+            (r#","channel_url":"http://x","channel":"a b","tags":["t"]"#, "channel \"a b\": 1 to 64"),
             (r#","tags":["ok","no/slash"]"#, "tags: \"no/slash\""),
             (r#","tags":["a","a"]"#, "tags: \"a\" appears twice"),
             (r#","keys_url":"gopher://k""#, "keys_url"),
@@ -660,7 +666,7 @@ mod tests {
         let e = Config::parse(cfg(&format!(r#","tags":[{}]"#, many.join(","))).as_bytes()).unwrap_err();
         assert_eq!(e, "tags: 65 given, at most 64");
         // A channel alone is enough to receive deploys.
-        let only = cfg(r#","channel_url":"file:///c.json","channel":"s""#)
+        let only = cfg(r#","channel_url":"file:///c.json","channel":"s","tags":["t"]"#)
             .replace(r#""listen":["127.0.0.1:8731","[::1]:8731"],"#, "");
         assert!(Config::parse(only.as_bytes()).is_ok());
     }

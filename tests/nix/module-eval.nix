@@ -561,14 +561,22 @@ let
           channel = cfg.channel // {
             url = "file:///media/usb/stable.json";
             name = "stable";
+            tags = [ "kiosk" ];
           };
         };
       })
       (assertionCase "a channel URL without its name is refused" current {
         nixless.channel = cfg.channel // {
           url = "https://deploy.example/stable.json";
+          tags = [ "kiosk" ];
         };
       } [ "channel.name: required with channel.url" ])
+      (assertionCase "a channel URL without tags is refused" current {
+        nixless.channel = cfg.channel // {
+          url = "https://deploy.example/stable.json";
+          name = "stable";
+        };
+      } [ "channel.tags: at least one is needed" ])
       (case "no credentials: no LoadCredential=" (
         expectUnset (configOf current { }) [ "systemd" "services" "nixless-agent" "serviceConfig" "LoadCredential" ]
       ))
