@@ -165,8 +165,10 @@ impl Agent {
         fs::create_dir_all(&empty).unwrap();
         fs::write(empty.join("nix-cache-info"), "StoreDir: /nix/store\n").unwrap();
         let config = tmp.path().join("config.json");
+        // One check a second, unless the test sets its own interval.
+        let interval = if extra.contains("poll_interval_secs") { "" } else { r#","poll_interval_secs":1"# };
         let text = format!(
-            r#"{{"host":"{host}","listen":["127.0.0.1:{port}"],"caches":["file://{}"],"cache_keys":["{}"],"deploy_keys":["{}"],"root":"{}","retries":0,"poll_interval_secs":1,"health_check_network":false{extra}}}"#,
+            r#"{{"host":"{host}","listen":["127.0.0.1:{port}"],"caches":["file://{}"],"cache_keys":["{}"],"deploy_keys":["{}"],"root":"{}","retries":0,"health_check_network":false{interval}{extra}}}"#,
             empty.display(),
             f.get("PK_A"),
             deploy_key.public(),
@@ -433,6 +435,30 @@ fn a_later_wave_waits_and_a_halt_stops_it() {
     assert_eq!((r.step.as_str(), r.system.as_str()), ("test", system));
     let c = a.channel();
     assert_eq!((c.seq, c.decision.as_deref(), c.wave, c.until), (Some(3), Some("deploy"), Some(2), None));
+}
+
+/// A waiting device checks again when its wave opens, not at its next
+/// interval (an hour here): the wave opens seconds after the document is
+/// published, and the device deploys well within the hour.
+#[test]
+fn a_waiting_device_checks_again_when_its_wave_opens() {
+    let f = fixtures();
+    let p = Publisher::new("admin-1");
+    let mut d = Doc::new(1, f.get("TOP"));
+    let opens = now() + 4;
+    d.waves = format!(r#"[{{"percent":100,"start":{opens}}}]"#);
+    p.publish("stable.json", &d.json());
+    let mut a = Agent::follow("kiosk-1", &p, r#","poll_interval_secs":3600"#);
+    let first = a.wait_status("a first check", |s| s.channel.as_ref().is_some_and(|c| c.last_check.is_some()));
+    let c = first.channel.unwrap();
+    if c.decision.as_deref() == Some("wait") {
+        assert_eq!(c.until, Some(opens));
+    }
+    let s = a.wait_status("the deploy at the wave's opening", |s| {
+        s.channel.as_ref().and_then(|c| c.decision.as_deref()) == Some("deploy")
+    });
+    assert!(s.channel.unwrap().last_check.unwrap() >= opens);
+    assert_eq!(a.wait_request(1).step.as_str(), "test");
 }
 
 /// A plan that stops short of the device's position leaves it out: it
