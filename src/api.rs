@@ -7,9 +7,11 @@
 //! GET /v1/status   {"host":S,"version":S,"current_system":S|null,"booted_system":S|null,
 //!                   "profile_system":S|null,"phase":S,"highest_seq":N,
 //!                   "progress":{"paths_done":N,"paths_total":N,"bytes_done":N,"bytes_total":N},
-//!                   "job":{"seq":N,"action":S,"system":S,"previous":S|null,"started":N,"failure":S|null}|null,
+//!                   "job":{"seq":N,"action":S,"system":S,"previous":S|null,"started":N,"failure":S|null,
+//!                          "origin":"deploy"|"channel"}|null,
 //!                   "health_deadline":N?,                        ; only while verifying
-//!                   "last_result":{"seq":N,"action":S,"system":S,"outcome":S,"reason":S|null,"finished":N}|null,
+//!                   "last_result":{"seq":N,"action":S,"system":S,"outcome":S,"reason":S|null,"finished":N,
+//!                                  "origin":"deploy"|"channel"}|null,
 //!                   "last_error":S|null,"last_rejection":S|null,
 //!                   "poll":{"url":S|null,"last_check":N|null,"error":S|null},"started":N,
 //!                   "push":{"url":S,"last_ok":N|null,"error":S|null,"errors":N}?,  ; only with a pushgateway
@@ -125,6 +127,9 @@ pub struct Job {
     pub started: u64,
     #[serde(default)]
     pub failure: Option<String>,
+    /// "deploy" (a deploy document) or "channel" (`seq` is the channel's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 /// How the last deploy ended.
@@ -140,6 +145,9 @@ pub struct LastResult {
     pub reason: Option<String>,
     #[serde(default)]
     pub finished: u64,
+    /// "deploy" or "channel", as for [`Job`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -217,6 +225,7 @@ mod tests {
                 previous: h(),
                 started: 5,
                 failure: h(),
+                origin: Some("channel".into()),
             }),
             health_deadline: Some(99),
             last_result: Some(LastResult {
@@ -226,6 +235,7 @@ mod tests {
                 outcome: "failed".into(),
                 reason: h(),
                 finished: 4,
+                origin: Some("deploy".into()),
             }),
             last_error: h(),
             last_rejection: h(),

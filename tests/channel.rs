@@ -355,6 +355,7 @@ fn wave_one_deploys_and_commits() {
     let s = a.wait_status("the channel job to switch", |s| s.phase == "switching");
     let job = s.job.unwrap();
     assert_eq!((job.seq, job.action.as_str(), job.system.as_str()), (7, "switch", system));
+    assert_eq!(job.origin.as_deref(), Some("channel"));
     assert_eq!(s.highest_seq, 0, "a channel job is not a deploy document's sequence");
     let c = s.channel.unwrap();
     assert_eq!(
@@ -377,7 +378,7 @@ fn wave_one_deploys_and_commits() {
     let s = a.wait_status("the channel job to commit", |s| s.phase == "idle" && s.last_result.is_some());
     let last = s.last_result.unwrap();
     assert_eq!((last.seq, last.outcome.as_str(), last.system.as_str()), (7, "committed", system), "{:?}", last.reason);
-    assert_eq!(s.highest_seq, 0);
+    assert_eq!((s.highest_seq, last.origin.as_deref()), (0, Some("channel")));
     let m = a.metrics();
     let info = format!("nixless_last_result_info{{outcome=\"committed\",system=\"{system}\",origin=\"channel\"}} 1\n");
     assert!(m.contains(&info), "{m}");

@@ -69,6 +69,7 @@ pub fn status(s: &Snapshot) -> api::Status {
             previous: msg(&j.previous),
             started: j.started,
             failure: msg(&j.failure),
+            origin: Some(j.origin.as_str().to_owned()),
         }),
         health_deadline: match st.phase {
             Phase::Verifying { deadline } => Some(deadline),
@@ -81,6 +82,7 @@ pub fn status(s: &Snapshot) -> api::Status {
             outcome: l.outcome.as_str().to_owned(),
             reason: msg(&l.reason),
             finished: l.finished,
+            origin: Some(l.origin.as_str().to_owned()),
         }),
         last_error: msg(&s.last_error),
         last_rejection: msg(&s.last_rejection),

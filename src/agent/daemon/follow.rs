@@ -266,10 +266,10 @@ impl Agent {
     /// deploy document's, or the channel group's (re-verified from disk,
     /// as anything read back).
     pub(super) fn job_sources(&self) -> (Vec<String>, Vec<String>) {
-        let origin = self.shared.borrow().state.job.as_ref().map(|j| j.origin);
-        if origin != Some(Origin::Channel) {
+        let job = self.shared.borrow().state.job.as_ref().map(|j| (j.origin, j.seq));
+        let Some((Origin::Channel, seq)) = job else {
             return self.saved_deploy().map(|d| (d.caches, d.narinfos)).unwrap_or_default();
-        }
+        };
         let (Some(ch), dir) = (self.ctx.cfg.channel.as_ref(), &self.ctx.cfg.state_dir) else {
             return Default::default();
         };
@@ -277,7 +277,7 @@ impl Agent {
             return Default::default();
         };
         let sh = self.shared.borrow();
-        let Ok(v) = channel::verify(&body, Some(&sig), &sh.keys, &ch.name) else {
+        let Some(v) = channel::verify(&body, Some(&sig), &sh.keys, &ch.name).ok().filter(|v| v.doc.seq == seq) else {
             return Default::default();
         };
         let caches = self.ctx.cfg.tags.iter().find_map(|t| v.doc.groups.iter().find(|g| g.tag == *t));
