@@ -173,7 +173,7 @@ impl Agent {
         Ok(())
     }
 
-    fn follow_channel(&mut self, ch: &super::super::config::Channel) -> Result<(), String> {
+    fn follow_channel(&mut self, ch: &crate::agent::config::Channel) -> Result<(), String> {
         let fetched = self.fetch_signed(&ch.url);
         let ctx = self.ctx.clone();
         let root = &ctx.cfg.root;
