@@ -64,6 +64,11 @@ let
       ssl_cert_file = cfg.sslCertFile;
       pushgateway_url = cfg.pushgateway.url;
       push_interval_secs = if cfg.pushgateway.url == null then null else cfg.pushgateway.intervalSecs;
+      channel_url = cfg.channel.url;
+      channel = if cfg.channel.url == null then null else cfg.channel.name;
+      tags = if cfg.channel.tags == [ ] then null else cfg.channel.tags;
+      keys_url = cfg.channel.keysUrl;
+      clock_floor = cfg.channel.clockFloor;
     }
     // cfg.extraConfig;
 
@@ -310,6 +315,8 @@ let
   # Nix's public key format: name:base64(32 bytes).
   publicKey = types.strMatching "[^:[:space:]]+:[A-Za-z0-9+/]{43}=";
   cacheUrl = types.strMatching "(https?://|s3://|file:///).+";
+  # A channel name or tag, as the agent checks it (src/channel/mod.rs).
+  channelName = types.strMatching "[A-Za-z0-9._-]{1,64}";
   # A file on the machine, as a string: a Nix path literal would be copied
   # into the world-readable store, which a secret must never be.
   secretFile = types.strMatching "/.+";
@@ -484,6 +491,60 @@ in
       '';
     };
 
+    channel = {
+      url = mkOption {
+        type = types.nullOr cacheUrl;
+        default = null;
+        example = "https://deploy.example.org/stable.json";
+        description = ''
+          A signed channel document to follow (its signature at the same URL
+          with `.sig` appended; for `s3://`, on the object key), polled every
+          {option}`services.nixless.pollIntervalSecs`. The machine deploys the
+          system its group names once its wave opens, and never retries a
+          system that failed here. `null`: no channel.
+        '';
+      };
+      name = mkOption {
+        type = types.nullOr channelName;
+        default = null;
+        example = "stable";
+        description = "The channel's name (required with {option}`services.nixless.channel.url`): a document for another channel is refused.";
+      };
+      tags = mkOption {
+        type = types.listOf channelName;
+        default = [ ];
+        example = [
+          "kiosk"
+          "all"
+        ];
+        description = "This machine's tags, in priority order: its group is the first tag the channel document names.";
+      };
+      keysUrl = mkOption {
+        type = types.nullOr cacheUrl;
+        default = null;
+        example = "https://deploy.example.org/keys.json";
+        description = ''
+          A key rotation document (signed by a deploy key trusted now) naming
+          the deploy keys to trust from then on, polled with the channel.
+          The rotation holds while {option}`services.nixless.deployKeys` stays
+          as it was when it was applied; changing that option resets it.
+        '';
+      };
+      clockFloor = mkOption {
+        type = types.nullOr (types.ints.between 0 253402300799);
+        default = null;
+        example = lib.literalExpression "self.lastModified";
+        description = ''
+          The earliest Unix time this machine may believe it is, for devices
+          without a real-time clock: channel documents that expired before
+          it are refused even at a 1970 clock. nixpkgs has no build time to
+          take it from (its version options are strings), so set it from
+          the configuration's own date; in a flake, `self.lastModified`.
+          `null`: the agent's built-in floor (its release date).
+        '';
+      };
+    };
+
     pushgateway = {
       url = mkOption {
         type = types.nullOr (types.strMatching "https?://[^@?#]+");
@@ -641,8 +702,16 @@ in
           message = "services.nixless: netrcFile, bearerTokenFiles and s3.credentialsFile must not be in the Nix store (it is world-readable).";
         }
         {
-          assertion = cfg.listen != [ ] || cfg.pollUrl != null;
-          message = "services.nixless: set listen or pollUrl (or both); with neither, no deploy can ever arrive.";
+          assertion = cfg.listen != [ ] || cfg.pollUrl != null || cfg.channel.url != null;
+          message = "services.nixless: set listen, pollUrl or channel.url; with none, no deploy can ever arrive.";
+        }
+        {
+          assertion = cfg.channel.url == null || cfg.channel.name != null;
+          message = "services.nixless.channel.name: required with channel.url (the name of the channel followed).";
+        }
+        {
+          assertion = cfg.channel.url == null || cfg.channel.tags != [ ];
+          message = "services.nixless.channel.tags: at least one is needed with channel.url (a machine's group is one of its tags).";
         }
       ]
       ++ compatAssertions

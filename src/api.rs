@@ -7,12 +7,18 @@
 //! GET /v1/status   {"host":S,"version":S,"current_system":S|null,"booted_system":S|null,
 //!                   "profile_system":S|null,"phase":S,"highest_seq":N,
 //!                   "progress":{"paths_done":N,"paths_total":N,"bytes_done":N,"bytes_total":N},
-//!                   "job":{"seq":N,"action":S,"system":S,"previous":S|null,"started":N,"failure":S|null}|null,
+//!                   "job":{"seq":N,"action":S,"system":S,"previous":S|null,"started":N,"failure":S|null,
+//!                          "origin":"deploy"|"channel"}|null,
 //!                   "health_deadline":N?,                        ; only while verifying
-//!                   "last_result":{"seq":N,"action":S,"system":S,"outcome":S,"reason":S|null,"finished":N}|null,
+//!                   "last_result":{"seq":N,"action":S,"system":S,"outcome":S,"reason":S|null,"finished":N,
+//!                                  "origin":"deploy"|"channel"}|null,
 //!                   "last_error":S|null,"last_rejection":S|null,
 //!                   "poll":{"url":S|null,"last_check":N|null,"error":S|null},"started":N,
-//!                   "push":{"url":S,"last_ok":N|null,"error":S|null,"errors":N}?}  ; only with a pushgateway
+//!                   "push":{"url":S,"last_ok":N|null,"error":S|null,"errors":N}?,  ; only with a pushgateway
+//!                   "channel":{"url":S|null,"name":S|null,"seq":N|null,"decision":S|null,"group":S|null,
+//!                              "wave":N|null,"system":S|null,"until":N|null,"error":S|null,"last_check":N|null,
+//!                              "keys_url":S|null,"keys_seq":N|null,"keys_error":S|null,"clock_floor":N}?}
+//!                                                                ; only with channel_url or keys_url
 //! POST /v1/deploy  202 {"seq":N,"status":"/v1/status","note":S?}
 //! any refusal      {"error":S,"seq":N?}
 //! ```
@@ -53,6 +59,52 @@ pub struct Status {
     pub started: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub push: Option<Push>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<Channel>,
+}
+
+/// The channel followed (and the key rotation document polled with it).
+/// `seq` … `until` describe the verified channel document held (the last
+/// one accepted), all null until there is one; `error` is the last check's
+/// refusal or failure, null once a check succeeds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Channel {
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub seq: Option<u64>,
+    /// deploy, wait, not-in-plan, halted, not-for-me, already-running,
+    /// failed-before.
+    #[serde(default)]
+    pub decision: Option<String>,
+    /// The device's group (its first tag the document names).
+    #[serde(default)]
+    pub group: Option<String>,
+    /// The device's 1-based wave in its group's plan; 0: not in the plan.
+    #[serde(default)]
+    pub wave: Option<u64>,
+    /// The group's system.
+    #[serde(default)]
+    pub system: Option<String>,
+    /// When the device's wave opens (decision wait).
+    #[serde(default)]
+    pub until: Option<u64>,
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub last_check: Option<u64>,
+    #[serde(default)]
+    pub keys_url: Option<String>,
+    /// The key rotation applied last.
+    #[serde(default)]
+    pub keys_seq: Option<u64>,
+    #[serde(default)]
+    pub keys_error: Option<String>,
+    /// The time the device believes it is at least (Unix seconds).
+    #[serde(default)]
+    pub clock_floor: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +127,9 @@ pub struct Job {
     pub started: u64,
     #[serde(default)]
     pub failure: Option<String>,
+    /// "deploy" (a deploy document) or "channel" (`seq` is the channel's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 /// How the last deploy ended.
@@ -90,6 +145,9 @@ pub struct LastResult {
     pub reason: Option<String>,
     #[serde(default)]
     pub finished: u64,
+    /// "deploy" or "channel", as for [`Job`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,6 +225,7 @@ mod tests {
                 previous: h(),
                 started: 5,
                 failure: h(),
+                origin: Some("channel".into()),
             }),
             health_deadline: Some(99),
             last_result: Some(LastResult {
@@ -176,12 +235,29 @@ mod tests {
                 outcome: "failed".into(),
                 reason: h(),
                 finished: 4,
+                origin: Some("deploy".into()),
             }),
             last_error: h(),
             last_rejection: h(),
             poll: Poll { url: h(), last_check: Some(3), error: h() },
             started: 1,
             push: Some(Push { url: HOSTILE.into(), last_ok: Some(2), error: h(), errors: 3 }),
+            channel: Some(Channel {
+                url: h(),
+                name: h(),
+                seq: Some((1 << 53) - 1),
+                decision: Some("wait".into()),
+                group: h(),
+                wave: Some(16),
+                system: h(),
+                until: Some(u64::MAX),
+                error: h(),
+                last_check: Some(1),
+                keys_url: h(),
+                keys_seq: Some(2),
+                keys_error: h(),
+                clock_floor: 3,
+            }),
         };
         back(&full);
         let empty = Status { host: "h".into(), phase: "idle".into(), ..Status::default() };

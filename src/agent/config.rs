@@ -17,9 +17,19 @@
 //!   "aws_profile": "cache",
 //!   "ssl_cert_file": "/etc/ssl/certs/ca-certificates.crt",
 //!   "pushgateway_url": "https://pushgateway.example.org",
-//!   "push_interval_secs": 300
+//!   "push_interval_secs": 300,
+//!   "channel_url": "https://deploy.example.org/stable.json",
+//!   "channel": "stable",
+//!   "tags": ["kiosk", "all"],
+//!   "keys_url": "https://deploy.example.org/keys.json",
+//!   "clock_floor": 1796083200
 //! }
 //! ```
+//! `channel_url` and `keys_url` are polled every `poll_interval_secs` (with
+//! the same jitter as `poll_url`), signatures at `URL.sig` (for `s3://`
+//! URLs, before the query). `channel` is required with `channel_url`;
+//! `tags` (at most 64, each a channel name) pick the device's group, first
+//! match wins.
 //! Every key is documented in README.md. Unknown keys are an error (a typo
 //! must not silently disable a check); so are missing required keys, keys
 //! that do not parse, a number outside its key's range ([`BOUNDS`]), and a
@@ -71,6 +81,11 @@ struct Wire {
     ssl_cert_file: Option<String>,
     pushgateway_url: Option<String>,
     push_interval_secs: Option<u64>,
+    channel_url: Option<String>,
+    channel: Option<String>,
+    tags: Option<Vec<String>>,
+    keys_url: Option<String>,
+    clock_floor: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -139,6 +154,20 @@ pub struct Config {
     pub ssl_cert_file: Option<PathBuf>,
     /// Read from [`Config::ssl_cert_file`] by the agent at start.
     pub trust: crate::net::tls::Trust,
+    /// The channel followed: its document's URL and name.
+    pub channel: Option<Channel>,
+    /// The device's tags, in priority order (its group in a channel).
+    pub tags: Vec<String>,
+    /// A key rotation document's URL.
+    pub keys_url: Option<String>,
+    /// The config's clock floor (0: none), see [`crate::channel::fresh`].
+    pub clock_floor: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Channel {
+    pub url: String,
+    pub name: String,
 }
 
 /// Bounded values fit any usize of 32 bits or more.
@@ -192,6 +221,8 @@ pub const BOUNDS: &[Bound] = &[
     // Each push is a few KiB; a fleet of 10 000 at 10 s is 1 000 pushes/s
     // on one gateway, so nothing shorter.
     bound("push_interval_secs", 10, DAY, 300),
+    // Unix time; 0 is none (the build's own floor still applies).
+    bound("clock_floor", 0, crate::channel::MAX_TIME, 0),
 ];
 
 fn range_error(b: &Bound, got: &str) -> String {
@@ -257,7 +288,26 @@ const KEYS: &[&str] = &[
     "ssl_cert_file",
     "pushgateway_url",
     "push_interval_secs",
+    "channel_url",
+    "channel",
+    "tags",
+    "keys_url",
+    "clock_floor",
 ];
+
+/// A polled document's URL: http(s), file:/// or s3:// (the caches' form,
+/// read with the caches' credentials), one line, bounded.
+fn document_url(key: &str, u: &str) -> Result<String, String> {
+    let shown = crate::text::clip(u, 200);
+    let scheme_ok = ["http://", "https://", "file:///", "s3://"].iter().any(|p| u.starts_with(p));
+    if !scheme_ok {
+        return Err(format!("{key} {shown:?}: expected http://, https://, file:/// or s3://"));
+    }
+    if u.len() > 1024 || u.chars().any(|c| c.is_control() || c == ' ') {
+        return Err(format!("{key} {shown:?}: no spaces or control characters; at most 1024 bytes"));
+    }
+    Ok(u.to_owned())
+}
 
 /// The members of a top-level JSON object, key and raw value text, so an
 /// unknown key or a bad number can be named (the JSON reader only says
@@ -365,9 +415,40 @@ impl Config {
         if deploy_keys.is_empty() {
             return Err("deploy_keys: at least one deploy key is needed".into());
         }
-        if listen.is_empty() && w.poll_url.is_none() {
-            return Err("neither listen addresses nor poll_url: the agent could never receive a deploy".into());
+        if listen.is_empty() && w.poll_url.is_none() && w.channel_url.is_none() {
+            return Err(
+                "neither listen addresses, poll_url nor channel_url: the agent could never receive a deploy".into()
+            );
         }
+        let channel = match (w.channel_url, w.channel) {
+            (Some(url), Some(name)) => {
+                if !crate::channel::valid_name(&name) {
+                    return Err(format!("channel {:?}: 1 to 64 of A-Z a-z 0-9 . _ -", crate::text::clip(&name, 100)));
+                }
+                Some(Channel { url: document_url("channel_url", &url)?, name })
+            }
+            (Some(_), None) => return Err("channel_url needs channel (the name of the channel followed)".into()),
+            (None, Some(_)) => return Err("channel needs channel_url (where its document is polled)".into()),
+            (None, None) => None,
+        };
+        let tags = w.tags.unwrap_or_default();
+        if tags.len() > crate::channel::MAX_GROUPS {
+            return Err(format!("tags: {} given, at most {}", tags.len(), crate::channel::MAX_GROUPS));
+        }
+        for (i, t) in tags.iter().enumerate() {
+            if !crate::channel::valid_name(t) {
+                return Err(format!("tags: {:?} is not 1 to 64 of A-Z a-z 0-9 . _ -", crate::text::clip(t, 100)));
+            }
+            if tags[..i].contains(t) {
+                return Err(format!("tags: {t:?} appears twice"));
+            }
+        }
+        if channel.is_some() && tags.is_empty() {
+            // The device's group is one of its tags: with none, no document
+            // could ever name it.
+            return Err("channel_url needs tags (the groups this device belongs to, in priority order)".into());
+        }
+        let keys_url = w.keys_url.map(|u| document_url("keys_url", &u)).transpose()?;
         if let Some(u) = &w.poll_url {
             if !(u.starts_with("http://") || u.starts_with("https://") || u.starts_with("file:///")) {
                 return Err(format!("poll_url {u:?}: expected http://, https:// or file:///"));
@@ -442,6 +523,10 @@ impl Config {
             credentials: Default::default(),
             ssl_cert_file,
             trust: Default::default(),
+            channel,
+            tags,
+            keys_url,
+            clock_floor: bounded("clock_floor", w.clock_floor)?,
         })
     }
 
@@ -562,6 +647,44 @@ mod tests {
         assert_eq!(set("max_body_bytes", "0").unwrap_err(), "max_body_bytes must be 1024..=16777216, got 0");
         // A string that merely looks like a number is shown as a string.
         assert_eq!(set("retries", "\"5\"").unwrap_err(), "retries must be 0..=100, got \"5\"");
+    }
+
+    #[test]
+    fn channel_keys_parse_and_are_checked() {
+        let c = Config::parse(
+            cfg(r#","channel_url":"s3://b/c.json?region=x","channel":"stable","tags":["kiosk","all"],"keys_url":"file:///k.json","clock_floor":1796083200"#)
+                .as_bytes(),
+        )
+        .unwrap();
+        let ch = c.channel.unwrap();
+        assert_eq!((ch.url.as_str(), ch.name.as_str()), ("s3://b/c.json?region=x", "stable"));
+        assert_eq!(
+            (c.tags, c.keys_url.as_deref(), c.clock_floor),
+            (vec!["kiosk".into(), "all".into()], Some("file:///k.json"), 1796083200)
+        );
+        let c = Config::parse(cfg("").as_bytes()).unwrap();
+        assert_eq!((c.channel, c.tags.len(), c.keys_url, c.clock_floor), (None, 0, None, 0));
+        for (extra, needle) in [
+            (r#","channel_url":"http://x/c.json""#, "channel_url needs channel"),
+            (r#","channel_url":"http://x/c.json","channel":"s""#, "channel_url needs tags"),
+            (r#","channel":"stable""#, "channel needs channel_url"),
+            (r#","channel_url":"ftp://x","channel":"s","tags":["t"]"#, "channel_url \"ftp://x\": expected"),
+            (r#","channel_url":"http://x","channel":"a b","tags":["t"]"#, "channel \"a b\": 1 to 64"),
+            (r#","tags":["ok","no/slash"]"#, "tags: \"no/slash\""),
+            (r#","tags":["a","a"]"#, "tags: \"a\" appears twice"),
+            (r#","keys_url":"gopher://k""#, "keys_url"),
+            (r#","clock_floor":253402300800"#, "clock_floor must be 0..=253402300799"),
+        ] {
+            let e = Config::parse(cfg(extra).as_bytes()).unwrap_err();
+            assert!(e.contains(needle), "{extra}: {e}");
+        }
+        let many: Vec<String> = (0..65).map(|i| format!("\"t{i}\"")).collect();
+        let e = Config::parse(cfg(&format!(r#","tags":[{}]"#, many.join(","))).as_bytes()).unwrap_err();
+        assert_eq!(e, "tags: 65 given, at most 64");
+        // A channel alone is enough to receive deploys.
+        let only = cfg(r#","channel_url":"file:///c.json","channel":"s","tags":["t"]"#)
+            .replace(r#""listen":["127.0.0.1:8731","[::1]:8731"],"#, "");
+        assert!(Config::parse(only.as_bytes()).is_ok());
     }
 
     #[test]

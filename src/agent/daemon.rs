@@ -16,14 +16,14 @@
 
 use super::config::{Config, InhibitedSwitch};
 use super::http::{Handler, Limits, Request, Response, Server};
-use super::machine::{self, Effect, Event, Phase, State, Timing};
+use super::machine::{self, Effect, Event, Origin, Phase, State, Timing};
 use super::notify::Notifier;
 use super::persist;
 use super::status::{self, Progress, Snapshot};
 use crate::api;
 use crate::deploy::{self, Action, Deploy, Rejection};
 use crate::fetch::{CacheUrl, Fetcher, Options};
-use crate::nix::StorePath;
+use crate::nix::{StorePath, TrustedKeys};
 use crate::store::fsutil;
 use crate::store::install;
 use crate::store::{Store, StoreLock};
@@ -48,6 +48,8 @@ const AUTH_PEERS: usize = 1024;
 const MAX_SIG_BYTES: u64 = 4096;
 
 pub use crate::clock::now;
+
+mod follow;
 
 #[derive(Debug, Clone, Copy, Default)]
 /// Command-line switches of `nixless agent`.
@@ -80,6 +82,11 @@ struct Shared {
     pending_gc: Option<(u64, Vec<u8>, Vec<u8>)>,
     /// How pushes to the Pushgateway go (None without one).
     push: Option<api::Push>,
+    /// The deploy keys trusted now: the config's, or a key rotation's
+    /// (`channel::keys::effective`). Every signature check uses these.
+    keys: TrustedKeys,
+    /// The channel followed, as status shows it (None without one).
+    channel: Option<api::Channel>,
 }
 
 impl Shared {
@@ -102,6 +109,8 @@ impl Shared {
             fatal: None,
             pending_gc: None,
             push: None,
+            keys: TrustedKeys::default(),
+            channel: None,
         }
     }
 }
@@ -155,6 +164,7 @@ fn snapshot(ctx: &Ctx, sh: &Shared) -> Snapshot {
         watchdog_pings: sh.notifier.pings,
         rejected_requests: sh.rejected,
         push: sh.push.clone(),
+        channel: follow::view(ctx, sh),
     }
 }
 
@@ -210,7 +220,7 @@ fn deploy_head(req: &Request, ctx: &Ctx, sh: &mut Shared) -> Result<(), Response
     if let Err(seq) = idle(sh) {
         return Err(json_error(409, "an update is in progress", seq));
     }
-    if let Err(rej) = deploy::check_signer(req.header(deploy::SIGNATURE_HEADER), &ctx.cfg.deploy_keys) {
+    if let Err(rej) = deploy::check_signer(req.header(deploy::SIGNATURE_HEADER), &sh.keys) {
         return Err(refuse(ctx, sh, req.peer, rej));
     }
     Ok(())
@@ -246,7 +256,7 @@ fn handle_deploy(req: &Request, ctx: &Ctx, sh: &mut Shared) -> Response {
         return resp;
     }
     let sig = req.header(deploy::SIGNATURE_HEADER);
-    let verified = deploy::verify(&req.body, sig, &ctx.cfg.deploy_keys, &ctx.cfg.host, sh.state.highest_seq);
+    let verified = deploy::verify(&req.body, sig, &sh.keys, &ctx.cfg.host, sh.state.highest_seq);
     let d = match verified {
         Ok(d) => d,
         Err(rej) => return refuse(ctx, sh, req.peer, rej),
@@ -344,7 +354,14 @@ fn accept(ctx: &Ctx, sh: &mut Shared, d: &Deploy, body: &[u8], sig: &[u8]) -> Re
         },
         (_, None) => String::new(),
     };
-    let ev = Event::Accepted { seq: d.seq, action: d.action, system: system.clone(), previous, boot_id: boot_id() };
+    let ev = Event::Accepted {
+        seq: d.seq,
+        action: d.action,
+        system: system.clone(),
+        previous,
+        boot_id: boot_id(),
+        origin: Origin::Deploy,
+    };
     let (next, effects) = machine::step(&sh.state, ev, now(), ctx.timing);
     if !machine::accepted(&sh.state, &next) {
         return Err(AcceptError::Busy(sh.state.job.as_ref().map(|j| j.seq)));
@@ -436,6 +453,8 @@ pub struct Agent {
     next_poll: Option<Instant>,
     poll_seed: u64,
     pusher: Option<super::push::Pusher>,
+    /// When the channel (and key rotation) documents are next fetched.
+    next_follow: Option<Instant>,
 }
 
 impl Agent {
@@ -468,8 +487,10 @@ impl Agent {
             .pushgateway_url
             .as_deref()
             .map(|u| super::push::Pusher::new(u, &cfg.host, cfg.push_interval, poll_seed.rotate_left(32)));
+        let next_follow = (cfg.channel.is_some() || cfg.keys_url.is_some()).then(Instant::now);
         let mut shared = Shared::new(state, server);
         shared.push = pusher.as_ref().map(|p| p.status.clone());
+        shared.keys = crate::channel::keys::effective(&cfg.deploy_keys, shared.state.rotation.as_ref());
         Ok(Agent {
             ctx: Rc::new(Ctx { cfg, store, timing }),
             shared: Rc::new(RefCell::new(shared)),
@@ -479,6 +500,7 @@ impl Agent {
             next_poll,
             poll_seed,
             pusher,
+            next_follow,
         })
     }
 
@@ -530,6 +552,7 @@ impl Agent {
                 continue;
             }
             self.maybe_poll()?;
+            self.maybe_follow()?;
             self.collect_pending_gc()?;
             self.maybe_push();
             {
@@ -622,7 +645,7 @@ impl Agent {
             Err(e) => log::warn!("collecting garbage for gc seq {seq}: {e}"),
         }
         let mut sh = self.shared.borrow_mut();
-        let verified = deploy::verify(&body, Some(&sig), &ctx.cfg.deploy_keys, &ctx.cfg.host, sh.state.highest_seq);
+        let verified = deploy::verify(&body, Some(&sig), &sh.keys, &ctx.cfg.host, sh.state.highest_seq);
         let res = match verified {
             Ok(d) => accept(&ctx, &mut sh, &d, &body, &sig),
             Err(rej) => Err(AcceptError::Refused(rej)),
@@ -839,8 +862,9 @@ impl Agent {
         let sig = std::fs::read(dir.join("deploy.json.sig")).ok()?;
         // Re-verified, as anything read back from disk; the sequence check
         // is against the one before it (it is the highest now).
-        let seq = self.shared.borrow().state.job.as_ref()?.seq;
-        deploy::verify(&body, Some(&sig), &self.ctx.cfg.deploy_keys, &self.ctx.cfg.host, seq.saturating_sub(1))
+        let sh = self.shared.borrow();
+        let seq = sh.state.job.as_ref()?.seq;
+        deploy::verify(&body, Some(&sig), &sh.keys, &self.ctx.cfg.host, seq.saturating_sub(1))
             .ok()
             .filter(|d| d.seq == seq)
     }
@@ -850,8 +874,7 @@ impl Agent {
             Some(Ok(p)) => p,
             _ => return Event::FetchFailed("the job's system is not a store path".into()),
         };
-        let doc = self.saved_deploy();
-        let (caches, narinfos) = doc.map(|d| (d.caches, d.narinfos)).unwrap_or_default();
+        let (caches, narinfos) = self.job_sources();
         let provided = install::provided_from(&narinfos);
         let mut fetcher = self.fetcher(&caches);
         let (ctx, shared) = (self.ctx.clone(), self.shared.clone());
@@ -1010,7 +1033,7 @@ impl Agent {
                 return Ok(());
             }
         };
-        let verified = deploy::verify(&doc, Some(&sig), &ctx.cfg.deploy_keys, &ctx.cfg.host, sh.state.highest_seq);
+        let verified = deploy::verify(&doc, Some(&sig), &sh.keys, &ctx.cfg.host, sh.state.highest_seq);
         let outcome = match verified {
             Ok(d) => accept(&ctx, &mut sh, &d, &doc, &sig),
             Err(rej) => Err(AcceptError::Refused(rej)),

@@ -21,6 +21,8 @@
 //! [`Effect::RequestSwitch`]). Each deploy may take at most
 //! [`MAX_TRANSITIONS`] steps, which bounds restart loops.
 
+use crate::channel::keys::Applied;
+use crate::channel::Record;
 use crate::deploy::Action;
 use crate::switch::protocol::{Step, INHIBITED, NO_ONE_SHOT};
 
@@ -105,9 +107,33 @@ impl Outcome {
     ];
 }
 
+/// Where a job came from. The two have separate sequence spaces: a
+/// deploy document's `seq` is checked against [`State::highest_seq`], a
+/// channel document's against [`State::channel`]'s, so a channel job must
+/// not raise `highest_seq` (a channel at seq 900 would lock out every
+/// per-device deploy below 900).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Origin {
+    /// A signed deploy document (POST or `poll_url`).
+    #[default]
+    Deploy,
+    /// A channel document (`channel_url`); the job's `seq` is the channel's.
+    Channel,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Deploy => "deploy",
+            Origin::Channel => "channel",
+        }
+    }
+}
+
 /// The deploy in progress.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Job {
+    /// The document's sequence, in its origin's sequence space.
     pub seq: u64,
     pub action: Action,
     pub system: String,
@@ -122,6 +148,7 @@ pub struct Job {
     pub boot_id: Option<String>,
     /// A `boot` deploy whose new system did boot (then being verified).
     pub booted_new: bool,
+    pub origin: Origin,
 }
 
 /// The last finished deploy.
@@ -133,6 +160,7 @@ pub struct Last {
     pub outcome: Outcome,
     pub reason: Option<String>,
     pub finished: u64,
+    pub origin: Origin,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,25 +174,45 @@ pub struct State {
     pub last: Option<Last>,
     /// Finished deploys by outcome, indexed like [`Outcome::ALL`].
     pub outcomes: [u64; 6],
+    /// What the device remembers of its channel: the last accepted
+    /// document's sequence and digest, and the system that failed here.
+    pub channel: Record,
+    /// The newest verified `issued` time (channel or key rotation): the
+    /// clock floor ([`crate::channel::fresh`]). 0: none yet.
+    pub clock_floor: u64,
+    /// The key rotation applied last, if any ([`crate::channel::keys`]).
+    pub rotation: Option<Applied>,
 }
 
 impl Default for State {
     fn default() -> Self {
-        State { highest_seq: 0, next_switch_id: 1, phase: Phase::Idle, job: None, last: None, outcomes: [0; 6] }
+        State {
+            highest_seq: 0,
+            next_switch_id: 1,
+            phase: Phase::Idle,
+            job: None,
+            last: None,
+            outcomes: [0; 6],
+            channel: Record::default(),
+            clock_floor: 0,
+            rotation: None,
+        }
     }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// A verified deploy document (the loop has checked signature, host,
-    /// sequence). `previous` is the system running now, `boot_id` the
-    /// kernel's boot id now.
+    /// sequence), or a channel document whose decision was deploy.
+    /// `previous` is the system running now, `boot_id` the kernel's boot
+    /// id now.
     Accepted {
         seq: u64,
         action: Action,
         system: String,
         previous: Option<String>,
         boot_id: Option<String>,
+        origin: Origin,
     },
     /// The agent (re)started with this boot id, and this system booted.
     Resumed {
@@ -226,9 +274,20 @@ pub struct Timing {
     pub boot_when_inhibited: bool,
 }
 
+/// Ends the job. A channel job that did not commit marks its system failed
+/// in the channel record, in the same persisted step, so the device never
+/// starts it again from that channel (issue 13: no retry of a failure).
 fn finish(s: &mut State, outcome: Outcome, reason: Option<String>, now: u64) {
     if let Some(job) = s.job.take() {
-        s.last = Some(Last { seq: job.seq, action: job.action, system: job.system, outcome, reason, finished: now });
+        if job.origin == Origin::Channel {
+            match outcome {
+                Outcome::Committed => s.channel.succeeded(),
+                _ => s.channel.failed(&job.system),
+            }
+        }
+        let origin = job.origin;
+        s.last =
+            Some(Last { seq: job.seq, action: job.action, system: job.system, outcome, reason, finished: now, origin });
     }
     let i = Outcome::ALL.iter().position(|o| *o == outcome).expect("listed");
     s.outcomes[i] += 1;
@@ -306,8 +365,10 @@ pub fn step(s: &State, ev: Event, now: u64, t: Timing) -> (State, Vec<Effect>) {
         }
     }
     let effects = match (s.phase.clone(), ev) {
-        (Phase::Idle, Event::Accepted { seq, action, system, previous, boot_id }) => {
-            s.highest_seq = s.highest_seq.max(seq);
+        (Phase::Idle, Event::Accepted { seq, action, system, previous, boot_id, origin }) => {
+            if origin == Origin::Deploy {
+                s.highest_seq = s.highest_seq.max(seq);
+            }
             s.job = Some(Job {
                 seq,
                 action,
@@ -318,6 +379,7 @@ pub fn step(s: &State, ev: Event, now: u64, t: Timing) -> (State, Vec<Effect>) {
                 failure: None,
                 boot_id,
                 booted_new: false,
+                origin,
             });
             match action {
                 Action::Switch | Action::Boot => {

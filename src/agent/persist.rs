@@ -9,11 +9,21 @@
 //!  "step":"test|boot|rollback-test"?,"switch_id":N?,"deadline":N?,
 //!  "job":{"seq","action","system","previous"?,"started","transitions","failure"?,"boot_id"?}?,
 //!  "last":{"seq","action","system","outcome","reason"?,"finished"}?,
-//!  "outcomes":[committed,rolled-back,rollback-failed,rejected,failed,collected]}
+//!  "outcomes":[committed,rolled-back,rollback-failed,rejected,failed,collected],
+//!  "clock_floor":N?,                                   ; newest verified `issued`
+//!  "channel":{"seq":N,"digest":B64?,"failed":S?}?,      ; the channel Record
+//!  "rotation":{"seq":N,"digest":B64,"base":B64,"keys":[S…]}?}
 //! ```
+//! `job` and `last` carry `"origin":"channel"` for a channel job (absent:
+//! a deploy document). Every field added since version 1 is optional and
+//! left out when empty, so an older state file reads as before and a
+//! device that never followed a channel writes the same bytes as before.
 
-use super::machine::{Job, Last, Outcome, Phase, State};
+use super::machine::{Job, Last, Origin, Outcome, Phase, State};
+use crate::channel::keys::Applied;
+use crate::channel::Record;
 use crate::deploy::Action;
+use crate::nix::base64;
 use crate::store::fsutil;
 use crate::switch::protocol::Step;
 use rustix::fd::AsFd;
@@ -51,6 +61,7 @@ pub fn to_json(s: &State) -> Result<String, crate::json::TooLarge> {
             failure: j.failure.clone(),
             boot_id: j.boot_id.clone(),
             booted_new: j.booted_new,
+            origin: origin_out(j.origin),
         }),
         last: s.last.as_ref().map(|l| WireLast {
             seq: l.seq,
@@ -59,8 +70,21 @@ pub fn to_json(s: &State) -> Result<String, crate::json::TooLarge> {
             outcome: l.outcome.as_str().to_owned(),
             reason: l.reason.clone(),
             finished: l.finished,
+            origin: origin_out(l.origin),
         }),
         outcomes: s.outcomes.to_vec(),
+        clock_floor: (s.clock_floor > 0).then_some(s.clock_floor),
+        channel: (s.channel != Record::default()).then(|| WireChannel {
+            seq: s.channel.seq,
+            digest: s.channel.digest.map(|d| base64::encode(&d)),
+            failed: s.channel.failed.clone(),
+        }),
+        rotation: s.rotation.as_ref().map(|a| WireRotation {
+            seq: a.seq,
+            digest: base64::encode(&a.digest),
+            base: base64::encode(&a.base),
+            keys: a.keys.clone(),
+        }),
     };
     crate::json::to_string(&w)
 }
@@ -79,6 +103,39 @@ fn phase_key(p: &Phase) -> &'static str {
     }
 }
 
+fn origin_out(o: Origin) -> Option<String> {
+    (o == Origin::Channel).then(|| o.as_str().to_owned())
+}
+
+fn origin_in(o: Option<&str>) -> Result<Origin, String> {
+    match o {
+        None | Some("deploy") => Ok(Origin::Deploy),
+        Some("channel") => Ok(Origin::Channel),
+        Some(o) => Err(format!("unknown origin {o:?}")),
+    }
+}
+
+fn digest_in(what: &str, b: &str) -> Result<[u8; 32], String> {
+    base64::decode_exact::<32>(b.as_bytes()).ok_or(format!("{what}: not 32 bytes of base64"))
+}
+
+#[derive(Serialize, Deserialize)]
+struct WireChannel {
+    seq: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    digest: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    failed: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct WireRotation {
+    seq: u64,
+    digest: String,
+    base: String,
+    keys: Vec<String>,
+}
+
 #[derive(Serialize, Deserialize)]
 struct WireJob {
     seq: u64,
@@ -91,6 +148,8 @@ struct WireJob {
     boot_id: Option<String>,
     #[serde(default)]
     booted_new: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    origin: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -101,6 +160,8 @@ struct WireLast {
     outcome: String,
     reason: Option<String>,
     finished: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    origin: Option<String>,
 }
 
 /// `state.json`. Absent optional fields are left out, not `null`.
@@ -121,6 +182,12 @@ struct Wire {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     last: Option<WireLast>,
     outcomes: Vec<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    clock_floor: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    channel: Option<WireChannel>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rotation: Option<WireRotation>,
 }
 
 pub fn from_json(bytes: &[u8]) -> Result<State, String> {
@@ -152,6 +219,7 @@ pub fn from_json(bytes: &[u8]) -> Result<State, String> {
             failure: j.failure,
             boot_id: j.boot_id,
             booted_new: j.booted_new,
+            origin: origin_in(j.origin.as_deref())?,
         }),
         None => None,
     };
@@ -163,6 +231,24 @@ pub fn from_json(bytes: &[u8]) -> Result<State, String> {
             outcome: Outcome::parse(&l.outcome).ok_or(format!("unknown outcome {:?}", l.outcome))?,
             reason: l.reason,
             finished: l.finished,
+            origin: origin_in(l.origin.as_deref())?,
+        }),
+        None => None,
+    };
+    let channel = match w.channel {
+        Some(c) => Record {
+            seq: c.seq,
+            digest: c.digest.map(|d| digest_in("channel digest", &d)).transpose()?,
+            failed: c.failed,
+        },
+        None => Record::default(),
+    };
+    let rotation = match w.rotation {
+        Some(r) => Some(Applied {
+            seq: r.seq,
+            digest: digest_in("rotation digest", &r.digest)?,
+            base: digest_in("rotation base", &r.base)?,
+            keys: r.keys,
         }),
         None => None,
     };
@@ -173,7 +259,17 @@ pub fn from_json(bytes: &[u8]) -> Result<State, String> {
     for (slot, v) in outcomes.iter_mut().zip(w.outcomes) {
         *slot = v;
     }
-    Ok(State { highest_seq: w.highest_seq, next_switch_id: w.next_switch_id.max(1), phase, job, last, outcomes })
+    Ok(State {
+        highest_seq: w.highest_seq,
+        next_switch_id: w.next_switch_id.max(1),
+        phase,
+        job,
+        last,
+        outcomes,
+        channel,
+        clock_floor: w.clock_floor.unwrap_or(0),
+        rotation,
+    })
 }
 
 /// Reads the state; a missing file is a fresh device. A corrupt one is an
@@ -240,6 +336,7 @@ mod tests {
                 system: "/nix/store/a-\"x\"".into(),
                 previous: None,
                 boot_id: Some("b\n1".into()),
+                origin: Origin::Deploy,
             },
             Event::FetchOk,
             Event::SwitchResult { id: 1, code: Some(0), tail: String::new() },
@@ -253,6 +350,41 @@ mod tests {
             assert_eq!(from_json(json.as_bytes()).unwrap(), s, "{json}");
         }
         assert_eq!(s.last.as_ref().unwrap().outcome, Outcome::Failed);
+    }
+
+    /// Issue 13: what the device remembers of its channel, its clock floor,
+    /// its rotated keys and a channel job's origin survive a save and a
+    /// load; a state file without them (every earlier version) reads as
+    /// none of them.
+    #[test]
+    fn channel_state_roundtrips() {
+        let t = Timing { health_timeout_secs: 30, boot_when_inhibited: false };
+        let mut s = State {
+            clock_floor: 1_796_083_200,
+            channel: Record { seq: 12, digest: Some([7; 32]), failed: Some("/nix/store/f".into()) },
+            rotation: Some(Applied { seq: 2, digest: [3; 32], base: [4; 32], keys: vec!["new-1:abc=".into()] }),
+            ..State::default()
+        };
+        let ev = Event::Accepted {
+            seq: 12,
+            action: Action::Boot,
+            system: "/nix/store/s".into(),
+            previous: None,
+            boot_id: None,
+            origin: Origin::Channel,
+        };
+        for ev in [ev, Event::FetchFailed("x".into())] {
+            s = step(&s, ev, 9, t).0;
+            let json = to_json(&s).unwrap();
+            assert!(json.contains("\"origin\":\"channel\""), "{json}");
+            assert_eq!(from_json(json.as_bytes()).unwrap(), s, "{json}");
+        }
+        assert_eq!(s.highest_seq, 0, "a channel job is not a deploy document's sequence");
+        let old = br#"{"version":1,"highest_seq":5,"next_switch_id":2,"phase":"idle","outcomes":[0,0,0,0,0,0]}"#;
+        let back = from_json(old).unwrap();
+        assert_eq!((back.channel, back.clock_floor, back.rotation), (Record::default(), 0, None));
+        let bad = br#"{"version":1,"highest_seq":5,"next_switch_id":2,"phase":"idle","outcomes":[],"channel":{"seq":1,"digest":"AAAA"}}"#;
+        assert_eq!(from_json(bad).unwrap_err(), "channel digest: not 32 bytes of base64");
     }
 
     #[test]
@@ -316,6 +448,7 @@ mod tests {
                 failure: h(),
                 boot_id: h(),
                 booted_new: true,
+                origin: Origin::Channel,
             }),
             last: Some(Last {
                 seq: 8,
@@ -324,8 +457,17 @@ mod tests {
                 outcome: Outcome::RollbackFailed,
                 reason: h(),
                 finished: 2,
+                origin: Origin::Channel,
             }),
             outcomes: [1, 2, 3, 4, 5, u64::MAX],
+            channel: Record { seq: (1 << 53) - 1, digest: Some([0xff; 32]), failed: h() },
+            clock_floor: u64::MAX,
+            rotation: Some(Applied {
+                seq: 3,
+                digest: [1; 32],
+                base: [0; 32],
+                keys: vec![HOSTILE.into(), "k:x".into()],
+            }),
         }
     }
 
@@ -368,6 +510,7 @@ mod tests {
             failure: None,
             boot_id: Some("b".into()),
             booted_new: false,
+            origin: Origin::Deploy,
         });
         s.last = Some(Last {
             seq: 4,
@@ -376,6 +519,7 @@ mod tests {
             outcome: Outcome::Committed,
             reason: Some("q\"".into()),
             finished: 6,
+            origin: Origin::Deploy,
         });
         assert_eq!(
             to_json(&s).unwrap(),

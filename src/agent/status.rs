@@ -36,6 +36,8 @@ pub struct Snapshot {
     pub rejected_requests: u64,
     /// Pushes to a Pushgateway, when one is configured.
     pub push: Option<api::Push>,
+    /// The channel followed, when one (or a keys URL) is configured.
+    pub channel: Option<api::Channel>,
 }
 
 /// Longest message (a reason, an error) status carries: they can hold text
@@ -67,6 +69,7 @@ pub fn status(s: &Snapshot) -> api::Status {
             previous: msg(&j.previous),
             started: j.started,
             failure: msg(&j.failure),
+            origin: Some(j.origin.as_str().to_owned()),
         }),
         health_deadline: match st.phase {
             Phase::Verifying { deadline } => Some(deadline),
@@ -79,6 +82,7 @@ pub fn status(s: &Snapshot) -> api::Status {
             outcome: l.outcome.as_str().to_owned(),
             reason: msg(&l.reason),
             finished: l.finished,
+            origin: Some(l.origin.as_str().to_owned()),
         }),
         last_error: msg(&s.last_error),
         last_rejection: msg(&s.last_rejection),
@@ -88,6 +92,13 @@ pub fn status(s: &Snapshot) -> api::Status {
             url: crate::text::bound(&p.url, MESSAGE_MAX).into_owned(),
             error: msg(&p.error),
             ..p.clone()
+        }),
+        channel: s.channel.as_ref().map(|c| api::Channel {
+            url: msg(&c.url),
+            error: msg(&c.error),
+            keys_url: msg(&c.keys_url),
+            keys_error: msg(&c.keys_error),
+            ..c.clone()
         }),
     }
 }
@@ -162,6 +173,27 @@ pub fn metrics(s: &Snapshot) -> String {
         out += "# HELP nixless_last_result_seq Sequence number of the last finished deploy.\n# TYPE nixless_last_result_seq gauge\n";
         out += &format!("nixless_last_result_seq {}\n", l.seq);
     }
+    if let Some(l) = &st.last {
+        out += "# HELP nixless_last_result_info The last finished deploy: outcome, system and origin; always 1.\n# TYPE nixless_last_result_info gauge\n";
+        out += &format!(
+            "nixless_last_result_info{{outcome=\"{}\",system=\"{}\",origin=\"{}\"}} 1\n",
+            l.outcome.as_str(),
+            label(&l.system),
+            l.origin.as_str()
+        );
+    }
+    if let Some(c) = s.channel.as_ref().filter(|c| c.seq.is_some()) {
+        out += "# HELP nixless_channel_info The verified channel document held and this device's place in it; always 1.\n# TYPE nixless_channel_info gauge\n";
+        out += &format!(
+            "nixless_channel_info{{channel=\"{}\",group=\"{}\",wave=\"{}\",seq=\"{}\",system=\"{}\",decision=\"{}\"}} 1\n",
+            label(c.name.as_deref().unwrap_or_default()),
+            label(c.group.as_deref().unwrap_or_default()),
+            c.wave.unwrap_or(0),
+            c.seq.unwrap_or(0),
+            label(c.system.as_deref().unwrap_or_default()),
+            label(c.decision.as_deref().unwrap_or_default()),
+        );
+    }
     out += "# HELP nixless_push_errors_total Failed pushes to the Pushgateway since start.\n# TYPE nixless_push_errors_total counter\n";
     out += &format!("nixless_push_errors_total {}\n", s.push.as_ref().map_or(0, |p| p.errors));
     if let Some(t) = s.push.as_ref().and_then(|p| p.last_ok) {
@@ -186,6 +218,7 @@ mod tests {
             system: "/nix/store/x".into(),
             previous: None,
             boot_id: None,
+            origin: crate::agent::machine::Origin::Deploy,
         };
         snap.state = step(&snap.state, ev, 5, Timing { health_timeout_secs: 1, boot_when_inhibited: false }).0;
         snap.progress = Progress { paths_done: 1, paths_total: 4, bytes_done: 10, bytes_total: 40 };
@@ -231,6 +264,53 @@ mod tests {
         let s = status(&snap);
         assert_eq!(s.push.map(|p| (p.errors, p.last_ok)), Some((3, Some(77))));
         assert_eq!(status(&Snapshot::default()).push, None);
+    }
+
+    /// The names `nixless fleet status` and `rollout watch` read (issue 13):
+    /// exactly these metric and label names, values escaped.
+    #[test]
+    fn channel_and_last_result_info() {
+        use crate::agent::machine::{Last, Origin};
+        let mut snap = Snapshot::default();
+        assert!(!metrics(&snap).contains("nixless_channel_info"), "no channel, no line");
+        snap.channel = Some(api::Channel { url: Some("file:///c".into()), ..api::Channel::default() });
+        assert!(!metrics(&snap).contains("nixless_channel_info"), "no verified document held, no line");
+        snap.channel = Some(api::Channel {
+            name: Some("stable".into()),
+            seq: Some(12),
+            decision: Some("failed-before".into()),
+            group: Some("kio\"sk".into()),
+            wave: Some(2),
+            system: Some("/nix/store/s".into()),
+            ..api::Channel::default()
+        });
+        snap.state.last = Some(Last {
+            seq: 12,
+            action: crate::deploy::Action::Switch,
+            system: "/nix/store/s\n".into(),
+            outcome: Outcome::RolledBack,
+            reason: None,
+            finished: 3,
+            origin: Origin::Channel,
+        });
+        let m = metrics(&snap);
+        assert!(
+            m.contains("nixless_channel_info{channel=\"stable\",group=\"kio\\\"sk\",wave=\"2\",seq=\"12\",system=\"/nix/store/s\",decision=\"failed-before\"} 1\n"),
+            "{m}"
+        );
+        assert!(
+            m.contains(
+                "nixless_last_result_info{outcome=\"rolled-back\",system=\"/nix/store/s\\n\",origin=\"channel\"} 1\n"
+            ),
+            "{m}"
+        );
+        snap.channel = Some(api::Channel {
+            name: Some("stable".into()),
+            seq: Some(1),
+            decision: Some("not-for-me".into()),
+            ..api::Channel::default()
+        });
+        assert!(metrics(&snap).contains("nixless_channel_info{channel=\"stable\",group=\"\",wave=\"0\",seq=\"1\",system=\"\",decision=\"not-for-me\"} 1\n"));
     }
 
     /// Messages from caches, documents and helpers reach status whatever

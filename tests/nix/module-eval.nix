@@ -133,6 +133,13 @@ let
       intervalSecs = 300;
     };
     sslCertFile = "/etc/ssl/certs/ca-certificates.crt";
+    channel = {
+      url = null;
+      name = null;
+      tags = [ ];
+      keysUrl = null;
+      clockFloor = null;
+    };
     hardwareWatchdog = {
       enable = true;
       runtimeSecs = 30;
@@ -511,6 +518,72 @@ let
           !((agentJson { sslCertFile = null; }) ? ssl_cert_file)
         )
       ))
+      (case "the channel options reach the agent's config; without a URL, no channel key" (
+        let
+          agentJson =
+            nixless:
+            builtins.fromJSON
+              (resolve
+                (import module {
+                  inherit lib;
+                  pkgs = pkgs // {
+                    writeText = _: text: text;
+                  };
+                  options = current;
+                  config = configFor current { inherit nixless; };
+                }).config
+              ).environment.etc."nixless/agent.json".source;
+          on = agentJson {
+            listen = [ ];
+            channel = {
+              url = "https://deploy.example/stable.json";
+              name = "stable";
+              tags = [
+                "kiosk"
+                "all"
+              ];
+              keysUrl = "https://deploy.example/keys.json";
+              clockFloor = 1796083200;
+            };
+          };
+          off = agentJson { };
+        in
+        expect "channel keys: ${builtins.toJSON on}" (
+          on.channel_url == "https://deploy.example/stable.json"
+          && on.channel == "stable"
+          && on.tags == [
+            "kiosk"
+            "all"
+          ]
+          && on.keys_url == "https://deploy.example/keys.json"
+          && on.clock_floor == 1796083200
+        )
+        ++ expect "no channel keys without a URL: ${builtins.toJSON off}" (
+          !(off ? channel_url || off ? channel || off ? tags || off ? keys_url || off ? clock_floor)
+        )
+      ))
+      (passCase "a channel alone (no listen, no pollUrl) can receive deploys" current {
+        nixless = cfg // {
+          listen = [ ];
+          channel = cfg.channel // {
+            url = "file:///media/usb/stable.json";
+            name = "stable";
+            tags = [ "kiosk" ];
+          };
+        };
+      })
+      (assertionCase "a channel URL without its name is refused" current {
+        nixless.channel = cfg.channel // {
+          url = "https://deploy.example/stable.json";
+          tags = [ "kiosk" ];
+        };
+      } [ "channel.name: required with channel.url" ])
+      (assertionCase "a channel URL without tags is refused" current {
+        nixless.channel = cfg.channel // {
+          url = "https://deploy.example/stable.json";
+          name = "stable";
+        };
+      } [ "channel.tags: at least one is needed" ])
       (case "no credentials: no LoadCredential=" (
         expectUnset (configOf current { }) [ "systemd" "services" "nixless-agent" "serviceConfig" "LoadCredential" ]
       ))

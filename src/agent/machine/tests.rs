@@ -6,7 +6,14 @@ const NEW: &str = "/nix/store/00000000000000000000000000000000-nixos-system-new"
 const OLD: &str = "/nix/store/11111111111111111111111111111111-nixos-system-old";
 
 fn accepted(seq: u64, action: Action) -> Event {
-    Event::Accepted { seq, action, system: NEW.into(), previous: Some(OLD.into()), boot_id: Some("boot-1".into()) }
+    Event::Accepted {
+        seq,
+        action,
+        system: NEW.into(),
+        previous: Some(OLD.into()),
+        boot_id: Some("boot-1".into()),
+        origin: Origin::Deploy,
+    }
 }
 
 fn run(events: Vec<Event>) -> (State, Vec<Vec<Effect>>) {
@@ -149,7 +156,14 @@ fn failed_rollback_is_reported_as_such() {
 
 #[test]
 fn no_previous_system_means_rollback_failed() {
-    let ev = Event::Accepted { seq: 1, action: Action::Switch, system: NEW.into(), previous: None, boot_id: None };
+    let ev = Event::Accepted {
+        seq: 1,
+        action: Action::Switch,
+        system: NEW.into(),
+        previous: None,
+        boot_id: None,
+        origin: Origin::Deploy,
+    };
     let (s, _) = run(vec![ev, Event::FetchOk, result(1, 2)]);
     assert_eq!(s.last.unwrap().outcome, Outcome::RollbackFailed);
 }
@@ -189,6 +203,7 @@ fn rollback_and_gc_actions() {
         system: OLD.into(),
         previous: Some(NEW.into()),
         boot_id: None,
+        origin: Origin::Deploy,
     };
     let (s, effects) = run(vec![ev, result(1, 0), Event::Healthy, Event::CommitOk, result(2, 0)]);
     assert_eq!(effects[0], vec![Effect::RequestSwitch { id: 1, step: Step::Test, system: OLD.into() }]);
@@ -297,7 +312,14 @@ fn test_refused_by_switch_inhibitors_fails_with_the_advice_and_no_rollback() {
     assert!(reason.contains("systemd : 256 -> 257"), "{reason}");
     // A signed rollback refused the same way fails the same way, even when
     // inhibited switches are to become boot deploys (only `switch` does).
-    let ev = Event::Accepted { seq: 2, action: Action::Rollback, system: OLD.into(), previous: None, boot_id: None };
+    let ev = Event::Accepted {
+        seq: 2,
+        action: Action::Rollback,
+        system: OLD.into(),
+        previous: None,
+        boot_id: None,
+        origin: Origin::Deploy,
+    };
     let t = Timing { boot_when_inhibited: true, ..T };
     let (s, _) = step(&State::default(), ev, 1, t);
     let (s, effects) = step(&s, inhibited_result(1), 2, t);
@@ -340,4 +362,61 @@ fn going_back_refused_by_switch_inhibitors_says_to_reboot() {
     let reason = last.reason.unwrap();
     assert!(reason.contains("kiosk.service inactive") && reason.contains("reboot to run it"), "{reason}");
     assert!(!reason.contains("deploy with action boot"), "that advice is for the way in: {reason}");
+}
+
+fn from_channel(seq: u64, action: Action) -> Event {
+    match accepted(seq, action) {
+        Event::Accepted { seq, action, system, previous, boot_id, .. } => {
+            Event::Accepted { seq, action, system, previous, boot_id, origin: Origin::Channel }
+        }
+        _ => unreachable!(),
+    }
+}
+
+/// A channel job lives in the channel's sequence space: it never raises
+/// the deploy documents' highest_seq (a channel at seq 900 would otherwise
+/// lock out per-device deploys below 900), and its last result says where
+/// it came from.
+#[test]
+fn a_channel_job_does_not_raise_highest_seq() {
+    let (s, _) = run(vec![accepted(5, Action::Switch), Event::FetchFailed("x".into())]);
+    assert_eq!((s.highest_seq, s.last.as_ref().unwrap().origin), (5, Origin::Deploy));
+    let (s2, _) = step(&s, from_channel(900, Action::Switch), 2000, T);
+    assert_eq!(s2.highest_seq, 5);
+    assert_eq!(s2.job.as_ref().map(|j| (j.seq, j.origin)), Some((900, Origin::Channel)));
+}
+
+/// A channel job that does not commit marks its system failed in the same
+/// step (so the device never retries it); one that commits clears it; a
+/// deploy document's failure leaves the channel record alone.
+#[test]
+fn a_failed_channel_job_is_recorded_in_the_channel_record() {
+    for (events, failed) in [
+        (vec![from_channel(3, Action::Switch), Event::FetchFailed("gone".into())], Some(NEW)),
+        (
+            vec![
+                from_channel(3, Action::Switch),
+                Event::FetchOk,
+                result(1, 0),
+                Event::Unhealthy("x".into()),
+                result(2, 0),
+            ],
+            Some(NEW),
+        ),
+        (vec![from_channel(3, Action::Switch), Event::Refused("disk".into())], Some(NEW)),
+        (vec![accepted(3, Action::Switch), Event::FetchFailed("gone".into())], None),
+    ] {
+        let (s, _) = run(events.clone());
+        assert_eq!(s.channel.failed.as_deref(), failed, "{events:?}");
+        assert!(s.phase == Phase::Idle, "{events:?}");
+    }
+    let mut s = State::default();
+    s.channel.failed = Some(OLD.into());
+    let (s, _) = step(&s, from_channel(4, Action::Switch), 1, T);
+    let (s, _) = step(&s, Event::FetchOk, 2, T);
+    let (s, _) = step(&s, result(1, 0), 3, T);
+    let (s, _) = step(&s, Event::Healthy, 4, T);
+    let (s, _) = step(&s, Event::CommitOk, 5, T);
+    let (s, _) = step(&s, result(2, 0), 6, T);
+    assert_eq!((s.last.as_ref().unwrap().outcome, s.channel.failed.clone()), (Outcome::Committed, None));
 }
