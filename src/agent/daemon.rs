@@ -971,10 +971,7 @@ impl Agent {
     /// Pushes the metrics when due (see `push`). Never an error: a push
     /// that fails is the gateway's problem, not the device's.
     fn maybe_push(&mut self) {
-        let trigger = {
-            let sh = self.shared.borrow();
-            (sh.state.phase.name().to_owned(), sh.state.last.as_ref().map(|l| (l.seq, l.finished)))
-        };
+        let trigger = push_trigger(&self.shared.borrow());
         if !self.pusher.as_ref().is_some_and(|p| p.due(&trigger)) {
             return;
         }
@@ -1089,6 +1086,15 @@ pub fn main(config: &Path, opts: AgentOptions) -> Result<(), String> {
     agent.run()
 }
 
+/// What a push follows at once, not only on its interval: the phase, the
+/// last outcome and the channel's decision (a `rollout watch` counts
+/// waiting, halted and failed-before hosts by it).
+fn push_trigger(sh: &Shared) -> super::push::Trigger {
+    let channel =
+        sh.channel.as_ref().map(|c| format!("{:?}:{}", c.seq, c.decision.as_deref().unwrap_or(""))).unwrap_or_default();
+    (format!("{}|{channel}", sh.state.phase.name()), sh.state.last.as_ref().map(|l| (l.seq, l.finished)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1154,5 +1160,20 @@ mod tests {
         assert!(matches!(persist_error("x", e), AcceptError::NoSpace(_)));
         let e = std::io::Error::from_raw_os_error(rustix::io::Errno::IO.raw_os_error());
         assert!(matches!(persist_error("x", e), AcceptError::Fatal(_)));
+    }
+
+    /// A change of channel decision (wait → halted) is pushed at once, like
+    /// a phase change; an unchanged one is not.
+    #[test]
+    fn a_channel_decision_change_is_a_push_trigger() {
+        let sh = &mut Shared::new(State::default(), None);
+        let none = push_trigger(sh);
+        sh.channel = Some(api::Channel { seq: Some(4), decision: Some("wait".into()), ..Default::default() });
+        let wait = push_trigger(sh);
+        assert_ne!(none, wait);
+        sh.channel.as_mut().unwrap().until = Some(99);
+        assert_eq!(push_trigger(sh), wait, "only seq and decision count");
+        sh.channel = Some(api::Channel { seq: Some(5), decision: Some("halted".into()), ..Default::default() });
+        assert_ne!(push_trigger(sh), wait);
     }
 }
