@@ -1,14 +1,17 @@
 //! The agent's single-threaded event loop.
 //!
-//! One loop serves HTTP, runs the update work and feeds the watchdog. The
-//! long step — fetching a closure — runs inside the loop, but the fetcher
-//! calls back (`tick`) on every read of a response body, during retry
-//! backoffs and at least every 50 ms while it waits on the network
-//! (`fetch::ticking`); each tick, at most every [`TICK_EVERY`], polls the
-//! listening sockets without blocking, answers what arrived (status,
-//! metrics; deploys get 409 while busy), and pings the watchdog when due.
-//! So neither a slow download nor a stalled or trickling server starves the
-//! loop; small fetches (polled documents, narinfos) also end at a deadline.
+//! One loop serves HTTP, runs the update work and feeds the watchdog. A
+//! deploy's closure fetch is an [`InstallJob`] the loop advances a bounded
+//! step per turn ([`Agent::fetch_turn`]): one `poll(2)` waits on the
+//! caches' connections and the HTTP server's sockets together, then the
+//! job takes what arrived and unpacks at most
+//! [`crate::store::parallel::UNPACK_PER_STEP`] bytes, then the server
+//! answers what arrived (status, metrics; deploys get 409 while busy).
+//! Nothing in the fetch calls back into the loop. The smaller transfers
+//! (polled documents, the Pushgateway, the health network check, gc's
+//! narinfo look-ups) still go through the blocking fetcher, whose ticks
+//! (`fetch::ticking`, at most every [`TICK_EVERY`]) serve HTTP and ping
+//! the watchdog; each of those ends at a deadline.
 //!
 //! Every state transition is persisted (atomically, durably) before its
 //! effects are carried out; see `machine` for why that makes every crash
@@ -26,7 +29,8 @@ use crate::fetch::{CacheUrl, Fetcher, Options};
 use crate::nix::StorePath;
 use crate::store::fsutil;
 use crate::store::install;
-use crate::store::{Store, StoreLock};
+use crate::store::parallel::{InstallJob, NetOptions, Step};
+use crate::store::{HeldLock, Store, StoreLock};
 use crate::switch::protocol;
 use rustix::fd::AsFd;
 use std::cell::RefCell;
@@ -425,6 +429,8 @@ const NUDGE_AFTER: Duration = Duration::from_secs(5);
 const NET_BEFORE: &str = "net-before";
 /// How long a fetch or gc waits for another writer's store lock.
 const STORE_LOCK_WAIT: Duration = Duration::from_secs(600);
+/// How often a fetch waiting for the store lock tries again.
+const LOCK_RETRY: Duration = Duration::from_millis(100);
 
 pub struct Agent {
     ctx: Rc<Ctx>,
@@ -436,6 +442,23 @@ pub struct Agent {
     next_poll: Option<Instant>,
     poll_seed: u64,
     pusher: Option<super::push::Pusher>,
+    /// The deploy's fetch, while one runs.
+    fetching: Option<FetchRun>,
+}
+
+/// A deploy's closure fetch, advanced a step per turn of the loop.
+enum FetchRun {
+    /// Waiting for the store lock (a console `nixless install` or gc holds it).
+    Locking {
+        system: StorePath,
+        since: Instant,
+        told: bool,
+    },
+    Running {
+        job: Box<InstallJob>,
+        lock: HeldLock,
+        system: StorePath,
+    },
 }
 
 impl Agent {
@@ -479,6 +502,7 @@ impl Agent {
             next_poll,
             poll_seed,
             pusher,
+            fetching: None,
         })
     }
 
@@ -549,7 +573,13 @@ impl Agent {
                 }
                 w
             };
-            serve(&self.ctx, &self.shared, wait);
+            if self.fetching.is_some() {
+                if let Some(ev) = self.fetch_turn(wait) {
+                    self.apply(ev)?;
+                }
+            } else {
+                serve(&self.ctx, &self.shared, wait);
+            }
             if let Some(e) = self.shared.borrow_mut().fatal.take() {
                 return Err(e);
             }
@@ -558,7 +588,7 @@ impl Agent {
 
     fn perform(&mut self, eff: Effect) -> Result<Option<Event>, String> {
         match eff {
-            Effect::Fetch => Ok(Some(self.fetch())),
+            Effect::Fetch => Ok(self.start_fetch()),
             Effect::RequestSwitch { id, step, system } => {
                 let dir = &self.ctx.cfg.state_dir;
                 let pending = protocol::read_request(dir).is_some_and(|r| r.id >= id)
@@ -813,12 +843,7 @@ impl Agent {
     /// A fetcher over the document's caches, then the configured ones,
     /// whose ticks keep the loop alive.
     fn fetcher(&self, extra: &[String]) -> Fetcher {
-        let mut caches: Vec<CacheUrl> = extra.iter().filter_map(|c| CacheUrl::parse(c).ok()).collect();
-        for c in &self.ctx.cfg.caches {
-            if !caches.contains(c) {
-                caches.push(c.clone());
-            }
-        }
+        let caches = self.caches(extra);
         let opts = Options {
             retries: self.ctx.cfg.retries,
             read_timeout: self.ctx.cfg.read_timeout,
@@ -844,93 +869,160 @@ impl Agent {
             .filter(|d| d.seq == seq)
     }
 
-    fn fetch(&mut self) -> Event {
+    /// Starts the deploy's fetch: the loop advances it ([`Agent::fetch_turn`]).
+    fn start_fetch(&mut self) -> Option<Event> {
         let system = match self.shared.borrow().state.job.as_ref().map(|j| StorePath::from_absolute(&j.system)) {
             Some(Ok(p)) => p,
-            _ => return Event::FetchFailed("the job's system is not a store path".into()),
+            _ => return Some(Event::FetchFailed("the job's system is not a store path".into())),
         };
+        self.fetching = Some(FetchRun::Locking { system, since: Instant::now(), told: false });
+        None
+    }
+
+    /// The caches a deploy fetches from: the document's, then the configured ones.
+    fn caches(&self, extra: &[String]) -> Vec<CacheUrl> {
+        let mut caches: Vec<CacheUrl> = extra.iter().filter_map(|c| CacheUrl::parse(c).ok()).collect();
+        for c in &self.ctx.cfg.caches {
+            if !caches.contains(c) {
+                caches.push(c.clone());
+            }
+        }
+        caches
+    }
+
+    /// The install job for `system` over the saved document's caches and
+    /// narinfos, under `lock` (whose temps it cleans first).
+    fn new_install(&self, lock: &StoreLock, system: &StorePath) -> Result<InstallJob, String> {
+        lock.clean_temps().map_err(|e| format!("cleaning temps: {e}"))?;
         let doc = self.saved_deploy();
         let (caches, narinfos) = doc.map(|d| (d.caches, d.narinfos)).unwrap_or_default();
-        let provided = install::provided_from(&narinfos);
-        let mut fetcher = self.fetcher(&caches);
-        let (ctx, shared) = (self.ctx.clone(), self.shared.clone());
-        let mut on_progress = |p: &install::Progress| {
-            shared.borrow_mut().progress = Progress {
-                paths_done: p.paths_done as u64,
-                paths_total: p.paths_total as u64,
-                bytes_done: p.nar_bytes_done,
-                bytes_total: p.nar_bytes_total,
-            };
-            // Also between reads: highly compressible data decompresses
-            // for a long time from one read's worth of input.
-            tick(&ctx, &shared);
+        let cfg = &self.ctx.cfg;
+        let opts = NetOptions {
+            fetch: Options {
+                retries: cfg.retries,
+                read_timeout: cfg.read_timeout,
+                credentials: cfg.credentials.clone(),
+                ..Options::default()
+            },
+            connections: cfg.connections_per_cache,
+            ..NetOptions::default()
         };
-        let res = self.install_checked(&mut fetcher, &system, &provided, &mut on_progress);
-        let mut sh = self.shared.borrow_mut();
-        match res {
-            Ok(Ok((plan, prog))) => {
-                sh.bytes_fetched_total += prog.nar_bytes_done;
-                log::info!(
-                    "installed {} paths ({} present), {} MiB",
-                    prog.paths_done,
-                    plan.present,
-                    prog.nar_bytes_done >> 20
-                );
-                Event::FetchOk
+        let provided = install::provided_from(&narinfos);
+        let caches = self.caches(&caches);
+        // Held after resolution: the disk-space rule is checked before any NAR comes.
+        InstallJob::new(&caches, opts, cfg.cache_keys.clone(), std::slice::from_ref(system), provided, true)
+            .map_err(|e| e.to_string())
+    }
+
+    /// One turn of the loop while a fetch runs: one `poll(2)` over the
+    /// caches' connections and the HTTP server's sockets (up to `wait`),
+    /// then a bounded step of the install and the server's requests. An
+    /// event once the fetch is over.
+    fn fetch_turn(&mut self, wait: Duration) -> Option<Event> {
+        let ctx = self.ctx.clone();
+        match self.fetching.take()? {
+            FetchRun::Locking { system, since, told } => match ctx.store.try_lock() {
+                Ok(Some(lock)) => {
+                    match self.new_install(&lock, &system) {
+                        Ok(job) => {
+                            self.fetching = Some(FetchRun::Running { job: Box::new(job), lock: lock.detach(), system })
+                        }
+                        Err(e) => return Some(Event::FetchFailed(e)),
+                    }
+                    serve(&ctx, &self.shared, Duration::ZERO);
+                    None
+                }
+                Ok(None) => {
+                    let waited = since.elapsed();
+                    if waited >= STORE_LOCK_WAIT {
+                        let e = crate::store::LockError::Busy { holder: ctx.store.lock_holder(), waited };
+                        return Some(Event::FetchFailed(e.to_string()));
+                    }
+                    if !told {
+                        log::info!("waiting for the store lock held by {}", ctx.store.lock_holder());
+                    }
+                    self.fetching = Some(FetchRun::Locking { system, since, told: true });
+                    serve(&ctx, &self.shared, wait.min(LOCK_RETRY));
+                    None
+                }
+                Err(e) => Some(Event::FetchFailed(format!("locking the store: {e}"))),
+            },
+            FetchRun::Running { mut job, lock, system } => {
+                let Ok(lock) = ctx.store.reattach(lock) else {
+                    return Some(Event::FetchFailed("the store lock is not this store's".into()));
+                };
+                let server = self.shared.borrow_mut().server.take();
+                let stepped = match &server {
+                    Some(srv) => {
+                        let (fds, w) = srv.interest(wait);
+                        job.step(&lock, w, &fds)
+                    }
+                    None => job.step(&lock, wait, &[]),
+                };
+                if let Some(mut srv) = server {
+                    if let Err(e) = srv.poll(Duration::ZERO, &mut Front { ctx: &ctx, shared: &self.shared }) {
+                        log::error!("http server: {e}");
+                    }
+                    self.shared.borrow_mut().server = Some(srv);
+                }
+                let p = *job.progress();
+                self.shared.borrow_mut().progress = Progress {
+                    paths_done: p.paths_done as u64,
+                    paths_total: p.paths_total as u64,
+                    bytes_done: p.nar_bytes_done,
+                    bytes_total: p.nar_bytes_total,
+                };
+                match stepped {
+                    Ok(Step::Working { .. }) => {}
+                    Ok(Step::Resolved) => {
+                        if let Err(refusal) = self.check_space(&lock, &system, p.nar_bytes_total) {
+                            return Some(Event::Refused(refusal));
+                        }
+                        job.release();
+                    }
+                    Ok(Step::Done(plan, prog)) => {
+                        self.shared.borrow_mut().bytes_fetched_total += prog.nar_bytes_done;
+                        log::info!(
+                            "installed {} paths ({} present), {} MiB",
+                            prog.paths_done,
+                            plan.present,
+                            prog.nar_bytes_done >> 20
+                        );
+                        return Some(Event::FetchOk);
+                    }
+                    Err(e) => {
+                        (*job).abandon(&lock);
+                        return Some(Event::FetchFailed(e.to_string()));
+                    }
+                }
+                self.fetching = Some(FetchRun::Running { job, lock: lock.detach(), system });
+                None
             }
-            Ok(Err(e)) => Event::FetchFailed(e),
-            Err(refusal) => Event::Refused(refusal),
         }
     }
 
-    /// Resolves, checks free space (collecting garbage if short), installs.
-    /// `Err` is a refusal with nothing changed; `Ok(Err)` a failed install.
-    #[allow(clippy::type_complexity)]
-    fn install_checked(
-        &mut self,
-        fetcher: &mut Fetcher,
-        system: &StorePath,
-        provided: &install::Provided,
-        on_progress: &mut dyn FnMut(&install::Progress),
-    ) -> Result<Result<(install::Plan, install::Progress), String>, String> {
-        let ctx = self.ctx.clone();
-        let store = match self.lock_store(&ctx.store) {
-            Ok(lock) => lock,
-            Err(e) => return Ok(Err(e)),
-        };
-        if let Err(e) = store.clean_temps() {
-            return Ok(Err(format!("cleaning temps: {e}")));
+    /// The disk-space rule: a closure of `nar_bytes` needs that plus a
+    /// tenth plus 16 MiB free; short, garbage is collected first; still
+    /// short, the deploy is refused (`Err`, nothing changed).
+    fn check_space(&mut self, store: &StoreLock, system: &StorePath, nar_bytes: u64) -> Result<(), String> {
+        let need = nar_bytes.saturating_add(nar_bytes / 10).saturating_add(16 << 20);
+        let free = crate::store::gc::free_bytes(store).unwrap_or(u64::MAX);
+        if free >= need {
+            return Ok(());
         }
-        let plan = match install::resolve_with(
-            fetcher,
-            &store,
-            &self.ctx.cfg.cache_keys,
-            std::slice::from_ref(system),
-            provided,
-        ) {
-            Ok(p) => p,
-            Err(e) => return Ok(Err(e.to_string())),
-        };
-        let need = plan.nar_bytes().saturating_add(plan.nar_bytes() / 10).saturating_add(16 << 20);
-        let free = crate::store::gc::free_bytes(&store).unwrap_or(u64::MAX);
+        log::warn!("need {} MiB, {} MiB free: collecting garbage", need >> 20, free >> 20);
+        if let Err(e) = self.collect_garbage(store, std::slice::from_ref(system)) {
+            log::warn!("garbage collection: {e}");
+        }
+        let free = crate::store::gc::free_bytes(store).unwrap_or(u64::MAX);
         if free < need {
-            log::warn!("need {} MiB, {} MiB free: collecting garbage", need >> 20, free >> 20);
-            let present: Vec<StorePath> = vec![system.clone()];
-            if let Err(e) = self.collect_garbage(&store, &present) {
-                log::warn!("garbage collection: {e}");
-            }
-            let free = crate::store::gc::free_bytes(&store).unwrap_or(u64::MAX);
-            if free < need {
-                return Err(format!(
-                    "not enough disk space: the closure needs {} MiB, {} MiB free after garbage collection",
-                    need >> 20,
-                    free >> 20
-                ));
-            }
+            return Err(format!(
+                "not enough disk space: the closure needs {} MiB, {} MiB free after garbage collection",
+                need >> 20,
+                free >> 20
+            ));
         }
-        Ok(install::install_plan(fetcher, &store, &plan, install::BatchLimits::default(), on_progress)
-            .map(|p| (plan, p))
-            .map_err(|e| e.to_string()))
+        Ok(())
     }
 
     /// The store lock, waited for (up to [`STORE_LOCK_WAIT`]) while the
