@@ -1001,28 +1001,23 @@ impl Agent {
         }
     }
 
-    /// The disk-space rule: a closure of `nar_bytes` needs that plus a
-    /// tenth plus 16 MiB free; short, garbage is collected first; still
-    /// short, the deploy is refused (`Err`, nothing changed).
+    /// The disk-space rule ([`space_needed`]): short, garbage is collected
+    /// first; still short, the deploy is refused (`Err`, nothing changed).
     fn check_space(&mut self, store: &StoreLock, system: &StorePath, nar_bytes: u64) -> Result<(), String> {
-        let need = nar_bytes.saturating_add(nar_bytes / 10).saturating_add(16 << 20);
         let free = crate::store::gc::free_bytes(store).unwrap_or(u64::MAX);
-        if free >= need {
-            return Ok(());
-        }
+        let Err(need) = space_needed(nar_bytes, free) else { return Ok(()) };
         log::warn!("need {} MiB, {} MiB free: collecting garbage", need >> 20, free >> 20);
         if let Err(e) = self.collect_garbage(store, std::slice::from_ref(system)) {
             log::warn!("garbage collection: {e}");
         }
         let free = crate::store::gc::free_bytes(store).unwrap_or(u64::MAX);
-        if free < need {
-            return Err(format!(
+        space_needed(nar_bytes, free).map_err(|need| {
+            format!(
                 "not enough disk space: the closure needs {} MiB, {} MiB free after garbage collection",
                 need >> 20,
                 free >> 20
-            ));
-        }
-        Ok(())
+            )
+        })
     }
 
     /// The store lock, waited for (up to [`STORE_LOCK_WAIT`]) while the
@@ -1128,6 +1123,19 @@ impl Agent {
     }
 }
 
+/// The disk-space rule: a closure of `nar_bytes` fits in `free` bytes if
+/// they hold it with a margin of a tenth plus 16 MiB (unpacked files take
+/// whole blocks; the state and the log still need room to record the
+/// outcome); `Err(bytes needed)` if not. Pure, so it is tested alone.
+fn space_needed(nar_bytes: u64, free: u64) -> Result<(), u64> {
+    let need = nar_bytes.saturating_add(nar_bytes / 10).saturating_add(16 << 20);
+    if free >= need {
+        Ok(())
+    } else {
+        Err(need)
+    }
+}
+
 fn truncate(s: &str, n: usize) -> &str {
     match s.char_indices().nth(n) {
         Some((i, _)) => s.get(..i).unwrap_or(s),
@@ -1209,6 +1217,17 @@ mod tests {
             assert_eq!(sh.state.highest_seq, 10);
             assert_eq!(sh.queued, VecDeque::from(vec![Effect::Fetch]));
         }
+    }
+
+    #[test]
+    fn the_space_rule_wants_a_tenth_and_16_mib_more_and_never_overflows() {
+        let mib = 1u64 << 20;
+        assert_eq!(space_needed(100 * mib, 126 * mib), Ok(()));
+        assert_eq!(space_needed(100 * mib, 126 * mib - 1), Err(126 * mib));
+        assert_eq!(space_needed(0, 16 * mib), Ok(()));
+        assert_eq!(space_needed(0, 16 * mib - 1), Err(16 * mib));
+        assert_eq!(space_needed(u64::MAX, u64::MAX), Ok(()));
+        assert_eq!(space_needed(u64::MAX, u64::MAX - 1), Err(u64::MAX));
     }
 
     /// Issue E.6: a full disk refuses a deploy it cannot record, leaving

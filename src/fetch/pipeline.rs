@@ -306,3 +306,89 @@ impl ResumeCount for ResumableBody<'_> {
 impl ResumeCount for &[u8] {}
 impl ResumeCount for std::fs::File {}
 impl ResumeCount for &std::fs::File {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nar::write::{encode, Node};
+
+    fn info_text(nar: &[u8], compression: &str, file: &[u8]) -> String {
+        let nar_hash = Sha256(Hasher::digest(nar).into()).to_nix32();
+        let file_hash = Sha256(Hasher::digest(file).into()).to_nix32();
+        format!(
+            "StorePath: /nix/store/qx8l0zlfvk6k8whfjvianr1mywbz9k4v-hello-test\nURL: nar/x.nar\nCompression: {compression}\n\
+             FileHash: sha256:{file_hash}\nFileSize: {}\nNarHash: sha256:{nar_hash}\nNarSize: {}\nReferences: \n",
+            file.len(),
+            nar.len()
+        )
+    }
+
+    /// Issue 11: the agent's loop unpacks a NAR a bounded slice per turn.
+    /// Every step moves at most its budget of NAR bytes, and the stepped
+    /// pass checks and delivers exactly what one whole pass does.
+    #[test]
+    fn a_stepped_pass_moves_at_most_its_budget_and_equals_the_whole_pass() {
+        let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let nar = encode(&Node::dir(vec![(b"a", Node::file(&big)), (b"b", Node::exe(b"#!/bin/sh\n"))]));
+        let text = info_text(&nar, "none", &nar);
+        let info = NarInfo::parse(&text, None).unwrap();
+        // What the events say, whatever the chunking of the data.
+        fn record(out: &mut Vec<u8>, ev: Event<'_>) {
+            match ev {
+                Event::Data(d) => out.extend_from_slice(d),
+                other => out.extend_from_slice(format!("{other:?}").as_bytes()),
+            }
+        }
+        let mut whole = Vec::new();
+        let mut sink = |ev: Event<'_>| {
+            record(&mut whole, ev);
+            Ok(())
+        };
+        let stats = process(&nar[..], "test", &info, &mut sink, &mut |_| {}).unwrap();
+        assert_eq!(stats.nar_bytes, nar.len() as u64);
+
+        let mut stepped = Vec::new();
+        let mut pass = Pass::new(&nar[..], "test", &info).unwrap();
+        let mut steps = 0;
+        loop {
+            let mut moved = 0u64;
+            let mut sink = |ev: Event<'_>| {
+                record(&mut stepped, ev);
+                Ok(())
+            };
+            let done = pass.step(10_000, &mut sink, &mut |n| moved += n).unwrap();
+            assert!(moved <= 10_000, "a step moved {moved} bytes");
+            steps += 1;
+            if done {
+                break;
+            }
+        }
+        assert!(steps > nar.len() / 10_000, "{steps} steps");
+        let stats = pass.finish().unwrap();
+        assert_eq!(stats.nar_bytes, nar.len() as u64);
+        assert!(stepped == whole, "the stepped pass delivered other events than the whole pass");
+    }
+
+    /// The stepped pass keeps every check: a NAR that does not match its
+    /// NarHash fails at the end, after being stepped through.
+    #[test]
+    fn a_stepped_pass_still_checks_the_nar_hash() {
+        let nar = encode(&Node::file(b"hello"));
+        let mut bad = nar.clone();
+        let at = bad.windows(5).position(|w| w == b"hello").unwrap();
+        bad[at] = b'j';
+        let text = info_text(&nar, "none", &bad);
+        let info = NarInfo::parse(&text, None).unwrap();
+        let mut pass = Pass::new(&bad[..], "test", &info).unwrap();
+        let mut sink = |_: Event<'_>| Ok(());
+        let r = (|| {
+            while !pass.step(8, &mut sink, &mut |_| {})? {}
+            Ok::<_, PipelineError>(())
+        })();
+        let err = match r {
+            Ok(()) => pass.finish().unwrap_err(),
+            Err(e) => e,
+        };
+        assert!(matches!(err, PipelineError::Hash { what: "NarHash", .. }), "{err}");
+    }
+}
