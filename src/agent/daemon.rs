@@ -23,6 +23,7 @@ use super::machine::{self, Effect, Event, Phase, State, Timing};
 use super::notify::Notifier;
 use super::persist;
 use super::status::{self, Progress, Snapshot};
+use super::throttle::AuthThrottle;
 use crate::api;
 use crate::deploy::{self, Action, Deploy, Rejection};
 use crate::fetch::{CacheUrl, Fetcher, Options};
@@ -43,11 +44,6 @@ use std::time::{Duration, Instant};
 pub const TICK_EVERY: Duration = Duration::from_millis(50);
 /// Longest the loop sleeps when idle (switch results, poll schedule).
 const IDLE_WAIT: Duration = Duration::from_millis(500);
-/// Deploy requests with a bad signature allowed per window before 429.
-const AUTH_FAILURES_PER_WINDOW: u32 = 20;
-const AUTH_WINDOW: Duration = Duration::from_secs(60);
-/// Peers tracked for that at once (bounded memory).
-const AUTH_PEERS: usize = 1024;
 /// Largest polled document / signature.
 const MAX_SIG_BYTES: u64 = 4096;
 
@@ -73,7 +69,7 @@ struct Shared {
     notifier: Notifier,
     server: Option<Server>,
     /// Rejected signatures per peer in the current window.
-    auth_failures: std::collections::BTreeMap<std::net::IpAddr, (u32, Instant)>,
+    auth_throttle: AuthThrottle,
     last_tick: Instant,
     /// Effects of a deploy accepted by the handler, for the loop to run.
     queued: VecDeque<Effect>,
@@ -100,7 +96,7 @@ impl Shared {
             started: now(),
             notifier: Notifier::from_env(),
             server,
-            auth_failures: Default::default(),
+            auth_throttle: AuthThrottle::default(),
             last_tick: Instant::now(),
             queued: VecDeque::new(),
             fatal: None,
@@ -223,13 +219,9 @@ fn deploy_head(req: &Request, ctx: &Ctx, sh: &mut Shared) -> Result<(), Response
 /// 429 once a peer has had too many rejected signatures in the window (per
 /// peer, so a stranger hammering bad signatures cannot lock the admin out).
 fn rate_limited(peer: std::net::IpAddr, sh: &mut Shared) -> Option<Response> {
-    if let Some((n, since)) = sh.auth_failures.get(&peer) {
-        if since.elapsed() > AUTH_WINDOW {
-            sh.auth_failures.remove(&peer);
-        } else if *n >= AUTH_FAILURES_PER_WINDOW {
-            sh.rejected += 1;
-            return Some(json_error(429, "too many rejected deploy requests; try later", None));
-        }
+    if sh.auth_throttle.limited(peer, Instant::now()) {
+        sh.rejected += 1;
+        return Some(json_error(429, "too many rejected deploy requests; try later", None));
     }
     None
 }
@@ -289,15 +281,7 @@ fn handle_deploy(req: &Request, ctx: &Ctx, sh: &mut Shared) -> Response {
 fn refuse(ctx: &Ctx, sh: &mut Shared, peer: std::net::SocketAddr, rej: Rejection) -> Response {
     reject(ctx, sh, &rej, &format!("from {peer}"));
     if rej.status() == 401 {
-        let ip = peer.ip();
-        if sh.auth_failures.len() >= AUTH_PEERS && !sh.auth_failures.contains_key(&ip) {
-            // Bounded memory: forget the oldest offender.
-            if let Some(oldest) = sh.auth_failures.iter().min_by_key(|(_, (_, t))| *t).map(|(ip, _)| *ip) {
-                sh.auth_failures.remove(&oldest);
-            }
-        }
-        let e = sh.auth_failures.entry(ip).or_insert((0, Instant::now()));
-        e.0 += 1;
+        sh.auth_throttle.failed(peer.ip(), Instant::now());
     }
     let seq = matches!(rej, Rejection::Stale { .. }).then_some(sh.state.highest_seq);
     json_error(rej.status(), &rej.to_string(), seq)
