@@ -226,9 +226,13 @@ JSON
     || { echo "agent did not start:" >&2; cat "$work/agent.log" >&2; exit 1; }
 }
 agent_stop() { if [ -n "$agpid" ]; then kill "$agpid" 2>/dev/null || true; wait "$agpid" 2>/dev/null || true; agpid=; fi; }
+# Each status poll's latency (curl's time_total, ms) goes to $work/status-ms:
+# the loop answers while the fetch's NARs stream (issue 11).
 agent_fetched() {
   local s
-  s=$(curl -sf "http://127.0.0.1:$aport/v1/status") || return 1
+  s=$(curl -sf -w '\n%{time_total}' "http://127.0.0.1:$aport/v1/status") || return 1
+  awk -v t="${s##*$'\n'}" 'BEGIN {printf "%.1f\n", t * 1000}' >>"$work/status-ms"
+  s=${s%$'\n'*}
   case $s in
     *'"phase":"switching"'*) return 0 ;;
     *'"phase":"idle"'*) grep -q failed <<<"$s" && { echo "agent deploy failed: $s" >&2; exit 1; }; return 1 ;;
@@ -239,13 +243,14 @@ agent_fetched() {
 # --- 4. runs -------------------------------------------------------------------
 wipe() { [ -e "$1" ] || return 0; chmod -R u+w "$1"; rm -rf "$1"; }
 printf 'rtt_ms\tmbit\ttool\tround\twall_s\trss_kib\trequests\tconnections\tpeak_open\tbytes_down\tbytes_up\n' >"$raw"
+printf 'rtt_ms\tmbit\tround\tsamples\tmedian_ms\tp99_ms\tmax_ms\n' >"$bench/slow-link-status.tsv"
 
 run_one() { # RTT MBIT TOOL ROUND
   local rtt=$1 mbit=$2 tool=$3 round=$4 dir=$work/root tf=$work/time.out out=$work/last.log t0 t1 rc=0 st
   wipe "$dir"
   wipe "$work/xdg"
   mkdir -p "$dir" "$work/xdg"
-  [ "$tool" = agent ] && agent_start "$dir"
+  [ "$tool" = agent ] && { agent_start "$dir"; rm -f "$work/status-ms"; }
   # Start counting once the previous run's connections are gone.
   wait_for 100 proxy_idle || echo "note: connections of the previous run still open" >&2
   t0=$(date +%s%N)
@@ -276,6 +281,10 @@ run_one() { # RTT MBIT TOOL ROUND
   if [ "$tool" = agent ]; then
     rss=$(awk '$1 == "VmHWM:" {print $2}' "/proc/$agpid/status")
     agent_stop
+    # Status latency during the fetch: samples, median, 99th percentile, max (ms).
+    [ -s "$work/status-ms" ] && sort -n "$work/status-ms" | awk -v r="$rtt" -v m="$mbit" -v k="$round" \
+      '{a[NR] = $1} END {printf "%s\t%s\t%s\t%d\t%s\t%s\t%s\n", r, m, k, NR, a[int((NR + 1) / 2)], a[int(NR * 0.99 + 0.99)], a[NR]}' \
+      >>"$bench/slow-link-status.tsv"
   else
     rss=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$tf")
   fi
@@ -358,6 +367,12 @@ results=$bench/slow-link.txt
     done
   done
   echo "(reqs, conns, open (most connections at once), MB_down: counted at the proxy; rss: max RSS of the tool's process, the agent's VmHWM)"
+  if [ -s "$bench/slow-link-status.tsv" ] && [ "$(wc -l <"$bench/slow-link-status.tsv")" -gt 1 ]; then
+    echo
+    echo "agent: GET /v1/status latency while it fetches (polled every 100 ms, straight to the agent, not through the link)"
+    awk -F'\t' 'NR == 1 {printf "%6s %5s %5s %7s %9s %7s %7s\n", $1, $2, $3, $4, $5, $6, $7; next}
+                {printf "%6s %5s %5s %7s %9s %7s %7s\n", $1, $2, $3, $4, $5, $6, $7}' "$bench/slow-link-status.tsv"
+  fi
 } >"$results"
 echo
 cat "$results"

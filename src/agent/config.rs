@@ -64,6 +64,7 @@ struct Wire {
     max_connections: Option<u64>,
     request_timeout_secs: Option<u64>,
     retries: Option<u64>,
+    connections_per_cache: Option<u64>,
     read_timeout_secs: Option<u64>,
     health_timeout_secs: Option<u64>,
     health_units: Option<Vec<String>>,
@@ -130,6 +131,9 @@ pub struct Config {
     pub max_connections: usize,
     pub request_timeout: Duration,
     pub retries: u32,
+    /// HTTP/1.1 connections per cache a deploy's fetch keeps open (as
+    /// `nixless install --connections`).
+    pub connections_per_cache: usize,
     /// Longest wait for one read from a cache before the download resumes
     /// on a new connection; also how long status may go unanswered during
     /// a stalled transfer, so keep it well under WatchdogSec / 2.
@@ -211,6 +215,9 @@ pub const BOUNDS: &[Bound] = &[
     bound("max_connections", 1, 1000, 32),
     bound("request_timeout_secs", 1, 300, 10),
     bound("retries", 0, 100, 4),
+    // As `nixless install --connections`: each is a descriptor and a
+    // connection on the cache's side.
+    bound("connections_per_cache", 1, 64, 8),
     // How long a stalled download waits before it resumes on a new
     // connection. The loop keeps ticking meanwhile (fetch::ticking), so
     // this no longer bounds status or the watchdog.
@@ -272,6 +279,7 @@ const KEYS: &[&str] = &[
     "max_connections",
     "request_timeout_secs",
     "retries",
+    "connections_per_cache",
     "read_timeout_secs",
     "health_timeout_secs",
     "health_units",
@@ -509,6 +517,7 @@ impl Config {
             max_connections: to_usize(bounded("max_connections", w.max_connections)?),
             request_timeout: bounded_secs("request_timeout_secs", w.request_timeout_secs)?,
             retries: u32::try_from(bounded("retries", w.retries)?).unwrap_or(u32::MAX),
+            connections_per_cache: to_usize(bounded("connections_per_cache", w.connections_per_cache)?),
             read_timeout: bounded_secs("read_timeout_secs", w.read_timeout_secs)?,
             health_timeout: bounded_secs("health_timeout_secs", w.health_timeout_secs)?,
             health_units: w.health_units.unwrap_or_default(),

@@ -1,14 +1,17 @@
 //! The agent's single-threaded event loop.
 //!
-//! One loop serves HTTP, runs the update work and feeds the watchdog. The
-//! long step — fetching a closure — runs inside the loop, but the fetcher
-//! calls back (`tick`) on every read of a response body, during retry
-//! backoffs and at least every 50 ms while it waits on the network
-//! (`fetch::ticking`); each tick, at most every [`TICK_EVERY`], polls the
-//! listening sockets without blocking, answers what arrived (status,
-//! metrics; deploys get 409 while busy), and pings the watchdog when due.
-//! So neither a slow download nor a stalled or trickling server starves the
-//! loop; small fetches (polled documents, narinfos) also end at a deadline.
+//! One loop serves HTTP, runs the update work and feeds the watchdog. A
+//! deploy's closure fetch is an [`InstallJob`] the loop advances a bounded
+//! step per turn ([`Agent::fetch_turn`]): one `poll(2)` waits on the
+//! caches' connections and the HTTP server's sockets together, then the
+//! job takes what arrived and unpacks at most
+//! [`crate::store::parallel::UNPACK_PER_STEP`] bytes, then the server
+//! answers what arrived (status, metrics; deploys get 409 while busy).
+//! Nothing in the fetch calls back into the loop. The smaller transfers
+//! (polled documents, the Pushgateway, the health network check, gc's
+//! narinfo look-ups) still go through the blocking fetcher, whose ticks
+//! (`fetch::ticking`, at most every [`TICK_EVERY`]) serve HTTP and ping
+//! the watchdog; each of those ends at a deadline.
 //!
 //! Every state transition is persisted (atomically, durably) before its
 //! effects are carried out; see `machine` for why that makes every crash
@@ -20,13 +23,15 @@ use super::machine::{self, Effect, Event, Origin, Phase, State, Timing};
 use super::notify::Notifier;
 use super::persist;
 use super::status::{self, Progress, Snapshot};
+use super::throttle::AuthThrottle;
 use crate::api;
 use crate::deploy::{self, Action, Deploy, Rejection};
 use crate::fetch::{CacheUrl, Fetcher, Options};
 use crate::nix::{StorePath, TrustedKeys};
 use crate::store::fsutil;
 use crate::store::install;
-use crate::store::{Store, StoreLock};
+use crate::store::parallel::{InstallJob, NetOptions, Step};
+use crate::store::{HeldLock, Store, StoreLock};
 use crate::switch::protocol;
 use rustix::fd::AsFd;
 use std::cell::RefCell;
@@ -39,11 +44,6 @@ use std::time::{Duration, Instant};
 pub const TICK_EVERY: Duration = Duration::from_millis(50);
 /// Longest the loop sleeps when idle (switch results, poll schedule).
 const IDLE_WAIT: Duration = Duration::from_millis(500);
-/// Deploy requests with a bad signature allowed per window before 429.
-const AUTH_FAILURES_PER_WINDOW: u32 = 20;
-const AUTH_WINDOW: Duration = Duration::from_secs(60);
-/// Peers tracked for that at once (bounded memory).
-const AUTH_PEERS: usize = 1024;
 /// Largest polled document / signature.
 const MAX_SIG_BYTES: u64 = 4096;
 
@@ -71,7 +71,7 @@ struct Shared {
     notifier: Notifier,
     server: Option<Server>,
     /// Rejected signatures per peer in the current window.
-    auth_failures: std::collections::BTreeMap<std::net::IpAddr, (u32, Instant)>,
+    auth_throttle: AuthThrottle,
     last_tick: Instant,
     /// Effects of a deploy accepted by the handler, for the loop to run.
     queued: VecDeque<Effect>,
@@ -103,7 +103,7 @@ impl Shared {
             started: now(),
             notifier: Notifier::from_env(),
             server,
-            auth_failures: Default::default(),
+            auth_throttle: AuthThrottle::default(),
             last_tick: Instant::now(),
             queued: VecDeque::new(),
             fatal: None,
@@ -229,13 +229,9 @@ fn deploy_head(req: &Request, ctx: &Ctx, sh: &mut Shared) -> Result<(), Response
 /// 429 once a peer has had too many rejected signatures in the window (per
 /// peer, so a stranger hammering bad signatures cannot lock the admin out).
 fn rate_limited(peer: std::net::IpAddr, sh: &mut Shared) -> Option<Response> {
-    if let Some((n, since)) = sh.auth_failures.get(&peer) {
-        if since.elapsed() > AUTH_WINDOW {
-            sh.auth_failures.remove(&peer);
-        } else if *n >= AUTH_FAILURES_PER_WINDOW {
-            sh.rejected += 1;
-            return Some(json_error(429, "too many rejected deploy requests; try later", None));
-        }
+    if sh.auth_throttle.limited(peer, Instant::now()) {
+        sh.rejected += 1;
+        return Some(json_error(429, "too many rejected deploy requests; try later", None));
     }
     None
 }
@@ -295,15 +291,7 @@ fn handle_deploy(req: &Request, ctx: &Ctx, sh: &mut Shared) -> Response {
 fn refuse(ctx: &Ctx, sh: &mut Shared, peer: std::net::SocketAddr, rej: Rejection) -> Response {
     reject(ctx, sh, &rej, &format!("from {peer}"));
     if rej.status() == 401 {
-        let ip = peer.ip();
-        if sh.auth_failures.len() >= AUTH_PEERS && !sh.auth_failures.contains_key(&ip) {
-            // Bounded memory: forget the oldest offender.
-            if let Some(oldest) = sh.auth_failures.iter().min_by_key(|(_, (_, t))| *t).map(|(ip, _)| *ip) {
-                sh.auth_failures.remove(&oldest);
-            }
-        }
-        let e = sh.auth_failures.entry(ip).or_insert((0, Instant::now()));
-        e.0 += 1;
+        sh.auth_throttle.failed(peer.ip(), Instant::now());
     }
     let seq = matches!(rej, Rejection::Stale { .. }).then_some(sh.state.highest_seq);
     json_error(rej.status(), &rej.to_string(), seq)
@@ -442,6 +430,8 @@ const NUDGE_AFTER: Duration = Duration::from_secs(5);
 const NET_BEFORE: &str = "net-before";
 /// How long a fetch or gc waits for another writer's store lock.
 const STORE_LOCK_WAIT: Duration = Duration::from_secs(600);
+/// How often a fetch waiting for the store lock tries again.
+const LOCK_RETRY: Duration = Duration::from_millis(100);
 
 pub struct Agent {
     ctx: Rc<Ctx>,
@@ -455,6 +445,23 @@ pub struct Agent {
     pusher: Option<super::push::Pusher>,
     /// When the channel (and key rotation) documents are next fetched.
     next_follow: Option<Instant>,
+    /// The deploy's fetch, while one runs.
+    fetching: Option<FetchRun>,
+}
+
+/// A deploy's closure fetch, advanced a step per turn of the loop.
+enum FetchRun {
+    /// Waiting for the store lock (a console `nixless install` or gc holds it).
+    Locking {
+        system: StorePath,
+        since: Instant,
+        told: bool,
+    },
+    Running {
+        job: Box<InstallJob>,
+        lock: HeldLock,
+        system: StorePath,
+    },
 }
 
 impl Agent {
@@ -501,6 +508,7 @@ impl Agent {
             poll_seed,
             pusher,
             next_follow,
+            fetching: None,
         })
     }
 
@@ -572,7 +580,13 @@ impl Agent {
                 }
                 w
             };
-            serve(&self.ctx, &self.shared, wait);
+            if self.fetching.is_some() {
+                if let Some(ev) = self.fetch_turn(wait) {
+                    self.apply(ev)?;
+                }
+            } else {
+                serve(&self.ctx, &self.shared, wait);
+            }
             if let Some(e) = self.shared.borrow_mut().fatal.take() {
                 return Err(e);
             }
@@ -581,7 +595,7 @@ impl Agent {
 
     fn perform(&mut self, eff: Effect) -> Result<Option<Event>, String> {
         match eff {
-            Effect::Fetch => Ok(Some(self.fetch())),
+            Effect::Fetch => Ok(self.start_fetch()),
             Effect::RequestSwitch { id, step, system } => {
                 let dir = &self.ctx.cfg.state_dir;
                 let pending = protocol::read_request(dir).is_some_and(|r| r.id >= id)
@@ -836,12 +850,7 @@ impl Agent {
     /// A fetcher over the document's caches, then the configured ones,
     /// whose ticks keep the loop alive.
     fn fetcher(&self, extra: &[String]) -> Fetcher {
-        let mut caches: Vec<CacheUrl> = extra.iter().filter_map(|c| CacheUrl::parse(c).ok()).collect();
-        for c in &self.ctx.cfg.caches {
-            if !caches.contains(c) {
-                caches.push(c.clone());
-            }
-        }
+        let caches = self.caches(extra);
         let opts = Options {
             retries: self.ctx.cfg.retries,
             read_timeout: self.ctx.cfg.read_timeout,
@@ -869,92 +878,156 @@ impl Agent {
             .filter(|d| d.seq == seq)
     }
 
-    fn fetch(&mut self) -> Event {
+    /// Starts the deploy's fetch: the loop advances it ([`Agent::fetch_turn`]).
+    fn start_fetch(&mut self) -> Option<Event> {
         let system = match self.shared.borrow().state.job.as_ref().map(|j| StorePath::from_absolute(&j.system)) {
             Some(Ok(p)) => p,
-            _ => return Event::FetchFailed("the job's system is not a store path".into()),
+            _ => return Some(Event::FetchFailed("the job's system is not a store path".into())),
         };
-        let (caches, narinfos) = self.job_sources();
-        let provided = install::provided_from(&narinfos);
-        let mut fetcher = self.fetcher(&caches);
-        let (ctx, shared) = (self.ctx.clone(), self.shared.clone());
-        let mut on_progress = |p: &install::Progress| {
-            shared.borrow_mut().progress = Progress {
-                paths_done: p.paths_done as u64,
-                paths_total: p.paths_total as u64,
-                bytes_done: p.nar_bytes_done,
-                bytes_total: p.nar_bytes_total,
-            };
-            // Also between reads: highly compressible data decompresses
-            // for a long time from one read's worth of input.
-            tick(&ctx, &shared);
-        };
-        let res = self.install_checked(&mut fetcher, &system, &provided, &mut on_progress);
-        let mut sh = self.shared.borrow_mut();
-        match res {
-            Ok(Ok((plan, prog))) => {
-                sh.bytes_fetched_total += prog.nar_bytes_done;
-                log::info!(
-                    "installed {} paths ({} present), {} MiB",
-                    prog.paths_done,
-                    plan.present,
-                    prog.nar_bytes_done >> 20
-                );
-                Event::FetchOk
+        self.fetching = Some(FetchRun::Locking { system, since: Instant::now(), told: false });
+        None
+    }
+
+    /// The caches a deploy fetches from: the document's, then the configured ones.
+    fn caches(&self, extra: &[String]) -> Vec<CacheUrl> {
+        let mut caches: Vec<CacheUrl> = extra.iter().filter_map(|c| CacheUrl::parse(c).ok()).collect();
+        for c in &self.ctx.cfg.caches {
+            if !caches.contains(c) {
+                caches.push(c.clone());
             }
-            Ok(Err(e)) => Event::FetchFailed(e),
-            Err(refusal) => Event::Refused(refusal),
+        }
+        caches
+    }
+
+    /// The install job for `system` over the saved document's caches and
+    /// narinfos, under `lock` (whose temps it cleans first).
+    fn new_install(&self, lock: &StoreLock, system: &StorePath) -> Result<InstallJob, String> {
+        lock.clean_temps().map_err(|e| format!("cleaning temps: {e}"))?;
+        // The deploy document's, or the channel group's (re-verified).
+        let (caches, narinfos) = self.job_sources();
+        let cfg = &self.ctx.cfg;
+        let opts = NetOptions {
+            fetch: Options {
+                retries: cfg.retries,
+                read_timeout: cfg.read_timeout,
+                credentials: cfg.credentials.clone(),
+                trust: cfg.trust.clone(),
+                ..Options::default()
+            },
+            connections: cfg.connections_per_cache,
+            ..NetOptions::default()
+        };
+        let provided = install::provided_from(&narinfos);
+        let caches = self.caches(&caches);
+        // Held after resolution: the disk-space rule is checked before any NAR comes.
+        InstallJob::new(&caches, opts, cfg.cache_keys.clone(), std::slice::from_ref(system), provided, true)
+            .map_err(|e| e.to_string())
+    }
+
+    /// One turn of the loop while a fetch runs: one `poll(2)` over the
+    /// caches' connections and the HTTP server's sockets (up to `wait`),
+    /// then a bounded step of the install and the server's requests. An
+    /// event once the fetch is over.
+    fn fetch_turn(&mut self, wait: Duration) -> Option<Event> {
+        let ctx = self.ctx.clone();
+        match self.fetching.take()? {
+            FetchRun::Locking { system, since, told } => match ctx.store.try_lock() {
+                Ok(Some(lock)) => {
+                    match self.new_install(&lock, &system) {
+                        Ok(job) => {
+                            self.fetching = Some(FetchRun::Running { job: Box::new(job), lock: lock.detach(), system })
+                        }
+                        Err(e) => return Some(Event::FetchFailed(e)),
+                    }
+                    serve(&ctx, &self.shared, Duration::ZERO);
+                    None
+                }
+                Ok(None) => {
+                    let waited = since.elapsed();
+                    if waited >= STORE_LOCK_WAIT {
+                        let e = crate::store::LockError::Busy { holder: ctx.store.lock_holder(), waited };
+                        return Some(Event::FetchFailed(e.to_string()));
+                    }
+                    if !told {
+                        log::info!("waiting for the store lock held by {}", ctx.store.lock_holder());
+                    }
+                    self.fetching = Some(FetchRun::Locking { system, since, told: true });
+                    serve(&ctx, &self.shared, wait.min(LOCK_RETRY));
+                    None
+                }
+                Err(e) => Some(Event::FetchFailed(format!("locking the store: {e}"))),
+            },
+            FetchRun::Running { mut job, lock, system } => {
+                let Ok(lock) = ctx.store.reattach(lock) else {
+                    return Some(Event::FetchFailed("the store lock is not this store's".into()));
+                };
+                let server = self.shared.borrow_mut().server.take();
+                let stepped = match &server {
+                    Some(srv) => {
+                        let (fds, w) = srv.interest(wait);
+                        job.step(&lock, w, &fds)
+                    }
+                    None => job.step(&lock, wait, &[]),
+                };
+                if let Some(mut srv) = server {
+                    if let Err(e) = srv.poll(Duration::ZERO, &mut Front { ctx: &ctx, shared: &self.shared }) {
+                        log::error!("http server: {e}");
+                    }
+                    self.shared.borrow_mut().server = Some(srv);
+                }
+                let p = *job.progress();
+                self.shared.borrow_mut().progress = Progress {
+                    paths_done: p.paths_done as u64,
+                    paths_total: p.paths_total as u64,
+                    bytes_done: p.nar_bytes_done,
+                    bytes_total: p.nar_bytes_total,
+                };
+                match stepped {
+                    Ok(Step::Working { .. }) => {}
+                    Ok(Step::Resolved) => {
+                        if let Err(refusal) = self.check_space(&lock, &system, p.nar_bytes_total) {
+                            return Some(Event::Refused(refusal));
+                        }
+                        job.release();
+                    }
+                    Ok(Step::Done(plan, prog)) => {
+                        self.shared.borrow_mut().bytes_fetched_total += prog.nar_bytes_done;
+                        log::info!(
+                            "installed {} paths ({} present), {} MiB",
+                            prog.paths_done,
+                            plan.present,
+                            prog.nar_bytes_done >> 20
+                        );
+                        return Some(Event::FetchOk);
+                    }
+                    Err(e) => {
+                        (*job).abandon(&lock);
+                        return Some(Event::FetchFailed(e.to_string()));
+                    }
+                }
+                self.fetching = Some(FetchRun::Running { job, lock: lock.detach(), system });
+                None
+            }
         }
     }
 
-    /// Resolves, checks free space (collecting garbage if short), installs.
-    /// `Err` is a refusal with nothing changed; `Ok(Err)` a failed install.
-    #[allow(clippy::type_complexity)]
-    fn install_checked(
-        &mut self,
-        fetcher: &mut Fetcher,
-        system: &StorePath,
-        provided: &install::Provided,
-        on_progress: &mut dyn FnMut(&install::Progress),
-    ) -> Result<Result<(install::Plan, install::Progress), String>, String> {
-        let ctx = self.ctx.clone();
-        let store = match self.lock_store(&ctx.store) {
-            Ok(lock) => lock,
-            Err(e) => return Ok(Err(e)),
-        };
-        if let Err(e) = store.clean_temps() {
-            return Ok(Err(format!("cleaning temps: {e}")));
+    /// The disk-space rule ([`space_needed`]): short, garbage is collected
+    /// first; still short, the deploy is refused (`Err`, nothing changed).
+    fn check_space(&mut self, store: &StoreLock, system: &StorePath, nar_bytes: u64) -> Result<(), String> {
+        let free = crate::store::gc::free_bytes(store).unwrap_or(u64::MAX);
+        let Err(need) = space_needed(nar_bytes, free) else { return Ok(()) };
+        log::warn!("need {} MiB, {} MiB free: collecting garbage", need >> 20, free >> 20);
+        if let Err(e) = self.collect_garbage(store, std::slice::from_ref(system)) {
+            log::warn!("garbage collection: {e}");
         }
-        let plan = match install::resolve_with(
-            fetcher,
-            &store,
-            &self.ctx.cfg.cache_keys,
-            std::slice::from_ref(system),
-            provided,
-        ) {
-            Ok(p) => p,
-            Err(e) => return Ok(Err(e.to_string())),
-        };
-        let need = plan.nar_bytes().saturating_add(plan.nar_bytes() / 10).saturating_add(16 << 20);
-        let free = crate::store::gc::free_bytes(&store).unwrap_or(u64::MAX);
-        if free < need {
-            log::warn!("need {} MiB, {} MiB free: collecting garbage", need >> 20, free >> 20);
-            let present: Vec<StorePath> = vec![system.clone()];
-            if let Err(e) = self.collect_garbage(&store, &present) {
-                log::warn!("garbage collection: {e}");
-            }
-            let free = crate::store::gc::free_bytes(&store).unwrap_or(u64::MAX);
-            if free < need {
-                return Err(format!(
-                    "not enough disk space: the closure needs {} MiB, {} MiB free after garbage collection",
-                    need >> 20,
-                    free >> 20
-                ));
-            }
-        }
-        Ok(install::install_plan(fetcher, &store, &plan, install::BatchLimits::default(), on_progress)
-            .map(|p| (plan, p))
-            .map_err(|e| e.to_string()))
+        let free = crate::store::gc::free_bytes(store).unwrap_or(u64::MAX);
+        space_needed(nar_bytes, free).map_err(|need| {
+            format!(
+                "not enough disk space: the closure needs {} MiB, {} MiB free after garbage collection",
+                need >> 20,
+                free >> 20
+            )
+        })
     }
 
     /// The store lock, waited for (up to [`STORE_LOCK_WAIT`]) while the
@@ -1057,6 +1130,19 @@ impl Agent {
     }
 }
 
+/// The disk-space rule: a closure of `nar_bytes` fits in `free` bytes if
+/// they hold it with a margin of a tenth plus 16 MiB (unpacked files take
+/// whole blocks; the state and the log still need room to record the
+/// outcome); `Err(bytes needed)` if not. Pure, so it is tested alone.
+fn space_needed(nar_bytes: u64, free: u64) -> Result<(), u64> {
+    let need = nar_bytes.saturating_add(nar_bytes / 10).saturating_add(16 << 20);
+    if free >= need {
+        Ok(())
+    } else {
+        Err(need)
+    }
+}
+
 fn truncate(s: &str, n: usize) -> &str {
     match s.char_indices().nth(n) {
         Some((i, _)) => s.get(..i).unwrap_or(s),
@@ -1150,6 +1236,17 @@ mod tests {
             assert_eq!(sh.state.highest_seq, 10);
             assert_eq!(sh.queued, VecDeque::from(vec![Effect::Fetch]));
         }
+    }
+
+    #[test]
+    fn the_space_rule_wants_a_tenth_and_16_mib_more_and_never_overflows() {
+        let mib = 1u64 << 20;
+        assert_eq!(space_needed(100 * mib, 126 * mib), Ok(()));
+        assert_eq!(space_needed(100 * mib, 126 * mib - 1), Err(126 * mib));
+        assert_eq!(space_needed(0, 16 * mib), Ok(()));
+        assert_eq!(space_needed(0, 16 * mib - 1), Err(16 * mib));
+        assert_eq!(space_needed(u64::MAX, u64::MAX), Ok(()));
+        assert_eq!(space_needed(u64::MAX, u64::MAX - 1), Err(u64::MAX));
     }
 
     /// Issue E.6: a full disk refuses a deploy it cannot record, leaving

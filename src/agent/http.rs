@@ -266,6 +266,18 @@ impl Server {
         self.listeners.iter().map(|l| l.as_fd()).chain(self.conns.iter().map(|c| c.stream.as_fd())).collect()
     }
 
+    /// What [`Server::poll`] would wait on, for a caller that waits in its
+    /// own `poll(2)` (with other sockets) and then calls
+    /// [`Server::poll`] with `Duration::ZERO`: the descriptors with the
+    /// events wanted, and `timeout` shortened to the nearest deadline.
+    pub fn interest(&self, timeout: Duration) -> (Vec<(BorrowedFd<'_>, PollFlags)>, Duration) {
+        let now = Instant::now();
+        let accepting = self.accept_paused_until.is_none_or(|t| now >= t);
+        let listeners = self.listeners.iter().filter(|_| accepting).map(|l| (l.as_fd(), PollFlags::IN));
+        let conns = self.conns.iter().map(|c| (c.stream.as_fd(), c.interest()));
+        (listeners.chain(conns).collect(), self.wait_time(timeout, now))
+    }
+
     /// Number of open connections (including those finishing their response).
     pub fn connection_count(&self) -> usize {
         self.conns.len()

@@ -21,3 +21,4 @@ pub mod persist;
 pub mod push;
 pub mod seccomp;
 pub mod status;
+pub mod throttle;

@@ -47,8 +47,15 @@ impl std::fmt::Display for UnpackError {
 
 impl std::error::Error for UnpackError {}
 
+/// The directory the root goes into: borrowed, or owned by an unpacker
+/// that outlives any one borrow (one advanced step by step from a loop).
+enum Parent<'d> {
+    Borrowed(BorrowedFd<'d>),
+    Owned(OwnedFd),
+}
+
 pub struct Unpacker<'d> {
-    parent: BorrowedFd<'d>,
+    parent: Parent<'d>,
     root_name: Vec<u8>,
     dirs: Vec<OwnedFd>,
     file: Option<std::fs::File>,
@@ -62,6 +69,10 @@ impl<'d> Unpacker<'d> {
     /// Unpacks the NAR's root node as `root_name` inside `parent`, which
     /// must not exist yet.
     pub fn new(parent: BorrowedFd<'d>, root_name: &[u8]) -> Self {
+        Unpacker::with_parent(Parent::Borrowed(parent), root_name)
+    }
+
+    fn with_parent(parent: Parent<'d>, root_name: &[u8]) -> Self {
         Unpacker {
             parent,
             root_name: root_name.to_vec(),
@@ -71,6 +82,11 @@ impl<'d> Unpacker<'d> {
             name_lens: Vec::new(),
             bytes_written: 0,
         }
+    }
+
+    /// [`Unpacker::new`] holding its own descriptor of `parent`.
+    pub fn owned(parent: OwnedFd, root_name: &[u8]) -> Unpacker<'static> {
+        Unpacker::with_parent(Parent::Owned(parent), root_name)
     }
 
     /// File contents written so far.
@@ -86,7 +102,10 @@ impl<'d> Unpacker<'d> {
     fn place<'n>(&'n self, name: &'n [u8]) -> (BorrowedFd<'n>, &'n [u8]) {
         match self.dirs.last() {
             Some(fd) => (fd.as_fd(), name),
-            None => (self.parent, &self.root_name),
+            None => match &self.parent {
+                Parent::Borrowed(fd) => (*fd, &self.root_name),
+                Parent::Owned(fd) => (fd.as_fd(), &self.root_name),
+            },
         }
     }
 

@@ -21,6 +21,7 @@
 
 use super::http1::{self, ClientConn, Event, Head, ProtoError};
 use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::fd::BorrowedFd;
 use rustix::io::Errno;
 use rustix::net::{AddressFamily, SocketFlags, SocketType};
 use std::collections::{BTreeMap, VecDeque};
@@ -287,6 +288,19 @@ impl Engine {
     /// the sockets (less if a deadline comes sooner), read what arrived and
     /// hand it to `h`, enforce deadlines.
     pub fn turn(&mut self, h: &mut dyn Handler, max_wait: Duration) {
+        self.turn_with(h, max_wait, &[]);
+    }
+
+    /// [`Engine::turn`] whose one `poll(2)` also waits on the caller's
+    /// descriptors `extra` (an event loop's own sockets, with the events it
+    /// wants): whether any of them is ready. The caller then serves them
+    /// without blocking.
+    pub fn turn_with(
+        &mut self,
+        h: &mut dyn Handler,
+        max_wait: Duration,
+        extra: &[(BorrowedFd<'_>, PollFlags)],
+    ) -> bool {
         self.dispatch(h);
         for slot in 0..self.conns.len() {
             if self.is_open(slot) {
@@ -294,7 +308,7 @@ impl Engine {
             }
         }
         let wait = self.next_deadline().map_or(max_wait, |d| max_wait.min(d.saturating_duration_since(Instant::now())));
-        let ready = self.wait(wait);
+        let (ready, extra_ready) = self.wait(wait, extra);
         for (slot, flags) in ready {
             if self.conns[slot].is_none() {
                 continue;
@@ -311,6 +325,7 @@ impl Engine {
             }
         }
         self.enforce_deadlines(h);
+        extra_ready
     }
 
     fn is_open(&self, slot: usize) -> bool {
@@ -327,7 +342,7 @@ impl Engine {
         reqs.chain(conns).min()
     }
 
-    fn wait(&mut self, wait: Duration) -> Vec<(usize, PollFlags)> {
+    fn wait(&mut self, wait: Duration, extra: &[(BorrowedFd<'_>, PollFlags)]) -> (Vec<(usize, PollFlags)>, bool) {
         let mut slots = Vec::new();
         let mut fds = Vec::new();
         for (slot, c) in self.conns.iter().enumerate() {
@@ -346,19 +361,24 @@ impl Engine {
             slots.push(slot);
             fds.push(PollFd::new(&c.sock, flags));
         }
+        let ours = fds.len();
+        fds.extend(extra.iter().map(|(fd, flags)| PollFd::from_borrowed_fd(*fd, *flags)));
         if fds.is_empty() {
             // Nothing to wait on: the caller's own timers are what is next.
             if !wait.is_zero() && self.pending.is_empty() {
                 std::thread::sleep(wait.min(Duration::from_millis(50)));
             }
-            return Vec::new();
+            return (Vec::new(), false);
         }
         let ts = Timespec::try_from(wait).ok();
         match rustix::event::poll(&mut fds, ts.as_ref()) {
             Ok(_) | Err(Errno::INTR) => {}
             Err(e) => log::warn!("poll: {e}"),
         }
-        slots.into_iter().zip(fds.iter().map(|f| f.revents())).filter(|(_, r)| !r.is_empty()).collect()
+        let extra_ready = fds[ours..].iter().any(|f| !f.revents().is_empty());
+        let ready =
+            slots.into_iter().zip(fds[..ours].iter().map(|f| f.revents())).filter(|(_, r)| !r.is_empty()).collect();
+        (ready, extra_ready)
     }
 
     fn dispatch(&mut self, h: &mut dyn Handler) {

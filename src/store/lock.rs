@@ -33,6 +33,32 @@ impl std::ops::Deref for StoreLock<'_> {
     }
 }
 
+/// The store lock held without a borrow of its [`Store`], so an event loop
+/// can keep it across iterations next to the store it owns; only
+/// [`Store::reattach`] turns it back into a [`StoreLock`], for the same
+/// store directory (checked). Dropping it releases the lock.
+pub struct HeldLock {
+    store_dir: std::path::PathBuf,
+    fd: OwnedFd,
+}
+
+impl<'s> StoreLock<'s> {
+    pub fn detach(self) -> HeldLock {
+        HeldLock { store_dir: self.store.store_dir().to_owned(), fd: self._fd }
+    }
+}
+
+impl Store {
+    /// The lock `held` as a [`StoreLock`] of this store again; `Err` gives
+    /// it back unchanged if it was taken on another store.
+    pub fn reattach(&self, held: HeldLock) -> Result<StoreLock<'_>, HeldLock> {
+        if held.store_dir != self.store_dir() {
+            return Err(held);
+        }
+        Ok(StoreLock { store: self, _fd: held.fd })
+    }
+}
+
 /// Who holds the lock, as far as `/proc/locks` tells.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Holder {

@@ -10,7 +10,7 @@ pub mod profile;
 pub mod record;
 
 use crate::nix::StorePath;
-pub use lock::{LockError, StoreLock};
+pub use lock::{HeldLock, LockError, StoreLock};
 use record::Record;
 use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
 use rustix::fs::{self as rfs, AtFlags};

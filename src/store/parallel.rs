@@ -12,24 +12,30 @@
 //!   FileSize is capped and its FileHash computed; a broken download resumes
 //!   with `Range` from what the spool holds. At most [`MAX_SPOOLS`] spools and
 //!   about `spool_budget` bytes of them exist at once.
-//! - **Unpacking** takes one finished spool at a time through the existing
-//!   pull pipeline (decompress → NarHash → NAR parser → unpacker) into a temp,
-//!   so memory stays that of one decompressor whatever the concurrency.
+//! - **Unpacking** takes one finished spool at a time through the verified
+//!   pipeline (decompress → NarHash → NAR parser → unpacker,
+//!   [`pipeline::Pass`]) into a temp, at most [`UNPACK_PER_STEP`] NAR bytes
+//!   per step, so memory stays that of one decompressor whatever the
+//!   concurrency and a large NAR never holds up a caller's loop.
 //! - **Commit** is exactly [`super::install`]'s: temps are renamed in plan
 //!   order (references before referrers) by batches, after one `syncfs`; a
 //!   failure keeps the complete prefix and removes every other temp and spool.
 //!
 //! `file://` caches are read directly (no request, no spool).
 //!
-//! `progress` is also the tick: it runs after every poll round (at most
-//! 50 ms apart while waiting on the network) and after every chunk an
-//! unpack moves, so a supervisor can ping its watchdog from it. Nothing is
-//! called back from inside the engine's round. The agent still installs
-//! through the sequential [`super::install`] until its loop moves onto the
-//! engine (a later slice of issue 11).
+//! The work is an [`InstallJob`] advanced by [`InstallJob::step`]: one
+//! engine round (whose `poll(2)` may also wait on the caller's own
+//! sockets), what it delivered, and a bounded slice of unpacking; nothing
+//! blocks but that one `poll`, and nothing calls back into the caller. The
+//! agent steps it from its event loop; [`install`] is a loop around it.
+//! Narinfos given up front (a deploy document's) are checked exactly like
+//! fetched ones and save their round trips; one that fails the checks is
+//! never trusted: the caches are asked instead.
 
 use super::fsutil;
-use super::install::{commit_batch, io_err, topo_order, BatchLimits, InstallError, Pending, Plan, PlanItem, Progress};
+use super::install::{
+    commit_batch, io_err, topo_order, BatchLimits, InstallError, Pending, Plan, PlanItem, Progress, Provided,
+};
 use super::{temp_name, StoreLock};
 use crate::fetch::pipeline::{self, PipelineError};
 use crate::fetch::{CacheUrl, FetchError, Options, MAX_NARINFO};
@@ -37,6 +43,8 @@ use crate::nar::{NarError, Unpacker};
 use crate::net::engine::{self, Engine, Handler, NetError, Origin, ReqId};
 use crate::net::http1::Head;
 use crate::nix::{cache_info, NarInfo, Sha256, StorePath, TrustedKeys};
+use rustix::event::PollFlags;
+use rustix::fd::BorrowedFd;
 use sha2::{Digest, Sha256 as Hasher};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fs::File;
@@ -46,6 +54,14 @@ use std::time::{Duration, Instant};
 
 /// Most NAR spools (downloading or waiting to be unpacked) at once.
 pub const MAX_SPOOLS: usize = 64;
+/// NAR bytes decompressed, verified and unpacked per [`InstallJob::step`]
+/// at most, in slices of [`UNPACK_SLICE`], and no more slices once
+/// [`UNPACK_TIME`] has passed: a few milliseconds of work on any machine
+/// (an unoptimised build decompresses and hashes ~100× slower), so the
+/// caller's loop turns often.
+pub const UNPACK_PER_STEP: usize = 1 << 20;
+const UNPACK_SLICE: usize = 64 << 10;
+const UNPACK_TIME: Duration = Duration::from_millis(10);
 
 #[derive(Debug, Clone)]
 pub struct NetOptions {
@@ -96,6 +112,8 @@ struct Spool {
     hasher: Hasher,
     /// FileSize, if the narinfo has one: more is cut off.
     limit: Option<u64>,
+    /// The NAR's size: progress counts what is spooled in NAR bytes.
+    nar_size: u64,
 }
 
 impl Drop for Spool {
@@ -219,15 +237,57 @@ struct Retry {
     job: Job,
     tries: u32,
     spool: Option<Spool>,
+    /// A small document's overall deadline, retries included.
+    deadline: Option<Instant>,
 }
 
-struct Driver<'a> {
+/// The NAR being unpacked, a step at a time.
+struct Unpacking {
+    path: StorePath,
+    tmp: String,
+    pass: pipeline::Pass<'static, File>,
+    unpacker: Unpacker<'static>,
+    /// The spool it reads, and the FileHash computed while spooling.
+    spool: Option<(Spool, Sha256)>,
+    expected_file_hash: Option<Sha256>,
+    /// NAR bytes unpacked so far.
+    nar_done: u64,
+}
+
+/// What a [`InstallJob::step`] came to.
+pub enum Step {
+    /// More to do; whether the caller's descriptors are ready.
+    Working { extra_ready: bool },
+    /// The closure is resolved and, as asked ([`InstallJob::new`]'s
+    /// `hold`), no NAR has been requested: [`InstallJob::release`] starts them.
+    Resolved,
+    /// Everything installed.
+    Done(Plan, Progress),
+}
+
+/// An install over the engine, advanced by [`InstallJob::step`] under the
+/// store lock (taken by the caller and passed to every step).
+pub struct InstallJob {
+    st: State,
+    keys: TrustedKeys,
+}
+
+struct State {
     engine: Engine,
     inbox: Inbox,
     caches: Vec<Cache>,
-    keys: &'a TrustedKeys,
-    store: &'a StoreLock<'a>,
     opts: NetOptions,
+    started: bool,
+    /// No NAR is requested before [`InstallJob::release`].
+    hold: bool,
+    provided: Provided,
+    /// Paths whose narinfo came up front: their NAR is in any cache.
+    from_doc: BTreeSet<StorePath>,
+    /// Overall deadlines of small requests in flight.
+    deadlines: HashMap<ReqId, Instant>,
+    unpacking: Option<Unpacking>,
+    /// NAR bytes counted in progress, per path.
+    credited: HashMap<StorePath, u64>,
     /// Consecutive failures of the job behind each request.
     tries: HashMap<ReqId, u32>,
     retries: Vec<Retry>,
@@ -248,6 +308,26 @@ struct Driver<'a> {
     prog: Progress,
 }
 
+/// One step's view: the job's state with the store lock and the keys.
+struct Driver<'a, 's> {
+    st: &'a mut State,
+    keys: &'a TrustedKeys,
+    store: &'a StoreLock<'s>,
+}
+
+impl std::ops::Deref for Driver<'_, '_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        self.st
+    }
+}
+
+impl std::ops::DerefMut for Driver<'_, '_> {
+    fn deref_mut(&mut self) -> &mut State {
+        self.st
+    }
+}
+
 /// Resolves and installs the closures of `roots` over the engine; the
 /// result as [`super::install::install`]'s.
 pub fn install(
@@ -259,115 +339,179 @@ pub fn install(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<(Plan, Progress), InstallError> {
     store.clean_temps().map_err(io_err("clean", store.store_dir().display()))?;
-    let mut engine = Engine::new(engine::Config {
-        conns_per_origin: opts.connections,
-        connect_timeout: opts.fetch.connect_timeout,
-        read_timeout: opts.fetch.read_timeout,
-        trust: opts.fetch.trust.clone(),
-        ..engine::Config::default()
-    });
-    let mut cs = Vec::new();
-    for url in caches {
-        let source = match url {
-            CacheUrl::File(dir) => Source::File(dir.clone()),
-            CacheUrl::Http(u) => {
-                let (origin, _) = Origin::parse(u)
-                    .map_err(|msg| InstallError::Fetch(FetchError::CacheInfo { cache: u.clone(), msg }))?;
-                Source::Http { origin: engine.add_origin(origin) }
+    let mut job = InstallJob::new(caches, opts, keys.clone(), roots, Provided::new(), false)?;
+    loop {
+        match job.step(store, Duration::from_millis(50), &[]) {
+            Ok(Step::Done(plan, prog)) => {
+                progress(&prog);
+                return Ok((plan, prog));
             }
-            // Path-style: the endpoint is the origin, the bucket the prefix.
-            CacheUrl::S3(u) => {
-                let cache = |msg: String| InstallError::Fetch(FetchError::CacheInfo { cache: u.clone(), msg });
-                let t = crate::auth::s3::target(u).map_err(cache)?;
-                let (origin, _) = Origin::parse(&t.url).map_err(cache)?;
-                Source::Http { origin: engine.add_origin(origin) }
+            Ok(_) => progress(job.progress()),
+            Err(e) => {
+                job.abandon(store);
+                return Err(e);
             }
-        };
-        cs.push(Cache { url: url.clone(), source, health: Health::Unchecked });
+        }
     }
-    let mut d = Driver {
-        engine,
-        inbox: Inbox::default(),
-        caches: cs,
-        keys,
-        store,
-        opts,
-        tries: HashMap::new(),
-        retries: Vec::new(),
-        checking: 0,
-        roots: roots.to_vec(),
-        seen: BTreeSet::new(),
-        present: BTreeSet::new(),
-        lookups: BTreeMap::new(),
-        found: BTreeMap::new(),
-        nar_queue: VecDeque::new(),
-        spools_open: 0,
-        spool_bytes: 0,
-        ready: VecDeque::new(),
-        unpacked: BTreeMap::new(),
-        order: None,
-        committed: 0,
-        prog: Progress::default(),
-    };
-    let result = d.run(progress);
-    if result.is_err() {
-        // What is unpacked and closure-complete (a prefix of the plan) stays,
-        // as in the sequential install: a retry need not fetch it again.
-        let _ = d.commit(true);
-    }
-    // Whatever is not committed goes: temps of unpacked paths, spools (by
-    // their Drop, with the inbox, the retries and the ready queue).
-    for tmp in d.unpacked.values() {
-        let _ = fsutil::remove_tree(store.store_fd(), tmp.as_bytes());
-    }
-    result
 }
 
-impl Driver<'_> {
-    fn run(&mut self, progress: &mut dyn FnMut(&Progress)) -> Result<(Plan, Progress), InstallError> {
-        // All counted first: a file:// cache answers at once, and
-        // resolution must not start before every cache has answered.
-        self.checking = self.caches.len();
-        for idx in 0..self.caches.len() {
-            self.send(Job::CacheInfo(idx), 0, None)?;
-        }
-        if self.checking == 0 {
-            self.start_resolution()?;
-        }
-        loop {
-            let resolved = self.checking == 0 && self.lookups.is_empty();
-            if resolved && self.order.is_none() {
-                let order = topo_order(std::mem::take(&mut self.found))?;
-                self.prog.paths_total = order.len();
-                self.prog.nar_bytes_total = order.iter().fold(0u64, |s, i| s.saturating_add(i.nar_size));
-                self.order = Some(order);
-            }
-            self.commit(false)?;
-            if let Some(order) = &self.order {
-                if self.committed == order.len() {
-                    break;
+impl InstallJob {
+    /// A job for the closures of `roots` from `caches`, using the narinfos
+    /// `provided` (by hash part) before asking any cache; with `hold`, it
+    /// stops after resolution ([`Step::Resolved`]) until released. The
+    /// caller cleans the store's temps first, under the lock.
+    pub fn new(
+        caches: &[CacheUrl],
+        opts: NetOptions,
+        keys: TrustedKeys,
+        roots: &[StorePath],
+        provided: Provided,
+        hold: bool,
+    ) -> Result<InstallJob, InstallError> {
+        let mut engine = Engine::new(engine::Config {
+            conns_per_origin: opts.connections,
+            connect_timeout: opts.fetch.connect_timeout,
+            read_timeout: opts.fetch.read_timeout,
+            trust: opts.fetch.trust.clone(),
+            ..engine::Config::default()
+        });
+        let mut cs = Vec::new();
+        for url in caches {
+            let source = match url {
+                CacheUrl::File(dir) => Source::File(dir.clone()),
+                CacheUrl::Http(u) => {
+                    let (origin, _) = Origin::parse(u)
+                        .map_err(|msg| InstallError::Fetch(FetchError::CacheInfo { cache: u.clone(), msg }))?;
+                    Source::Http { origin: engine.add_origin(origin) }
                 }
-            }
-            self.send_due_retries()?;
-            self.start_nars()?;
-            let wait = if self.ready.is_empty() { Duration::from_millis(50) } else { Duration::ZERO };
-            self.engine.turn(&mut self.inbox, wait);
-            for (id, result) in std::mem::take(&mut self.inbox.finished) {
-                self.finished(id, result)?;
-            }
-            // One unpack per round while the network is busy; all when idle.
-            let mut budget = if self.engine.in_flight() > 0 { 1 } else { usize::MAX };
-            while budget > 0 {
-                let Some((path, ready)) = self.ready.pop_front() else { break };
-                self.unpack(path, ready, progress)?;
-                budget -= 1;
-            }
-            progress(&self.prog);
+                // Path-style: the endpoint is the origin, the bucket the prefix.
+                CacheUrl::S3(u) => {
+                    let cache = |msg: String| InstallError::Fetch(FetchError::CacheInfo { cache: u.clone(), msg });
+                    let t = crate::auth::s3::target(u).map_err(cache)?;
+                    let (origin, _) = Origin::parse(&t.url).map_err(cache)?;
+                    Source::Http { origin: engine.add_origin(origin) }
+                }
+            };
+            cs.push(Cache { url: url.clone(), source, health: Health::Unchecked });
         }
-        self.commit(true)?;
-        progress(&self.prog);
-        let items = self.order.take().unwrap_or_default();
-        Ok((Plan { items, present: self.present.len() }, self.prog))
+        let st = State {
+            engine,
+            inbox: Inbox::default(),
+            caches: cs,
+            opts,
+            started: false,
+            hold,
+            provided,
+            from_doc: BTreeSet::new(),
+            deadlines: HashMap::new(),
+            unpacking: None,
+            credited: HashMap::new(),
+            tries: HashMap::new(),
+            retries: Vec::new(),
+            checking: 0,
+            roots: roots.to_vec(),
+            seen: BTreeSet::new(),
+            present: BTreeSet::new(),
+            lookups: BTreeMap::new(),
+            found: BTreeMap::new(),
+            nar_queue: VecDeque::new(),
+            spools_open: 0,
+            spool_bytes: 0,
+            ready: VecDeque::new(),
+            unpacked: BTreeMap::new(),
+            order: None,
+            committed: 0,
+            prog: Progress::default(),
+        };
+        Ok(InstallJob { st, keys })
+    }
+
+    /// One bounded step: one engine round waiting at most `max_wait` (less
+    /// when there is unpacking to do or a retry is due) on the caches and
+    /// on `extra`, then what arrived, then up to [`UNPACK_PER_STEP`] NAR
+    /// bytes unpacked and whatever prefix of the plan is complete committed.
+    /// After an `Err`, call [`InstallJob::abandon`].
+    pub fn step(
+        &mut self,
+        store: &StoreLock,
+        max_wait: Duration,
+        extra: &[(BorrowedFd<'_>, PollFlags)],
+    ) -> Result<Step, InstallError> {
+        Driver { st: &mut self.st, keys: &self.keys, store }.step(max_wait, extra)
+    }
+
+    /// Lets NAR downloads start after [`Step::Resolved`].
+    pub fn release(&mut self) {
+        self.st.hold = false;
+    }
+
+    pub fn progress(&self) -> &Progress {
+        &self.st.prog
+    }
+
+    /// After a failure: what is unpacked and closure-complete (a prefix of
+    /// the plan) stays, as in the sequential install (a retry need not
+    /// fetch it again); every other temp and spool goes.
+    pub fn abandon(mut self, store: &StoreLock) {
+        let mut d = Driver { st: &mut self.st, keys: &self.keys, store };
+        let _ = d.commit(true);
+        if let Some(u) = d.unpacking.take() {
+            drop(u.unpacker);
+            let _ = fsutil::remove_tree(store.store_fd(), u.tmp.as_bytes());
+        }
+        for tmp in d.unpacked.values() {
+            let _ = fsutil::remove_tree(store.store_fd(), tmp.as_bytes());
+        }
+        d.unpacked.clear();
+        // Spools go by their Drop, with the inbox, the retries and the ready queue.
+    }
+}
+
+impl Driver<'_, '_> {
+    fn step(&mut self, max_wait: Duration, extra: &[(BorrowedFd<'_>, PollFlags)]) -> Result<Step, InstallError> {
+        if !self.started {
+            self.started = true;
+            // All counted first: a file:// cache answers at once, and
+            // resolution must not start before every cache has answered.
+            self.checking = self.caches.len();
+            for idx in 0..self.caches.len() {
+                self.send(Job::CacheInfo(idx), 0, None, None)?;
+            }
+            if self.checking == 0 {
+                self.start_resolution()?;
+            }
+        }
+        let resolved = self.checking == 0 && self.lookups.is_empty();
+        if resolved && self.order.is_none() {
+            let order = topo_order(std::mem::take(&mut self.found))?;
+            self.prog.paths_total = order.len();
+            self.prog.nar_bytes_total = order.iter().fold(0u64, |s, i| s.saturating_add(i.nar_size));
+            self.order = Some(order);
+            if self.hold {
+                return Ok(Step::Resolved);
+            }
+        }
+        self.commit(false)?;
+        if self.order.as_ref().is_some_and(|o| self.committed == o.len()) {
+            self.commit(true)?;
+            let items = self.order.take().unwrap_or_default();
+            return Ok(Step::Done(Plan { items, present: self.present.len() }, self.prog));
+        }
+        self.send_due_retries()?;
+        self.start_nars()?;
+        let now = Instant::now();
+        let mut wait = if self.ready.is_empty() && self.unpacking.is_none() { max_wait } else { Duration::ZERO };
+        if let Some(at) = self.retries.iter().map(|r| r.at).min() {
+            wait = wait.min(at.saturating_duration_since(now));
+        }
+        let st = &mut *self.st;
+        let extra_ready = st.engine.turn_with(&mut st.inbox, wait, extra);
+        self.credit_spools();
+        for (id, result) in std::mem::take(&mut self.inbox.finished) {
+            self.finished(id, result)?;
+        }
+        self.unpack_some(UNPACK_PER_STEP)?;
+        Ok(Step::Working { extra_ready })
     }
 
     fn cache_name(&self, idx: usize) -> String {
@@ -406,7 +550,13 @@ impl Driver<'_> {
     }
 
     /// Sends (or, for `file://`, does) the request behind `job`.
-    fn send(&mut self, job: Job, tries: u32, spool: Option<Spool>) -> Result<(), InstallError> {
+    fn send(
+        &mut self,
+        job: Job,
+        tries: u32,
+        spool: Option<Spool>,
+        deadline: Option<Instant>,
+    ) -> Result<(), InstallError> {
         let (idx, rel, urgent) = match &job {
             Job::CacheInfo(idx) => (*idx, "nix-cache-info".to_owned(), true),
             Job::NarInfo(p, idx) => (*idx, format!("{}.narinfo", p.hash_part()), true),
@@ -431,9 +581,15 @@ impl Driver<'_> {
             Sink::Spool(s) => s.written,
             Sink::Mem(..) => 0,
         };
-        let deadline = limit_deadline.map(|()| Instant::now() + self.opts.fetch.small_fetch_deadline);
+        // One overall deadline per small document, retries included (a
+        // retry keeps the first send's), as the sequential fetcher's.
+        let deadline =
+            limit_deadline.map(|()| deadline.unwrap_or_else(|| Instant::now() + self.opts.fetch.small_fetch_deadline));
         let id = self.engine.submit(origin, target, headers, offset, deadline, urgent);
         self.tries.insert(id, tries);
+        if let Some(d) = deadline {
+            self.deadlines.insert(id, d);
+        }
         let active = Active { job, url, sink, offset, status: None, skip: 0, refused: None, denied_body: Vec::new() };
         self.inbox.active.insert(id, active);
         Ok(())
@@ -449,7 +605,18 @@ impl Driver<'_> {
             .open(&path)
             .map_err(io_err("create spool", path.display()))?;
         let limit = self.item(p).info().file_size;
-        Ok(Spool { file, path, written: 0, hasher: Hasher::new(), limit })
+        let nar_size = self.item(p).nar_size;
+        Ok(Spool { file, path, written: 0, hasher: Hasher::new(), limit, nar_size })
+    }
+
+    fn set_cache(&mut self, p: &StorePath, idx: usize) {
+        let item = match &mut self.order {
+            Some(order) => order.iter_mut().find(|i| i.path == *p),
+            None => self.found.get_mut(p),
+        };
+        if let Some(i) = item {
+            i.cache = idx;
+        }
     }
 
     fn item(&self, p: &StorePath) -> &PlanItem {
@@ -468,7 +635,7 @@ impl Driver<'_> {
         if let Job::Nar(p, _) = job {
             if !path.exists() {
                 let url = format!("{}/{rel}", self.caches[idx].url);
-                return Err(InstallError::Nar { path: p, err: PipelineError::MissingNar { url } });
+                return self.nar_missing(p, idx, url);
             }
             self.ready.push_back((p, Ready::InCache(path)));
             return Ok(());
@@ -506,15 +673,49 @@ impl Driver<'_> {
             self.present.insert(p);
             return Ok(());
         }
+        if let Some(text) = self.provided.remove(p.hash_part()) {
+            match NarInfo::parse(&text, Some(&p)).and_then(|ni| ni.verify(self.keys).map(|_| ni)) {
+                Ok(ni) => {
+                    let references = ni.references.clone();
+                    let nar_size = ni.nar_size;
+                    if let Some(idx) = self.next_healthy(0) {
+                        self.from_doc.insert(p.clone());
+                        return self.found_item(PlanItem { path: p, cache: idx, narinfo: text, nar_size, references });
+                    }
+                }
+                // Never trusted: the caches are asked, as for a path the
+                // document did not cover.
+                Err(e) => log::warn!("{p}: narinfo supplied with the deploy: {e}; asking the caches"),
+            }
+        }
         self.lookups.insert(p.clone(), Lookup { first_err: None, unreachable: Vec::new() });
         self.next_cache(p, 0)
+    }
+
+    /// The first cache from `from` on that answered its `nix-cache-info`.
+    fn next_healthy(&self, from: usize) -> Option<usize> {
+        (from..self.caches.len()).find(|i| self.caches[*i].health == Health::Ok)
+    }
+
+    /// A verified narinfo: its NAR is queued, its references looked for.
+    fn found_item(&mut self, item: PlanItem) -> Result<(), InstallError> {
+        let p = item.path.clone();
+        let references = item.references.clone();
+        self.found.insert(p.clone(), item);
+        self.nar_queue.push_back(p.clone());
+        for r in references {
+            if r != p {
+                self.discover(r)?;
+            }
+        }
+        Ok(())
     }
 
     /// Asks the first usable cache from `from` on for `p`'s narinfo, or fails.
     fn next_cache(&mut self, p: StorePath, from: usize) -> Result<(), InstallError> {
         for idx in from..self.caches.len() {
             match &self.caches[idx].health {
-                Health::Ok => return self.send(Job::NarInfo(p, idx), 0, None),
+                Health::Ok => return self.send(Job::NarInfo(p, idx), 0, None, None),
                 Health::Down(why) => {
                     let why = why.clone();
                     if let Some(l) = self.lookups.get_mut(&p) {
@@ -534,8 +735,13 @@ impl Driver<'_> {
     fn finished(&mut self, id: ReqId, result: Result<(), NetError>) -> Result<(), InstallError> {
         let Some(a) = self.inbox.active.remove(&id) else { return Ok(()) };
         let tries = self.tries.remove(&id).unwrap_or(0);
+        let deadline = self.deadlines.remove(&id);
         if let Some(err) = a.refused {
             return self.fail(a.job, err);
+        }
+        if let (Err(NetError::Deadline), false) = (&result, matches!(a.job, Job::Nar(..))) {
+            let e = FetchError::Deadline { url: a.url, after: self.opts.fetch.small_fetch_deadline };
+            return self.fail(a.job, PipelineError::Fetch(e));
         }
         let status = a.status.unwrap_or(0);
         let transient = match &result {
@@ -563,7 +769,7 @@ impl Driver<'_> {
                 Some(s) if s.written > 0 => log::warn!("{}: {why}; resuming at byte {}", a.url, s.written),
                 _ => log::warn!("{}: {why}; retrying in {delay:?}", a.url),
             }
-            self.retries.push(Retry { at: Instant::now() + delay, job: a.job, tries, spool });
+            self.retries.push(Retry { at: Instant::now() + delay, job: a.job, tries, spool, deadline });
             return Ok(());
         }
         if matches!(status, 401 | 403) {
@@ -590,8 +796,10 @@ impl Driver<'_> {
                     Ok(())
                 }
                 404 | 410 => {
+                    drop(s);
+                    self.release_spool(&p);
                     let url = self.url_of(idx, self.item(&p).info().url);
-                    Err(InstallError::Nar { path: p, err: PipelineError::MissingNar { url } })
+                    self.nar_missing(p, idx, url)
                 }
                 _ => Err(InstallError::Nar {
                     path: p,
@@ -676,15 +884,7 @@ impl Driver<'_> {
             }
         };
         self.lookups.remove(&p);
-        let item = PlanItem { path: p.clone(), cache: idx, narinfo: text, nar_size, references: references.clone() };
-        self.found.insert(p.clone(), item);
-        self.nar_queue.push_back(p.clone());
-        for r in references {
-            if r != p {
-                self.discover(r)?;
-            }
-        }
-        Ok(())
+        self.found_item(PlanItem { path: p, cache: idx, narinfo: text, nar_size, references })
     }
 
     /// Starts queued NAR downloads while spool slots and budget allow.
@@ -700,13 +900,39 @@ impl Driver<'_> {
             }
             let p = self.nar_queue.pop_front().expect("front");
             let idx = self.item(&p).cache;
-            if matches!(self.caches[idx].source, Source::Http { .. }) {
-                self.spools_open += 1;
-                self.spool_bytes = self.spool_bytes.saturating_add(size);
-            }
-            self.send(Job::Nar(p, idx), 0, None)?;
+            self.start_nar(p, idx)?;
         }
         Ok(())
+    }
+
+    /// Requests `p`'s NAR from cache `idx`, taking a spool slot for it.
+    fn start_nar(&mut self, p: StorePath, idx: usize) -> Result<(), InstallError> {
+        self.set_cache(&p, idx);
+        if matches!(self.caches[idx].source, Source::Http { .. }) {
+            let item = self.item(&p);
+            let size = item.info().file_size.unwrap_or(item.nar_size);
+            self.spools_open += 1;
+            self.spool_bytes = self.spool_bytes.saturating_add(size);
+        }
+        self.send(Job::Nar(p, idx), 0, None, None)
+    }
+
+    /// Gives back the spool slot `start_nar` took for `p`.
+    fn release_spool(&mut self, p: &StorePath) {
+        let item = self.item(p);
+        let size = item.info().file_size.unwrap_or(item.nar_size);
+        self.spools_open -= 1;
+        self.spool_bytes = self.spool_bytes.saturating_sub(size);
+    }
+
+    /// A NAR missing from cache `idx`: for a narinfo from the document
+    /// (which names no cache), asked of the next cache; else the end.
+    fn nar_missing(&mut self, p: StorePath, idx: usize, url: String) -> Result<(), InstallError> {
+        let next = if self.from_doc.contains(&p) { self.next_healthy(idx + 1) } else { None };
+        match next {
+            Some(next) => self.start_nar(p, next),
+            None => Err(InstallError::Nar { path: p, err: PipelineError::MissingNar { url } }),
+        }
     }
 
     fn send_due_retries(&mut self) -> Result<(), InstallError> {
@@ -715,7 +941,7 @@ impl Driver<'_> {
         while i < self.retries.len() {
             if self.retries[i].at <= now {
                 let r = self.retries.swap_remove(i);
-                self.send(r.job, r.tries, r.spool)?;
+                self.send(r.job, r.tries, r.spool, r.deadline)?;
             } else {
                 i += 1;
             }
@@ -723,96 +949,165 @@ impl Driver<'_> {
         Ok(())
     }
 
-    /// Decompresses, verifies and unpacks one NAR into a temp.
-    fn unpack(&mut self, p: StorePath, ready: Ready, progress: &mut dyn FnMut(&Progress)) -> Result<(), InstallError> {
+    /// Decompresses, verifies and unpacks about `budget` NAR bytes of the
+    /// ready NARs, one at a time, each into a temp.
+    fn unpack_some(&mut self, budget: usize) -> Result<(), InstallError> {
+        let start = Instant::now();
+        let mut left = budget;
+        while left > 0 && start.elapsed() < UNPACK_TIME {
+            if self.unpacking.is_none() {
+                let Some((p, ready)) = self.ready.pop_front() else { return Ok(()) };
+                self.start_unpack(p, ready)?;
+            }
+            let st = &mut *self.st;
+            let Some(u) = st.unpacking.as_mut() else { return Ok(()) };
+            let unpacker = &mut u.unpacker;
+            let mut moved = 0usize;
+            let mut sink = |ev: crate::nar::Event<'_>| unpacker.event(ev).map_err(NarError::from);
+            let mut meter = |n: u64| moved = moved.saturating_add(n as usize);
+            let stepped = u.pass.step(left.min(UNPACK_SLICE), &mut sink, &mut meter);
+            u.nar_done = u.nar_done.saturating_add(moved as u64);
+            let (p, done) = (u.path.clone(), u.nar_done);
+            self.credit(&p, done);
+            left = left.saturating_sub(moved.max(1));
+            match stepped {
+                Ok(false) => {}
+                Ok(true) => self.finish_unpack()?,
+                Err(err) => return Err(self.unpack_failed(err)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Progress in NAR bytes: a path is credited with what is spooled of
+    /// it (in proportion: FileSize to NarSize) or unpacked, whichever is
+    /// more, so the total only grows and ends at the closure's NarSize.
+    fn credit(&mut self, p: &StorePath, nar_bytes: u64) {
+        let st = &mut *self.st;
+        let c = st.credited.entry(p.clone()).or_insert(0);
+        if nar_bytes > *c {
+            st.prog.nar_bytes_done += nar_bytes - *c;
+            *c = nar_bytes;
+        }
+    }
+
+    /// Credits the NAR bytes spooled so far.
+    fn credit_spools(&mut self) {
+        let spooled: Vec<(StorePath, u64)> = self
+            .inbox
+            .active
+            .values()
+            .filter_map(|a| match (&a.job, &a.sink) {
+                (Job::Nar(p, _), Sink::Spool(s)) => {
+                    let file = s.limit.unwrap_or(s.nar_size).max(1);
+                    let est = u128::from(s.written) * u128::from(s.nar_size) / u128::from(file);
+                    Some((p.clone(), u64::try_from(est).unwrap_or(u64::MAX).min(s.nar_size)))
+                }
+                _ => None,
+            })
+            .collect();
+        for (p, n) in spooled {
+            self.credit(&p, n);
+        }
+    }
+
+    fn start_unpack(&mut self, p: StorePath, ready: Ready) -> Result<(), InstallError> {
         let item = self.item(&p).clone();
         let mut info = item.info();
         let tmp = temp_name(&p);
-        let before = self.prog.nar_bytes_done;
-        let spool_url = self.url_of(item.cache, info.url);
-        let result = {
-            let mut unpacker = Unpacker::new(self.store.store_fd(), tmp.as_bytes());
-            let prog = &mut self.prog;
-            let mut sink = |ev: crate::nar::Event<'_>| unpacker.event(ev).map_err(NarError::from);
-            let mut meter = |n| {
-                prog.nar_bytes_done += n;
-                progress(prog);
-            };
-            match &ready {
-                Ready::InCache(path) => {
-                    let url = format!("file://{}", path.display());
-                    match File::open(path) {
-                        Ok(f) => pipeline::process(f, &url, &info, &mut sink, &mut meter),
-                        Err(e) => Err(PipelineError::Read { url, source: e }),
-                    }
-                }
-                Ready::Spooled(spool, hash) => {
-                    let url = spool_url;
-                    // FileHash was computed while spooling; it is compared
-                    // last, as the streaming pass does.
-                    let expected = info.file_hash.take();
-                    let mut f = &spool.file;
-                    let r = f.rewind().map_err(|e| PipelineError::Read { url: url.clone(), source: e });
-                    r.and_then(|()| pipeline::process(&spool.file, &url, &info, &mut sink, &mut meter)).and_then(
-                        |stats| match expected {
-                            Some(want) if want != *hash => {
-                                Err(PipelineError::Hash { what: "FileHash", expected: want, got: *hash })
-                            }
-                            _ => Ok(stats),
-                        },
-                    )
-                }
+        let fail = |err| InstallError::Nar { path: p.clone(), err };
+        let parent = self
+            .store
+            .store_fd()
+            .try_clone_to_owned()
+            .map_err(|e| fail(PipelineError::Read { url: "store directory".into(), source: e }))?;
+        let (file, url, spool, expected_file_hash) = match ready {
+            Ready::InCache(path) => {
+                let url = format!("file://{}", path.display());
+                let f = File::open(&path).map_err(|e| fail(PipelineError::Read { url: url.clone(), source: e }))?;
+                (f, url, None, None)
+            }
+            Ready::Spooled(spool, hash) => {
+                let url = self.url_of(item.cache, info.url);
+                let read = |e| fail(PipelineError::Read { url: url.clone(), source: e });
+                let mut f = spool.file.try_clone().map_err(read)?;
+                f.rewind().map_err(read)?;
+                // FileHash was computed while spooling; it is compared
+                // last, as the streaming pass does.
+                let expected = info.file_hash.take();
+                (f, url, Some((spool, hash)), expected)
             }
         };
-        if let Ready::Spooled(s, _) = &ready {
-            self.spools_open -= 1;
-            let size = s.limit.unwrap_or(item.nar_size);
-            self.spool_bytes = self.spool_bytes.saturating_sub(size);
+        let pass = pipeline::Pass::new(file, &url, &info).map_err(fail)?;
+        let unpacker = Unpacker::owned(parent, tmp.as_bytes());
+        self.unpacking = Some(Unpacking { path: p, tmp, pass, unpacker, spool, expected_file_hash, nar_done: 0 });
+        Ok(())
+    }
+
+    fn finish_unpack(&mut self) -> Result<(), InstallError> {
+        let Some(u) = self.unpacking.take() else { return Ok(()) };
+        let result = u.pass.finish().and_then(|stats| match (u.expected_file_hash, &u.spool) {
+            (Some(want), Some((_, got))) if want != *got => {
+                Err(PipelineError::Hash { what: "FileHash", expected: want, got: *got })
+            }
+            _ => Ok(stats),
+        });
+        drop(u.unpacker);
+        if u.spool.is_some() {
+            self.release_spool(&u.path);
         }
-        drop(ready);
+        drop(u.spool);
         match result {
             Ok(stats) => {
                 self.prog.paths_done += 1;
                 self.prog.file_bytes += stats.file_bytes;
-                self.unpacked.insert(p, tmp);
+                self.unpacked.insert(u.path, u.tmp);
                 Ok(())
             }
             Err(err) => {
-                self.prog.nar_bytes_done = before;
-                let _ = fsutil::remove_tree(self.store.store_fd(), tmp.as_bytes());
-                Err(InstallError::Nar { path: p, err })
+                let _ = fsutil::remove_tree(self.store.store_fd(), u.tmp.as_bytes());
+                Err(InstallError::Nar { path: u.path, err })
             }
         }
+    }
+
+    fn unpack_failed(&mut self, err: PipelineError) -> InstallError {
+        let u = self.unpacking.take().expect("unpacking");
+        drop(u.unpacker);
+        let _ = fsutil::remove_tree(self.store.store_fd(), u.tmp.as_bytes());
+        InstallError::Nar { path: u.path, err }
     }
 
     /// Renames the unpacked prefix of the plan into place by batches; with
     /// `all`, whatever prefix there is (the end, or a failure).
     fn commit(&mut self, all: bool) -> Result<(), InstallError> {
-        let Some(order) = &self.order else { return Ok(()) };
+        let store = self.store;
+        let st = &mut *self.st;
+        let Some(order) = &st.order else { return Ok(()) };
         let limits = BatchLimits::default();
         loop {
-            let mut end = self.committed;
+            let mut end = st.committed;
             let mut bytes = 0u64;
-            while end < order.len() && self.unpacked.contains_key(&order[end].path) {
+            while end < order.len() && st.unpacked.contains_key(&order[end].path) {
                 bytes = bytes.saturating_add(order[end].nar_size);
                 end += 1;
-                if end - self.committed >= limits.paths || bytes >= limits.nar_bytes {
+                if end - st.committed >= limits.paths || bytes >= limits.nar_bytes {
                     break;
                 }
             }
-            let full = end - self.committed >= limits.paths || bytes >= limits.nar_bytes;
-            if end == self.committed || !(full || all || end == order.len()) {
+            let full = end - st.committed >= limits.paths || bytes >= limits.nar_bytes;
+            if end == st.committed || !(full || all || end == order.len()) {
                 return Ok(());
             }
-            let batch: Vec<Pending> = order[self.committed..end]
+            let batch: Vec<Pending> = order[st.committed..end]
                 .iter()
-                .map(|i| (i, self.unpacked.get(&i.path).cloned().expect("unpacked")))
+                .map(|i| (i, st.unpacked.get(&i.path).cloned().expect("unpacked")))
                 .collect();
-            commit_batch(self.store, &batch)?;
-            for i in &order[self.committed..end] {
-                self.unpacked.remove(&i.path);
+            commit_batch(store, &batch)?;
+            for i in &order[st.committed..end] {
+                st.unpacked.remove(&i.path);
             }
-            self.committed = end;
+            st.committed = end;
         }
     }
 }

@@ -303,3 +303,28 @@ fn tls_to_a_garbage_server_fails_cleanly() {
     run_until_done(&mut e, &mut h, &[id], Duration::from_secs(10));
     assert!(matches!(&h.done[&id], Err(NetError::Tls(_))), "{:?}", h.done[&id]);
 }
+
+/// Issue 11: the agent's loop waits in the engine's one `poll(2)`, which
+/// must also wake for the loop's own sockets (the HTTP server's) while a
+/// response is still outstanding. Without them in the poll set the turn
+/// would sleep its whole wait and report nothing ready.
+#[test]
+fn a_turn_also_wakes_for_the_callers_descriptors() {
+    use rustix::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+    let (port, _) = serve(|_| Reply::Silent, false);
+    let mut e = Engine::new(Config { read_timeout: Duration::from_secs(120), ..Config::default() });
+    let o = e.add_origin(origin(port));
+    let mut h = Collect::default();
+    let id = e.submit(o, "/silent".into(), Vec::new(), 0, None, false);
+    let (ours, peer) = UnixStream::pair().unwrap();
+    // Nothing ready on ours yet: the request goes out, nothing is reported.
+    while e.connections() == 0 {
+        assert!(!e.turn_with(&mut h, Duration::from_millis(10), &[(ours.as_fd(), PollFlags::IN)]));
+    }
+    (&peer).write_all(b"x").unwrap();
+    let ready = e.turn_with(&mut h, Duration::from_secs(60), &[(ours.as_fd(), PollFlags::IN)]);
+    assert!(ready, "the caller's descriptor was ready");
+    assert!(!h.done.contains_key(&id), "the request is still outstanding");
+    assert_eq!(e.in_flight(), 1);
+}
