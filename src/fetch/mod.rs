@@ -87,8 +87,12 @@ impl CacheUrl {
         match self {
             CacheUrl::Http(base) => format!("{base}/{rel}"),
             CacheUrl::File(p) => format!("file://{}/{rel}", p.display()),
+            // A `?` in `rel` (a narinfo's URL) is part of the key, as in
+            // Nix's S3 store: the cache's parameters, or a bare `?`, follow
+            // it, so `auth::s3::target` never reads the key's as parameters.
             CacheUrl::S3(s) => match s.split_once('?') {
                 Some((bucket, params)) => format!("{}/{rel}?{params}", bucket.trim_end_matches('/')),
+                None if rel.contains('?') => format!("{s}/{rel}?"),
                 None => format!("{s}/{rel}"),
             },
         }
