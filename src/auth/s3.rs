@@ -60,8 +60,9 @@ fn percent_decode(s: &str) -> Option<String> {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
+            // Two hex digits: from_str_radix alone would also take "+5".
+            let hex = b.get(i + 1..i + 3).filter(|h| h.iter().all(u8::is_ascii_hexdigit))?;
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
             i += 3;
         } else {
             out.push(if b[i] == b'+' { b' ' } else { b[i] });
@@ -95,7 +96,8 @@ pub fn target(url: &str) -> Result<Target, String> {
     let (mut region, mut endpoint, mut scheme, mut profile) = ("us-east-1".to_owned(), None, None, None);
     for param in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = param.split_once('=').unwrap_or((param, ""));
-        let v = percent_decode(v).ok_or_else(|| format!("parameter {k}: bad percent-encoding"))?;
+        let shown = || crate::text::clip(k, 40);
+        let v = percent_decode(v).ok_or_else(|| format!("parameter \"{}\": bad percent-encoding", shown()))?;
         match k {
             "region" if valid_name(&v, 64, b"-") => region = v,
             "endpoint" if !v.is_empty() => endpoint = Some(v),
@@ -103,9 +105,8 @@ pub fn target(url: &str) -> Result<Target, String> {
             "profile" if valid_name(&v, 128, b"-_.@+=,") => profile = Some(v),
             "region" | "endpoint" | "scheme" | "profile" => return Err(format!("parameter {k}: invalid value")),
             k if IGNORED.contains(&k) => {}
-            k => {
-                let shown: String = k.chars().take(40).filter(|c| !c.is_control()).collect();
-                return Err(format!("unknown parameter {shown:?} (known: region, endpoint, scheme, profile)"));
+            _ => {
+                return Err(format!("unknown parameter \"{}\" (known: region, endpoint, scheme, profile)", shown()));
             }
         }
     }
@@ -189,10 +190,18 @@ mod tests {
             ("s3://b?endpoint=ftp://x", "scheme must be"),
             ("s3://b?endpoint=user:pw@host", "without user"),
             ("s3://b?region=%zz", "percent"),
+            ("s3://b?region=%+5", "percent"),
+            ("s3://b?endpoint=%+a", "percent"),
         ] {
             let e = target(url).unwrap_err();
             assert!(e.contains(needle), "{url}: {e}");
             assert!(!e.contains("pw"), "{e}");
+        }
+        // A parameter's name is shown escaped and clipped, whatever the error.
+        let long = "k".repeat(10_000);
+        for url in [format!("s3://b?x\ny\u{1b}[2J=%zz"), format!("s3://b?{long}=%zz"), format!("s3://b?{long}=1")] {
+            let e = target(&url).unwrap_err();
+            assert!(e.len() < 200 && !e.contains(['\n', '\u{1b}']), "{e}");
         }
     }
 }
