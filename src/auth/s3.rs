@@ -204,4 +204,29 @@ mod tests {
             assert!(e.len() < 200 && !e.contains(['\n', '\u{1b}']), "{e}");
         }
     }
+
+    /// Mutated URLs (cache and object, as configured and as joined): never a
+    /// panic, every error one short line, and any target a clean request.
+    #[test]
+    fn mutated_urls_never_panic() {
+        use crate::testkit::{mutate, Rng};
+        let seeds: &[&[u8]] = &[
+            b"s3://b/nar/x.nar?region=eu-west-1&endpoint=http%3A%2F%2F127.0.0.1%3A9000%2Fbase&profile=ci",
+            b"s3://b.c_d/k?endpoint=[::1]:9000&scheme=http&priority=40",
+        ];
+        let dict: &[&[u8]] =
+            &[b"?", b"&", b"=", b"%", b"%2", b"://", b"/", b"@", b"endpoint=", b"\n", "\u{e9}".as_bytes()];
+        let mut rng = Rng(0x5851_f42d_4c95_7f2d);
+        for round in 0..20_000 {
+            let seed = seeds[rng.below(seeds.len())];
+            let b = mutate(&mut rng, seed, dict, 300);
+            match target(&String::from_utf8_lossy(&b)) {
+                Ok(t) => {
+                    let clean = |s: &str| s.bytes().all(|c| c.is_ascii_graphic());
+                    assert!(clean(&t.url) && clean(&t.host) && !t.host.contains('@'), "round {round}: {t:?}");
+                }
+                Err(e) => assert!(e.len() < 200 && !e.contains('\n'), "round {round}: {e}"),
+            }
+        }
+    }
 }
