@@ -199,7 +199,7 @@ mod tests {
         }
         // A parameter's name is shown escaped and clipped, whatever the error.
         let long = "k".repeat(10_000);
-        for url in [format!("s3://b?x\ny\u{1b}[2J=%zz"), format!("s3://b?{long}=%zz"), format!("s3://b?{long}=1")] {
+        for url in ["s3://b?x\ny\u{1b}[2J=%zz".to_owned(), format!("s3://b?{long}=%zz"), format!("s3://b?{long}=1")] {
             let e = target(&url).unwrap_err();
             assert!(e.len() < 200 && !e.contains(['\n', '\u{1b}']), "{e}");
         }
