@@ -184,4 +184,21 @@ mod tests {
         assert_eq!((k.access_key_id.as_str(), k.session_token.is_none()), ("AKID", true));
         assert_eq!(from_env(&|k: &str| env(k).filter(|_| k != "AWS_SECRET_ACCESS_KEY")).unwrap(), None);
     }
+
+    /// Mutated files: never a panic, and every error one short line.
+    #[test]
+    fn mutated_files_never_panic() {
+        use crate::testkit::{mutate, Rng};
+        let seed = b"; c\n[default]\naws_access_key_id = AKID\naws_secret_access_key=S/K+e\n[profile ci]\naws_session_token=T\n";
+        let dict: &[&[u8]] =
+            &[b"[", b"]", b"profile ", b"=", b"\n", b"aws_secret_access_key", b"\xff", "\u{e9}".as_bytes()];
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        for round in 0..20_000 {
+            let b = mutate(&mut rng, seed, dict, 5000);
+            if let Err(e) = parse(&b) {
+                let m = e.to_string();
+                assert!(m.len() < 200 && !m.contains('\n'), "round {round}: {m}");
+            }
+        }
+    }
 }

@@ -299,4 +299,43 @@ mod tests {
         let long = format!("machine \"{}\"", "a".repeat(MAX_TOKEN + 1));
         assert_eq!(parse(long.as_bytes()).unwrap_err(), Error::TokenTooLong { line: 1 });
     }
+
+    /// Mutated files: never a panic, and every error one short line.
+    #[test]
+    fn mutated_files_never_panic() {
+        use crate::testkit::{mutate, Rng};
+        let seeds: &[&[u8]] = &[
+            b"machine a.example login alice password \"p \\\"q\\\\\"\nmacdef init\ncd /\n\ndefault login anon # c\n",
+            b"# only a comment\nmachine b\tlogin \"\xc3\xa9\" account x password y\n",
+        ];
+        let dict: &[&[u8]] = &[
+            b"machine ",
+            b"login ",
+            b"password ",
+            b"account ",
+            b"macdef ",
+            b"default ",
+            b"\"",
+            b"\\",
+            b"\n\n",
+            b"#",
+            "\u{e9}".as_bytes(),
+            b"\xff",
+            b"\xc3",
+        ];
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for round in 0..20_000 {
+            let seed = seeds[rng.below(seeds.len())];
+            let b = mutate(&mut rng, seed, dict, 5000);
+            match parse(&b) {
+                Ok(entries) => {
+                    let _ = find(&entries, "a.example");
+                }
+                Err(e) => {
+                    let m = e.to_string();
+                    assert!(m.len() < 200 && !m.contains('\n'), "round {round}: {m}");
+                }
+            }
+        }
+    }
 }

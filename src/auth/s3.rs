@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! cache  = "s3://" bucket [ "?" params ]
-//! object = "s3://" bucket "/" key [ "?" params ]
+//! object = "s3://" bucket "/" key [ "?" params ]   (params after the last "?";
+//!                                                   a key may hold a "?")
 //! params = param { "&" param }        (values percent-decoded)
 //! param  = "region=" name             default us-east-1
 //!        | "endpoint=" ( scheme "://" authority [path] | authority )
@@ -59,8 +60,9 @@ fn percent_decode(s: &str) -> Option<String> {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
+            // Two hex digits: from_str_radix alone would also take "+5".
+            let hex = b.get(i + 1..i + 3).filter(|h| h.iter().all(u8::is_ascii_hexdigit))?;
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
             i += 3;
         } else {
             out.push(if b[i] == b'+' { b' ' } else { b[i] });
@@ -82,7 +84,10 @@ fn valid_authority(s: &str) -> bool {
 /// Parses `url` (a cache or an object URL) into the request to make.
 pub fn target(url: &str) -> Result<Target, String> {
     let rest = url.strip_prefix("s3://").ok_or("not an s3:// URL")?;
-    let (main, query) = rest.split_once('?').unwrap_or((rest, ""));
+    // The parameters follow the last `?`: an object key may hold one (a
+    // narinfo's URL with a query; [`crate::fetch::CacheUrl::join`] then ends
+    // the URL with the cache's parameters, or a bare `?`).
+    let (main, query) = rest.rsplit_once('?').unwrap_or((rest, ""));
     let (bucket, key) = main.split_once('/').unwrap_or((main, ""));
     // Legacy buckets may have capitals and underscores; nothing else.
     if !valid_name(bucket, 255, b".-_") {
@@ -91,7 +96,8 @@ pub fn target(url: &str) -> Result<Target, String> {
     let (mut region, mut endpoint, mut scheme, mut profile) = ("us-east-1".to_owned(), None, None, None);
     for param in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = param.split_once('=').unwrap_or((param, ""));
-        let v = percent_decode(v).ok_or_else(|| format!("parameter {k}: bad percent-encoding"))?;
+        let shown = || crate::text::clip(k, 40);
+        let v = percent_decode(v).ok_or_else(|| format!("parameter \"{}\": bad percent-encoding", shown()))?;
         match k {
             "region" if valid_name(&v, 64, b"-") => region = v,
             "endpoint" if !v.is_empty() => endpoint = Some(v),
@@ -99,9 +105,8 @@ pub fn target(url: &str) -> Result<Target, String> {
             "profile" if valid_name(&v, 128, b"-_.@+=,") => profile = Some(v),
             "region" | "endpoint" | "scheme" | "profile" => return Err(format!("parameter {k}: invalid value")),
             k if IGNORED.contains(&k) => {}
-            k => {
-                let shown: String = k.chars().take(40).filter(|c| !c.is_control()).collect();
-                return Err(format!("unknown parameter {shown:?} (known: region, endpoint, scheme, profile)"));
+            _ => {
+                return Err(format!("unknown parameter \"{}\" (known: region, endpoint, scheme, profile)", shown()));
             }
         }
     }
@@ -149,6 +154,32 @@ mod tests {
         assert_eq!((t.url.as_str(), t.canonical_uri.as_str()), ("https://r2.example/base/b/k", "/base/b/k"));
     }
 
+    /// A narinfo's URL may carry a query (Nix allows one, and its S3 store
+    /// takes it as part of the key). Joined to an S3 cache it must stay in
+    /// the key: as parameters, `endpoint=` would send the signed request
+    /// (and any session token) to the cache's writer's host of choice, and
+    /// `profile=` would pick other credentials.
+    #[test]
+    fn a_query_in_a_narinfo_url_stays_in_the_key() {
+        let rel = "nar/x.nar?endpoint=evil.example&scheme=http&profile=admin&priority=";
+        for (cache, host) in [
+            ("s3://b?region=eu-west-1", "s3.eu-west-1.amazonaws.com"),
+            ("s3://b", "s3.us-east-1.amazonaws.com"),
+            ("s3://b?endpoint=minio.lan:9000&scheme=http", "minio.lan:9000"),
+        ] {
+            let url = crate::fetch::CacheUrl::parse(cache).unwrap().join(rel);
+            let t = target(&url).unwrap();
+            assert_eq!((t.host.as_str(), t.profile.as_deref()), (host, None), "{url}");
+            assert_eq!(
+                t.canonical_uri,
+                "/b/nar/x.nar%3Fendpoint%3Devil.example%26scheme%3Dhttp%26profile%3Dadmin%26priority%3D"
+            );
+        }
+        // An object URL without a query is unchanged.
+        let t = target(&crate::fetch::CacheUrl::parse("s3://b").unwrap().join("nar/y.nar")).unwrap();
+        assert_eq!(t.url, "https://s3.us-east-1.amazonaws.com/b/nar/y.nar");
+    }
+
     #[test]
     fn refuses_what_it_cannot_honour() {
         for (url, needle) in [
@@ -159,10 +190,43 @@ mod tests {
             ("s3://b?endpoint=ftp://x", "scheme must be"),
             ("s3://b?endpoint=user:pw@host", "without user"),
             ("s3://b?region=%zz", "percent"),
+            ("s3://b?region=%+5", "percent"),
+            ("s3://b?endpoint=%+a", "percent"),
         ] {
             let e = target(url).unwrap_err();
             assert!(e.contains(needle), "{url}: {e}");
             assert!(!e.contains("pw"), "{e}");
+        }
+        // A parameter's name is shown escaped and clipped, whatever the error.
+        let long = "k".repeat(10_000);
+        for url in ["s3://b?x\ny\u{1b}[2J=%zz".to_owned(), format!("s3://b?{long}=%zz"), format!("s3://b?{long}=1")] {
+            let e = target(&url).unwrap_err();
+            assert!(e.len() < 200 && !e.contains(['\n', '\u{1b}']), "{e}");
+        }
+    }
+
+    /// Mutated URLs (cache and object, as configured and as joined): never a
+    /// panic, every error one short line, and any target a clean request.
+    #[test]
+    fn mutated_urls_never_panic() {
+        use crate::testkit::{mutate, Rng};
+        let seeds: &[&[u8]] = &[
+            b"s3://b/nar/x.nar?region=eu-west-1&endpoint=http%3A%2F%2F127.0.0.1%3A9000%2Fbase&profile=ci",
+            b"s3://b.c_d/k?endpoint=[::1]:9000&scheme=http&priority=40",
+        ];
+        let dict: &[&[u8]] =
+            &[b"?", b"&", b"=", b"%", b"%2", b"://", b"/", b"@", b"endpoint=", b"\n", "\u{e9}".as_bytes()];
+        let mut rng = Rng(0x5851_f42d_4c95_7f2d);
+        for round in 0..20_000 {
+            let seed = seeds[rng.below(seeds.len())];
+            let b = mutate(&mut rng, seed, dict, 300);
+            match target(&String::from_utf8_lossy(&b)) {
+                Ok(t) => {
+                    let clean = |s: &str| s.bytes().all(|c| c.is_ascii_graphic());
+                    assert!(clean(&t.url) && clean(&t.host) && !t.host.contains('@'), "round {round}: {t:?}");
+                }
+                Err(e) => assert!(e.len() < 200 && !e.contains('\n'), "round {round}: {e}"),
+            }
         }
     }
 }

@@ -87,8 +87,12 @@ impl CacheUrl {
         match self {
             CacheUrl::Http(base) => format!("{base}/{rel}"),
             CacheUrl::File(p) => format!("file://{}/{rel}", p.display()),
+            // A `?` in `rel` (a narinfo's URL) is part of the key, as in
+            // Nix's S3 store: the cache's parameters, or a bare `?`, follow
+            // it, so `auth::s3::target` never reads the key's as parameters.
             CacheUrl::S3(s) => match s.split_once('?') {
                 Some((bucket, params)) => format!("{}/{rel}?{params}", bucket.trim_end_matches('/')),
+                None if rel.contains('?') => format!("{s}/{rel}?"),
                 None => format!("{s}/{rel}"),
             },
         }
@@ -781,6 +785,47 @@ mod tests {
         let err = f.probe(0).unwrap_err().to_string();
         assert!(server.join().unwrap().contains("Bearer TOPSECRET-token-1234"), "the token was sent");
         assert_eq!(err, format!("cache {base}: 403 Forbidden (SignatureDoesNotMatch)"));
+    }
+
+    /// The agent's installer reads NARs through this Fetcher. A narinfo's
+    /// URL (not covered by its signature) with a query naming another
+    /// endpoint: the signed request still goes to the cache's endpoint, for
+    /// the key with the query in it, and nothing connects to the other.
+    #[test]
+    fn a_query_in_a_narinfo_url_does_not_move_a_signed_s3_request() {
+        let good = TcpListener::bind("127.0.0.1:0").unwrap();
+        let evil = TcpListener::bind("127.0.0.1:0").unwrap();
+        evil.set_nonblocking(true).unwrap();
+        let cache = format!("s3://b?endpoint=http://{}", good.local_addr().unwrap());
+        let server = std::thread::spawn(move || {
+            let (mut c, _) = good.accept().unwrap();
+            let mut head = [0u8; 4096];
+            let n = c.read(&mut head).unwrap();
+            let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nNAR");
+            String::from_utf8_lossy(&head[..n]).into_owned()
+        });
+        let env = |k: &str| match k {
+            "AWS_ACCESS_KEY_ID" => Some("AKID".to_owned()),
+            "AWS_SECRET_ACCESS_KEY" => Some("SECRET".to_owned()),
+            "AWS_SESSION_TOKEN" => Some("SESSION".to_owned()),
+            _ => None,
+        };
+        let credentials = Arc::new(Credentials::load(&auth::Sources::default(), &env).unwrap());
+        let mut f = Fetcher::new(
+            vec![CacheUrl::parse(&cache).unwrap()],
+            Options { retries: 0, credentials, ..Options::default() },
+        );
+        let rel = format!("nar/x.nar?endpoint={}&scheme=http&priority=", evil.local_addr().unwrap());
+        let got = f.open(0, &rel, 0, Some(Instant::now() + Duration::from_secs(5)));
+        assert!(evil.accept().is_err(), "a request went to the narinfo's endpoint");
+        let Ok(Answer::Found(mut body)) = got else { panic!("{:?}", got.err()) };
+        let mut nar = String::new();
+        body.read_to_string(&mut nar).unwrap();
+        assert_eq!(nar, "NAR");
+        let req = server.join().unwrap();
+        let key = auth::sigv4::uri_encode(&rel, true);
+        assert!(req.starts_with(&format!("GET /b/{key} HTTP/1.1\r\n")), "{req}");
+        assert!(key.contains("%3Fendpoint%3D127.0.0.1%3A") && req.contains("x-amz-security-token: SESSION"), "{req}");
     }
 
     #[test]

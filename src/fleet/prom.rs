@@ -244,4 +244,26 @@ mod tests {
         let dup = parse(wrap(&series(r#""a":"x","a":"y""#, r#"[1,"1"]"#)).as_bytes()).unwrap();
         assert_eq!(dup[0].label("a"), Some("x"));
     }
+
+    /// Mutated answers: never a panic, every error one line of bounded length.
+    #[test]
+    fn mutated_answers_never_panic() {
+        use crate::testkit::{mutate, Rng};
+        let err = br#"{"status":"error","errorType":"bad_data","error":"x"}"#;
+        let seeds: &[&[u8]] = &[REAL.as_bytes(), err];
+        let dict: &[&[u8]] =
+            &[b"[", b"{", b"\"", b"\\u0000", b"\\n", b"1e999", b"NaN", b",", b":", "\u{e9}".as_bytes()];
+        let mut rng = Rng(0xd1b5_4a32_d192_ed03);
+        for round in 0..20_000 {
+            let seed = seeds[rng.below(seeds.len())];
+            let b = mutate(&mut rng, seed, dict, 200);
+            match parse(&b) {
+                Ok(samples) => assert!(samples.iter().all(|s| s.time.is_finite()), "round {round}"),
+                Err(e) => {
+                    let m = e.to_string();
+                    assert!(m.len() < 1000 && !m.contains(['\n', '\r']), "round {round}: {m}");
+                }
+            }
+        }
+    }
 }

@@ -82,7 +82,7 @@ pub fn parse(bytes: &[u8]) -> Result<(rustls::RootCertStore, Vec<CertificateDer<
                 certs.push(c);
             }
             Err(pem::Error::NoItemsFound) => break,
-            Err(e) => return Err(CaFileError::Pem(format!("{e:?}"))),
+            Err(e) => return Err(CaFileError::Pem(pem_error(&e))),
         }
     }
     let mut roots = rustls::RootCertStore::empty();
@@ -91,6 +91,18 @@ pub fn parse(bytes: &[u8]) -> Result<(rustls::RootCertStore, Vec<CertificateDer<
         return Err(CaFileError::NoCertificates);
     }
     Ok((roots, certs))
+}
+
+/// What is wrong with a bundle, in a few words: the PEM reader's own
+/// errors carry the offending line or label whole (a megabyte-long `BEGIN`
+/// line would be a megabyte-long log line, in `Debug` a list of numbers).
+fn pem_error(e: &pem::Error) -> String {
+    match e {
+        pem::Error::MissingSectionEnd { .. } => "a BEGIN section without its END line".into(),
+        pem::Error::IllegalSectionStart { .. } => "a BEGIN line that does not end in five dashes".into(),
+        pem::Error::Base64Decode(why) => format!("bad base64 ({})", crate::text::clip(why, 100)),
+        other => crate::text::clip(&other.to_string(), 100),
+    }
 }
 
 /// Reads and parses the CA file at `path`; the error names the file.
@@ -162,6 +174,21 @@ mod tests {
         assert!(matches!(parse(broken.as_bytes()), Err(CaFileError::Pem(_))));
         let unterminated = "-----BEGIN CERTIFICATE-----\nAAAA\n";
         assert!(matches!(parse(unterminated.as_bytes()), Err(CaFileError::Pem(_))));
+        // The reader's errors quote the broken line or label whole: not ours.
+        let long = "x".repeat(100_000);
+        for text in [format!("-----BEGIN {long}\n"), format!("-----BEGIN {long}\u{1b}[2J-----\nAAAA\n")] {
+            let e = parse(text.as_bytes()).unwrap_err().to_string();
+            assert!(
+                e.len() < 200 && !e.contains(['\n', '\u{1b}']),
+                "{} bytes: {}",
+                e.len(),
+                crate::text::clip(&e, 300)
+            );
+        }
+        assert_eq!(
+            parse(b"-----BEGIN CERTIFICATE\nAAAA\n-----END CERTIFICATE-----\n").unwrap_err().to_string(),
+            "not a PEM certificate bundle: a BEGIN line that does not end in five dashes"
+        );
         let many = ISRG_ROOT_X1.repeat(MAX_CERTS + 1);
         assert_eq!(parse(many.as_bytes()).unwrap_err(), CaFileError::TooMany);
     }
