@@ -684,6 +684,32 @@ mod tests {
     use std::io::Write;
     use std::net::TcpListener;
 
+    /// A narinfo's URL may carry a query (Nix allows one, and its S3 store
+    /// takes it as part of the key). Joined to an S3 cache it must stay in
+    /// the key: as parameters, `endpoint=` would send the signed request
+    /// (and any session token) to the cache's writer's host of choice, and
+    /// `profile=` would pick other credentials.
+    #[test]
+    fn a_query_in_a_narinfo_url_stays_in_the_key() {
+        let rel = "nar/x.nar?endpoint=evil.example&scheme=http&profile=admin&priority=";
+        for (cache, host) in [
+            ("s3://b?region=eu-west-1", "s3.eu-west-1.amazonaws.com"),
+            ("s3://b", "s3.us-east-1.amazonaws.com"),
+            ("s3://b?endpoint=minio.lan:9000&scheme=http", "minio.lan:9000"),
+        ] {
+            let url = CacheUrl::parse(cache).unwrap().join(rel);
+            let t = crate::auth::s3::target(&url).unwrap();
+            assert_eq!((t.host.as_str(), t.profile.as_deref()), (host, None), "{url}");
+            assert_eq!(
+                t.canonical_uri,
+                "/b/nar/x.nar%3Fendpoint%3Devil.example%26scheme%3Dhttp%26profile%3Dadmin%26priority%3D"
+            );
+        }
+        // An object URL without a query is unchanged.
+        let t = crate::auth::s3::target(&CacheUrl::parse("s3://b").unwrap().join("nar/y.nar")).unwrap();
+        assert_eq!(t.url, "https://s3.us-east-1.amazonaws.com/b/nar/y.nar");
+    }
+
     /// Serves one connection: a complete head announcing `len` bytes, then
     /// a body byte every 100 ms, never finishing (until the client goes away).
     fn trickling_body_server(len: u64) -> String {
