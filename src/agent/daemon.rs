@@ -359,11 +359,17 @@ fn accept(ctx: &Ctx, sh: &mut Shared, d: &Deploy, body: &[u8], sig: &[u8]) -> Re
         .map_err(|e| persist_error("saving the deploy document", e))?;
     fsutil::write_atomic(dir.as_fd(), "deploy.json.sig", sig, true)
         .map_err(|e| persist_error("saving its signature", e))?;
-    persist::save(&ctx.cfg.state_dir, &next).map_err(|e| persist_error("persisting state", e))?;
     let line =
         format!("accepted seq {} ({}, key {}): {} {}", d.seq, d.action.as_str(), d.key, system, next.phase.name());
+    adopt(ctx, sh, next, effects, &line)
+}
+
+/// The end of an accept, for a deploy document or a channel: the new state
+/// made durable, the line logged and in events.log, then the loop's own.
+fn adopt(ctx: &Ctx, sh: &mut Shared, next: State, effects: Vec<Effect>, line: &str) -> Result<(), AcceptError> {
+    persist::save(&ctx.cfg.state_dir, &next).map_err(|e| persist_error("persisting state", e))?;
     log::info!("{line}");
-    persist::log_event(&ctx.cfg.state_dir, now(), &line);
+    persist::log_event(&ctx.cfg.state_dir, now(), line);
     sh.state = next;
     sh.progress = Progress::default();
     sh.queued.extend(effects);

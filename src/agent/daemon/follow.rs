@@ -334,7 +334,6 @@ fn accept_channel(
     fsutil::write_atomic(dir.as_fd(), CHANNEL_DOC, body, true)
         .map_err(|e| persist_error("saving the channel document", e))?;
     fsutil::write_atomic(dir.as_fd(), CHANNEL_SIG, sig, true).map_err(|e| persist_error("saving its signature", e))?;
-    persist::save(&ctx.cfg.state_dir, &next).map_err(|e| persist_error("persisting state", e))?;
     let line = format!(
         "accepted channel {} seq {} (key {}): {} {} {}",
         v.doc.channel,
@@ -344,12 +343,7 @@ fn accept_channel(
         system.to_absolute(),
         next.phase.name()
     );
-    log::info!("{line}");
-    persist::log_event(&ctx.cfg.state_dir, now(), &line);
-    sh.state = next;
-    sh.progress = Progress::default();
-    sh.queued.extend(effects);
-    Ok(())
+    super::adopt(ctx, sh, next, effects, &line)
 }
 
 #[cfg(test)]
