@@ -154,9 +154,39 @@ pub fn assert_canonical(p: &Path) {
     }
 }
 
-/// A free loopback port (bound then released).
+/// A loopback port no other caller of this function — in this process or in
+/// any other test process on the machine — holds, and free when handed out.
+///
+/// Binding port 0 and releasing it is not enough: the kernel hands the same
+/// ephemeral port out again (to the next caller, or as the source port of
+/// any outgoing connection) before the server meant for it has bound it; a
+/// 200-agent fleet test met both. So ports come from below the ephemeral
+/// range (`ip_local_port_range` starts at 32768 by default), and each is
+/// claimed with `flock` on a file named after it: the lock lives as long as
+/// this process (its descriptor is kept open on purpose) and the kernel drops
+/// it when the process ends, however it ends.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::os::fd::AsFd;
+    const FIRST: u16 = 20_000;
+    const COUNT: u16 = 12_000;
+    let dir = Path::new("/tmp/nixless-test-ports");
+    std::fs::create_dir_all(dir).unwrap();
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    let start = (nanos ^ std::process::id().wrapping_mul(2_654_435_761)) % u32::from(COUNT);
+    for i in 0..u32::from(COUNT) {
+        let port = FIRST + ((start + i) % u32::from(COUNT)) as u16;
+        let Ok(f) = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(port.to_string())) else {
+            continue;
+        };
+        if rustix::fs::flock(f.as_fd(), rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            std::mem::forget(f);
+            return port;
+        }
+    }
+    panic!("no free loopback port in {FIRST}..{}", FIRST + COUNT);
 }
 
 /// nginx serving `root` on a loopback port, stopped on drop.
