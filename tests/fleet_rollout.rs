@@ -287,6 +287,11 @@ impl Publisher {
         self.dir.path().join("stable.json")
     }
 
+    /// What the agents poll, and where the watcher reads and publishes.
+    fn url(&self) -> String {
+        format!("file://{}", self.doc().display())
+    }
+
     /// Signs with `nixless sign` and publishes by rename, signature first.
     fn publish(&self, body: &str) {
         let staging = self.dir.path().join("staging");
@@ -352,14 +357,30 @@ impl Agent {
         fs::read_to_string(self.tmp.path().join("agent.log")).unwrap_or_default()
     }
 
-    fn rss_kib(&self) -> Option<u64> {
-        let s = fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
-        s.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()
+    /// (VmRSS, Pss, Pss_Anon) in KiB: RSS counts the binary's shared
+    /// pages once per agent; Pss splits them, so its sum is what the fleet
+    /// costs the machine.
+    fn memory_kib(&self) -> Option<(u64, u64, u64)> {
+        let pid = self.child.id();
+        let field = |text: &str, key: &str| -> Option<u64> {
+            let v = text.lines().find_map(|l| l.strip_prefix(key))?;
+            v.trim().trim_end_matches("kB").trim().parse().ok()
+        };
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let rollup = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+        Some((field(&status, "VmRSS:")?, field(&rollup, "Pss:")?, field(&rollup, "Pss_Anon:")?))
     }
 
     fn store_has(&self, path: &str) -> bool {
         self.root().join(path.trim_start_matches('/')).symlink_metadata().is_ok()
     }
+}
+
+/// The agents' binary: the test build, or `NIXLESS_FLEET_AGENT_BIN` (to
+/// measure the memory of a release build, which the test build's debug
+/// info and missing optimisation inflate).
+fn agent_bin() -> String {
+    std::env::var("NIXLESS_FLEET_AGENT_BIN").unwrap_or_else(|_| bin().to_owned())
 }
 
 /// The agents, killed and reaped on drop (also on panic).
@@ -392,16 +413,16 @@ impl Fleet {
             std::os::unix::fs::symlink(before, root.join("run/current-system")).unwrap();
             let port = free_port();
             let config = format!(
-                r#"{{"host":"{host}","listen":["127.0.0.1:{port}"],"caches":["{}"],"cache_keys":["{}"],"deploy_keys":["{}"],"root":"{}","health_check_network":false,"poll_interval_secs":{poll},"channel_url":"file://{}","channel":"{CHANNEL}","tags":["kiosk"],"health_units":["app.service"],"health_timeout_secs":5,"pushgateway_url":"{gateway}","push_interval_secs":10}}"#,
+                r#"{{"host":"{host}","listen":["127.0.0.1:{port}"],"caches":["{}"],"cache_keys":["{}"],"deploy_keys":["{}"],"root":"{}","health_check_network":false,"poll_interval_secs":{poll},"channel_url":"{}","channel":"{CHANNEL}","tags":["kiosk"],"health_units":["app.service"],"health_timeout_secs":5,"pushgateway_url":"{gateway}","push_interval_secs":10}}"#,
                 cache.url(&host),
                 f.get("PK_A"),
                 p.public,
                 root.display(),
-                p.doc().display(),
+                p.url(),
             );
             fs::write(tmp.path().join("config.json"), config).unwrap();
             let log = fs::File::create(tmp.path().join("agent.log")).unwrap();
-            let child = command(bin())
+            let child = command(agent_bin())
                 .arg("agent")
                 .arg("--config")
                 .arg(tmp.path().join("config.json"))
@@ -486,9 +507,40 @@ impl Fleet {
         done.into_iter().map(Option::unwrap).collect()
     }
 
-    fn rss(&self) -> (u64, u64) {
-        let r: Vec<u64> = self.agents.iter().filter_map(Agent::rss_kib).collect();
-        (r.iter().sum(), r.iter().copied().max().unwrap_or(0))
+    fn memory(&self) -> Memory {
+        let m: Vec<(u64, u64, u64)> = self.agents.iter().filter_map(Agent::memory_kib).collect();
+        Memory {
+            agents: m.len(),
+            rss_sum: m.iter().map(|m| m.0).sum(),
+            rss_max: m.iter().map(|m| m.0).max().unwrap_or(0),
+            pss_sum: m.iter().map(|m| m.1).sum(),
+            anon_sum: m.iter().map(|m| m.2).sum(),
+        }
+    }
+}
+
+/// The agents' memory, KiB.
+struct Memory {
+    agents: usize,
+    rss_sum: u64,
+    rss_max: u64,
+    pss_sum: u64,
+    anon_sum: u64,
+}
+
+impl std::fmt::Display for Memory {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        let mib = |k: u64| k as f64 / 1024.0;
+        write!(
+            f,
+            "{} agents: RSS sum {:.1} MiB, max {:.1} MiB; PSS sum {:.1} MiB (anonymous {:.1} MiB, {:.2} MiB per agent)",
+            self.agents,
+            mib(self.rss_sum),
+            mib(self.rss_max),
+            mib(self.pss_sum),
+            mib(self.anon_sum),
+            mib(self.anon_sum) / self.agents.max(1) as f64
+        )
     }
 }
 
@@ -674,7 +726,7 @@ fn a_fleet_rolls_out_in_waves_and_a_bad_release_is_halted_in_wave_one() {
     fleet.wait_all(&d, "seq 1, already running", Duration::from_secs(120), |_, s| {
         s.channel.as_ref().is_some_and(|c| c.seq == Some(1) && c.decision.as_deref() == Some("already-running"))
     });
-    let (rss_idle, rss_idle_max) = fleet.rss();
+    let mem_idle = fleet.memory();
 
     // 1. The good release, in three waves.
     let t_good = d.secs();
@@ -708,7 +760,7 @@ fn a_fleet_rolls_out_in_waves_and_a_bad_release_is_halted_in_wave_one() {
             r.finished
         );
     }
-    let (rss_busy, rss_busy_max) = fleet.rss();
+    let mem_busy = fleet.memory();
     let good_load = load(&cache.log(), log_good);
     // Prometheus has them all; fleet status agrees.
     s.wait_for(
@@ -731,11 +783,11 @@ fn a_fleet_rolls_out_in_waves_and_a_bad_release_is_halted_in_wave_one() {
         "--prometheus",
         &s.prometheus,
         "--channel-doc",
-        p.doc().to_str().unwrap(),
+        &p.url(),
         "--key",
         p.key.to_str().unwrap(),
         "--publish",
-        p.doc().to_str().unwrap(),
+        &p.url(),
         "--once",
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -751,12 +803,10 @@ fn a_fleet_rolls_out_in_waves_and_a_bad_release_is_halted_in_wave_one() {
     let watch_log = p.dir.path().join("watch.log");
     let mut watch = Server {
         child: command(bin())
-            .args(["rollout", "watch", "--prometheus", &s.prometheus, "--channel-doc"])
-            .arg(p.doc())
+            .args(["rollout", "watch", "--prometheus", &s.prometheus, "--channel-doc", &p.url()])
             .arg("--key")
             .arg(&p.key)
-            .arg("--publish")
-            .arg(p.doc())
+            .args(["--publish", &p.url()])
             .args(["--max-failure-rate", "0.5", "--min-hosts", &w1.to_string()])
             .args(["--interval", "1", "--deadline", &BAD_SOAK.to_string()])
             .stdout(Stdio::null())
@@ -837,13 +887,10 @@ fn a_fleet_rolls_out_in_waves_and_a_bad_release_is_halted_in_wave_one() {
     let report = format!(
         "fleet of {n} agents (waves {waves:?}, poll {poll} s), wall time {:.1} s (start {started:.1} s, good release {good_secs:.1} s, \
          bad release halted after {halted_at:.1} s, settled {bad_secs:.1} s)\n\
-         RSS idle: sum {:.1} MiB, max {} KiB; after the good release: sum {:.1} MiB, max {} KiB\n\
+         memory idle: {mem_idle}\nmemory after the good release: {mem_busy}\nagent binary: {}\n\
          cache: {} requests, {} bytes in all; good release {} requests, {} bytes; bad release {} requests, {} bytes\n",
         d.secs(),
-        rss_idle as f64 / 1024.0,
-        rss_idle_max,
-        rss_busy as f64 / 1024.0,
-        rss_busy_max,
+        agent_bin(),
         total.0,
         total.1,
         good_load.0,
