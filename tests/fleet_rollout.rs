@@ -371,6 +371,13 @@ impl Agent {
         Some((field(&status, "VmRSS:")?, field(&rollup, "Pss:")?, field(&rollup, "Pss_Anon:")?))
     }
 
+    /// Not exited (an exited child stays a zombie until reaped on drop:
+    /// state Z in /proc/PID/stat, after the parenthesised name).
+    fn alive(&self) -> bool {
+        let stat = fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
+    }
+
     fn store_has(&self, path: &str) -> bool {
         self.root().join(path.trim_start_matches('/')).symlink_metadata().is_ok()
     }
@@ -439,10 +446,8 @@ impl Fleet {
         let fleet = Fleet { agents, http: http() };
         let mut serving = vec![false; n];
         d.wait(&format!("{n} agents to serve their status"), Duration::from_secs(120), || {
-            for i in 0..n {
-                if !serving[i] {
-                    serving[i] = fleet.status(i).is_some();
-                }
+            for (i, up) in serving.iter_mut().enumerate() {
+                *up = *up || fleet.status(i).is_some();
             }
             serving.iter().all(|s| *s).then_some(())
         });
@@ -470,17 +475,16 @@ impl Fleet {
         let msg = format!("every agent: {what}");
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             d.wait(&msg, bound, || {
-                for i in 0..n {
-                    if done[i].is_some() {
+                for (i, slot) in done.iter_mut().enumerate() {
+                    if slot.is_some() {
                         continue;
                     }
+                    let a = &self.agents[i];
                     // A dead agent fails at once, with its log.
-                    if !Path::new(&format!("/proc/{}", self.agents[i].child.id())).exists() {
-                        panic!("agent {} died\n--- log ---\n{}", self.agents[i].host, self.agents[i].log());
+                    if !a.alive() {
+                        panic!("agent {} died\n--- log ---\n{}", a.host, a.log());
                     }
-                    if let Some(s) = self.status(i).filter(|s| pred(&self.agents[i], s)) {
-                        done[i] = Some(s);
-                    }
+                    *slot = self.status(i).filter(|s| pred(a, s));
                 }
                 if done.iter().all(Option::is_some) {
                     return Some(());
