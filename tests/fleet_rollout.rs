@@ -258,11 +258,28 @@ impl Stack {
         s.first().map(|s| s.value.to_string())
     }
 
-    fn wait_for(&self, d: &Deadline, q: &str, want: usize) {
+    /// Waits until Prometheus answers `q` with `want`. On a timeout the
+    /// message has the last answer and how the scrapes went (a scrape
+    /// slower than its interval is the usual cause with many hosts).
+    fn wait_for(&self, d: &Deadline, q: &str, want: usize, fleet: &Fleet) {
         let want = want.to_string();
-        d.wait(&format!("prometheus: {q} == {want}"), Duration::from_secs(120), || {
-            (self.value(q).as_deref() == Some(want.as_str())).then_some(())
-        });
+        let mut last = None;
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            d.wait(&format!("prometheus: {q} == {want}"), Duration::from_secs(120), || {
+                last = self.value(q);
+                (last.as_deref() == Some(want.as_str())).then_some(())
+            })
+        }));
+        if let Err(e) = r {
+            eprintln!(
+                "last answer: {last:?}; up: {:?}; scrape_duration_seconds: {:?}; scrape_samples_scraped: {:?}\n{}",
+                self.value("up"),
+                self.value("scrape_duration_seconds"),
+                self.value("scrape_samples_scraped"),
+                fleet.push_report()
+            );
+            std::panic::resume_unwind(e);
+        }
     }
 }
 
@@ -371,6 +388,25 @@ impl Agent {
         Some((field(&status, "VmRSS:")?, field(&rollup, "Pss:")?, field(&rollup, "Pss_Anon:")?))
     }
 
+    /// Starts the agent in `dir` listening on `port`, its log appended to.
+    fn spawn(dir: &Path, port: u16) -> Child {
+        let config = fs::read_to_string(dir.join("config.template")).unwrap().replace("PORT", &port.to_string());
+        fs::write(dir.join("config.json"), config).unwrap();
+        let log = fs::OpenOptions::new().create(true).append(true).open(dir.join("agent.log")).unwrap();
+        command(agent_bin())
+            .arg("agent")
+            .arg("--config")
+            .arg(dir.join("config.json"))
+            .env_remove("NIXLESS_LOG")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
     /// Not exited (an exited child stays a zombie until reaped on drop:
     /// state Z in /proc/PID/stat, after the parenthesised name).
     fn alive(&self) -> bool {
@@ -380,6 +416,17 @@ impl Agent {
 
     fn store_has(&self, path: &str) -> bool {
         self.root().join(path.trim_start_matches('/')).symlink_metadata().is_ok()
+    }
+}
+
+/// A free loopback port no other agent of this fleet was given (the
+/// kernel may hand a released port out again at once).
+fn unique_port(taken: &mut std::collections::HashSet<u16>) -> u16 {
+    loop {
+        let p = free_port();
+        if taken.insert(p) {
+            return p;
+        }
     }
 }
 
@@ -413,44 +460,52 @@ impl Fleet {
     fn start(d: &Deadline, n: usize, before: &str, cache: &Cache, p: &Publisher, gateway: &str, poll: u64) -> Fleet {
         let f = fixtures();
         let mut agents = vec![];
+        let mut ports = std::collections::HashSet::new();
         for (host, wave) in hosts(n) {
             let tmp = tempfile::Builder::new().prefix("nixless-fleet-agent-").tempdir().unwrap();
             let root = tmp.path().join("root");
             fs::create_dir_all(root.join("run")).unwrap();
             std::os::unix::fs::symlink(before, root.join("run/current-system")).unwrap();
-            let port = free_port();
             let config = format!(
-                r#"{{"host":"{host}","listen":["127.0.0.1:{port}"],"caches":["{}"],"cache_keys":["{}"],"deploy_keys":["{}"],"root":"{}","health_check_network":false,"poll_interval_secs":{poll},"channel_url":"{}","channel":"{CHANNEL}","tags":["kiosk"],"health_units":["app.service"],"health_timeout_secs":5,"pushgateway_url":"{gateway}","push_interval_secs":10}}"#,
+                r#"{{"host":"{host}","listen":["127.0.0.1:PORT"],"caches":["{}"],"cache_keys":["{}"],"deploy_keys":["{}"],"root":"{}","health_check_network":false,"poll_interval_secs":{poll},"channel_url":"{}","channel":"{CHANNEL}","tags":["kiosk"],"health_units":["app.service"],"health_timeout_secs":5,"pushgateway_url":"{gateway}","push_interval_secs":10}}"#,
                 cache.url(&host),
                 f.get("PK_A"),
                 p.public,
                 root.display(),
                 p.url(),
             );
-            fs::write(tmp.path().join("config.json"), config).unwrap();
-            let log = fs::File::create(tmp.path().join("agent.log")).unwrap();
-            let child = command(agent_bin())
-                .arg("agent")
-                .arg("--config")
-                .arg(tmp.path().join("config.json"))
-                .env_remove("NIXLESS_LOG")
-                .env_remove("NOTIFY_SOCKET")
-                .env_remove("WATCHDOG_USEC")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap();
+            fs::write(tmp.path().join("config.template"), config).unwrap();
+            let port = unique_port(&mut ports);
+            let child = Agent::spawn(tmp.path(), port);
             agents.push(Agent { child, tmp, host, wave, port });
         }
-        let fleet = Fleet { agents, http: http() };
+        let mut fleet = Fleet { agents, http: http() };
         let mut serving = vec![false; n];
+        let mut restarts = 0;
         d.wait(&format!("{n} agents to serve their status"), Duration::from_secs(120), || {
             for (i, up) in serving.iter_mut().enumerate() {
-                *up = *up || fleet.status(i).is_some();
+                if *up {
+                    continue;
+                }
+                let a = &mut fleet.agents[i];
+                // A port picked free may be taken before the agent binds
+                // it (by any process's outgoing connection): another one.
+                if !a.alive() {
+                    let log = a.log();
+                    assert!(log.contains("Address in use") && restarts < 20, "agent {} died\n{log}", a.host);
+                    restarts += 1;
+                    let _ = a.child.wait();
+                    a.port = unique_port(&mut ports);
+                    a.child = Agent::spawn(a.tmp.path(), a.port);
+                    continue;
+                }
+                *up = fleet.status(i).is_some_and(|s| s.host == fleet.agents[i].host);
             }
             serving.iter().all(|s| *s).then_some(())
         });
+        if restarts > 0 {
+            eprintln!("fleet: {restarts} agent(s) started again on another port (theirs was taken)");
+        }
         fleet
     }
 
@@ -509,6 +564,29 @@ impl Fleet {
             std::panic::resume_unwind(e);
         }
         done.into_iter().map(Option::unwrap).collect()
+    }
+
+    /// How the agents' pushes went, by their statuses (for a failure message).
+    fn push_report(&self) -> String {
+        let now = now();
+        let mut errors = BTreeMap::<String, usize>::new();
+        let (mut failing, mut ages) = (0, vec![]);
+        for i in 0..self.agents.len() {
+            let Some(p) = self.status(i).and_then(|s| s.push) else { continue };
+            if let Some(e) = p.error {
+                failing += 1;
+                *errors.entry(e).or_default() += 1;
+            }
+            ages.push(p.last_ok.map_or(u64::MAX, |t| now.saturating_sub(t)));
+        }
+        ages.sort_unstable();
+        let errors: Vec<String> = errors.into_iter().take(5).map(|(e, k)| format!("{k}× {e}")).collect();
+        format!(
+            "pushes: {failing} agents failing; seconds since the last good push: min {:?}, median {:?}, max {:?}; errors: {errors:?}",
+            ages.first(),
+            ages.get(ages.len() / 2),
+            ages.last()
+        )
     }
 
     fn memory(&self) -> Memory {
@@ -751,6 +829,7 @@ fn a_fleet_rolls_out_in_waves_and_a_bad_release_is_halted_in_wave_one() {
             && s.channel.as_ref().is_some_and(|c| c.decision.as_deref() == Some("already-running"))
     });
     let good_secs = d.secs() - t_good;
+    eprintln!("fleet: the good release committed on {n} hosts in {good_secs:.1} s");
     for (a, s) in fleet.agents.iter().zip(&done) {
         assert_eq!(s.current_system.as_deref(), Some(good), "{}", a.host);
         let r = s.last_result.as_ref().unwrap();
@@ -771,8 +850,9 @@ fn a_fleet_rolls_out_in_waves_and_a_bad_release_is_halted_in_wave_one() {
         &d,
         &format!("count(nixless_last_result_info{{job=\"nixless\",outcome=\"committed\",system=\"{good}\"}})"),
         n,
+        &fleet,
     );
-    s.wait_for(&d, "count(nixless_channel_info{job=\"nixless\",seq=\"2\",decision=\"already-running\"})", n);
+    s.wait_for(&d, "count(nixless_channel_info{job=\"nixless\",seq=\"2\",decision=\"already-running\"})", n, &fleet);
     let (sum, text) = fleet_status(&s);
     assert_eq!(sum.hosts, n, "{text}");
     assert_eq!(sum.systems, vec![Count { key: good.into(), hosts: n }], "{text}");
@@ -828,6 +908,7 @@ fn a_fleet_rolls_out_in_waves_and_a_bad_release_is_halted_in_wave_one() {
         "{wlog}"
     );
     let halted_at = d.secs() - t_bad;
+    eprintln!("fleet: rollout watch halted the bad release {halted_at:.1} s after it was published");
     // Every host holds the halt, and has checked it after wave 2 would
     // have opened: wave 2 never started.
     let after =
@@ -875,8 +956,8 @@ fn a_fleet_rolls_out_in_waves_and_a_bad_release_is_halted_in_wave_one() {
         }
     }
     // Prometheus and fleet status agree.
-    s.wait_for(&d, "count(nixless_last_result_info{job=\"nixless\",outcome=\"rolled-back\"})", w1);
-    s.wait_for(&d, "count(nixless_channel_info{job=\"nixless\",seq=\"4\",decision=\"halted\"})", n);
+    s.wait_for(&d, "count(nixless_last_result_info{job=\"nixless\",outcome=\"rolled-back\"})", w1, &fleet);
+    s.wait_for(&d, "count(nixless_channel_info{job=\"nixless\",seq=\"4\",decision=\"halted\"})", n, &fleet);
     let (sum, text) = fleet_status(&s);
     assert_eq!(sum.hosts, n, "{text}");
     assert_eq!(sum.systems, vec![Count { key: good.into(), hosts: n }], "{text}");
