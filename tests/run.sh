@@ -93,6 +93,11 @@ cargo test -q 2>&1 | tee target/test.log | grep -vE '^(running|$)'
 # every syscall an install makes (qemu -strace) against the aarch64
 # allowlist. Not the agent/switch/lock tests: they wait on timing and
 # process trees that emulation slows and distorts.
+echo "== a fleet of 200 static agents (tests/fleet_rollout.rs; cargo test above ran 20 debug ones)"
+NIXLESS_FLEET_AGENTS=200 NIXLESS_FLEET_AGENT_BIN="$PWD/target/x86_64-unknown-linux-musl/release/nixless" \
+  cargo test -q --test fleet_rollout 2>&1 | grep -vE '^(running|$)'
+cat target/fleet-rollout-200.txt
+
 echo "== cargo test, aarch64 under qemu-user"
 CARGO_TARGET_AARCH64_UNKNOWN_LINUX_MUSL_RUNNER=qemu-aarch64-static NIXLESS_TEST_RUNNER=qemu-aarch64-static \
   timeout 1200 cargo test -q --target aarch64-unknown-linux-musl --lib --test install --test nar_vs_nix --test install_engine --test qemu_syscalls 2>&1 \
