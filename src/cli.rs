@@ -226,6 +226,10 @@ struct SignArgs {
     /// the JSON document to sign (its bytes are signed unchanged)
     #[argh(positional)]
     file: PathBuf,
+    /// then publish the document and its signature (signature first): a
+    /// file, an s3:// or http(s):// URL (PUT), as rollout watch publishes
+    #[argh(option)]
+    publish: Option<String>,
 }
 
 #[derive(FromArgs)]
@@ -303,6 +307,14 @@ struct VerifyArgs {
 /// A one-line error for the user.
 type CliResult = Result<(), String>;
 
+fn cmd_sign(a: SignArgs) -> CliResult {
+    let signed = crate::channel::sign::sign_file(&a.key, &a.file, crate::clock::now())?;
+    match a.publish {
+        Some(dest) => crate::fleet::publish::publish_signed(&dest, &signed.body, &signed.sig),
+        None => Ok(()),
+    }
+}
+
 pub fn main() -> i32 {
     let argv: Vec<String> = std::env::args().collect();
     if argv.get(1).map(String::as_str) == Some("__seccomp-selftest") {
@@ -343,7 +355,7 @@ pub fn main() -> i32 {
         }
         Command::Rollback(a) => crate::console::rollback(&a.config, a.dry_run),
         Command::Gc(a) => crate::console::gc(&a.config, a.dry_run, a.no_wait),
-        Command::Sign(a) => crate::channel::sign::sign_file(&a.key, &a.file, crate::clock::now()).map(|_| ()),
+        Command::Sign(a) => cmd_sign(a),
         Command::Fleet(FleetArgs { cmd: FleetCommand::Status(a) }) => {
             crate::fleet::status(&a.prometheus, a.silent_after, a.json)
         }

@@ -685,3 +685,57 @@ fn a_replayed_older_document_is_refused() {
     assert!(a.store_is_empty() && a.request().is_none() && a.status().phase == "idle");
     assert_eq!(a.channel().seq, Some(5));
 }
+
+/// README's release script for an admin's CI (`examples/fleet-release.sh`)
+/// end to end: real `nix copy` pushes the closure to a new cache with the
+/// cache key, the script writes the channel document, `nixless sign
+/// --publish` checks, signs and publishes it; a device following the
+/// channel deploys the group's system from that cache and commits it.
+#[test]
+fn the_readme_release_script_publishes_what_a_device_follows() {
+    let f = fixtures();
+    let system = f.get("TOP");
+    let p = Publisher::new("admin-1");
+    let cache = tempfile::Builder::new().prefix("nixless-release-cache-").tempdir().unwrap();
+    let cache_url = format!("file://{}", cache.path().display());
+    let run = |args: &[&str]| {
+        Command::new("bash")
+            .arg(repo().join("examples/fleet-release.sh"))
+            .args(args)
+            .env("CACHE", &cache_url)
+            .env("CACHE_KEY", target_dir().join("fixtures/keys/a.sk"))
+            .env("ADMIN_KEY", &p.key)
+            .env("PUBLISH", p.dir.path().join("stable.json"))
+            .env("CHANNEL", CHANNEL)
+            .env("DEVICE_CACHES", format!(r#"["{cache_url}"]"#))
+            .env("WAVES", r#"[{"percent": 100}]"#)
+            .env("NIXLESS", bin())
+            .env_remove("PROMETHEUS")
+            .output()
+            .unwrap()
+    };
+    // Refused before anything is pushed or published: not a store path.
+    let out = run(&["kiosk=/tmp/x"]);
+    assert!(!out.status.success() && stderr(&out).contains("kiosk: not a store path"), "{}", stderr(&out));
+    assert!(!p.dir.path().join("stable.json").exists() && fs::read_dir(cache.path()).unwrap().next().is_none());
+
+    let out = run(&[&format!("kiosk={system}"), &format!("other={}", f.get("P_FILE"))]);
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+    assert!(stderr(&out).contains("published"), "{}", stderr(&out));
+    let hash = &system["/nix/store/".len()..][..32];
+    assert!(cache.path().join(format!("{hash}.narinfo")).exists(), "nix copy pushed the system");
+
+    let mut a = Agent::follow("kiosk-1", &p, "");
+    let s = a.wait_status("the channel job to switch", |s| s.phase == "switching");
+    assert_eq!(s.job.unwrap().system, system);
+    assert_eq!(s.channel.unwrap().group.as_deref(), Some("kiosk"));
+    assert_store_sound(&a.tmp.path().join("root"), cache.path());
+    for id in [1, 2] {
+        let r = a.wait_request(id);
+        assert_eq!(r.system, system);
+        a.switch_result(id, 0);
+    }
+    let s = a.wait_status("the channel job to commit", |s| s.phase == "idle" && s.last_result.is_some());
+    let last = s.last_result.unwrap();
+    assert_eq!((last.outcome.as_str(), last.system.as_str()), ("committed", system), "{:?}", last.reason);
+}

@@ -65,9 +65,18 @@ pub fn check_and_sign(body: &[u8], key: &SecretKey, now: u64) -> Result<(String,
     Ok((summary, crate::deploy::sign(key, body)))
 }
 
+/// A document signed by [`sign_file`]: the bytes that were signed (read
+/// once, so a publisher sends exactly these) and the signature line.
+#[derive(Debug)]
+pub struct Signed {
+    pub sig_path: PathBuf,
+    pub body: Vec<u8>,
+    pub sig: String,
+}
+
 /// Signs `doc` with the secret key in `key`: writes `doc.sig` (through a
 /// temporary file and a rename, so a poller never reads half a signature).
-pub fn sign_file(key: &Path, doc: &Path, now: u64) -> Result<PathBuf, String> {
+pub fn sign_file(key: &Path, doc: &Path, now: u64) -> Result<Signed, String> {
     let key_text = std::fs::read_to_string(key).map_err(|e| format!("{}: {e}", key.display()))?;
     let sk = SecretKey::parse(&key_text).map_err(|e| format!("{}: {e}", key.display()))?;
     let f = std::fs::File::open(doc).map_err(|e| format!("{}: {e}", doc.display()))?;
@@ -82,7 +91,7 @@ pub fn sign_file(key: &Path, doc: &Path, now: u64) -> Result<PathBuf, String> {
     std::fs::write(&tmp, format!("{sig}\n")).map_err(|e| format!("{}: {e}", tmp.display()))?;
     std::fs::rename(&tmp, &out).map_err(|e| format!("{}: {e}", out.display()))?;
     eprintln!("nixless: signed {summary}: wrote {}", out.display());
-    Ok(out)
+    Ok(Signed { sig_path: out, body, sig })
 }
 
 #[cfg(test)]
@@ -111,7 +120,7 @@ mod tests {
         std::fs::write(&key, format!("{sk}\n")).unwrap();
         let doc = dir.path().join("stable.json");
         std::fs::write(&doc, channel_json(T0, T0 + 86_400)).unwrap();
-        let sig_path = sign_file(&key, &doc, T0).unwrap();
+        let sig_path = sign_file(&key, &doc, T0).unwrap().sig_path;
         let (body, sig) = (std::fs::read(&doc).unwrap(), std::fs::read(&sig_path).unwrap());
         let keys = TrustedKeys::new(vec![sk.public()]);
         let v = crate::channel::verify(&body, Some(&sig), &keys, "stable").unwrap();
@@ -121,7 +130,7 @@ mod tests {
         let new = SecretKey::generate("admin-2").unwrap();
         let rot = dir.path().join("keys.json");
         std::fs::write(&rot, keys::render(1, T0, T0 + 86_400, &[new.public()]).unwrap()).unwrap();
-        let sig = std::fs::read(sign_file(&key, &rot, T0).unwrap()).unwrap();
+        let sig = std::fs::read(sign_file(&key, &rot, T0).unwrap().sig_path).unwrap();
         let out = keys::verify(&std::fs::read(&rot).unwrap(), Some(&sig), &keys, None, T0).unwrap();
         assert!(matches!(out, keys::Outcome::Apply(r) if r.keys[0].name() == "admin-2"));
     }

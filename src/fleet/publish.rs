@@ -66,6 +66,23 @@ pub fn publish(f: &mut Fetcher, dest: &str, doc: &[u8], sig: &str) -> Result<(),
     write_atomic(Path::new(dest), doc)
 }
 
+/// `nixless sign --publish DEST`: publishes a freshly signed document with
+/// the admin side's fetcher (credentials from the environment and the AWS
+/// files; each request bounded to [`PUBLISH_DEADLINE`]).
+pub fn publish_signed(dest: &str, doc: &[u8], sig: &str) -> Result<(), String> {
+    let mut f = super::fetcher(PUBLISH_DEADLINE)?;
+    publish(&mut f, dest, doc, sig)?;
+    eprintln!(
+        "nixless: published {} and its signature",
+        crate::text::clip(dest.split('?').next().unwrap_or(dest), 256)
+    );
+    Ok(())
+}
+
+/// Longest one PUT of `sign --publish` may take (a channel document is at
+/// most 16 MiB; a slow uplink from CI still makes it).
+pub const PUBLISH_DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Reads a document and its signature from a path or URL (as [`publish`]
 /// names them), each at most `limit` bytes. A missing signature is `None`
 /// (the verifier says so).
