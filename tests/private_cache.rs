@@ -16,7 +16,7 @@ mod common;
 
 use common::*;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 fn root() -> tempfile::TempDir {
@@ -68,15 +68,6 @@ fn assert_refused(out: &Output, root: &Path, needle: &str, secrets: &[&str]) {
 /// A child process killed (by its own pid) when dropped. nginx runs
 /// without a master process for this: a SIGKILLed master leaves its
 /// workers running (holding the test's ports and every fd it inherited).
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn wait_for_port(port: u16, what: &str) {
     wait_until(what, Duration::from_secs(60), || std::net::TcpStream::connect(("127.0.0.1", port)).ok());
 }
@@ -177,25 +168,8 @@ fn auth_nginx(cache: &Path, user: &str, password: &str, token: &str) -> AuthNgin
     assert!(hash.status.success());
     std::fs::write(d.join("htpasswd"), format!("{user}:{}", String::from_utf8(hash.stdout).unwrap())).unwrap();
     let port = free_port();
-    let user_line = if rustix_is_root() { "user root root;" } else { "" };
-    let conf = format!(
-        r#"{user_line}
-daemon off;
-master_process off;
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 64; }}
-http {{
-  default_type application/octet-stream;
-  access_log {d}/access.log;
-  client_body_temp_path {d}/body;
-  proxy_temp_path {d}/proxy;
-  fastcgi_temp_path {d}/fastcgi;
-  uwsgi_temp_path {d}/uwsgi;
-  scgi_temp_path {d}/scgi;
-  server {{
-    listen 127.0.0.1:{port};
+    let server = format!(
+        r#"    listen 127.0.0.1:{port};
     root {d}/www;
     location /basic/ {{
       auth_basic "cache";
@@ -203,27 +177,11 @@ http {{
     }}
     location /bearer/ {{
       if ($http_authorization != "Bearer {token}") {{ return 401; }}
-    }}
-  }}
-}}
-"#,
+    }}"#,
         d = d.display()
     );
-    std::fs::write(d.join("nginx.conf"), conf).unwrap();
-    let server = Server(
-        Command::new("nginx")
-            .args(["-p", &d.display().to_string(), "-e", &format!("{}/error.log", d.display()), "-c"])
-            .arg(d.join("nginx.conf"))
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for_port(port, "nginx");
+    let server = foreground_nginx(d, port, &server);
     AuthNginx { _server: server, port, _dir: dir }
-}
-
-fn rustix_is_root() -> bool {
-    Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"))
 }
 
 #[test]

@@ -16,7 +16,7 @@ use common::*;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 /// Runs openssl, panicking with its stderr on failure.
@@ -100,62 +100,15 @@ fn make_server_cert(dir: &Path, ca: &str) {
     );
 }
 
-/// A child killed on drop (nginx without a master process: see private_cache.rs).
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// nginx serving `www` over TLS with `dir/server.{pem,key}`.
 fn tls_nginx(dir: &Path, www: &Path) -> (Server, u16) {
     let port = free_port();
-    let user_line = if is_root() { "user root root;" } else { "" };
-    let conf = format!(
-        r#"{user_line}
-daemon off;
-master_process off;
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 64; }}
-http {{
-  default_type application/octet-stream;
-  access_log {d}/access.log;
-  client_body_temp_path {d}/body;
-  proxy_temp_path {d}/proxy;
-  fastcgi_temp_path {d}/fastcgi;
-  uwsgi_temp_path {d}/uwsgi;
-  scgi_temp_path {d}/scgi;
-  server {{
-    listen 127.0.0.1:{port} ssl;
-    ssl_certificate {d}/server.pem;
-    ssl_certificate_key {d}/server.key;
-    root {www};
-  }}
-}}
-"#,
+    let server = format!(
+        "    listen 127.0.0.1:{port} ssl;\n    ssl_certificate {d}/server.pem;\n    ssl_certificate_key {d}/server.key;\n    root {www};",
         d = dir.display(),
         www = www.display()
     );
-    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
-    let server = Server(
-        Command::new("nginx")
-            .args(["-p", &dir.display().to_string(), "-e", &format!("{}/error.log", dir.display()), "-c"])
-            .arg(dir.join("nginx.conf"))
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_until("nginx (TLS)", Duration::from_secs(60), || TcpStream::connect(("127.0.0.1", port)).ok());
-    (server, port)
-}
-
-fn is_root() -> bool {
-    Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+    (foreground_nginx(dir, port, &server), port)
 }
 
 /// A CA, a server certificate, nginx over the zstd fixture cache.

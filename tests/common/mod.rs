@@ -304,3 +304,62 @@ pub fn wait_until<T>(what: &str, timeout: std::time::Duration, mut f: impl FnMut
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// A child process killed and reaped on drop (servers run in the
+/// foreground as our children, so nothing outlives a failed test).
+pub struct Server(pub std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn is_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+}
+
+/// nginx in the foreground (no master process: one child, killed on drop)
+/// with its files in `dir` and `server` (the body of one `server { }`
+/// block, which must listen on `port`) as its only site; returns once the
+/// port accepts connections.
+pub fn foreground_nginx(dir: &Path, port: u16, server: &str) -> Server {
+    let user_line = if is_root() { "user root root;" } else { "" };
+    let conf = format!(
+        r#"{user_line}
+daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 64; }}
+http {{
+  default_type application/octet-stream;
+  access_log {d}/access.log;
+  client_body_temp_path {d}/body;
+  proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fastcgi;
+  uwsgi_temp_path {d}/uwsgi;
+  scgi_temp_path {d}/scgi;
+  server {{
+{server}
+  }}
+}}
+"#,
+        d = dir.display()
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+    let server = Server(
+        Command::new("nginx")
+            .args(["-p", &dir.display().to_string(), "-e", &format!("{}/error.log", dir.display()), "-c"])
+            .arg(dir.join("nginx.conf"))
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("nginx (apt-get install nginx-light)"),
+    );
+    wait_until("nginx to listen", std::time::Duration::from_secs(60), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    server
+}
