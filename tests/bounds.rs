@@ -24,10 +24,6 @@ const HOST: &str = "kiosk-7";
 /// bound itself.
 const MAX_SEQ: u64 = 9_007_199_254_740_991;
 
-fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
-}
-
 fn stderr_lines(o: &Output) -> Vec<String> {
     stderr(o).lines().map(str::to_owned).collect()
 }

@@ -19,27 +19,10 @@ use nixless::switch::protocol;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 const CHANNEL: &str = "stable";
 const DAY: u64 = 86_400;
-
-fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
-}
-
-fn http() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(10)))
-        .build()
-        .new_agent()
-}
-
-fn get(url: &str) -> Option<(u16, String)> {
-    let mut r = http().get(url).call().ok()?;
-    Some((r.status().as_u16(), r.body_mut().read_to_string().ok()?))
-}
 
 /// Where the admin publishes: a directory the agents read through file://,
 /// and the admin's key files.

@@ -4,15 +4,10 @@
 
 mod common;
 
-use common::nixless;
+use common::{nixless, now};
 use nixless::channel::{self, keys};
 use nixless::nix::{PublicKey, TrustedKeys};
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
-
-fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
-}
 
 fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()

@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 const CHANNEL: &str = "stable";
 const PROMETHEUS: &str = "/usr/bin/prometheus";
@@ -47,18 +47,6 @@ const GOOD_SOAK: u64 = 8;
 /// Wave 1 takes the health timeout (5 s) plus a push, a scrape and a
 /// watcher round; 45 s leaves room for 200 agents on two busy cores.
 const BAD_SOAK: u64 = 45;
-
-fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
-}
-
-fn http() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(10)))
-        .build()
-        .new_agent()
-}
 
 /// A command whose child the kernel kills if this test process dies
 /// (SIGKILL from a CI timeout skips every Drop).

@@ -363,3 +363,24 @@ http {{
     });
     server
 }
+
+/// The wall clock in Unix seconds (documents' `issued` and `expires`).
+pub fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// A test's HTTP client: statuses are answers, not errors; every request
+/// ends within 10 s.
+pub fn http() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(std::time::Duration::from_secs(10)))
+        .build()
+        .new_agent()
+}
+
+/// GET `url`: its status and body, or `None` if there was no answer.
+pub fn get(url: &str) -> Option<(u16, String)> {
+    let mut r = http().get(url).call().ok()?;
+    Some((r.status().as_u16(), r.body_mut().read_to_string().ok()?))
+}
