@@ -231,6 +231,22 @@ let
     else
       b;
 
+  # The agent's config.json the module writes for `nixless` (option values
+  # over cfg) on the current release: a writeText that keeps the text.
+  agentJson =
+    nixless:
+    builtins.fromJSON
+      (resolve
+        (import module {
+          inherit lib;
+          pkgs = pkgs // {
+            writeText = _: text: text;
+          };
+          options = shapes.current;
+          config = configFor shapes.current { inherit nixless; };
+        }).config
+      ).environment.etc."nixless/agent.json".source;
+
   showPath = builtins.concatStringsSep ".";
 
   # Every path the module sets, checked against the shape's declarations.
@@ -483,20 +499,6 @@ let
       ))
       (case "the pushgateway options reach the agent's config; without a URL, neither key" (
         let
-          # writeText that keeps the text: the agent's JSON, as written.
-          agentJson =
-            nixless:
-            builtins.fromJSON
-              (resolve
-                (import module {
-                  inherit lib;
-                  pkgs = pkgs // {
-                    writeText = _: text: text;
-                  };
-                  options = current;
-                  config = configFor current { inherit nixless; };
-                }).config
-              ).environment.etc."nixless/agent.json".source;
           on = agentJson {
             pushgateway = {
               url = "https://gw.example:9091";
@@ -520,19 +522,6 @@ let
       ))
       (case "the channel options reach the agent's config; without a URL, no channel key" (
         let
-          agentJson =
-            nixless:
-            builtins.fromJSON
-              (resolve
-                (import module {
-                  inherit lib;
-                  pkgs = pkgs // {
-                    writeText = _: text: text;
-                  };
-                  options = current;
-                  config = configFor current { inherit nixless; };
-                }).config
-              ).environment.etc."nixless/agent.json".source;
           on = agentJson {
             listen = [ ];
             channel = {
