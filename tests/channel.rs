@@ -18,7 +18,7 @@ use nixless::nix::SecretKey;
 use nixless::switch::protocol;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 const CHANNEL: &str = "stable";
@@ -165,20 +165,7 @@ impl Agent {
     }
 
     fn spawn(dir: &Path, seccomp: bool) -> Child {
-        let log = fs::OpenOptions::new().create(true).append(true).open(dir.join("agent.log")).unwrap();
-        Command::new(bin())
-            .arg("agent")
-            .args((!seccomp).then_some("--no-seccomp"))
-            .arg("--config")
-            .arg(dir.join("config.json"))
-            .env_remove("NIXLESS_LOG")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap()
+        agent_command(Command::new(bin()), dir).args((!seccomp).then_some("--no-seccomp")).spawn().unwrap()
     }
 
     fn wait_serving(&mut self) {

@@ -380,19 +380,7 @@ impl Agent {
     fn spawn(dir: &Path, port: u16) -> Child {
         let config = fs::read_to_string(dir.join("config.template")).unwrap().replace("PORT", &port.to_string());
         fs::write(dir.join("config.json"), config).unwrap();
-        let log = fs::OpenOptions::new().create(true).append(true).open(dir.join("agent.log")).unwrap();
-        command(agent_bin())
-            .arg("agent")
-            .arg("--config")
-            .arg(dir.join("config.json"))
-            .env_remove("NIXLESS_LOG")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap()
+        agent_command(command(agent_bin()), dir).spawn().unwrap()
     }
 
     /// Not exited (an exited child stays a zombie until reaped on drop:

@@ -167,19 +167,7 @@ impl Agent {
             root.display(),
         );
         fs::write(&config, text).unwrap();
-        let log = fs::File::create(tmp.path().join("agent.log")).unwrap();
-        let child = Command::new(bin())
-            .arg("agent")
-            .arg("--config")
-            .arg(&config)
-            .env_remove("NIXLESS_LOG")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let child = agent_command(Command::new(bin()), tmp.path()).spawn().unwrap();
         let mut a = Agent { child, tmp, port, key };
         wait_until("the agent to serve status", Duration::from_secs(10), || {
             a.assert_alive();

@@ -384,3 +384,20 @@ pub fn get(url: &str) -> Option<(u16, String)> {
     let mut r = http().get(url).call().ok()?;
     Some((r.status().as_u16(), r.body_mut().read_to_string().ok()?))
 }
+
+/// `nixless agent --config DIR/config.json` (the binary `bin`), as a test
+/// runs it: no inherited log level or systemd sockets, stderr appended to
+/// `DIR/agent.log`. The caller adds flags (`--no-seccomp`) and spawns it.
+pub fn agent_command(mut cmd: Command, dir: &Path) -> Command {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("agent.log")).unwrap();
+    cmd.arg("agent")
+        .arg("--config")
+        .arg(dir.join("config.json"))
+        .env_remove("NIXLESS_LOG")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log);
+    cmd
+}
