@@ -87,9 +87,10 @@ pub fn sign_file(key: &Path, doc: &Path, now: u64) -> Result<Signed, String> {
     }
     let (summary, sig) = check_and_sign(&body, &sk, now).map_err(|e| format!("{}: {e}", doc.display()))?;
     let out = PathBuf::from(format!("{}.sig", doc.display()));
-    let tmp = PathBuf::from(format!("{}.sig.tmp", doc.display()));
-    std::fs::write(&tmp, format!("{sig}\n")).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, &out).map_err(|e| format!("{}: {e}", out.display()))?;
+    // Through an exclusive temporary file, never through a link planted at
+    // its name: the document's directory may be shared.
+    crate::store::fsutil::write_atomic_path(&out, format!("{sig}\n").as_bytes(), true)
+        .map_err(|e| format!("{}: {e}", out.display()))?;
     eprintln!("nixless: signed {summary}: wrote {}", out.display());
     Ok(Signed { sig_path: out, body, sig })
 }

@@ -30,16 +30,12 @@ fn is_url(s: &str) -> bool {
     ["s3://", "http://", "https://"].iter().any(|p| s.starts_with(p))
 }
 
+/// Replaces `path` whole and durably (a reader sees the old bytes or the
+/// new). The temporary file is created exclusively and never through a
+/// link, so a link planted at its predictable name in a shared directory
+/// cannot redirect the write to another file.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    let name = path.file_name().ok_or_else(|| format!("{}: not a file name", path.display()))?;
-    let tmp = path.with_file_name(format!(".{}.tmp", name.to_string_lossy()));
-    std::fs::write(&tmp, bytes).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    // Durable before it replaces the old one: a crash leaves either.
-    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        format!("{}: {e}", path.display())
-    })
+    crate::store::fsutil::write_atomic_path(path, bytes, true).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn put(f: &mut Fetcher, url: &str, content_type: &str, body: &[u8]) -> Result<(), String> {
@@ -139,8 +135,28 @@ mod tests {
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 2, "no temporary left: {names:?}");
         let e = publish(&mut f, dir.path().join("no/such/dir/x").to_str().unwrap(), b"x", "s").unwrap_err();
-        assert!(e.contains("x.sig.tmp") && e.contains("No such file"), "{e}");
+        assert!(e.contains("no/such/dir") && e.contains("No such file"), "{e}");
         assert!(read(&mut f, dir.path().join("missing").to_str().unwrap(), 10).unwrap_err().ends_with("not found"));
+    }
+
+    /// The temporary names are predictable; a link planted at one (in a
+    /// directory others can write) must not make the publisher write
+    /// through it.
+    #[test]
+    fn a_link_at_the_temporary_name_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        for tmp in [".stable.json.tmp", ".stable.json.sig.tmp"] {
+            std::os::unix::fs::symlink(&victim, dir.path().join(tmp)).unwrap();
+        }
+        let mut f = crate::fleet::fetcher(std::time::Duration::from_secs(5)).unwrap();
+        let dest = dir.path().join("stable.json");
+        publish(&mut f, dest.to_str().unwrap(), b"{new}", "k:sig").unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert_eq!(std::fs::read_to_string(&dest).unwrap(), "{new}");
+        assert_eq!(std::fs::read_to_string(dir.path().join("stable.json.sig")).unwrap(), "k:sig\n");
+        assert!(std::fs::symlink_metadata(dir.path().join(".stable.json.tmp")).is_err(), "the planted link is gone");
         assert!(read(&mut f, dest.to_str().unwrap(), 2).unwrap_err().ends_with("larger than 2 bytes"));
     }
 }

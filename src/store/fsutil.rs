@@ -30,6 +30,20 @@ pub fn write_atomic(dir: BorrowedFd<'_>, name: &str, data: &[u8], durable: bool)
     res
 }
 
+/// [`write_atomic`] of a path: `path`'s directory is opened once, the
+/// file name must be UTF-8.
+pub fn write_atomic_path(path: &Path, data: &[u8], durable: bool) -> io::Result<()> {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a UTF-8 file name"))?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    write_atomic(open_dir(parent)?.as_fd(), name, data, durable)
+}
+
 fn write_then_rename(dir: BorrowedFd<'_>, tmp: &str, name: &str, data: &[u8], durable: bool) -> io::Result<()> {
     let fd = rfs::openat(
         dir,
