@@ -16,6 +16,8 @@ command -v file >/dev/null || need_pkgs+=(file)
 # aarch64: C cross compiler for ring's C/asm (rust-lld links), qemu-user to run tests.
 command -v aarch64-linux-gnu-gcc >/dev/null || need_pkgs+=(gcc-aarch64-linux-gnu)
 command -v qemu-aarch64-static >/dev/null || need_pkgs+=(qemu-user-static)
+command -v dnsmasq >/dev/null || need_pkgs+=(dnsmasq-base)
+command -v ip >/dev/null || need_pkgs+=(iproute2)
 if ((${#need_pkgs[@]})); then
   echo "== installing ${need_pkgs[*]}"
   apt-get update -qq

@@ -2,10 +2,10 @@
 //! a time over up to N keep-alive connections per origin, non-blocking
 //! connects, TLS through rustls (sans-IO too), per-request deadlines.
 //!
-//! The engine never blocks except in `poll` (bounded by the caller's wait)
-//! and in the name lookup (`getaddrinfo`, once per origin and engine; the
-//! libc resolver's own timeouts bound it; a later slice can move it off the
-//! loop). It never calls back into its caller's loop: [`Engine::turn`] runs
+//! The engine never blocks except in `poll` (bounded by the caller's wait).
+//! Names are looked up by [`super::resolve`] (the `hosts` file, then UDP
+//! queries polled with the connections), once per origin and engine. It
+//! never calls back into its caller's loop: [`Engine::turn`] runs
 //! one round and returns, delivering what arrived to a [`Handler`]; the
 //! caller then does its own work (ticks, timers, new requests) and turns
 //! again.
@@ -26,7 +26,7 @@ use rustix::io::Errno;
 use rustix::net::{AddressFamily, SocketFlags, SocketType};
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -152,6 +152,8 @@ pub struct Config {
     pub read_timeout: Duration,
     /// The authorities `https://` origins are checked against.
     pub trust: super::tls::Trust,
+    /// Where names are looked up.
+    pub resolver: super::resolve::Files,
 }
 
 impl Default for Config {
@@ -162,6 +164,7 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(30),
             trust: super::tls::Trust::WebPki,
+            resolver: super::resolve::Files::default(),
         }
     }
 }
@@ -169,6 +172,11 @@ impl Default for Config {
 struct OriginState {
     origin: Origin,
     addrs: Option<Vec<SocketAddr>>,
+    /// The name lookup in progress.
+    lookup: Option<super::resolve::Lookup>,
+    /// The lookup failed: requests dispatched in this turn fail with it
+    /// (a later request starts a new lookup).
+    lookup_failed: Option<String>,
     /// It answered `Connection: close` (or HTTP/1.0): one request per connection.
     closes: bool,
 }
@@ -236,7 +244,7 @@ impl Engine {
     }
 
     pub fn add_origin(&mut self, origin: Origin) -> usize {
-        self.origins.push(OriginState { origin, addrs: None, closes: false });
+        self.origins.push(OriginState { origin, addrs: None, lookup: None, lookup_failed: None, closes: false });
         self.origins.len() - 1
     }
 
@@ -324,8 +332,31 @@ impl Engine {
                 self.flush(slot, h);
             }
         }
+        self.advance_lookups();
         self.enforce_deadlines(h);
         extra_ready
+    }
+
+    /// Reads what the lookups received (cheap when nothing did), sends
+    /// again when due; a finished lookup gives its origin addresses (the
+    /// next round connects) or an error its requests get.
+    fn advance_lookups(&mut self) {
+        let now = Instant::now();
+        for o in &mut self.origins {
+            let Some(l) = &mut o.lookup else { continue };
+            l.advance(now);
+            match l.take_result() {
+                None => {}
+                Some(Ok(addrs)) => {
+                    o.addrs = Some(addrs);
+                    o.lookup = None;
+                }
+                Some(Err(e)) => {
+                    o.lookup_failed = Some(e);
+                    o.lookup = None;
+                }
+            }
+        }
     }
 
     fn is_open(&self, slot: usize) -> bool {
@@ -339,7 +370,8 @@ impl Engine {
             Phase::Open if !c.queue.is_empty() => Some(c.last_io + self.cfg.read_timeout),
             Phase::Open => None,
         });
-        reqs.chain(conns).min()
+        let lookups = self.origins.iter().filter_map(|o| o.lookup.as_ref().and_then(|l| l.next_wakeup()));
+        reqs.chain(conns).chain(lookups).min()
     }
 
     fn wait(&mut self, wait: Duration, extra: &[(BorrowedFd<'_>, PollFlags)]) -> (Vec<(usize, PollFlags)>, bool) {
@@ -361,6 +393,12 @@ impl Engine {
             slots.push(slot);
             fds.push(PollFd::new(&c.sock, flags));
         }
+        for o in &self.origins {
+            if let Some(l) = &o.lookup {
+                fds.extend(l.fds().map(|fd| PollFd::from_borrowed_fd(fd, PollFlags::IN)));
+            }
+        }
+        let lookup_fds = fds.len() - slots.len();
         let ours = fds.len();
         fds.extend(extra.iter().map(|(fd, flags)| PollFd::from_borrowed_fd(*fd, *flags)));
         if fds.is_empty() {
@@ -376,8 +414,11 @@ impl Engine {
             Err(e) => log::warn!("poll: {e}"),
         }
         let extra_ready = fds[ours..].iter().any(|f| !f.revents().is_empty());
-        let ready =
-            slots.into_iter().zip(fds[..ours].iter().map(|f| f.revents())).filter(|(_, r)| !r.is_empty()).collect();
+        let ready = slots
+            .into_iter()
+            .zip(fds[..ours - lookup_fds].iter().map(|f| f.revents()))
+            .filter(|(_, r)| !r.is_empty())
+            .collect();
         (ready, extra_ready)
     }
 
@@ -398,6 +439,9 @@ impl Engine {
                     h.done(id, Err(e));
                 }
             }
+        }
+        for o in &mut self.origins {
+            o.lookup_failed = None;
         }
     }
 
@@ -447,7 +491,7 @@ impl Engine {
                 return Ok(idle);
             }
             if count < n {
-                return self.open(origin).map(Some);
+                return self.open(origin);
             }
             let shared = if n == 1 { any_best } else { free_best };
             return Ok(shared.filter(|(_, l)| *l < depth).map(|(s, _)| s));
@@ -457,24 +501,37 @@ impl Engine {
                 return Ok(idle);
             }
             if count < n {
-                return self.open(origin).map(Some);
+                return self.open(origin);
             }
         }
         Ok(bulk_best.filter(|(_, l)| *l < depth.min(BULK_DEPTH)).map(|(s, _)| s))
     }
 
-    fn open(&mut self, origin: usize) -> Result<usize, NetError> {
+    /// A new connection to `origin`; `None` while its name is looked up.
+    fn open(&mut self, origin: usize) -> Result<Option<usize>, NetError> {
         let st = &mut self.origins[origin];
+        if let Some(e) = &st.lookup_failed {
+            return Err(NetError::Resolve(e.clone()));
+        }
         if st.addrs.is_none() {
-            // Blocking getaddrinfo, once per origin (see the module doc).
-            let addrs: Vec<SocketAddr> = (st.origin.host.as_str(), st.origin.port)
-                .to_socket_addrs()
-                .map_err(|e| NetError::Resolve(format!("{}: {e}", st.origin.host)))?
-                .collect();
-            if addrs.is_empty() {
-                return Err(NetError::Resolve(format!("{}: no addresses", st.origin.host)));
+            if st.lookup.is_none() {
+                let l =
+                    super::resolve::Lookup::start(&st.origin.host, st.origin.port, &self.cfg.resolver, Instant::now());
+                st.lookup = Some(l);
             }
-            st.addrs = Some(addrs);
+            let Some(l) = st.lookup.as_mut() else { return Ok(None) };
+            match l.take_result() {
+                None => return Ok(None),
+                Some(Ok(addrs)) => {
+                    st.addrs = Some(addrs);
+                    st.lookup = None;
+                }
+                Some(Err(e)) => {
+                    st.lookup = None;
+                    st.lookup_failed = Some(e.clone());
+                    return Err(NetError::Resolve(e));
+                }
+            }
         }
         let addrs = st.addrs.clone().unwrap_or_default();
         let mut last = NetError::Connect("no address".into());
@@ -502,7 +559,7 @@ impl Engine {
                         }
                     };
                     self.conns[slot] = Some(conn);
-                    return Ok(slot);
+                    return Ok(Some(slot));
                 }
                 Err(e) => last = NetError::Connect(format!("{addr}: {e}")),
             }

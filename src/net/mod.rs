@@ -1,6 +1,8 @@
 //! The network engine: sans-IO HTTP/1.1 ([`http1`]) driven from one
 //! `poll(2)` loop over many connections ([`engine`]).
 
+pub mod dns;
 pub mod engine;
 pub mod http1;
+pub mod resolve;
 pub mod tls;

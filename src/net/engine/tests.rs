@@ -328,3 +328,106 @@ fn a_turn_also_wakes_for_the_callers_descriptors() {
     assert!(!h.done.contains_key(&id), "the request is still outstanding");
     assert_eq!(e.in_flight(), 1);
 }
+
+/// A resolver configuration in `dir`: `resolv.conf` naming 127.0.0.1 (on
+/// `port`), and `hosts`.
+fn resolver(dir: &std::path::Path, options: &str, hosts: &str, port: u16) -> crate::net::resolve::Files {
+    std::fs::write(dir.join("resolv.conf"), format!("nameserver 127.0.0.1\n{options}\n")).unwrap();
+    std::fs::write(dir.join("hosts"), hosts).unwrap();
+    crate::net::resolve::Files { resolv_conf: dir.join("resolv.conf"), hosts: dir.join("hosts"), port }
+}
+
+/// A nameserver thread: A queries get 127.0.0.1, AAAA queries NXDOMAIN;
+/// returns its port and how many queries it answered.
+fn nameserver() -> (u16, Arc<AtomicUsize>) {
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = sock.local_addr().unwrap().port();
+    let count = Arc::new(AtomicUsize::new(0));
+    let answered = count.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        for _ in 0..100 {
+            let Ok((n, from)) = sock.recv_from(&mut buf) else { return };
+            let mut r = buf[..n].to_vec();
+            let qtype = u16::from_be_bytes([r[n - 4], r[n - 3]]);
+            r[2] = 0x81;
+            r[3] = 0x80;
+            if qtype == crate::net::dns::TYPE_A {
+                r[7] = 1;
+                r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 127, 0, 0, 1]);
+            } else {
+                r[3] = 0x83;
+            }
+            let _ = sock.send_to(&r, from);
+            answered.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    (port, count)
+}
+
+/// Names are looked up without blocking: from the hosts file, and from a
+/// nameserver polled with the connections; the name is asked for once per
+/// origin, however many requests wait for it.
+#[test]
+fn names_resolve_from_hosts_and_from_a_nameserver() {
+    let (http, _) = serve(|p| Reply::Body(body_for(p)), false);
+    let dir = tempfile::tempdir().unwrap();
+    let (dns, queries) = nameserver();
+    let files = resolver(dir.path(), "options timeout:30 attempts:1", "127.0.0.1 pinned.nixless.test\n", dns);
+    let mut e = Engine::new(Config { resolver: files, ..Config::default() });
+    let pinned = e.add_origin(Origin::parse(&format!("http://pinned.nixless.test:{http}")).unwrap().0);
+    let asked = e.add_origin(Origin::parse(&format!("http://cache.nixless.test:{http}")).unwrap().0);
+    let mut h = Collect::default();
+    let ids: Vec<ReqId> = (0..6)
+        .map(|i| e.submit(if i % 2 == 0 { pinned } else { asked }, format!("/n{i}"), Vec::new(), 0, None, i < 2))
+        .collect();
+    run_until_done(&mut e, &mut h, &ids, Duration::from_secs(20));
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(h.done[id], Ok(()), "request {i}");
+        assert_eq!(h.bodies[id], body_for(&format!("/n{i}")));
+    }
+    assert_eq!(queries.load(Ordering::SeqCst), 2, "one A and one AAAA query for the one name asked for");
+}
+
+/// A nameserver that never answers: the requests of its origin fail with
+/// one line when the lookup's deadline passes, no turn waits for it, and
+/// the other origin is served meanwhile.
+#[test]
+fn a_silent_nameserver_fails_its_origin_and_stalls_no_turn() {
+    let (http, _) = serve(|p| Reply::Body(body_for(p)), false);
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let files = resolver(
+        dir.path(),
+        "options timeout:3 attempts:2",
+        "127.0.0.1 pinned.nixless.test\n",
+        silent.local_addr().unwrap().port(),
+    );
+    let mut e = Engine::new(Config { resolver: files, ..Config::default() });
+    let lost = e.add_origin(Origin::parse(&format!("http://lost.nixless.test:{http}")).unwrap().0);
+    let pinned = e.add_origin(Origin::parse(&format!("http://pinned.nixless.test:{http}")).unwrap().0);
+    let mut h = Collect::default();
+    let a = e.submit(lost, "/a".into(), Vec::new(), 0, None, true);
+    let b = e.submit(lost, "/b".into(), Vec::new(), 0, None, false);
+    let c = e.submit(pinned, "/c".into(), Vec::new(), 0, None, false);
+    run_until_done(&mut e, &mut h, &[a, b, c], Duration::from_secs(20));
+    // A lookup that blocked would hold the dispatch of `a` until its end,
+    // and `c` after it; here `c` is served while the name is asked for.
+    let pos = |id| h.order.iter().position(|x| *x == id).unwrap();
+    assert!(pos(c) < pos(a) && pos(c) < pos(b), "order {:?}", h.order);
+    assert_eq!(h.done[&c], Ok(()));
+    let port = silent.local_addr().unwrap().port();
+    for id in [a, b] {
+        let want = format!("name lookup failed: lost.nixless.test: no answer from 127.0.0.1:{port} within 3 s");
+        assert_eq!(h.done[&id].as_ref().unwrap_err().to_string(), want);
+    }
+    let mut buf = [0u8; 512];
+    silent.set_nonblocking(true).unwrap();
+    let mut sent = 0;
+    while silent.recv_from(&mut buf).is_ok() {
+        sent += 1;
+    }
+    // A and AAAA, sent again at half the timeout (attempts:2) unless the
+    // loop only came back after the deadline: never more.
+    assert!(sent == 2 || sent == 4, "{sent} queries");
+}
