@@ -22,6 +22,7 @@ use super::http::{Handler, Limits, Request, Response, Server};
 use super::machine::{self, Effect, Event, Origin, Phase, State, Timing};
 use super::notify::Notifier;
 use super::persist;
+use super::schedule::{self, Jitter, Schedule};
 use super::status::{self, Progress, Snapshot};
 use super::throttle::AuthThrottle;
 use crate::api;
@@ -446,11 +447,13 @@ pub struct Agent {
     last_nudge: Option<Instant>,
     /// When the current switch request was issued (this process's view).
     switch_since: Option<(u64, Instant)>,
-    next_poll: Option<Instant>,
-    poll_seed: u64,
+    /// When `poll_url` is next fetched.
+    poll: Schedule,
+    /// The poll's and the follow's jitter, so a fleet spreads out.
+    jitter: Jitter,
     pusher: Option<super::push::Pusher>,
     /// When the channel (and key rotation) documents are next fetched.
-    next_follow: Option<Instant>,
+    follow: Schedule,
     /// The deploy's fetch, while one runs.
     fetching: Option<FetchRun>,
 }
@@ -495,12 +498,10 @@ impl Agent {
             boot_when_inhibited: cfg.inhibited_switch == InhibitedSwitch::Boot,
         };
         let poll_seed = now() ^ u64::from(std::process::id()) << 20;
-        let next_poll = cfg.poll_url.as_ref().map(|_| Instant::now());
         let pusher = cfg
             .pushgateway_url
             .as_deref()
             .map(|u| super::push::Pusher::new(u, &cfg.host, cfg.push_interval, poll_seed.rotate_left(32)));
-        let next_follow = (cfg.channel.is_some() || cfg.keys_url.is_some()).then(Instant::now);
         let mut shared = Shared::new(state, server);
         shared.push = pusher.as_ref().map(|p| p.status.clone());
         shared.keys = crate::channel::keys::effective(&cfg.deploy_keys, shared.state.rotation.as_ref());
@@ -510,10 +511,10 @@ impl Agent {
             health: None,
             last_nudge: None,
             switch_since: None,
-            next_poll,
-            poll_seed,
+            poll: Schedule::now(),
+            jitter: Jitter::new(poll_seed),
             pusher,
-            next_follow,
+            follow: Schedule::now(),
             fetching: None,
         })
     }
@@ -1051,7 +1052,7 @@ impl Agent {
     /// that fails is the gateway's problem, not the device's.
     fn maybe_push(&mut self) {
         let trigger = push_trigger(&self.shared.borrow());
-        if !self.pusher.as_ref().is_some_and(|p| p.due(&trigger)) {
+        if !self.pusher.as_ref().is_some_and(|p| p.due(&trigger, Instant::now())) {
             return;
         }
         let mut fetcher = self.fetcher(&[]);
@@ -1076,16 +1077,10 @@ impl Agent {
         let Some(url) = self.ctx.cfg.poll_url.clone() else {
             return Ok(());
         };
-        if self.next_poll.is_some_and(|t| Instant::now() < t) || self.shared.borrow().state.phase != Phase::Idle {
+        if !self.poll.due(Instant::now()) || self.shared.borrow().state.phase != Phase::Idle {
             return Ok(());
         }
-        // Jitter up to a tenth of the interval, so a fleet spreads out.
-        self.poll_seed ^= self.poll_seed << 13;
-        self.poll_seed ^= self.poll_seed >> 7;
-        self.poll_seed ^= self.poll_seed << 17;
-        let iv = self.ctx.cfg.poll_interval;
-        let jitter = Duration::from_millis(self.poll_seed % (iv.as_millis() as u64 / 10 + 1));
-        self.next_poll = Some(Instant::now() + iv + jitter);
+        self.poll.ran(Instant::now(), self.ctx.cfg.poll_interval, &mut self.jitter);
         let mut fetcher = self.fetcher(&[]);
         let limit = self.ctx.cfg.max_body_bytes as u64;
         let fetched = fetcher

@@ -19,6 +19,7 @@ pub mod machine;
 pub mod notify;
 pub mod persist;
 pub mod push;
+pub mod schedule;
 pub mod seccomp;
 pub mod status;
 pub mod throttle;
