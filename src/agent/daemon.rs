@@ -18,6 +18,8 @@
 //! point resumable.
 
 use super::config::{Config, InhibitedSwitch};
+use super::health::{self, HealthRun, HelperAction, NET_BEFORE};
+use super::helper_watch::SwitchWatch;
 use super::http::{Handler, Limits, Request, Response, Server};
 use super::machine::{self, Effect, Event, Origin, Phase, State, Timing};
 use super::notify::Notifier;
@@ -419,22 +421,6 @@ fn status_line(sh: &Shared) -> String {
     }
 }
 
-/// Health checks in progress (phase verifying).
-#[derive(Debug, Default)]
-struct HealthRun {
-    net_ok: bool,
-    helper_ok: bool,
-    helper_id: Option<u64>,
-    /// When the health request was last written (to write it again).
-    helper_written: Option<Instant>,
-    next_check: Option<Instant>,
-    last_failure: String,
-}
-
-const HEALTH_EVERY: Duration = Duration::from_secs(2);
-/// How long a request may wait for the helper before it is written again.
-const NUDGE_AFTER: Duration = Duration::from_secs(5);
-const NET_BEFORE: &str = "net-before";
 /// How long a fetch or gc waits for another writer's store lock.
 const STORE_LOCK_WAIT: Duration = Duration::from_secs(600);
 /// How often a fetch waiting for the store lock tries again.
@@ -444,9 +430,8 @@ pub struct Agent {
     ctx: Rc<Ctx>,
     shared: Rc<RefCell<Shared>>,
     health: Option<HealthRun>,
-    last_nudge: Option<Instant>,
-    /// When the current switch request was issued (this process's view).
-    switch_since: Option<(u64, Instant)>,
+    /// The pending switch request's deadline and nudges.
+    switch: SwitchWatch,
     /// When `poll_url` is next fetched.
     poll: Schedule,
     /// The poll's and the follow's jitter, so a fleet spreads out.
@@ -509,8 +494,7 @@ impl Agent {
             ctx: Rc::new(Ctx { cfg, store, timing }),
             shared: Rc::new(RefCell::new(shared)),
             health: None,
-            last_nudge: None,
-            switch_since: None,
+            switch: SwitchWatch::default(),
             poll: Schedule::now(),
             jitter: Jitter::new(poll_seed),
             pusher,
@@ -607,12 +591,9 @@ impl Agent {
                 let dir = &self.ctx.cfg.state_dir;
                 let pending = protocol::read_request(dir).is_some_and(|r| r.id >= id)
                     || protocol::read_result(dir).is_some_and(|r| r.id >= id);
-                if step == protocol::Step::Test && !pending {
-                    // Could we reach the network before the switch? Only then
-                    // is losing it a reason to roll back (pullnix's lesson).
-                    let reachable = self.network_reachable().is_ok();
+                if health::records_net_before(step, pending) {
+                    let flag = health::net_before_flag(self.network_reachable().is_ok());
                     let fd = fsutil::open_dir(dir).map_err(|e| e.to_string())?;
-                    let flag: &[u8] = if reachable { b"1\n" } else { b"0\n" };
                     fsutil::write_atomic(fd.as_fd(), NET_BEFORE, flag, true).map_err(|e| format!("state: {e}"))?;
                 }
                 let req = protocol::Request { id, step, system };
@@ -620,7 +601,7 @@ impl Agent {
                 if wrote {
                     log::info!("switch request {id}: {} {}", step.as_str(), req.system);
                 }
-                self.switch_since = Some((id, Instant::now()));
+                self.switch.issued(id, Instant::now());
                 Ok(None)
             }
             Effect::CheckHealth => {
@@ -737,72 +718,39 @@ impl Agent {
     }
 
     fn health_round(&mut self, run: &mut HealthRun, deadline: u64) -> Option<Event> {
-        if run.next_check.is_some_and(|t| Instant::now() < t) {
+        if !run.round_due(Instant::now()) {
             return None;
         }
-        run.next_check = Some(Instant::now() + HEALTH_EVERY);
         let cfg = self.ctx.cfg.clone();
-        if !run.net_ok {
-            let before = std::fs::read(cfg.state_dir.join(NET_BEFORE)).map(|b| b.starts_with(b"1")).unwrap_or(false);
-            if !cfg.health_check_network || !before {
-                run.net_ok = true;
-            } else {
-                match self.network_reachable() {
-                    Ok(()) => run.net_ok = true,
-                    Err(e) => run.last_failure = format!("network unreachable since the switch: {e}"),
+        let before = health::reachable_before(std::fs::read(cfg.state_dir.join(NET_BEFORE)).ok().as_deref());
+        if run.network_pending(cfg.health_check_network, before) {
+            run.network_checked(self.network_reachable());
+        }
+        let dir = &cfg.state_dir;
+        let configured = !(cfg.health_units.is_empty() && cfg.health_command.is_empty());
+        let answered = protocol::read_health_result(dir).map(|r| r.id);
+        let id = match run.helper_action(configured, answered, Instant::now()) {
+            HelperAction::None => None,
+            HelperAction::Request => {
+                let id = protocol::read_health_request(dir).max(answered).unwrap_or(0) + 1;
+                match protocol::write_health_request(dir, id) {
+                    Ok(()) => run.helper_written(id, Instant::now()),
+                    Err(e) => run.helper_write_failed(&e),
                 }
+                None
             }
-        }
-        if !run.helper_ok {
-            if cfg.health_units.is_empty() && cfg.health_command.is_empty() {
-                run.helper_ok = true;
-            } else {
-                let dir = &cfg.state_dir;
-                match run.helper_id {
-                    None => {
-                        let last =
-                            protocol::read_health_request(dir).max(protocol::read_health_result(dir).map(|r| r.id));
-                        let id = last.unwrap_or(0) + 1;
-                        match protocol::write_health_request(dir, id) {
-                            Ok(()) => {
-                                run.helper_id = Some(id);
-                                run.helper_written = Some(Instant::now());
-                            }
-                            Err(e) => run.last_failure = format!("writing health request: {e}"),
-                        }
-                    }
-                    Some(id) => {
-                        // Same race as for switch requests: write it again.
-                        if run.helper_written.is_some_and(|t| t.elapsed() > NUDGE_AFTER)
-                            && protocol::read_health_result(dir).is_none_or(|r| r.id < id)
-                        {
-                            let _ = protocol::write_health_request(dir, id);
-                            run.helper_written = Some(Instant::now());
-                        }
-                        if let Some(r) = protocol::read_health_result(dir).filter(|r| r.id == id) {
-                            if r.code == Some(0) {
-                                run.helper_ok = true;
-                            } else {
-                                run.last_failure = r.tail.trim().to_owned();
-                                run.helper_id = None; // ask again next round
-                            }
-                        }
-                    }
-                }
+            // Same race as for switch requests: write it again.
+            HelperAction::Rewrite(id) => {
+                let _ = protocol::write_health_request(dir, id);
+                run.helper_written(id, Instant::now());
+                Some(id)
             }
+            HelperAction::Await(id) => Some(id),
+        };
+        if let Some(r) = id.and_then(|id| protocol::read_health_result(dir).filter(|r| r.id == id)) {
+            run.helper_result(r.code, &r.tail);
         }
-        if run.net_ok && run.helper_ok {
-            return Some(Event::Healthy);
-        }
-        if now() > deadline {
-            let why = if run.last_failure.is_empty() {
-                "checks did not complete".to_string()
-            } else {
-                run.last_failure.clone()
-            };
-            return Some(Event::Unhealthy(format!("not healthy within {} s: {why}", cfg.health_timeout.as_secs())));
-        }
-        None
+        run.verdict(now(), deadline, cfg.health_timeout)
     }
 
     /// Events that come from outside: switch results, health deadlines.
@@ -811,20 +759,14 @@ impl Agent {
         match phase {
             Phase::Switching { id, .. } => {
                 if let Some(r) = protocol::read_result(&self.ctx.cfg.state_dir).filter(|r| r.id == id) {
-                    self.switch_since = None;
+                    self.switch.done();
                     return Some(Event::SwitchResult { id, code: r.code, tail: r.tail });
                 }
-                let since = match self.switch_since {
-                    Some((sid, t)) if sid == id => t,
-                    _ => {
-                        let t = Instant::now();
-                        self.switch_since = Some((id, t));
-                        t
-                    }
-                };
-                self.nudge_switch(id, since);
-                if since.elapsed() > self.ctx.cfg.switch_timeout {
-                    self.switch_since = None;
+                let due = self.switch.check(id, Instant::now(), self.ctx.cfg.switch_timeout);
+                if due.nudge {
+                    self.nudge_switch(id);
+                }
+                if due.timed_out {
                     let tail = format!("no result after {} s", self.ctx.cfg.switch_timeout.as_secs());
                     return Some(Event::SwitchResult { id, code: None, tail });
                 }
@@ -835,14 +777,11 @@ impl Agent {
         }
     }
 
-    /// systemd ignores path changes while the switch service runs, so a
-    /// request written just as the helper finished may never start it.
-    /// A request not started after [`NUDGE_AFTER`] is written again (same
-    /// id: the helper still runs it once).
-    fn nudge_switch(&mut self, id: u64, since: Instant) {
+    /// A nudge is due ([`super::helper_watch`]): switch request `id` is written
+    /// again unless the helper has started it.
+    fn nudge_switch(&mut self, id: u64) {
         let dir = &self.ctx.cfg.state_dir;
-        let due = since.elapsed() > NUDGE_AFTER && self.last_nudge.is_none_or(|t| t.elapsed() > NUDGE_AFTER);
-        if !due || protocol::read_started(dir).is_some_and(|s| s >= id) {
+        if protocol::read_started(dir).is_some_and(|s| s >= id) {
             return;
         }
         if let Some(req) = protocol::read_request(dir).filter(|r| r.id == id) {
@@ -851,7 +790,7 @@ impl Agent {
                 log::warn!("rewriting switch request {id}: {e}");
             }
         }
-        self.last_nudge = Some(Instant::now());
+        self.switch.nudged(Instant::now());
     }
 
     /// A fetcher over the document's caches, then the configured ones,

@@ -14,6 +14,8 @@
 pub mod config;
 pub mod daemon;
 pub mod fuzz;
+pub mod health;
+pub mod helper_watch;
 pub mod http;
 pub mod machine;
 pub mod notify;
