@@ -24,7 +24,7 @@ use super::http::{Handler, Limits, Request, Response, Server};
 use super::machine::{self, Effect, Event, Origin, Phase, State, Timing};
 use super::notify::Notifier;
 use super::persist;
-use super::schedule::{self, Jitter, Schedule};
+use super::schedule::{self, Every, Jitter, Schedule};
 use super::status::{self, Progress, Snapshot};
 use super::throttle::AuthThrottle;
 use crate::api;
@@ -75,7 +75,8 @@ struct Shared {
     server: Option<Server>,
     /// Rejected signatures per peer in the current window.
     auth_throttle: AuthThrottle,
-    last_tick: Instant,
+    /// The fetcher's ticks, at most every [`TICK_EVERY`].
+    ticks: Every,
     /// Effects of a deploy accepted by the handler, for the loop to run.
     queued: VecDeque<Effect>,
     /// A fatal error inside the handler (state could not be persisted).
@@ -107,7 +108,7 @@ impl Shared {
             notifier: Notifier::from_env(),
             server,
             auth_throttle: AuthThrottle::default(),
-            last_tick: Instant::now(),
+            ticks: Every::starting(TICK_EVERY, Instant::now()),
             queued: VecDeque::new(),
             fatal: None,
             pending_gc: None,
@@ -384,11 +385,12 @@ fn adopt(ctx: &Ctx, sh: &mut Shared, next: State, effects: Vec<Effect>, line: &s
 fn tick(ctx: &Ctx, shared: &RefCell<Shared>) {
     {
         let mut sh = shared.borrow_mut();
-        if sh.last_tick.elapsed() < TICK_EVERY {
+        let t = Instant::now();
+        if !sh.ticks.due(t) {
             return;
         }
-        sh.last_tick = Instant::now();
-        sh.notifier.ping_if_due();
+        sh.ticks.done(t);
+        sh.notifier.ping_if_due(t);
     }
     serve(ctx, shared, Duration::ZERO);
 }
@@ -534,7 +536,7 @@ impl Agent {
 
     /// Runs until a fatal error (which systemd answers with a restart).
     pub fn run(&mut self) -> Result<(), String> {
-        self.shared.borrow_mut().notifier.ready();
+        self.shared.borrow_mut().notifier.ready(Instant::now());
         let booted = system_link(&self.ctx.cfg.root, "run/booted-system");
         self.apply(Event::Resumed { boot_id: boot_id(), booted })?;
         loop {
@@ -558,19 +560,9 @@ impl Agent {
                 let mut sh = self.shared.borrow_mut();
                 let line = status_line(&sh);
                 sh.notifier.status(&line);
-                sh.notifier.ping_if_due();
+                sh.notifier.ping_if_due(Instant::now());
             }
-            let wait = {
-                let sh = self.shared.borrow();
-                let mut w = IDLE_WAIT;
-                if let Some(d) = sh.notifier.until_due() {
-                    w = w.min(d);
-                }
-                if !sh.queued.is_empty() {
-                    w = Duration::ZERO;
-                }
-                w
-            };
+            let wait = self.wait(Instant::now());
             if self.fetching.is_some() {
                 if let Some(ev) = self.fetch_turn(wait) {
                     self.apply(ev)?;
@@ -582,6 +574,22 @@ impl Agent {
                 return Err(e);
             }
         }
+    }
+
+    /// How long the loop may sleep: not at all with effects queued, else
+    /// until the next watchdog ping, switch deadline or health round, and
+    /// at most [`IDLE_WAIT`] (switch results come as files, not on an fd).
+    fn wait(&self, now: Instant) -> Duration {
+        let sh = self.shared.borrow();
+        if !sh.queued.is_empty() {
+            return Duration::ZERO;
+        }
+        let phase_deadline = match sh.state.phase {
+            Phase::Switching { .. } => self.switch.deadline(self.ctx.cfg.switch_timeout),
+            Phase::Verifying { .. } => self.health.as_ref().and_then(HealthRun::next),
+            _ => None,
+        };
+        schedule::sleep(now, IDLE_WAIT, [sh.notifier.next_ping(now), phase_deadline])
     }
 
     fn perform(&mut self, eff: Effect) -> Result<Option<Event>, String> {

@@ -80,13 +80,12 @@ impl SwitchWatch {
         self.last_nudge = Some(now);
     }
 
-    /// When something is next due for the watched request (the nudge or
-    /// the deadline, whichever is sooner), for the loop's sleep.
-    pub fn next(&self, timeout: Duration) -> Option<Instant> {
+    /// The first millisecond at which the watched request is overdue, for
+    /// the loop's sleep. Nudges are not deadlines: one that is due but not
+    /// needed (the helper started) stays due, and waking for it would spin.
+    pub fn deadline(&self, timeout: Duration) -> Option<Instant> {
         let (_, since) = self.current?;
-        let deadline = after(since, timeout);
-        let nudge = after(self.last_nudge.map_or(since, |t| t.max(since)), NUDGE_AFTER);
-        Some(deadline.min(nudge))
+        Some(after(since, timeout.saturating_add(Duration::from_millis(1))))
     }
 }
 
@@ -105,7 +104,7 @@ mod tests {
         assert!(!w.check(1, t0 + TIMEOUT, TIMEOUT).timed_out, "exactly at the deadline: not yet");
         assert!(w.check(1, t0 + TIMEOUT + MS, TIMEOUT).timed_out);
         // Timed out: not watched any more, so a late check starts over.
-        assert_eq!(w.next(TIMEOUT), None);
+        assert_eq!(w.deadline(TIMEOUT), None);
     }
 
     #[test]
@@ -126,7 +125,7 @@ mod tests {
         assert!(!w.check(2, later, TIMEOUT).timed_out, "request 2 is watched from when it was first seen");
         assert!(!w.check(2, later + TIMEOUT, TIMEOUT).timed_out);
         w.done();
-        assert_eq!(w.next(TIMEOUT), None);
+        assert_eq!(w.deadline(TIMEOUT), None);
     }
 
     #[test]
@@ -134,12 +133,10 @@ mod tests {
         let t0 = Instant::now();
         let mut w = SwitchWatch::default();
         w.issued(1, t0);
-        assert_eq!(w.next(TIMEOUT), Some(t0 + NUDGE_AFTER));
         assert!(!w.check(1, t0 + NUDGE_AFTER, TIMEOUT).nudge);
         let t1 = t0 + NUDGE_AFTER + MS;
         assert!(w.check(1, t1, TIMEOUT).nudge);
         w.nudged(t1);
-        assert_eq!(w.next(TIMEOUT), Some(t1 + NUDGE_AFTER));
         assert!(!w.check(1, t1 + NUDGE_AFTER, TIMEOUT).nudge, "not twice within five seconds");
         assert!(w.check(1, t1 + NUDGE_AFTER + MS, TIMEOUT).nudge);
         // Not nudged (the helper had started it): due again at the next check.
@@ -152,8 +149,10 @@ mod tests {
         let mut w = SwitchWatch::default();
         w.issued(1, t0);
         let short = Duration::from_secs(1);
-        assert_eq!(w.next(short), Some(t0 + short));
-        assert_eq!(w.check(1, t0 + short + MS, short), Due { nudge: false, timed_out: true });
+        let deadline = w.deadline(short).unwrap();
+        assert_eq!(deadline, t0 + short + MS);
+        assert!(!w.check(1, deadline - MS, short).timed_out);
+        assert_eq!(w.check(1, deadline, short), Due { nudge: false, timed_out: true }, "overdue at its deadline");
     }
 
     #[test]

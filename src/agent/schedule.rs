@@ -1,13 +1,16 @@
 //! The agent's repeating checks as pure rules: when the poll of
 //! `poll_url`, the channel/keys follow and the Pushgateway push are next
-//! due, with jitter so a fleet started together spreads out. The loop owns
-//! the clock and passes the time in, so every rule here is tested without
-//! sleeping.
+//! due, with jitter so a fleet started together spreads out; the rate
+//! limits (watchdog pings, the fetcher's ticks); and how long the loop may
+//! sleep. The loop owns the clock and passes the time in, so every rule
+//! here is tested without sleeping.
 //!
 //! ```text
-//! next = now + interval + jitter          jitter ∈ [0, interval/10] ms, xorshift64
-//! due(now)  ⇔  next is unset  ∨  now ≥ next
-//! open_at(t): next = min(next, t)         (a channel wave opening earlier)
+//! Schedule  next = now + interval + jitter      jitter ∈ [0, interval/10] ms, xorshift64
+//!           due(now) ⇔ next unset ∨ now ≥ next
+//!           open_at(t): next = min(next, t)     (a channel wave opening earlier)
+//! Every     due(now) ⇔ never done ∨ now − last ≥ interval
+//! sleep     min(cap, soonest deadline − now)
 //! ```
 
 use std::time::{Duration, Instant};
@@ -78,9 +81,80 @@ impl Schedule {
     }
 }
 
+/// A rate limit: something done at most once per interval (the watchdog
+/// ping, the fetcher's ticks). Never done yet means due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Every {
+    interval: Duration,
+    last: Option<Instant>,
+}
+
+impl Every {
+    /// Due at once.
+    pub fn new(interval: Duration) -> Every {
+        Every { interval, last: None }
+    }
+
+    /// Done at `now`: next due one interval later.
+    pub fn starting(interval: Duration, now: Instant) -> Every {
+        Every { interval, last: Some(now) }
+    }
+
+    /// Whether a whole interval has passed since it was last done.
+    pub fn due(&self, now: Instant) -> bool {
+        self.last.is_none_or(|t| now.saturating_duration_since(t) >= self.interval)
+    }
+
+    pub fn done(&mut self, now: Instant) {
+        self.last = Some(now);
+    }
+
+    /// How long until it is due (zero: now).
+    pub fn until(&self, now: Instant) -> Duration {
+        self.last.map_or(Duration::ZERO, |t| after(t, self.interval).saturating_duration_since(now))
+    }
+}
+
+/// How long the loop may sleep at `now`: until the soonest of `deadlines`
+/// (one already past: not at all), and never longer than `cap` (results
+/// the loop reads from files, such as the switch helper's, have no fd to
+/// wake it, so it looks at least every `cap`).
+pub fn sleep(now: Instant, cap: Duration, deadlines: impl IntoIterator<Item = Option<Instant>>) -> Duration {
+    deadlines.into_iter().flatten().map(|d| d.saturating_duration_since(now)).fold(cap, Duration::min)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rate_limit_is_due_at_once_then_once_per_interval() {
+        let t0 = Instant::now();
+        let iv = Duration::from_millis(50);
+        let mut e = Every::new(iv);
+        assert!(e.due(t0));
+        assert_eq!(e.until(t0), Duration::ZERO);
+        e.done(t0);
+        assert!(!e.due(t0 + iv - Duration::from_millis(1)));
+        assert_eq!(e.until(t0 + Duration::from_millis(20)), Duration::from_millis(30));
+        assert!(e.due(t0 + iv), "due exactly one interval later");
+        assert_eq!(e.until(t0 + 2 * iv), Duration::ZERO);
+        let s = Every::starting(iv, t0);
+        assert!(!s.due(t0) && s.due(t0 + iv));
+        assert!(!s.due(t0.checked_sub(Duration::from_secs(1)).unwrap_or(t0)), "a clock that went back waits");
+    }
+
+    #[test]
+    fn the_loop_sleeps_until_the_soonest_deadline_within_its_cap() {
+        let t0 = Instant::now();
+        let cap = Duration::from_millis(500);
+        let s = |d: u64| Some(t0 + Duration::from_millis(d));
+        assert_eq!(sleep(t0, cap, []), cap);
+        assert_eq!(sleep(t0, cap, [None, None]), cap);
+        assert_eq!(sleep(t0, cap, [s(900), None]), cap);
+        assert_eq!(sleep(t0, cap, [s(900), s(120), s(300)]), Duration::from_millis(120));
+        assert_eq!(sleep(t0 + Duration::from_millis(200), cap, [s(120)]), Duration::ZERO, "overdue: do not sleep");
+    }
 
     #[test]
     fn jitter_stays_within_a_tenth_of_the_interval_and_varies() {
