@@ -16,6 +16,15 @@
 //! Every state transition is persisted (atomically, durably) before its
 //! effects are carried out; see `machine` for why that makes every crash
 //! point resumable.
+//!
+//! The rules live in pure modules that take the time as an argument; this
+//! file reads and writes files and sockets and asks them what is due:
+//! `machine` (the update's transitions), `schedule` (poll, follow and push
+//! schedules with jitter, watchdog pings, the fetcher's ticks, how long
+//! the loop sleeps), `helper_watch` (the switch deadline and nudges),
+//! `health` (health rounds, the net-before flag, the verdict at the
+//! deadline), `throttle` (the auth throttle), [`space_needed`] (the
+//! disk-space rule) and [`push_trigger`].
 
 use super::config::{Config, InhibitedSwitch};
 use super::health::{self, HealthRun, HelperAction, NET_BEFORE};

@@ -95,7 +95,8 @@ impl HealthRun {
     /// Whether the network still has to be probed this round; a network
     /// that does not count passes at once.
     pub fn network_pending(&mut self, check_network: bool, reachable_before: bool) -> bool {
-        if !self.net_ok && !(check_network && reachable_before) {
+        let counts = check_network && reachable_before;
+        if !counts {
             self.net_ok = true;
         }
         !self.net_ok

@@ -1,6 +1,7 @@
 //! The agent: the daemon on the device (`daemon`), its pure core (`machine`,
-//! `config`, `status`, `persist`) and its edges (`http`, `notify`,
-//! `seccomp`). It sits above everything but the command line: nothing under
+//! `config`, `status`, `persist`, and the rules the loop asks what is due:
+//! `schedule`, `helper_watch`, `health`, `throttle`) and its edges (`http`,
+//! `notify`, `seccomp`). It sits above everything but the command line: nothing under
 //! it (`deploy`, `switch`, `store`, `admin`, …) imports from it, which
 //! tests/layering.rs checks.
 //!
