@@ -585,20 +585,14 @@ impl Agent {
         }
     }
 
-    /// How long the loop may sleep: not at all with effects queued, else
-    /// until the next watchdog ping, switch deadline or health round, and
-    /// at most [`IDLE_WAIT`] (switch results come as files, not on an fd).
     fn wait(&self, now: Instant) -> Duration {
         let sh = self.shared.borrow();
-        if !sh.queued.is_empty() {
-            return Duration::ZERO;
-        }
-        let phase_deadline = match sh.state.phase {
-            Phase::Switching { .. } => self.switch.deadline(self.ctx.cfg.switch_timeout),
-            Phase::Verifying { .. } => self.health.as_ref().and_then(HealthRun::next),
-            _ => None,
+        let timers = Timers {
+            next_ping: sh.notifier.next_ping(now),
+            switch_deadline: self.switch.deadline(self.ctx.cfg.switch_timeout),
+            health_round: self.health.as_ref().and_then(HealthRun::next),
         };
-        schedule::sleep(now, IDLE_WAIT, [sh.notifier.next_ping(now), phase_deadline])
+        loop_wait(now, !sh.queued.is_empty(), &sh.state.phase, timers)
     }
 
     fn perform(&mut self, eff: Effect) -> Result<Option<Event>, String> {
@@ -1087,6 +1081,30 @@ impl Agent {
     }
 }
 
+/// The loop's deadlines, as the timers know them.
+struct Timers {
+    next_ping: Option<Instant>,
+    switch_deadline: Option<Instant>,
+    health_round: Option<Instant>,
+}
+
+/// How long the loop may sleep at `now`: not at all with effects queued,
+/// else until the next watchdog ping or the deadline the phase waits for
+/// (the switch's, the next health round), and at most [`IDLE_WAIT`]
+/// (switch results come as files, not on an fd). A timer left over from
+/// another phase does not count.
+fn loop_wait(now: Instant, queued: bool, phase: &Phase, t: Timers) -> Duration {
+    if queued {
+        return Duration::ZERO;
+    }
+    let phase_deadline = match phase {
+        Phase::Switching { .. } => t.switch_deadline,
+        Phase::Verifying { .. } => t.health_round,
+        _ => None,
+    };
+    schedule::sleep(now, IDLE_WAIT, [t.next_ping, phase_deadline])
+}
+
 /// The disk-space rule: a closure of `nar_bytes` fits in `free` bytes if
 /// they hold it with a margin of a tenth plus 16 MiB (unpacked files take
 /// whole blocks; the state and the log still need room to record the
@@ -1193,6 +1211,21 @@ mod tests {
             assert_eq!(sh.state.highest_seq, 10);
             assert_eq!(sh.queued, VecDeque::from(vec![Effect::Fetch]));
         }
+    }
+
+    #[test]
+    fn the_loop_sleeps_until_what_its_phase_waits_for() {
+        let t0 = Instant::now();
+        let ms = |n: u64| Some(t0 + Duration::from_millis(n));
+        let switching = Phase::Switching { step: protocol::Step::Test, id: 1 };
+        let verifying = Phase::Verifying { deadline: 100 };
+        let t = |ping, switch, health| Timers { next_ping: ping, switch_deadline: switch, health_round: health };
+        assert_eq!(loop_wait(t0, true, &Phase::Idle, t(None, None, None)), Duration::ZERO, "effects queued");
+        assert_eq!(loop_wait(t0, false, &Phase::Idle, t(None, None, None)), IDLE_WAIT);
+        assert_eq!(loop_wait(t0, false, &Phase::Idle, t(ms(30), ms(10), ms(20))), Duration::from_millis(30));
+        assert_eq!(loop_wait(t0, false, &switching, t(ms(30), ms(10), ms(20))), Duration::from_millis(10));
+        assert_eq!(loop_wait(t0, false, &verifying, t(ms(30), ms(10), ms(20))), Duration::from_millis(20));
+        assert_eq!(loop_wait(t0, false, &switching, t(None, ms(900), None)), IDLE_WAIT, "capped");
     }
 
     #[test]
