@@ -16,12 +16,24 @@
 //! Every state transition is persisted (atomically, durably) before its
 //! effects are carried out; see `machine` for why that makes every crash
 //! point resumable.
+//!
+//! The rules live in pure modules that take the time as an argument; this
+//! file reads and writes files and sockets and asks them what is due:
+//! `machine` (the update's transitions), `schedule` (poll, follow and push
+//! schedules with jitter, watchdog pings, the fetcher's ticks, how long
+//! the loop sleeps), `helper_watch` (the switch deadline and nudges),
+//! `health` (health rounds, the net-before flag, the verdict at the
+//! deadline), `throttle` (the auth throttle), [`space_needed`] (the
+//! disk-space rule) and [`push_trigger`].
 
 use super::config::{Config, InhibitedSwitch};
+use super::health::{self, HealthRun, HelperAction, NET_BEFORE};
+use super::helper_watch::SwitchWatch;
 use super::http::{Handler, Limits, Request, Response, Server};
 use super::machine::{self, Effect, Event, Origin, Phase, State, Timing};
 use super::notify::Notifier;
 use super::persist;
+use super::schedule::{self, Every, Jitter, Schedule};
 use super::status::{self, Progress, Snapshot};
 use super::throttle::AuthThrottle;
 use crate::api;
@@ -72,7 +84,8 @@ struct Shared {
     server: Option<Server>,
     /// Rejected signatures per peer in the current window.
     auth_throttle: AuthThrottle,
-    last_tick: Instant,
+    /// The fetcher's ticks, at most every [`TICK_EVERY`].
+    ticks: Every,
     /// Effects of a deploy accepted by the handler, for the loop to run.
     queued: VecDeque<Effect>,
     /// A fatal error inside the handler (state could not be persisted).
@@ -104,7 +117,7 @@ impl Shared {
             notifier: Notifier::from_env(),
             server,
             auth_throttle: AuthThrottle::default(),
-            last_tick: Instant::now(),
+            ticks: Every::starting(TICK_EVERY, Instant::now()),
             queued: VecDeque::new(),
             fatal: None,
             pending_gc: None,
@@ -381,11 +394,12 @@ fn adopt(ctx: &Ctx, sh: &mut Shared, next: State, effects: Vec<Effect>, line: &s
 fn tick(ctx: &Ctx, shared: &RefCell<Shared>) {
     {
         let mut sh = shared.borrow_mut();
-        if sh.last_tick.elapsed() < TICK_EVERY {
+        let t = Instant::now();
+        if !sh.ticks.due(t) {
             return;
         }
-        sh.last_tick = Instant::now();
-        sh.notifier.ping_if_due();
+        sh.ticks.done(t);
+        sh.notifier.ping_if_due(t);
     }
     serve(ctx, shared, Duration::ZERO);
 }
@@ -418,22 +432,6 @@ fn status_line(sh: &Shared) -> String {
     }
 }
 
-/// Health checks in progress (phase verifying).
-#[derive(Debug, Default)]
-struct HealthRun {
-    net_ok: bool,
-    helper_ok: bool,
-    helper_id: Option<u64>,
-    /// When the health request was last written (to write it again).
-    helper_written: Option<Instant>,
-    next_check: Option<Instant>,
-    last_failure: String,
-}
-
-const HEALTH_EVERY: Duration = Duration::from_secs(2);
-/// How long a request may wait for the helper before it is written again.
-const NUDGE_AFTER: Duration = Duration::from_secs(5);
-const NET_BEFORE: &str = "net-before";
 /// How long a fetch or gc waits for another writer's store lock.
 const STORE_LOCK_WAIT: Duration = Duration::from_secs(600);
 /// How often a fetch waiting for the store lock tries again.
@@ -443,14 +441,15 @@ pub struct Agent {
     ctx: Rc<Ctx>,
     shared: Rc<RefCell<Shared>>,
     health: Option<HealthRun>,
-    last_nudge: Option<Instant>,
-    /// When the current switch request was issued (this process's view).
-    switch_since: Option<(u64, Instant)>,
-    next_poll: Option<Instant>,
-    poll_seed: u64,
+    /// The pending switch request's deadline and nudges.
+    switch: SwitchWatch,
+    /// When `poll_url` is next fetched.
+    poll: Schedule,
+    /// The poll's and the follow's jitter, so a fleet spreads out.
+    jitter: Jitter,
     pusher: Option<super::push::Pusher>,
     /// When the channel (and key rotation) documents are next fetched.
-    next_follow: Option<Instant>,
+    follow: Schedule,
     /// The deploy's fetch, while one runs.
     fetching: Option<FetchRun>,
 }
@@ -495,12 +494,10 @@ impl Agent {
             boot_when_inhibited: cfg.inhibited_switch == InhibitedSwitch::Boot,
         };
         let poll_seed = now() ^ u64::from(std::process::id()) << 20;
-        let next_poll = cfg.poll_url.as_ref().map(|_| Instant::now());
         let pusher = cfg
             .pushgateway_url
             .as_deref()
             .map(|u| super::push::Pusher::new(u, &cfg.host, cfg.push_interval, poll_seed.rotate_left(32)));
-        let next_follow = (cfg.channel.is_some() || cfg.keys_url.is_some()).then(Instant::now);
         let mut shared = Shared::new(state, server);
         shared.push = pusher.as_ref().map(|p| p.status.clone());
         shared.keys = crate::channel::keys::effective(&cfg.deploy_keys, shared.state.rotation.as_ref());
@@ -508,12 +505,11 @@ impl Agent {
             ctx: Rc::new(Ctx { cfg, store, timing }),
             shared: Rc::new(RefCell::new(shared)),
             health: None,
-            last_nudge: None,
-            switch_since: None,
-            next_poll,
-            poll_seed,
+            switch: SwitchWatch::default(),
+            poll: Schedule::now(),
+            jitter: Jitter::new(poll_seed),
             pusher,
-            next_follow,
+            follow: Schedule::now(),
             fetching: None,
         })
     }
@@ -549,7 +545,7 @@ impl Agent {
 
     /// Runs until a fatal error (which systemd answers with a restart).
     pub fn run(&mut self) -> Result<(), String> {
-        self.shared.borrow_mut().notifier.ready();
+        self.shared.borrow_mut().notifier.ready(Instant::now());
         let booted = system_link(&self.ctx.cfg.root, "run/booted-system");
         self.apply(Event::Resumed { boot_id: boot_id(), booted })?;
         loop {
@@ -573,19 +569,9 @@ impl Agent {
                 let mut sh = self.shared.borrow_mut();
                 let line = status_line(&sh);
                 sh.notifier.status(&line);
-                sh.notifier.ping_if_due();
+                sh.notifier.ping_if_due(Instant::now());
             }
-            let wait = {
-                let sh = self.shared.borrow();
-                let mut w = IDLE_WAIT;
-                if let Some(d) = sh.notifier.until_due() {
-                    w = w.min(d);
-                }
-                if !sh.queued.is_empty() {
-                    w = Duration::ZERO;
-                }
-                w
-            };
+            let wait = self.wait(Instant::now());
             if self.fetching.is_some() {
                 if let Some(ev) = self.fetch_turn(wait) {
                     self.apply(ev)?;
@@ -599,6 +585,16 @@ impl Agent {
         }
     }
 
+    fn wait(&self, now: Instant) -> Duration {
+        let sh = self.shared.borrow();
+        let timers = Timers {
+            next_ping: sh.notifier.next_ping(now),
+            switch_deadline: self.switch.deadline(self.ctx.cfg.switch_timeout),
+            health_round: self.health.as_ref().and_then(HealthRun::next),
+        };
+        loop_wait(now, !sh.queued.is_empty(), &sh.state.phase, timers)
+    }
+
     fn perform(&mut self, eff: Effect) -> Result<Option<Event>, String> {
         match eff {
             Effect::Fetch => Ok(self.start_fetch()),
@@ -606,12 +602,9 @@ impl Agent {
                 let dir = &self.ctx.cfg.state_dir;
                 let pending = protocol::read_request(dir).is_some_and(|r| r.id >= id)
                     || protocol::read_result(dir).is_some_and(|r| r.id >= id);
-                if step == protocol::Step::Test && !pending {
-                    // Could we reach the network before the switch? Only then
-                    // is losing it a reason to roll back (pullnix's lesson).
-                    let reachable = self.network_reachable().is_ok();
+                if health::records_net_before(step, pending) {
+                    let flag = health::net_before_flag(self.network_reachable().is_ok());
                     let fd = fsutil::open_dir(dir).map_err(|e| e.to_string())?;
-                    let flag: &[u8] = if reachable { b"1\n" } else { b"0\n" };
                     fsutil::write_atomic(fd.as_fd(), NET_BEFORE, flag, true).map_err(|e| format!("state: {e}"))?;
                 }
                 let req = protocol::Request { id, step, system };
@@ -619,7 +612,7 @@ impl Agent {
                 if wrote {
                     log::info!("switch request {id}: {} {}", step.as_str(), req.system);
                 }
-                self.switch_since = Some((id, Instant::now()));
+                self.switch.issued(id, Instant::now());
                 Ok(None)
             }
             Effect::CheckHealth => {
@@ -736,72 +729,39 @@ impl Agent {
     }
 
     fn health_round(&mut self, run: &mut HealthRun, deadline: u64) -> Option<Event> {
-        if run.next_check.is_some_and(|t| Instant::now() < t) {
+        if !run.round_due(Instant::now()) {
             return None;
         }
-        run.next_check = Some(Instant::now() + HEALTH_EVERY);
         let cfg = self.ctx.cfg.clone();
-        if !run.net_ok {
-            let before = std::fs::read(cfg.state_dir.join(NET_BEFORE)).map(|b| b.starts_with(b"1")).unwrap_or(false);
-            if !cfg.health_check_network || !before {
-                run.net_ok = true;
-            } else {
-                match self.network_reachable() {
-                    Ok(()) => run.net_ok = true,
-                    Err(e) => run.last_failure = format!("network unreachable since the switch: {e}"),
+        let before = health::reachable_before(std::fs::read(cfg.state_dir.join(NET_BEFORE)).ok().as_deref());
+        if run.network_pending(cfg.health_check_network, before) {
+            run.network_checked(self.network_reachable());
+        }
+        let dir = &cfg.state_dir;
+        let configured = !(cfg.health_units.is_empty() && cfg.health_command.is_empty());
+        let answered = protocol::read_health_result(dir).map(|r| r.id);
+        let id = match run.helper_action(configured, answered, Instant::now()) {
+            HelperAction::None => None,
+            HelperAction::Request => {
+                let id = protocol::read_health_request(dir).max(answered).unwrap_or(0) + 1;
+                match protocol::write_health_request(dir, id) {
+                    Ok(()) => run.helper_written(id, Instant::now()),
+                    Err(e) => run.helper_write_failed(&e),
                 }
+                None
             }
-        }
-        if !run.helper_ok {
-            if cfg.health_units.is_empty() && cfg.health_command.is_empty() {
-                run.helper_ok = true;
-            } else {
-                let dir = &cfg.state_dir;
-                match run.helper_id {
-                    None => {
-                        let last =
-                            protocol::read_health_request(dir).max(protocol::read_health_result(dir).map(|r| r.id));
-                        let id = last.unwrap_or(0) + 1;
-                        match protocol::write_health_request(dir, id) {
-                            Ok(()) => {
-                                run.helper_id = Some(id);
-                                run.helper_written = Some(Instant::now());
-                            }
-                            Err(e) => run.last_failure = format!("writing health request: {e}"),
-                        }
-                    }
-                    Some(id) => {
-                        // Same race as for switch requests: write it again.
-                        if run.helper_written.is_some_and(|t| t.elapsed() > NUDGE_AFTER)
-                            && protocol::read_health_result(dir).is_none_or(|r| r.id < id)
-                        {
-                            let _ = protocol::write_health_request(dir, id);
-                            run.helper_written = Some(Instant::now());
-                        }
-                        if let Some(r) = protocol::read_health_result(dir).filter(|r| r.id == id) {
-                            if r.code == Some(0) {
-                                run.helper_ok = true;
-                            } else {
-                                run.last_failure = r.tail.trim().to_owned();
-                                run.helper_id = None; // ask again next round
-                            }
-                        }
-                    }
-                }
+            // Same race as for switch requests: write it again.
+            HelperAction::Rewrite(id) => {
+                let _ = protocol::write_health_request(dir, id);
+                run.helper_written(id, Instant::now());
+                Some(id)
             }
+            HelperAction::Await(id) => Some(id),
+        };
+        if let Some(r) = id.and_then(|id| protocol::read_health_result(dir).filter(|r| r.id == id)) {
+            run.helper_result(r.code, &r.tail);
         }
-        if run.net_ok && run.helper_ok {
-            return Some(Event::Healthy);
-        }
-        if now() > deadline {
-            let why = if run.last_failure.is_empty() {
-                "checks did not complete".to_string()
-            } else {
-                run.last_failure.clone()
-            };
-            return Some(Event::Unhealthy(format!("not healthy within {} s: {why}", cfg.health_timeout.as_secs())));
-        }
-        None
+        run.verdict(now(), deadline, cfg.health_timeout)
     }
 
     /// Events that come from outside: switch results, health deadlines.
@@ -810,20 +770,14 @@ impl Agent {
         match phase {
             Phase::Switching { id, .. } => {
                 if let Some(r) = protocol::read_result(&self.ctx.cfg.state_dir).filter(|r| r.id == id) {
-                    self.switch_since = None;
+                    self.switch.done();
                     return Some(Event::SwitchResult { id, code: r.code, tail: r.tail });
                 }
-                let since = match self.switch_since {
-                    Some((sid, t)) if sid == id => t,
-                    _ => {
-                        let t = Instant::now();
-                        self.switch_since = Some((id, t));
-                        t
-                    }
-                };
-                self.nudge_switch(id, since);
-                if since.elapsed() > self.ctx.cfg.switch_timeout {
-                    self.switch_since = None;
+                let due = self.switch.check(id, Instant::now(), self.ctx.cfg.switch_timeout);
+                if due.nudge {
+                    self.nudge_switch(id);
+                }
+                if due.timed_out {
                     let tail = format!("no result after {} s", self.ctx.cfg.switch_timeout.as_secs());
                     return Some(Event::SwitchResult { id, code: None, tail });
                 }
@@ -834,14 +788,11 @@ impl Agent {
         }
     }
 
-    /// systemd ignores path changes while the switch service runs, so a
-    /// request written just as the helper finished may never start it.
-    /// A request not started after [`NUDGE_AFTER`] is written again (same
-    /// id: the helper still runs it once).
-    fn nudge_switch(&mut self, id: u64, since: Instant) {
+    /// A nudge is due ([`super::helper_watch`]): switch request `id` is written
+    /// again unless the helper has started it.
+    fn nudge_switch(&mut self, id: u64) {
         let dir = &self.ctx.cfg.state_dir;
-        let due = since.elapsed() > NUDGE_AFTER && self.last_nudge.is_none_or(|t| t.elapsed() > NUDGE_AFTER);
-        if !due || protocol::read_started(dir).is_some_and(|s| s >= id) {
+        if protocol::read_started(dir).is_some_and(|s| s >= id) {
             return;
         }
         if let Some(req) = protocol::read_request(dir).filter(|r| r.id == id) {
@@ -850,7 +801,7 @@ impl Agent {
                 log::warn!("rewriting switch request {id}: {e}");
             }
         }
-        self.last_nudge = Some(Instant::now());
+        self.switch.nudged(Instant::now());
     }
 
     /// A fetcher over the document's caches, then the configured ones,
@@ -1051,7 +1002,7 @@ impl Agent {
     /// that fails is the gateway's problem, not the device's.
     fn maybe_push(&mut self) {
         let trigger = push_trigger(&self.shared.borrow());
-        if !self.pusher.as_ref().is_some_and(|p| p.due(&trigger)) {
+        if !self.pusher.as_ref().is_some_and(|p| p.due(&trigger, Instant::now())) {
             return;
         }
         let mut fetcher = self.fetcher(&[]);
@@ -1076,16 +1027,10 @@ impl Agent {
         let Some(url) = self.ctx.cfg.poll_url.clone() else {
             return Ok(());
         };
-        if self.next_poll.is_some_and(|t| Instant::now() < t) || self.shared.borrow().state.phase != Phase::Idle {
+        if !self.poll.due(Instant::now()) || self.shared.borrow().state.phase != Phase::Idle {
             return Ok(());
         }
-        // Jitter up to a tenth of the interval, so a fleet spreads out.
-        self.poll_seed ^= self.poll_seed << 13;
-        self.poll_seed ^= self.poll_seed >> 7;
-        self.poll_seed ^= self.poll_seed << 17;
-        let iv = self.ctx.cfg.poll_interval;
-        let jitter = Duration::from_millis(self.poll_seed % (iv.as_millis() as u64 / 10 + 1));
-        self.next_poll = Some(Instant::now() + iv + jitter);
+        self.poll.ran(Instant::now(), self.ctx.cfg.poll_interval, &mut self.jitter);
         let mut fetcher = self.fetcher(&[]);
         let limit = self.ctx.cfg.max_body_bytes as u64;
         let fetched = fetcher
@@ -1134,6 +1079,30 @@ impl Agent {
         }
         Ok(())
     }
+}
+
+/// The loop's deadlines, as the timers know them.
+struct Timers {
+    next_ping: Option<Instant>,
+    switch_deadline: Option<Instant>,
+    health_round: Option<Instant>,
+}
+
+/// How long the loop may sleep at `now`: not at all with effects queued,
+/// else until the next watchdog ping or the deadline the phase waits for
+/// (the switch's, the next health round), and at most [`IDLE_WAIT`]
+/// (switch results come as files, not on an fd). A timer left over from
+/// another phase does not count.
+fn loop_wait(now: Instant, queued: bool, phase: &Phase, t: Timers) -> Duration {
+    if queued {
+        return Duration::ZERO;
+    }
+    let phase_deadline = match phase {
+        Phase::Switching { .. } => t.switch_deadline,
+        Phase::Verifying { .. } => t.health_round,
+        _ => None,
+    };
+    schedule::sleep(now, IDLE_WAIT, [t.next_ping, phase_deadline])
 }
 
 /// The disk-space rule: a closure of `nar_bytes` fits in `free` bytes if
@@ -1242,6 +1211,21 @@ mod tests {
             assert_eq!(sh.state.highest_seq, 10);
             assert_eq!(sh.queued, VecDeque::from(vec![Effect::Fetch]));
         }
+    }
+
+    #[test]
+    fn the_loop_sleeps_until_what_its_phase_waits_for() {
+        let t0 = Instant::now();
+        let ms = |n: u64| Some(t0 + Duration::from_millis(n));
+        let switching = Phase::Switching { step: protocol::Step::Test, id: 1 };
+        let verifying = Phase::Verifying { deadline: 100 };
+        let t = |ping, switch, health| Timers { next_ping: ping, switch_deadline: switch, health_round: health };
+        assert_eq!(loop_wait(t0, true, &Phase::Idle, t(None, None, None)), Duration::ZERO, "effects queued");
+        assert_eq!(loop_wait(t0, false, &Phase::Idle, t(None, None, None)), IDLE_WAIT);
+        assert_eq!(loop_wait(t0, false, &Phase::Idle, t(ms(30), ms(10), ms(20))), Duration::from_millis(30));
+        assert_eq!(loop_wait(t0, false, &switching, t(ms(30), ms(10), ms(20))), Duration::from_millis(10));
+        assert_eq!(loop_wait(t0, false, &verifying, t(ms(30), ms(10), ms(20))), Duration::from_millis(20));
+        assert_eq!(loop_wait(t0, false, &switching, t(None, ms(900), None)), IDLE_WAIT, "capped");
     }
 
     #[test]

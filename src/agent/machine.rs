@@ -24,7 +24,7 @@
 use crate::channel::keys::Applied;
 use crate::channel::Record;
 use crate::deploy::Action;
-use crate::switch::protocol::{Step, INHIBITED, NO_ONE_SHOT};
+use crate::switch::protocol::{Step, INHIBITED, NO_ONE_SHOT, REFUSED};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Phase {
@@ -319,7 +319,7 @@ fn describe_exit(code: Option<i32>, tail: &str) -> String {
         Some(2) => "activation failed (exit 2)".to_string(),
         Some(4) => "some units failed to start (exit 4)".to_string(),
         Some(100) => "a reboot is needed to switch (exit 100); deploy with action boot".to_string(),
-        Some(-2) => "the switch helper refused the request".to_string(),
+        Some(REFUSED) => "the switch helper refused the request".to_string(),
         Some(INHIBITED) => {
             "needs a reboot: deploy with action boot (refused by system.switch.inhibitors, exit 1)".to_string()
         }

@@ -1,6 +1,7 @@
 //! The agent: the daemon on the device (`daemon`), its pure core (`machine`,
-//! `config`, `status`, `persist`) and its edges (`http`, `notify`,
-//! `seccomp`). It sits above everything but the command line: nothing under
+//! `config`, `status`, `persist`, and the rules the loop asks what is due:
+//! `schedule`, `helper_watch`, `health`, `throttle`) and its edges (`http`,
+//! `notify`, `seccomp`). It sits above everything but the command line: nothing under
 //! it (`deploy`, `switch`, `store`, `admin`, …) imports from it, which
 //! tests/layering.rs checks.
 //!
@@ -14,11 +15,14 @@
 pub mod config;
 pub mod daemon;
 pub mod fuzz;
+pub mod health;
+pub mod helper_watch;
 pub mod http;
 pub mod machine;
 pub mod notify;
 pub mod persist;
 pub mod push;
+pub mod schedule;
 pub mod seccomp;
 pub mod status;
 pub mod throttle;

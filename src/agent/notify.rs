@@ -7,9 +7,10 @@
 //! holds ~10 datagrams) would freeze the whole agent loop on the next ping.
 //! A notification that does not fit is dropped and counted; the loop goes on.
 
+use super::schedule::Every;
 use rustix::fd::OwnedFd;
 use rustix::net::{self as rnet, AddressFamily, SendFlags, SocketAddrUnix, SocketFlags, SocketType};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Where notifications go: `NOTIFY_SOCKET`, a path or `@abstract` name.
 struct Target {
@@ -41,9 +42,8 @@ pub struct Notifier {
     target: Option<Target>,
     /// Notifications dropped because the manager's queue was full.
     pub dropped: u64,
-    /// Ping interval (half the watchdog timeout), if the watchdog is on.
-    interval: Option<Duration>,
-    last_ping: Option<Instant>,
+    /// The ping schedule (half the watchdog timeout), if the watchdog is on.
+    watchdog: Option<Every>,
     last_status: String,
     pub pings: u64,
 }
@@ -52,7 +52,7 @@ impl Notifier {
     pub fn from_env() -> Notifier {
         let target = Target::from_env();
         let interval = if target.is_some() { sd_notify::watchdog_enabled().map(|d| d / 2) } else { None };
-        Notifier { target, dropped: 0, interval, last_ping: None, last_status: String::new(), pings: 0 }
+        Notifier { target, dropped: 0, watchdog: interval.map(Every::new), last_status: String::new(), pings: 0 }
     }
 
     /// Sends one notification without ever blocking.
@@ -69,15 +69,11 @@ impl Notifier {
         }
     }
 
-    pub fn watchdog_interval(&self) -> Option<Duration> {
-        self.interval
-    }
-
-    pub fn ready(&mut self) {
+    pub fn ready(&mut self, now: Instant) {
         if let Err(e) = self.send("READY=1") {
             log::warn!("sd_notify READY: {e}");
         }
-        self.ping();
+        self.ping(now);
     }
 
     pub fn status(&mut self, s: &str) {
@@ -88,30 +84,26 @@ impl Notifier {
         }
     }
 
-    fn ping(&mut self) {
-        if self.interval.is_some() {
+    fn ping(&mut self, now: Instant) {
+        if self.watchdog.is_some() {
             let _ = self.send("WATCHDOG=1");
             self.pings += 1;
         }
-        self.last_ping = Some(Instant::now());
-    }
-
-    /// Pings if half the watchdog period has passed since the last ping.
-    pub fn ping_if_due(&mut self) {
-        if let Some(iv) = self.interval {
-            if self.last_ping.is_none_or(|t| t.elapsed() >= iv) {
-                self.ping();
-            }
+        if let Some(w) = self.watchdog.as_mut() {
+            w.done(now);
         }
     }
 
-    /// How long the loop may sleep before the next ping is due.
-    pub fn until_due(&self) -> Option<Duration> {
-        let iv = self.interval?;
-        Some(match self.last_ping {
-            Some(t) => iv.saturating_sub(t.elapsed()),
-            None => Duration::ZERO,
-        })
+    /// Pings if half the watchdog period has passed since the last ping.
+    pub fn ping_if_due(&mut self, now: Instant) {
+        if self.watchdog.is_some_and(|w| w.due(now)) {
+            self.ping(now);
+        }
+    }
+
+    /// When the next ping is due (None: no watchdog).
+    pub fn next_ping(&self, now: Instant) -> Option<Instant> {
+        self.watchdog.map(|w| super::schedule::after(now, w.until(now)))
     }
 }
 
@@ -119,6 +111,31 @@ impl Notifier {
 mod tests {
     use super::*;
     use std::os::unix::net::UnixDatagram;
+    use std::time::Duration;
+
+    #[test]
+    fn the_watchdog_is_pinged_once_per_half_period() {
+        let half = Duration::from_secs(1);
+        let mut n = Notifier {
+            target: None,
+            dropped: 0,
+            watchdog: Some(Every::new(half)),
+            last_status: String::new(),
+            pings: 0,
+        };
+        let t0 = Instant::now();
+        assert_eq!(n.next_ping(t0), Some(t0), "due at once");
+        n.ready(t0);
+        assert_eq!(n.pings, 1);
+        n.ping_if_due(t0 + half - Duration::from_millis(1));
+        assert_eq!(n.pings, 1);
+        assert_eq!(n.next_ping(t0 + Duration::from_millis(400)), Some(t0 + half));
+        n.ping_if_due(t0 + half);
+        assert_eq!(n.pings, 2);
+        let mut off = Notifier { watchdog: None, ..n };
+        off.ping_if_due(t0 + 10 * half);
+        assert_eq!((off.pings, off.next_ping(t0)), (2, None), "no watchdog: no pings, no wake-ups");
+    }
 
     #[test]
     fn a_manager_that_stops_reading_never_blocks_the_sender() {
@@ -132,14 +149,13 @@ mod tests {
         let mut n = Notifier {
             target: Some(target),
             dropped: 0,
-            interval: Some(Duration::ZERO),
-            last_ping: None,
+            watchdog: Some(Every::new(Duration::ZERO)),
             last_status: String::new(),
             pings: 0,
         };
         // Far more than the socket's queue holds (net.unix.max_dgram_qlen).
         for _ in 0..10_000 {
-            n.ping();
+            n.ping(Instant::now());
         }
         assert_eq!(n.pings, 10_000);
         assert!(n.dropped > 0, "the queue filled and the rest was dropped, not waited for");

@@ -20,6 +20,7 @@
 //! once per kind of error, counted, shown in status, and changes nothing
 //! else: the next push is the retry.
 
+use super::schedule::{Jitter, Schedule};
 use crate::api;
 use crate::fetch::{FetchError, Fetcher};
 use std::time::{Duration, Instant};
@@ -91,8 +92,8 @@ pub type Trigger = (String, Option<(u64, u64)>);
 pub struct Pusher {
     url: String,
     interval: Duration,
-    next: Instant,
-    seed: u64,
+    next: Schedule,
+    jitter: Jitter,
     /// What was last pushed (or tried).
     pushed: Option<Trigger>,
     /// The kind of the last error, logged already.
@@ -108,8 +109,8 @@ impl Pusher {
             status: api::Push { url: base.to_owned(), ..api::Push::default() },
             url,
             interval,
-            next: Instant::now(),
-            seed: seed | 1,
+            next: Schedule::now(),
+            jitter: Jitter::new(seed),
             pushed: None,
             logged: None,
         }
@@ -119,25 +120,20 @@ impl Pusher {
     /// failed: then only the schedule retries, so a gateway that swallows
     /// connections costs a deploy at most one deadline per interval, not one
     /// per phase (the health deadline runs meanwhile).
-    pub fn due(&self, trigger: &Trigger) -> bool {
-        Instant::now() >= self.next || (self.pushed.as_ref() != Some(trigger) && self.status.error.is_none())
+    pub fn due(&self, trigger: &Trigger, now: Instant) -> bool {
+        self.next.due(now) || (self.pushed.as_ref() != Some(trigger) && self.status.error.is_none())
     }
 
     /// PUTs `body` (rendered with the push time `now`), records how it went,
     /// and schedules the next one.
     pub fn push(&mut self, fetcher: &mut Fetcher, body: &str, trigger: Trigger, now: u64) {
-        // xorshift: jitter up to a tenth of the interval.
-        self.seed ^= self.seed << 13;
-        self.seed ^= self.seed >> 7;
-        self.seed ^= self.seed << 17;
-        let jitter = Duration::from_millis(self.seed % (self.interval.as_millis() as u64 / 10 + 1));
         self.pushed = Some(trigger);
         let res = match fetcher.put_url(&self.url, CONTENT_TYPE, body.as_bytes()) {
             Ok((200..=299, _)) => Ok(()),
             Ok((status, answer)) => Err(PushError::Status { status, answer }),
             Err(e) => Err(PushError::Network(e)),
         };
-        self.next = Instant::now() + self.interval + jitter;
+        self.next.ran(Instant::now(), self.interval, &mut self.jitter);
         match res {
             Ok(()) => {
                 if self.logged.take().is_some() {
@@ -174,13 +170,15 @@ mod tests {
         let mut p = Pusher::new(&format!("http://127.0.0.1:{port}"), "h", Duration::from_secs(10), 7);
         let idle: Trigger = ("idle".into(), None);
         let fetching: Trigger = ("fetching".into(), None);
-        assert!(p.due(&idle), "at start");
+        assert!(p.due(&idle, Instant::now()), "at start");
         let mut f = Fetcher::new(vec![], crate::fetch::Options::default());
         p.push(&mut f, "", idle.clone(), 1);
+        let t = Instant::now();
         assert_eq!(p.status.errors, 1);
-        assert!(!p.due(&idle) && !p.due(&fetching), "failing: wait for the schedule");
+        assert!(!p.due(&idle, t) && !p.due(&fetching, t), "failing: wait for the schedule");
+        assert!(p.due(&fetching, t + Duration::from_secs(11)), "the schedule retries (10 s + up to 1 s jitter)");
         p.status.error = None;
-        assert!(!p.due(&idle) && p.due(&fetching), "working: every change at once");
+        assert!(!p.due(&idle, t) && p.due(&fetching, t), "working: every change at once");
     }
 
     #[test]

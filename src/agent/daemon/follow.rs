@@ -96,16 +96,10 @@ impl Agent {
         if cfg.channel.is_none() && cfg.keys_url.is_none() {
             return Ok(());
         }
-        if self.next_follow.is_some_and(|t| Instant::now() < t) || idle(&self.shared.borrow()).is_err() {
+        if !self.follow.due(Instant::now()) || idle(&self.shared.borrow()).is_err() {
             return Ok(());
         }
-        // The poll's jitter (its xorshift state), so a fleet spreads out.
-        self.poll_seed ^= self.poll_seed << 13;
-        self.poll_seed ^= self.poll_seed >> 7;
-        self.poll_seed ^= self.poll_seed << 17;
-        let iv = cfg.poll_interval;
-        let jitter = Duration::from_millis(self.poll_seed % (iv.as_millis() as u64 / 10 + 1));
-        self.next_follow = Some(Instant::now() + iv + jitter);
+        self.follow.ran(Instant::now(), cfg.poll_interval, &mut self.jitter);
         // Keys first: a rotation and a channel signed with the new key,
         // published together, take effect in one round.
         if let Some(url) = cfg.keys_url.clone() {
@@ -239,8 +233,8 @@ impl Agent {
                 if let Decision::Wait { until, .. } = other {
                     // Wall seconds are whole: a check a moment early sees
                     // Wait again with at least a second to go, never a loop.
-                    let open = Instant::now() + Duration::from_secs(until.saturating_sub(t));
-                    self.next_follow = Some(self.next_follow.map_or(open, |n| n.min(open)));
+                    let open = schedule::after(Instant::now(), Duration::from_secs(until.saturating_sub(t)));
+                    self.follow.open_at(open);
                 }
                 match next == sh.state {
                     true => Ok(()),

@@ -129,9 +129,13 @@ fn failed_one_time_boot_goes_back_to_the_previous_default() {
 
 #[test]
 fn failed_switch_rolls_back_with_the_reason() {
-    for (code, needle) in
-        [(Some(2), "activation failed"), (Some(4), "units failed"), (Some(100), "reboot"), (None, "no result")]
-    {
+    for (code, needle) in [
+        (Some(2), "activation failed"),
+        (Some(4), "units failed"),
+        (Some(100), "reboot"),
+        (Some(crate::switch::protocol::REFUSED), "helper refused"),
+        (None, "no result"),
+    ] {
         let (s, effects) = run(vec![
             accepted(1, Action::Switch),
             Event::FetchOk,
