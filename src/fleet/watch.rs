@@ -1,5 +1,7 @@
 //! `nixless rollout watch`: follows a channel's rollout in Prometheus and
-//! halts it when a wave fails too often ([`super::rollout`] decides).
+//! halts it when a wave fails too often, or when a wave has not reported
+//! by the time the next one opens ([`super::rollout`] decides; with
+//! `--on-no-news warn` the second only warns, loudly, every round).
 //!
 //! Each round, at most every `interval`: read and verify the channel
 //! document (with the public half of the signing key: a document the
@@ -32,6 +34,9 @@ pub struct Opts {
     pub publish: String,
     pub max_failure_rate: f64,
     pub min_hosts: usize,
+    pub news: rollout::NewsRule,
+    /// Warn instead of halting on no news.
+    pub warn_only: bool,
     pub interval: Duration,
     pub once: bool,
     pub deadline: Duration,
@@ -59,6 +64,15 @@ fn run(o: Opts) -> Result<i32, String> {
     }
     if !(1..=1_000_000).contains(&o.min_hosts) {
         return Err(format!("--min-hosts {}: expected 1 to 1000000", o.min_hosts));
+    }
+    if !(1..=30 * 86_400).contains(&o.news.stale_after) {
+        return Err(format!("--stale-after {}: expected 1 to 2592000 s", o.news.stale_after));
+    }
+    if !(o.news.min_reported > 0.0 && o.news.min_reported <= 1.0) {
+        return Err(format!("--min-reported {}: expected 0 < share <= 1", o.news.min_reported));
+    }
+    if o.news.lead > crate::channel::MAX_SOAK_SECS {
+        return Err(format!("--lead {}: at most {} s", o.news.lead, crate::channel::MAX_SOAK_SECS));
     }
     if !(1..=86_400).contains(&o.interval.as_secs()) || o.deadline.as_secs() > 30 * 86_400 {
         return Err("--interval: 1 to 86400 s; --deadline: at most 30 days".into());
@@ -105,20 +119,22 @@ fn round(o: &Opts, key: &SecretKey, f: &mut crate::fetch::Fetcher, left: Duratio
     }
     let samples = super::query(f, &o.prometheus, left)?;
     let (hosts, _) = super::view::hosts(&samples);
-    let r = rollout::rollout(&v.doc, &hosts);
+    let r = rollout::rollout(&v.doc, &hosts, now, o.news.stale_after);
     let d = &v.doc;
     eprintln!(
-        "nixless: channel {} seq {}: {} hosts report it, {} still on an older document{}",
+        "nixless: channel {} seq {}: {} hosts report it, {} still on an older document{}; {}",
         d.channel,
         d.seq,
         r.on_channel,
         r.pending,
-        if r.ahead > 0 { format!(", {} on a NEWER one (re-reading)", r.ahead) } else { String::new() }
+        if r.ahead > 0 { format!(", {} on a NEWER one (re-reading)", r.ahead) } else { String::new() },
+        freshness(&r, now, o.news.stale_after)
     );
     for w in &r.waves {
         eprintln!("nixless:   {}", rollout::describe(w));
     }
-    match rollout::judge(d, &r, o.max_failure_rate, o.min_hosts) {
+    let rules = rollout::Rules { max_rate: o.max_failure_rate, min_hosts: o.min_hosts, news: o.news };
+    match rollout::judge(d, &r, now, &rules) {
         Verdict::Halt { groups, because } => {
             let halt = rollout::halt_doc(d, &groups, now);
             let out = channel::render(&halt).map_err(|e| e.to_string())?;
@@ -139,6 +155,28 @@ fn round(o: &Opts, key: &SecretKey, f: &mut crate::fetch::Fetcher, left: Duratio
             );
             Ok(Round::Done(EXIT_HALTED))
         }
+        Verdict::NoNews { because, .. } if o.warn_only => {
+            for s in &because {
+                eprintln!("nixless: WARNING: {}; NOT halting (--on-no-news warn)", rollout::explain(s, now, &o.news));
+            }
+            Ok(Round::Again)
+        }
+        Verdict::NoNews { groups, because } => {
+            let halt = rollout::halt_doc(d, &groups, now);
+            let out = channel::render(&halt).map_err(|e| e.to_string())?;
+            let (_, sig) = channel::issue(out.as_bytes(), key, now)?;
+            super::publish::publish(f, &o.publish, out.as_bytes(), &sig)?;
+            let more = if because.len() > 1 { format!(" (and {} more)", because.len() - 1) } else { String::new() };
+            eprintln!(
+                "nixless: HALTED group(s) {} of channel {} (seq {}): {}{more}; wrote {}",
+                groups.join(", "),
+                d.channel,
+                halt.seq,
+                rollout::explain(&because[0], now, &o.news),
+                o.publish.split('?').next().unwrap_or_default()
+            );
+            Ok(Round::Done(EXIT_HALTED))
+        }
         Verdict::Halted => {
             eprintln!("nixless: channel {} seq {} is halted already", d.channel, d.seq);
             Ok(Round::Done(EXIT_HALTED))
@@ -148,5 +186,20 @@ fn round(o: &Opts, key: &SecretKey, f: &mut crate::fetch::Fetcher, left: Duratio
             Ok(Round::Done(if halted { EXIT_HALTED } else { EXIT_COMPLETE }))
         }
         Verdict::InProgress => Ok(Round::Again),
+    }
+}
+
+/// How recent the data is, for the round's first line: the newest push
+/// and how many hosts are stale; STALE in capitals when nothing is fresh.
+fn freshness(r: &rollout::Rollout, now: u64, stale_after: u64) -> String {
+    let newest = match r.newest_push {
+        Some(t) if (now as f64) >= t => format!("newest push {} s ago", (now as f64 - t) as u64),
+        Some(_) => "newest push in the future (clocks differ)".to_owned(),
+        None => "no push time known".to_owned(),
+    };
+    match r.stale {
+        0 => newest,
+        n if n == r.on_channel => format!("{newest}: STALE, no host pushed in the last {stale_after} s"),
+        n => format!("{newest}; {n} hosts STALE (no push in the last {stale_after} s)"),
     }
 }
