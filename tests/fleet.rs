@@ -549,6 +549,46 @@ fn rollout_watch_halts_when_a_wave_goes_silent_before_the_next_opens() {
     drop(pusher);
 }
 
+/// Prometheus gives no answer (down, or too far behind to answer in time)
+/// while wave 1 owes news: that is no news too. Its last answer (none
+/// here) is judged again, and the group halted, in one line; warn mode
+/// warns and reports the error.
+#[test]
+fn no_answer_from_prometheus_is_no_news_when_a_wave_is_due() {
+    let now = nixless::clock::now();
+    let c = channel_doc_at(now - 1000, 1120);
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let halt = c.doc.with_file_name("halt.json");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["rollout", "watch", "--prometheus", &dead, "--channel-doc", c.doc.to_str().unwrap()];
+        args.extend_from_slice(&["--key", c.key.to_str().unwrap(), "--publish", halt.to_str().unwrap(), "--once"]);
+        args.extend_from_slice(extra);
+        nixless(&args)
+    };
+    let out = run(&["--on-no-news", "warn"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let e = stderr(&out);
+    assert!(
+        e.starts_with(
+            "nixless: WARNING: no news from wave 1 of group kiosk: none of its hosts reports the channel; wave 2 opens in "
+        ) && e.contains("NOT halting (--on-no-news warn)\nnixless: error: Prometheus at "),
+        "{e}"
+    );
+    assert!(!halt.exists());
+    let out = run(&[]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let e = stderr(&out);
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(
+        e.starts_with(
+            "nixless: HALTED group(s) kiosk of channel stable (seq 6): no news from wave 1 of group kiosk: none of its \
+             hosts reports the channel; wave 2 opens in "
+        ) && e.contains(&format!(" s (judged on Prometheus's last answer; this round: Prometheus at {dead}: GET ")),
+        "{e}"
+    );
+    assert_eq!(verified(&c, &halt).doc.groups[0].halt, true);
+}
+
 /// Errors: one line, the right exit code, nothing published.
 #[test]
 fn watch_errors_are_one_line() {

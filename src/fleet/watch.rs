@@ -80,11 +80,13 @@ fn run(o: Opts) -> Result<i32, String> {
     let text = std::fs::read_to_string(&o.key).map_err(|e| format!("{}: {e}", o.key.display()))?;
     let key = SecretKey::parse(&text).map_err(|e| format!("{}: {e}", o.key.display()))?;
     let end = Instant::now() + o.deadline;
+    // Prometheus's last answer, judged again (aging) while it gives none.
+    let mut last: Vec<super::view::Host> = Vec::new();
     loop {
         // Each request of the round ends by the deadline (at least a second
         // to try), and credentials are read anew (a rotated key file).
         let left = end.saturating_duration_since(Instant::now()).min(super::QUERY_DEADLINE).max(Duration::from_secs(1));
-        let err = match super::fetcher(left).and_then(|mut f| round(&o, &key, &mut f, left)) {
+        let err = match super::fetcher(left).and_then(|mut f| round(&o, &key, &mut f, left, &mut last)) {
             Ok(Round::Done(code)) => return Ok(code),
             Ok(Round::Again) if o.once => return Ok(EXIT_COMPLETE),
             Ok(Round::Again) => None,
@@ -108,7 +110,19 @@ fn run(o: Opts) -> Result<i32, String> {
     }
 }
 
-fn round(o: &Opts, key: &SecretKey, f: &mut crate::fetch::Fetcher, left: Duration) -> Result<Round, String> {
+/// One round. `last`: the hosts of Prometheus's last answer. When
+/// Prometheus gives none (down, or too far behind to answer within the
+/// deadline: the same overload that makes its data stale), they are
+/// judged again at this round's time: their pushes age, and a wave that
+/// owes news gets a halt (no news is not good news) instead of retries
+/// until the next wave has opened. Anything else waits for an answer.
+fn round(
+    o: &Opts,
+    key: &SecretKey,
+    f: &mut crate::fetch::Fetcher,
+    left: Duration,
+    last: &mut Vec<super::view::Host>,
+) -> Result<Round, String> {
     let (body, sig) = super::publish::read(f, &o.channel_doc, channel::sign::MAX_FILE)?;
     let name = channel::parse(&body).map_err(|e| format!("{}: {e}", o.channel_doc))?.channel;
     let keys = TrustedKeys::new(vec![key.public()]);
@@ -117,10 +131,28 @@ fn round(o: &Opts, key: &SecretKey, f: &mut crate::fetch::Fetcher, left: Duratio
     if channel::fresh::expired(v.doc.expires, now) {
         return Err(format!("{}: expired at {} (now {now}); devices refuse it", o.channel_doc, v.doc.expires));
     }
-    let samples = super::query(f, &o.prometheus, left)?;
-    let (hosts, _) = super::view::hosts(&samples);
-    let r = rollout::rollout(&v.doc, &hosts, now, o.news.stale_after);
     let d = &v.doc;
+    let rules = rollout::Rules { max_rate: o.max_failure_rate, min_hosts: o.min_hosts, news: o.news };
+    let samples = match super::query(f, &o.prometheus, left) {
+        Ok(s) => s,
+        Err(e) => {
+            let r = rollout::rollout(d, last, now, o.news.stale_after);
+            return match rollout::judge(d, &r, now, &rules) {
+                Verdict::NoNews { groups, because } => {
+                    let why =
+                        format!(" (judged on Prometheus's last answer; this round: {})", crate::text::clip(&e, 256));
+                    match no_news(o, key, f, d, &groups, &because, now, &why)? {
+                        Round::Again => Err(e),
+                        done => Ok(done),
+                    }
+                }
+                _ => Err(e),
+            };
+        }
+    };
+    let (hosts, _) = super::view::hosts(&samples);
+    let r = rollout::rollout(d, &hosts, now, o.news.stale_after);
+    *last = hosts;
     eprintln!(
         "nixless: channel {} seq {}: {} hosts report it, {} still on an older document{}; {}",
         d.channel,
@@ -155,28 +187,7 @@ fn round(o: &Opts, key: &SecretKey, f: &mut crate::fetch::Fetcher, left: Duratio
             );
             Ok(Round::Done(EXIT_HALTED))
         }
-        Verdict::NoNews { because, .. } if o.warn_only => {
-            for s in &because {
-                eprintln!("nixless: WARNING: {}; NOT halting (--on-no-news warn)", rollout::explain(s, now, &o.news));
-            }
-            Ok(Round::Again)
-        }
-        Verdict::NoNews { groups, because } => {
-            let halt = rollout::halt_doc(d, &groups, now);
-            let out = channel::render(&halt).map_err(|e| e.to_string())?;
-            let (_, sig) = channel::issue(out.as_bytes(), key, now)?;
-            super::publish::publish(f, &o.publish, out.as_bytes(), &sig)?;
-            let more = if because.len() > 1 { format!(" (and {} more)", because.len() - 1) } else { String::new() };
-            eprintln!(
-                "nixless: HALTED group(s) {} of channel {} (seq {}): {}{more}; wrote {}",
-                groups.join(", "),
-                d.channel,
-                halt.seq,
-                rollout::explain(&because[0], now, &o.news),
-                o.publish.split('?').next().unwrap_or_default()
-            );
-            Ok(Round::Done(EXIT_HALTED))
-        }
+        Verdict::NoNews { groups, because } => no_news(o, key, f, d, &groups, &because, now, ""),
         Verdict::Halted => {
             eprintln!("nixless: channel {} seq {} is halted already", d.channel, d.seq);
             Ok(Round::Done(EXIT_HALTED))
@@ -187,6 +198,42 @@ fn round(o: &Opts, key: &SecretKey, f: &mut crate::fetch::Fetcher, left: Duratio
         }
         Verdict::InProgress => Ok(Round::Again),
     }
+}
+
+/// Halts `groups` for the silence of `because` (or, `--on-no-news warn`,
+/// warns of each and goes on), saying why in one line; `why` is appended
+/// to the reason.
+#[allow(clippy::too_many_arguments)]
+fn no_news(
+    o: &Opts,
+    key: &SecretKey,
+    f: &mut crate::fetch::Fetcher,
+    d: &channel::Doc,
+    groups: &[String],
+    because: &[rollout::Silence],
+    now: u64,
+    why: &str,
+) -> Result<Round, String> {
+    if o.warn_only {
+        for s in because {
+            eprintln!("nixless: WARNING: {}{why}; NOT halting (--on-no-news warn)", rollout::explain(s, now, &o.news));
+        }
+        return Ok(Round::Again);
+    }
+    let halt = rollout::halt_doc(d, groups, now);
+    let out = channel::render(&halt).map_err(|e| e.to_string())?;
+    let (_, sig) = channel::issue(out.as_bytes(), key, now)?;
+    super::publish::publish(f, &o.publish, out.as_bytes(), &sig)?;
+    let more = if because.len() > 1 { format!(" (and {} more)", because.len() - 1) } else { String::new() };
+    eprintln!(
+        "nixless: HALTED group(s) {} of channel {} (seq {}): {}{why}{more}; wrote {}",
+        groups.join(", "),
+        d.channel,
+        halt.seq,
+        rollout::explain(&because[0], now, &o.news),
+        o.publish.split('?').next().unwrap_or_default()
+    );
+    Ok(Round::Done(EXIT_HALTED))
 }
 
 /// How recent the data is, for the round's first line: the newest push
