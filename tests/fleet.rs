@@ -514,7 +514,7 @@ fn rollout_watch_halts_when_a_wave_goes_silent_before_the_next_opens() {
     let out = Command::new(bin()).args(args(&["--once", "--on-no-news", "warn"])).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let e = stderr(&out);
-    assert!(e.contains("5 hosts STALE (no push in the last 15 s)"), "{e}");
+    assert!(e.contains("5 of 20 hosts STALE (no push in the last 15 s)"), "{e}");
     assert!(e.contains("group kiosk wave 1: 5 ok, 0 failed, 0 running, 0 waiting, 5 STALE\n"), "{e}");
     assert!(
         e.contains(

@@ -247,6 +247,32 @@ fn freshness(r: &rollout::Rollout, now: u64, stale_after: u64) -> String {
     match r.stale {
         0 => newest,
         n if n == r.on_channel => format!("{newest}: STALE, no host pushed in the last {stale_after} s"),
-        n => format!("{newest}; {n} hosts STALE (no push in the last {stale_after} s)"),
+        n => format!("{newest}; {n} of {} hosts STALE (no push in the last {stale_after} s)", r.on_channel),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_round_line_says_how_fresh_the_data_is() {
+        let r = |stale, on_channel, newest| rollout::Rollout {
+            stale,
+            on_channel,
+            newest_push: newest,
+            ..Default::default()
+        };
+        assert_eq!(freshness(&r(0, 3, Some(990.5)), 1000, 900), "newest push 9 s ago");
+        assert_eq!(
+            freshness(&r(1, 3, Some(990.0)), 1000, 900),
+            "newest push 10 s ago; 1 of 3 hosts STALE (no push in the last 900 s)"
+        );
+        assert_eq!(
+            freshness(&r(3, 3, Some(10.0)), 1000, 900),
+            "newest push 990 s ago: STALE, no host pushed in the last 900 s"
+        );
+        assert_eq!(freshness(&r(0, 0, None), 1000, 900), "no push time known");
+        assert_eq!(freshness(&r(0, 1, Some(2000.0)), 1000, 900), "newest push in the future (clocks differ)");
     }
 }
