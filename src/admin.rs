@@ -201,36 +201,22 @@ pub fn status(agents: &[String]) -> Result<(), String> {
     let agent = http_agent();
     println!("{:<16} {:<12} {:<52} {:<22} LAST", "HOST", "PHASE", "SYSTEM", "PROGRESS");
     let (mut failed, mut first_error) = (0, None);
+    // Rows as agents answer (one slow agent does not hide the others);
+    // the channel table after them.
+    let mut channels = Vec::new();
     for base in agents {
         let base = base.trim_end_matches('/');
-        match get_status(&agent, base) {
-            Ok(s) => {
-                let sys = s.current_system.as_deref().unwrap_or("-");
-                let p = &s.progress;
-                let progress = if s.phase == "fetching" && p.paths_total > 0 {
-                    format!("{}/{} {}MiB", p.paths_done, p.paths_total, p.bytes_done >> 20)
-                } else {
-                    "-".into()
-                };
-                let last = match &s.last_result {
-                    Some(l) => format!(
-                        "{} {}{}",
-                        l.seq,
-                        l.outcome,
-                        l.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
-                    ),
-                    None => "-".into(),
-                };
-                let last = if let Some(e) = &s.last_error { format!("{last}; error: {e}") } else { last };
-                println!("{:<16} {:<12} {:<52} {:<22} {}", s.host, s.phase, sys, progress, last);
-            }
+        let res = get_status(&agent, base);
+        print!("{}", status_row(base, &res));
+        match res {
+            Ok(s) => channels.push(s),
             Err(e) => {
                 failed += 1;
-                println!("{:<16} {:<12} {e}", base, "failed");
                 first_error.get_or_insert(e);
             }
         }
     }
+    print!("{}", channel_table(&channels, crate::clock::now()));
     match first_error {
         Some(e) if agents.len() == 1 => Err(e),
         Some(e) => Err(format!("{failed} of {} agents failed, first: {e}", agents.len())),
@@ -238,9 +224,178 @@ pub fn status(agents: &[String]) -> Result<(), String> {
     }
 }
 
+/// One line of the status table. What an agent sends is escaped and
+/// clipped: a status is the agent's word, not the admin terminal's.
+fn status_row(base: &str, res: &Result<api::Status, String>) -> String {
+    use crate::text::clip;
+    let s = match res {
+        Ok(s) => s,
+        Err(e) => return format!("{:<16} {:<12} {}\n", clip(base, 64), "failed", clip(e, 512)),
+    };
+    let sys = s.current_system.as_deref().unwrap_or("-");
+    let p = &s.progress;
+    let progress = if s.phase == "fetching" && p.paths_total > 0 {
+        format!("{}/{} {}MiB", p.paths_done, p.paths_total, p.bytes_done >> 20)
+    } else {
+        "-".into()
+    };
+    let last = match &s.last_result {
+        Some(l) => format!(
+            "{} {}{}",
+            l.seq,
+            clip(&l.outcome, 32),
+            l.reason.as_deref().map(|r| format!(" ({})", clip(r, 256))).unwrap_or_default()
+        ),
+        None => "-".into(),
+    };
+    let last = if let Some(e) = &s.last_error { format!("{last}; error: {}", clip(e, 256)) } else { last };
+    format!("{:<16} {:<12} {:<52} {:<22} {}\n", clip(&s.host, 64), clip(&s.phase, 32), clip(sys, 256), progress, last)
+}
+
+/// The channel each agent follows (those that follow one), at the admin's
+/// `now`: "" when none does.
+///
+/// ```text
+/// HOST CHANNEL SEQ GROUP WAVE DECISION CHECKED NOTES
+/// SEQ   = the document held, else the one accepted last (after a restart), else -
+/// NOTES = "opens in N s" (wait) · "expires in N s" | "EXPIRED" · "not retrying SYSTEM"
+///         · "error: …" · "keys error: …", joined by "; "
+/// ```
+fn channel_table(statuses: &[api::Status], now: u64) -> String {
+    use crate::text::clip;
+    let rows: Vec<(&str, &api::Channel)> =
+        statuses.iter().filter_map(|s| Some((s.host.as_str(), s.channel.as_ref()?))).collect();
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut out = format!(
+        "\n{:<16} {:<16} {:>8} {:<16} {:>4} {:<16} {:<12} NOTES\n",
+        "HOST", "CHANNEL", "SEQ", "GROUP", "WAVE", "DECISION", "CHECKED"
+    );
+    let or_dash = |v: Option<String>| v.filter(|v| !v.is_empty()).unwrap_or_else(|| "-".into());
+    for (host, c) in rows {
+        let mut notes = Vec::new();
+        if let (Some("wait"), Some(t)) = (c.decision.as_deref(), c.until) {
+            notes.push(format!("opens in {} s", t.saturating_sub(now)));
+        }
+        match c.expires {
+            Some(t) if t <= now => notes.push("EXPIRED".into()),
+            Some(t) => notes.push(format!("expires in {} s", t - now)),
+            None => {}
+        }
+        if let Some(f) = &c.failed_system {
+            notes.push(format!("not retrying {}", clip(f, 256)));
+        }
+        if let Some(e) = &c.error {
+            notes.push(format!("error: {}", clip(e, 256)));
+        }
+        if let Some(e) = &c.keys_error {
+            notes.push(format!("keys error: {}", clip(e, 256)));
+        }
+        let checked = c.last_check.map_or("never".to_owned(), |t| format!("{} s ago", now.saturating_sub(t)));
+        out += &format!(
+            "{:<16} {:<16} {:>8} {:<16} {:>4} {:<16} {:<12} {}\n",
+            clip(host, 64),
+            or_dash(c.name.as_deref().map(|n| clip(n, 64))),
+            or_dash(c.seq.or(c.accepted_seq).map(|s| s.to_string())),
+            or_dash(c.group.as_deref().map(|g| clip(g, 64))),
+            or_dash(c.wave.map(|w| w.to_string())),
+            or_dash(c.decision.as_deref().map(|d| clip(d, 32))),
+            checked,
+            if notes.is_empty() { "-".to_owned() } else { notes.join("; ") }
+        );
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn following(host: &str, c: api::Channel) -> api::Status {
+        api::Status { host: host.into(), phase: "idle".into(), channel: Some(c), ..api::Status::default() }
+    }
+
+    /// The channel table: one row per agent that follows a channel, what
+    /// it decided and why it may not move, in words an admin reads.
+    #[test]
+    fn the_channel_table_shows_what_each_agent_follows() {
+        let now = 1_800_000_000;
+        let waiting = api::Channel {
+            name: Some("stable".into()),
+            seq: Some(5),
+            decision: Some("wait".into()),
+            group: Some("kiosk".into()),
+            wave: Some(2),
+            until: Some(now + 3400),
+            expires: Some(now + 86_400),
+            last_check: Some(now - 30),
+            ..api::Channel::default()
+        };
+        let restarted = api::Channel {
+            name: Some("stable".into()),
+            accepted_seq: Some(4),
+            failed_system: Some("/nix/store/x-bad".into()),
+            error: Some("https://d/stable.json: expired at 17 (now 18)\n\u{1b}[2J".into()),
+            ..api::Channel::default()
+        };
+        let halted = api::Channel {
+            name: Some("stable".into()),
+            seq: Some(6),
+            decision: Some("halted".into()),
+            group: Some(String::new()),
+            wave: Some(0),
+            expires: Some(now),
+            last_check: Some(now),
+            ..api::Channel::default()
+        };
+        let mut none = following("plain", api::Channel::default());
+        none.channel = None;
+        let t = channel_table(
+            &[following("kiosk-7", waiting), following("kiosk-8", restarted), none, following("till-1", halted)],
+            now,
+        );
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 5, "{t}");
+        assert_eq!(lines[0], "");
+        assert!(
+            lines[1].starts_with("HOST             CHANNEL               SEQ GROUP            WAVE DECISION"),
+            "{t}"
+        );
+        assert_eq!(
+            lines[2],
+            "kiosk-7          stable                  5 kiosk               2 wait             30 s ago     \
+             opens in 3400 s; expires in 86400 s"
+        );
+        assert_eq!(
+            lines[3],
+            "kiosk-8          stable                  4 -                   - -                never        \
+             not retrying /nix/store/x-bad; error: https://d/stable.json: expired at 17 (now 18)\\n\\u{1b}[2J"
+        );
+        assert!(
+            lines[4].starts_with("till-1           stable                  6 -                   0 halted "),
+            "{t}"
+        );
+        assert!(lines[4].ends_with(" 0 s ago      EXPIRED"), "{t}");
+        assert!(!t.contains('\u{1b}'));
+        // Nobody follows a channel: no table at all.
+        assert_eq!(channel_table(&[api::Status { host: "h".into(), ..api::Status::default() }], now), "");
+    }
+
+    #[test]
+    fn status_rows_escape_what_agents_send() {
+        let s = api::Status {
+            host: "evil\r\u{1b}[31mhost".into(),
+            phase: "idle\n".into(),
+            last_error: Some("bad\nline".into()),
+            ..api::Status::default()
+        };
+        let r = status_row("http://a", &Ok(s));
+        assert_eq!(r.matches('\n').count(), 1, "{r}");
+        assert!(!r.contains('\r') && !r.contains('\u{1b}') && r.contains("bad\\nline"), "{r}");
+        let r = status_row("http://b", &Err("http://b: connection refused\nX".into()));
+        assert_eq!(r, "http://b         failed       http://b: connection refused\\nX\n");
+    }
 
     #[test]
     fn seq_bounds() {

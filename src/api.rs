@@ -16,7 +16,8 @@
 //!                   "poll":{"url":S|null,"last_check":N|null,"error":S|null},"started":N,
 //!                   "push":{"url":S,"last_ok":N|null,"error":S|null,"errors":N}?,  ; only with a pushgateway
 //!                   "channel":{"url":S|null,"name":S|null,"seq":N|null,"decision":S|null,"group":S|null,
-//!                              "wave":N|null,"system":S|null,"until":N|null,"error":S|null,"last_check":N|null,
+//!                              "wave":N|null,"system":S|null,"until":N|null,"expires":N|null,
+//!                              "accepted_seq":N|null,"failed_system":S|null,"error":S|null,"last_check":N|null,
 //!                              "keys_url":S|null,"keys_seq":N|null,"keys_error":S|null,"clock_floor":N}?}
 //!                                                                ; only with channel_url or keys_url
 //! POST /v1/deploy  202 {"seq":N,"status":"/v1/status","note":S?}
@@ -91,6 +92,17 @@ pub struct Channel {
     /// When the device's wave opens (decision wait).
     #[serde(default)]
     pub until: Option<u64>,
+    /// When the document held expires (the device then refuses it).
+    #[serde(default)]
+    pub expires: Option<u64>,
+    /// The sequence of the last document accepted, from the persisted
+    /// record: known after a restart, before the first check.
+    #[serde(default)]
+    pub accepted_seq: Option<u64>,
+    /// A system of this channel that failed here: not retried until a
+    /// document names another.
+    #[serde(default)]
+    pub failed_system: Option<String>,
     #[serde(default)]
     pub error: Option<String>,
     #[serde(default)]
@@ -251,6 +263,9 @@ mod tests {
                 wave: Some(16),
                 system: h(),
                 until: Some(u64::MAX),
+                expires: Some(u64::MAX),
+                accepted_seq: Some(0),
+                failed_system: h(),
                 error: h(),
                 last_check: Some(1),
                 keys_url: h(),

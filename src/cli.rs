@@ -79,8 +79,10 @@ enum RolloutCommand {
 
 #[derive(FromArgs)]
 /// Watch a channel's waves in Prometheus; sign and publish a halt when a wave
-/// fails too often. Exit 0: complete (or --once, nothing to do); 3: halted;
-/// 4: deadline passed while in progress; 1: error.
+/// fails too often, or has not reported (fresh data) by --lead seconds before
+/// the next wave opens: no news is not good news. Exit 0: complete (or
+/// --once, nothing to do); 3: halted; 4: deadline passed while in progress;
+/// 1: error.
 #[argh(subcommand, name = "watch")]
 struct RolloutWatchArgs {
     /// the Prometheus URL, e.g. http://prometheus:9090
@@ -101,6 +103,18 @@ struct RolloutWatchArgs {
     /// finished hosts a wave needs before its rate counts (default 1)
     #[argh(option, default = "1")]
     min_hosts: usize,
+    /// a host's data is stale (no news) when its last push is older than this many seconds (default 900)
+    #[argh(option, default = "900")]
+    stale_after: u64,
+    /// share of a wave's hosts that must have reported a result, in fresh data, before the next wave opens (default 0.9)
+    #[argh(option, default = "0.9")]
+    min_reported: f64,
+    /// seconds before the next wave opens by which the news must be in (default 600; half the soak when shorter)
+    #[argh(option, default = "600")]
+    lead: u64,
+    /// on a wave with no news: halt (default) or warn (keep going, warn every round)
+    #[argh(option, default = "String::from(\"halt\")")]
+    on_no_news: String,
     /// seconds between rounds (default 30)
     #[argh(option, default = "30")]
     interval: u64,
@@ -360,6 +374,14 @@ pub fn main() -> i32 {
             crate::fleet::status(&a.prometheus, a.silent_after, a.json)
         }
         Command::Rollout(RolloutArgs { cmd: RolloutCommand::Watch(a) }) => {
+            let warn_only = match a.on_no_news.as_str() {
+                "halt" => false,
+                "warn" => true,
+                other => {
+                    eprintln!("nixless: error: --on-no-news {}: expected halt or warn", crate::text::clip(other, 64));
+                    return 1;
+                }
+            };
             return crate::fleet::watch::main(crate::fleet::watch::Opts {
                 prometheus: a.prometheus,
                 channel_doc: a.channel_doc,
@@ -367,10 +389,16 @@ pub fn main() -> i32 {
                 publish: a.publish,
                 max_failure_rate: a.max_failure_rate,
                 min_hosts: a.min_hosts,
+                news: crate::fleet::rollout::NewsRule {
+                    stale_after: a.stale_after,
+                    min_reported: a.min_reported,
+                    lead: a.lead,
+                },
+                warn_only,
                 interval: std::time::Duration::from_secs(a.interval),
                 once: a.once,
                 deadline: std::time::Duration::from_secs(a.deadline),
-            })
+            });
         }
     };
     match res {

@@ -395,6 +395,14 @@ fn a_later_wave_waits_and_a_halt_stops_it() {
     p.publish("stable.json", &d.json());
     let c = a.wait_status("halted", |s| s.channel.as_ref().and_then(|c| c.decision.as_deref()) == Some("halted"));
     assert_eq!(c.channel.unwrap().seq, Some(2));
+    let out = nixless(&["status", &a.url()]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("\nHOST             CHANNEL               SEQ GROUP"), "{text}");
+    let row = text.lines().filter(|l| l.starts_with(&format!("{host} "))).nth(1).unwrap_or_else(|| panic!("{text}"));
+    assert_eq!(
+        row.split_whitespace().take(6).collect::<Vec<_>>(),
+        [host.as_str(), "stable", "2", "kiosk", "2", "halted"]
+    );
     a.wait_checks(2);
     assert!(a.store_is_empty() && a.request().is_none() && a.status().phase == "idle", "{}", a.log());
 
@@ -562,7 +570,19 @@ fn a_failed_system_is_not_retried() {
     let s = a.wait_status("failed-before", |s| {
         s.channel.as_ref().and_then(|c| c.decision.as_deref()) == Some("failed-before")
     });
-    assert_eq!(s.channel.unwrap().wave, Some(1));
+    let c = s.channel.unwrap();
+    assert_eq!(c.wave, Some(1));
+    // Status says what the record keeps: the document accepted and the
+    // system not retried; so does `nixless status`'s channel table.
+    assert_eq!((c.accepted_seq, c.failed_system.as_deref()), (Some(3), Some(system)));
+    assert!(c.expires.is_some_and(|t| t > now()), "{c:?}");
+    let out = nixless(&["status", &a.url()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let row = text.lines().filter(|l| l.starts_with("kiosk-1 ")).nth(1).unwrap_or_else(|| panic!("{text}"));
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cols[..6], ["kiosk-1", "stable", "3", "kiosk", "1", "failed-before"], "{text}");
+    assert!(row.contains(&format!("; not retrying {system}")) && row.contains(" expires in "), "{text}");
     let state = a.state_json();
     assert!(state.contains(&format!(r#""failed":"{system}""#)), "{state}");
     a.wait_checks(3);

@@ -175,6 +175,12 @@ struct Channel {
 
 /// The channel document: group kiosk, 25 % then 100 % an hour later.
 fn channel_doc() -> Channel {
+    let now = nixless::clock::now();
+    channel_doc_at(now, 3600)
+}
+
+/// The channel document issued at `issued`, wave 2 opening `soak` s later.
+fn channel_doc_at(issued: u64, soak: u64) -> Channel {
     let dir = tempfile::tempdir().unwrap();
     let sk = SecretKey::generate("admin-1").unwrap();
     let key = dir.path().join("admin.sk");
@@ -184,9 +190,9 @@ fn channel_doc() -> Channel {
     fs::write(
         &doc,
         format!(
-            r#"{{"channel": "stable", "seq": 5, "issued": {now}, "expires": {},
+            r#"{{"channel": "stable", "seq": 5, "issued": {issued}, "expires": {},
   "groups": {{"kiosk": {{"system": "{NEW}", "action": "switch",
-    "waves": [{{"percent": 25}}, {{"percent": 100, "soak_secs": 3600}}]}}}}}}
+    "waves": [{{"percent": 25}}, {{"percent": 100, "soak_secs": {soak}}}]}}}}}}
 "#,
             now + 86_400
         ),
@@ -396,6 +402,193 @@ fn fleet_status_and_rollout_watch_on_real_prometheus() {
     assert!(stderr(&out).contains("rollout complete"), "{}", stderr(&out));
 }
 
+/// Pushes every host of `hosts` to the gateway every half second, as
+/// agents on a schedule do, until dropped; the hosts of wave 1 only while
+/// `wave1` holds (then they are dead: no more pushes).
+struct Pusher {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    wave1: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Pusher {
+    fn start(gateway: &str, hosts: Vec<FakeHost>) -> Pusher {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let (stop, wave1) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(true)));
+        let (s, w) = (stop.clone(), wave1.clone());
+        let gateway = gateway.to_owned();
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                let alive = w.load(Ordering::SeqCst);
+                for h in hosts.iter().filter(|h| alive || h.wave != 1) {
+                    // A failed push is the test's to notice (Prometheus
+                    // then never shows the host); no panic in the thread.
+                    let _ = http()
+                        .put(&format!("{gateway}/metrics/job/nixless/host/{}", h.name))
+                        .header("Content-Type", "text/plain; version=0.0.4")
+                        .send(metrics(h, nixless::clock::now()).as_bytes());
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        });
+        Pusher { stop, wave1, thread: Some(thread) }
+    }
+
+    fn kill_wave1(&self) {
+        self.wave1.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Pusher {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// No news is not good news (the last session's 1000-agent run: the
+/// gateway fell behind, watch saw stale data and never halted while the
+/// next wave opened). Wave 2 opens about two minutes from now; wave 1's
+/// five hosts committed and keep pushing. Watch, looping, sees fresh news
+/// and goes on; then wave 1's agents die: once their last push is older
+/// than --stale-after (15 s: room for a loaded machine), watch halts the group before wave 2 opens, saying
+/// why in one line. With --on-no-news warn it only warns.
+#[test]
+fn rollout_watch_halts_when_a_wave_goes_silent_before_the_next_opens() {
+    let Some(s) = stack() else { return };
+    let now = nixless::clock::now();
+    let c = channel_doc_at(now - 1000, 1120);
+    let opens = now + 120;
+    let hosts = fleet(&c, 0);
+    let pusher = Pusher::start(&s.gateway, hosts.clone());
+    s.wait_for("count(push_time_seconds{job=\"nixless\"} > time() - 5)", "20");
+    s.wait_for("count(nixless_last_result_info{job=\"nixless\",outcome=\"committed\"})", "5");
+    let halt = c.doc.with_file_name("halt.json");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "rollout",
+            "watch",
+            "--prometheus",
+            &s.prometheus,
+            "--channel-doc",
+            c.doc.to_str().unwrap(),
+            "--key",
+            c.key.to_str().unwrap(),
+            "--publish",
+            halt.to_str().unwrap(),
+            "--stale-after",
+            "15",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        v.extend(extra.iter().map(|a| a.to_string()));
+        v
+    };
+    // Wave 1's news is due (wave 2 opens within the default 600 s lead)
+    // and fresh: no halt.
+    let out = Command::new(bin()).args(args(&["--once"])).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let e = stderr(&out);
+    assert!(e.contains("group kiosk wave 1: 5 ok, 0 failed, 0 running, 0 waiting\n"), "{e}");
+    assert!(!e.contains("STALE") && !e.contains("no news") && !halt.exists(), "{e}");
+    // The watcher, looping as an admin runs it; then wave 1 dies.
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut watcher = Server(
+        Command::new(bin())
+            .args(args(&["--interval", "1", "--deadline", "100"]))
+            .stdout(Stdio::null())
+            .stderr(log.reopen().unwrap())
+            .spawn()
+            .unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    pusher.kill_wave1();
+    // Two seconds more than --stale-after: the watcher's clock is read in
+    // whole seconds, Prometheus's is not.
+    s.wait_for("count(push_time_seconds{job=\"nixless\"} < time() - 17)", "5");
+    // Warn only: a loud line, exit 0, nothing published by this one.
+    let out = Command::new(bin()).args(args(&["--once", "--on-no-news", "warn"])).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let e = stderr(&out);
+    assert!(e.contains("5 of 20 hosts STALE (no push in the last 15 s)"), "{e}");
+    assert!(e.contains("group kiosk wave 1: 5 ok, 0 failed, 0 running, 0 waiting, 5 STALE\n"), "{e}");
+    assert!(
+        e.contains(
+            "nixless: WARNING: no news from wave 1 of group kiosk: 0 of its 5 hosts reported a result on the release \
+             in the last 15 s (need 90%); wave 2 opens in "
+        ) && e.contains("NOT halting (--on-no-news warn)"),
+        "{e}"
+    );
+    // The looping watcher halts, before wave 2 opens.
+    let status = wait_until("the watcher to exit", Duration::from_secs(120), || watcher.0.try_wait().unwrap());
+    let halted_at = nixless::clock::now();
+    let e = fs::read_to_string(log.path()).unwrap();
+    assert_eq!(status.code(), Some(3), "{e}");
+    assert!(halted_at < opens, "halted at {halted_at}, wave 2 opened at {opens}: {e}");
+    let lines: Vec<&str> = e.lines().filter(|l| l.contains("HALTED")).collect();
+    assert_eq!(lines.len(), 1, "{e}");
+    assert!(
+        lines[0].starts_with(
+            "nixless: HALTED group(s) kiosk of channel stable (seq 6): no news from wave 1 of group kiosk: 0 of its 5 \
+             hosts reported a result on the release in the last 15 s (need 90%); wave 2 opens in "
+        ),
+        "{e}"
+    );
+    let v = verified(&c, &halt);
+    assert_eq!((v.doc.seq, v.doc.groups[0].halt), (6, true));
+    // A wave-2 device that has not started: Halted, not Wait.
+    let w2 = hosts.iter().find(|h| h.wave == 2).unwrap();
+    let tags = ["kiosk".to_owned()];
+    let dev = Device { host: &w2.name, tags: &tags, running: Some(OLD), profile: Some(OLD) };
+    let rec = Record { seq: 5, ..Record::default() };
+    assert_eq!(channel::decide(&v, &dev, &rec, nixless::clock::now()), Ok(Decision::Halted));
+    drop(pusher);
+}
+
+/// Prometheus gives no answer (down, or too far behind to answer in time)
+/// while wave 1 owes news: that is no news too. Its last answer (none
+/// here) is judged again, and the group halted, in one line; warn mode
+/// warns and reports the error.
+#[test]
+fn no_answer_from_prometheus_is_no_news_when_a_wave_is_due() {
+    let now = nixless::clock::now();
+    let c = channel_doc_at(now - 1000, 1120);
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let halt = c.doc.with_file_name("halt.json");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["rollout", "watch", "--prometheus", &dead, "--channel-doc", c.doc.to_str().unwrap()];
+        args.extend_from_slice(&["--key", c.key.to_str().unwrap(), "--publish", halt.to_str().unwrap(), "--once"]);
+        args.extend_from_slice(extra);
+        nixless(&args)
+    };
+    let out = run(&["--on-no-news", "warn"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let e = stderr(&out);
+    assert!(
+        e.starts_with(
+            "nixless: WARNING: no news from wave 1 of group kiosk: none of its hosts reports the channel; wave 2 opens in "
+        ) && e.contains("NOT halting (--on-no-news warn)\nnixless: error: Prometheus at "),
+        "{e}"
+    );
+    assert!(!halt.exists());
+    let out = run(&[]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let e = stderr(&out);
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(
+        e.starts_with(
+            "nixless: HALTED group(s) kiosk of channel stable (seq 6): no news from wave 1 of group kiosk: none of its \
+             hosts reports the channel; wave 2 opens in "
+        ) && e.contains(&format!(" s (judged on Prometheus's last answer; this round: Prometheus at {dead}: GET ")),
+        "{e}"
+    );
+    assert!(verified(&c, &halt).doc.groups[0].halt);
+}
+
 /// Errors: one line, the right exit code, nothing published.
 #[test]
 fn watch_errors_are_one_line() {
@@ -437,6 +630,14 @@ fn watch_errors_are_one_line() {
     assert!(stderr(&out).contains("admin-2"), "{}", stderr(&out));
     let out = run(&c.doc, &["--once", "--max-failure-rate", "1.5"]);
     assert!(stderr(&out).contains("--max-failure-rate 1.5"), "{}", stderr(&out));
+    for (bad, says) in [
+        (&["--on-no-news", "shrug"][..], "--on-no-news shrug: expected halt or warn"),
+        (&["--min-reported", "0"], "--min-reported 0: expected 0 < share <= 1"),
+        (&["--stale-after", "0"], "--stale-after 0: expected 1 to 2592000 s"),
+    ] {
+        let out = run(&c.doc, &[&["--once"][..], bad].concat());
+        assert_eq!((out.status.code(), stderr(&out)), (Some(1), format!("nixless: error: {says}\n")));
+    }
     assert!(!halt.exists());
     // Fleet status against nothing.
     let out = nixless(&["fleet", "status", "--prometheus", &dead]);

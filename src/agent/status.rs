@@ -95,6 +95,7 @@ pub fn status(s: &Snapshot) -> api::Status {
         }),
         channel: s.channel.as_ref().map(|c| api::Channel {
             url: msg(&c.url),
+            failed_system: msg(&c.failed_system),
             error: msg(&c.error),
             keys_url: msg(&c.keys_url),
             keys_error: msg(&c.keys_error),

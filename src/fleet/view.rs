@@ -8,7 +8,9 @@
 //! nixless_last_result_info{outcome,system,origin} : the last finished deploy
 //! nixless_channel_info{channel,group,wave,seq,system,decision}
 //!                                                  : the channel decision
-//! nixless_last_push_timestamp_seconds              : when it last pushed
+//! nixless_last_push_timestamp_seconds              : when it last pushed (its clock)
+//! push_time_seconds                                : when the Pushgateway last took
+//!                                                    its push (the gateway's clock)
 //! ```
 //! A series without a `host` label is not an agent's and is skipped. When
 //! one host has two series of one metric (Prometheus keeps a series for
@@ -22,7 +24,7 @@ use std::collections::BTreeMap;
 /// Everything the fleet commands read, in one query, restricted to the
 /// agents' job; phases only where current (1), not the 0s of the others.
 pub const QUERY: &str = concat!(
-    "{job=\"nixless\",__name__=~\"nixless_(system_info|last_result_info|channel_info|last_push_timestamp_seconds)\"}",
+    "{job=\"nixless\",__name__=~\"nixless_(system_info|last_result_info|channel_info|last_push_timestamp_seconds)|push_time_seconds\"}",
     " or nixless_phase{job=\"nixless\"} == 1"
 );
 
@@ -62,6 +64,17 @@ pub struct Host {
     pub last: Option<LastResult>,
     pub channel: Option<ChannelInfo>,
     pub last_push: Option<f64>,
+    /// The Pushgateway's `push_time_seconds` for the host's group.
+    pub pushed: Option<f64>,
+}
+
+impl Host {
+    /// When the host's data last arrived: the Pushgateway's time (the
+    /// admin's clock, and it moves only when a push gets through), else the
+    /// agent's own (a device without a real-time clock may be far off).
+    pub fn push_time(&self) -> Option<f64> {
+        self.pushed.or(self.last_push)
+    }
 }
 
 /// The hosts of an answer, sorted by name, and the evaluation time (the
@@ -103,6 +116,9 @@ pub fn hosts(samples: &[Sample]) -> (Vec<Host>, f64) {
             }
             "nixless_last_push_timestamp_seconds" if s.value.is_finite() => {
                 h.last_push.get_or_insert(s.value);
+            }
+            "push_time_seconds" if s.value.is_finite() => {
+                h.pushed.get_or_insert(s.value);
             }
             _ => {}
         }
@@ -235,6 +251,7 @@ pub(crate) mod tests {
             sample("nixless_system_info", "a", &[("kind", "current"), ("system", "/nix/store/new")], 1.0),
             sample("nixless_last_push_timestamp_seconds", "a", &[], 990.0),
             sample("nixless_last_push_timestamp_seconds", "b", &[], 10.0),
+            sample("push_time_seconds", "a", &[("instance", "")], 995.0),
             sample(
                 "nixless_last_result_info",
                 "b",
@@ -262,6 +279,8 @@ pub(crate) mod tests {
         assert_eq!(hosts.iter().map(|h| h.host.as_str()).collect::<Vec<_>>(), ["a", "b", "c"]);
         assert_eq!(hosts[0].phase.as_deref(), Some("idle"));
         assert_eq!(hosts[0].current.as_deref(), Some("/nix/store/new"));
+        // The gateway's push time first, the agent's without one.
+        assert_eq!((hosts[0].push_time(), hosts[1].push_time(), hosts[2].push_time()), (Some(995.0), Some(10.0), None));
         assert!(hosts[1].last.as_ref().unwrap().failed());
         assert_eq!(hosts[1].channel.as_ref().map(|c| (c.seq, c.wave)), Some((5, 2)), "the newest document wins");
         let sum = summary(&hosts, now, 900);

@@ -46,7 +46,8 @@ fn clock(ctx: &Ctx, state: &State) -> Clock {
 }
 
 /// What status shows of the channel: the config's URLs and name, what the
-/// checks found ([`Shared::channel`]), the rotation and the clock floor.
+/// checks found ([`Shared::channel`]), the persisted record (accepted seq,
+/// failed system), the rotation and the clock floor.
 pub(super) fn view(ctx: &Ctx, sh: &Shared) -> Option<api::Channel> {
     let cfg = &ctx.cfg;
     if cfg.channel.is_none() && cfg.keys_url.is_none() {
@@ -55,6 +56,9 @@ pub(super) fn view(ctx: &Ctx, sh: &Shared) -> Option<api::Channel> {
     let mut v = sh.channel.clone().unwrap_or_default();
     v.url = cfg.channel.as_ref().map(|c| c.url.clone());
     v.name = cfg.channel.as_ref().map(|c| c.name.clone());
+    let rec = &sh.state.channel;
+    v.accepted_seq = (rec.seq > 0).then_some(rec.seq);
+    v.failed_system = rec.failed.clone();
     v.keys_url = cfg.keys_url.clone();
     v.keys_seq = sh.state.rotation.as_ref().map(|r| r.seq);
     v.clock_floor = clock(ctx, &sh.state).floor();
@@ -213,6 +217,7 @@ impl Agent {
         {
             let view = sh.channel.get_or_insert_with(Default::default);
             view.seq = Some(v.doc.seq);
+            view.expires = Some(v.doc.expires);
             view.decision = Some(decision.name().to_owned());
             view.group = Some(group);
             view.wave = Some(wave);
