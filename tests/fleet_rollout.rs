@@ -869,6 +869,10 @@ fn a_fleet_rolls_out_in_waves_and_a_bad_release_is_halted_in_wave_one() {
             .args(["--publish", &p.url()])
             .args(["--max-failure-rate", "0.5", "--min-hosts", &w1.to_string()])
             .args(["--interval", "1", "--deadline", &BAD_SOAK.to_string()])
+            // This test is about the failure rate: wave 1's news is due only
+            // 5 s before wave 2 opens (by default half the soak, which a
+            // loaded machine's slow wave 1 could reach first).
+            .args(["--lead", "5"])
             .stdout(Stdio::null())
             .stderr(fs::File::create(&watch_log).unwrap())
             .spawn()
