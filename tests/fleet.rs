@@ -17,8 +17,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-const PROMETHEUS: &str = "/usr/bin/prometheus";
-const GATEWAY: &str = "/usr/bin/prometheus-pushgateway";
 const NEW: &str = "/nix/store/qx8l0zlfvk6k8whfjvianr1mywbz9k4v-nixos-system-kiosk-2";
 const OLD: &str = "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-nixos-system-kiosk-1";
 
@@ -40,63 +38,18 @@ fn http() -> ureq::Agent {
         .new_agent()
 }
 
-fn ready(url: &str) -> Option<()> {
-    let r = http().get(url).call().ok()?;
-    (r.status().as_u16() == 200).then_some(())
-}
+/// The shared Pushgateway + Prometheus, with this file's helpers.
+struct Stack(common::prom::Stack);
 
-struct Stack {
-    _gateway: Server,
-    _prometheus: Server,
-    gateway: String,
-    prometheus: String,
-}
-
-/// A Pushgateway, and a Prometheus scraping it every second. `None` (and a
-/// SKIP line) when the packages are missing; tests/run.sh installs them.
-fn stack() -> Option<Stack> {
-    for bin in [PROMETHEUS, GATEWAY] {
-        if !Path::new(bin).exists() {
-            eprintln!("SKIP: {bin} missing (apt-get install prometheus prometheus-pushgateway; tests/run.sh does)");
-            return None;
-        }
+impl std::ops::Deref for Stack {
+    type Target = common::prom::Stack;
+    fn deref(&self) -> &common::prom::Stack {
+        &self.0
     }
-    let gdir = tempfile::Builder::new().prefix("nixless-fleet-gw-").tempdir().unwrap();
-    let gport = free_port();
-    let gw = Command::new(GATEWAY)
-        .arg(format!("--web.listen-address=127.0.0.1:{gport}"))
-        .arg(format!("--persistence.file={}", gdir.path().join("data").display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let gateway = format!("http://127.0.0.1:{gport}");
-    let gateway_server = Server(gw, gdir);
-    wait_until("the pushgateway to be ready", Duration::from_secs(30), || ready(&format!("{gateway}/-/ready")));
-    let pdir = tempfile::Builder::new().prefix("nixless-fleet-prom-").tempdir().unwrap();
-    let config = pdir.path().join("prometheus.yml");
-    fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: pushgateway\n    \
-             honor_labels: true\n    static_configs:\n      - targets: ['127.0.0.1:{gport}']\n"
-        ),
-    )
-    .unwrap();
-    let pport = free_port();
-    let log = fs::File::create(pdir.path().join("log")).unwrap();
-    let prom = Command::new(PROMETHEUS)
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!("--storage.tsdb.path={}", pdir.path().join("data").display()))
-        .arg(format!("--web.listen-address=127.0.0.1:{pport}"))
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let prometheus = format!("http://127.0.0.1:{pport}");
-    let prom_server = Server(prom, pdir);
-    wait_until("prometheus to be ready", Duration::from_secs(60), || ready(&format!("{prometheus}/-/ready")));
-    Some(Stack { _gateway: gateway_server, _prometheus: prom_server, gateway, prometheus })
+}
+
+fn stack() -> Option<Stack> {
+    common::prom::Stack::start(|p| Command::new(p)).map(Stack)
 }
 
 impl Stack {
@@ -107,15 +60,6 @@ impl Stack {
             .send(text.as_bytes())
             .unwrap();
         assert_eq!(r.status().as_u16(), 200, "push of {host}");
-    }
-
-    /// The value of a PromQL instant query returning one series, as text.
-    fn value(&self, q: &str) -> Option<String> {
-        let url = format!("{}/api/v1/query?query={}", self.prometheus, nixless::auth::sigv4::uri_encode(q, false));
-        let mut r = http().get(&url).call().ok()?;
-        let body = r.body_mut().read_to_string().ok()?;
-        let s = nixless::fleet::prom::parse(body.as_bytes()).ok()?;
-        s.first().map(|s| s.value.to_string())
     }
 
     /// Waits until Prometheus's answer to `q` is `want`.

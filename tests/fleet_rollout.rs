@@ -36,8 +36,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const CHANNEL: &str = "stable";
-const PROMETHEUS: &str = "/usr/bin/prometheus";
-const GATEWAY: &str = "/usr/bin/prometheus-pushgateway";
 /// The plan of both releases, in basis points (5 % → 30 % → 100 %).
 const PLAN: [u16; 3] = [500, 3_000, 10_000];
 /// Soak between the good release's waves: long enough that each wave is
@@ -111,11 +109,6 @@ impl Drop for Server {
     }
 }
 
-fn ready(url: &str) -> Option<()> {
-    let r = http().get(url).call().ok()?;
-    (r.status().as_u16() == 200).then_some(())
-}
-
 /// nginx in the foreground (one process, killable by pid) serving `cache`
 /// under `/h/HOST/…`, logging `URI STATUS BYTES` per request.
 struct Cache {
@@ -183,69 +176,21 @@ impl Cache {
     }
 }
 
-/// A Pushgateway and a Prometheus scraping it every second (as tests/fleet.rs).
-struct Stack {
-    _gateway: Server,
-    _prometheus: Server,
-    gateway: String,
-    prometheus: String,
+/// The shared Pushgateway + Prometheus (its processes die with this one).
+struct Stack(common::prom::Stack);
+
+impl std::ops::Deref for Stack {
+    type Target = common::prom::Stack;
+    fn deref(&self) -> &common::prom::Stack {
+        &self.0
+    }
 }
 
-fn stack(d: &Deadline) -> Option<Stack> {
-    for bin in [PROMETHEUS, GATEWAY] {
-        if !Path::new(bin).exists() {
-            eprintln!("SKIP: {bin} missing (apt-get install prometheus prometheus-pushgateway; tests/run.sh does)");
-            return None;
-        }
-    }
-    let gdir = tempfile::Builder::new().prefix("nixless-fleet-gw-").tempdir().unwrap();
-    let gport = free_port();
-    let gw = command(GATEWAY)
-        .arg(format!("--web.listen-address=127.0.0.1:{gport}"))
-        .arg(format!("--persistence.file={}", gdir.path().join("data").display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let gateway = format!("http://127.0.0.1:{gport}");
-    let gateway_server = Server { child: gw, _dir: Some(gdir) };
-    d.wait("the pushgateway to be ready", Duration::from_secs(30), || ready(&format!("{gateway}/-/ready")));
-    let pdir = tempfile::Builder::new().prefix("nixless-fleet-prom-").tempdir().unwrap();
-    let config = pdir.path().join("prometheus.yml");
-    fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: pushgateway\n    \
-             honor_labels: true\n    static_configs:\n      - targets: ['127.0.0.1:{gport}']\n"
-        ),
-    )
-    .unwrap();
-    let pport = free_port();
-    let log = fs::File::create(pdir.path().join("log")).unwrap();
-    let prom = command(PROMETHEUS)
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!("--storage.tsdb.path={}", pdir.path().join("data").display()))
-        .arg(format!("--web.listen-address=127.0.0.1:{pport}"))
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let prometheus = format!("http://127.0.0.1:{pport}");
-    let prom_server = Server { child: prom, _dir: Some(pdir) };
-    d.wait("prometheus to be ready", Duration::from_secs(60), || ready(&format!("{prometheus}/-/ready")));
-    Some(Stack { _gateway: gateway_server, _prometheus: prom_server, gateway, prometheus })
+fn stack() -> Option<Stack> {
+    common::prom::Stack::start(|p| command(p)).map(Stack)
 }
 
 impl Stack {
-    /// The value of a PromQL instant query returning one series, as text.
-    fn value(&self, q: &str) -> Option<String> {
-        let url = format!("{}/api/v1/query?query={}", self.prometheus, nixless::auth::sigv4::uri_encode(q, false));
-        let mut r = http().get(&url).call().ok()?;
-        let body = r.body_mut().read_to_string().ok()?;
-        let s = nixless::fleet::prom::parse(body.as_bytes()).ok()?;
-        s.first().map(|s| s.value.to_string())
-    }
-
     /// Waits until Prometheus answers `q` with `want`. On a timeout the
     /// message has the last answer and how the scrapes went (a scrape
     /// slower than its interval is the usual cause with many hosts).
@@ -759,7 +704,7 @@ fn a_fleet_rolls_out_in_waves_and_a_bad_release_is_halted_in_wave_one() {
     assert!((10..=2000).contains(&n), "NIXLESS_FLEET_AGENTS={n}: expected 10 to 2000");
     let d = Deadline::new();
     let f = fixtures();
-    let Some(s) = stack(&d) else { return };
+    let Some(s) = stack() else { return };
     let cache_dir = f.path("CACHE_ZSTD");
     let before = f.get("P_FILE");
     let good = f.get("P_CHAIN_A");

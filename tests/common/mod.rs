@@ -11,6 +11,8 @@ use std::sync::OnceLock;
 pub const NIX_CONFIG: &str =
     "build-users-group =\nexperimental-features = nix-command\nsandbox = false\nsubstituters =";
 
+pub mod prom;
+
 pub struct Fixtures {
     pub vars: BTreeMap<String, String>,
 }
