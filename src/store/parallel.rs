@@ -20,6 +20,10 @@
 //! - **Commit** is exactly [`super::install`]'s: temps are renamed in plan
 //!   order (references before referrers) by batches, after one `syncfs`; a
 //!   failure keeps the complete prefix and removes every other temp and spool.
+//!   The two waits of a batch (its contents durable before the renames, the
+//!   renames durable before the next batch or the end) are [`Flush`]es: a
+//!   child process makes the calls while the job's `poll` waits on it with
+//!   everything else, so a commit never stalls the caller's loop.
 //!
 //! `file://` caches are read directly (no request, no spool).
 //!
@@ -32,9 +36,11 @@
 //! fetched ones and save their round trips; one that fails the checks is
 //! never trusted: the caches are asked instead.
 
+use super::flush::{Flush, FLUSH_DEADLINE};
 use super::fsutil;
 use super::install::{
-    commit_batch, io_err, topo_order, BatchLimits, InstallError, Pending, Plan, PlanItem, Progress, Provided,
+    commit_records, contents_durable, contents_what, io_err, names_durable, names_what, rename_batch, topo_order,
+    BatchLimits, InstallError, Pending, Plan, PlanItem, Progress, Provided,
 };
 use super::{temp_name, StoreLock};
 use crate::fetch::pipeline::{self, PipelineError};
@@ -305,7 +311,17 @@ struct State {
     unpacked: BTreeMap<StorePath, String>,
     order: Option<Vec<PlanItem>>,
     committed: usize,
+    /// The batch `committed..end` of the plan being committed.
+    committing: Option<Committing>,
     prog: Progress,
+}
+
+/// A batch commit waiting for a flush: of the contents (records written,
+/// nothing renamed), or of the names (renamed).
+struct Committing {
+    end: usize,
+    renamed: bool,
+    flush: Flush,
 }
 
 /// One step's view: the job's state with the store lock and the keys.
@@ -421,6 +437,7 @@ impl InstallJob {
             unpacked: BTreeMap::new(),
             order: None,
             committed: 0,
+            committing: None,
             prog: Progress::default(),
         };
         Ok(InstallJob { st, keys })
@@ -454,7 +471,7 @@ impl InstallJob {
     /// fetch it again); every other temp and spool goes.
     pub fn abandon(mut self, store: &StoreLock) {
         let mut d = Driver { st: &mut self.st, keys: &self.keys, store };
-        let _ = d.commit(true);
+        d.commit_now();
         if let Some(u) = d.unpacking.take() {
             drop(u.unpacker);
             let _ = fsutil::remove_tree(store.store_fd(), u.tmp.as_bytes());
@@ -504,8 +521,18 @@ impl Driver<'_, '_> {
         if let Some(at) = self.retries.iter().map(|r| r.at).min() {
             wait = wait.min(at.saturating_duration_since(now));
         }
+        if let Some(c) = &self.committing {
+            wait = wait.min(c.flush.deadline().saturating_duration_since(now));
+        }
         let st = &mut *self.st;
-        let extra_ready = st.engine.turn_with(&mut st.inbox, wait, extra);
+        // The commit's flush is waited for in the same poll (its readiness
+        // also counts as `extra_ready`: the caller's extra poll is cheap).
+        let mut fds = extra.to_vec();
+        if let Some(fd) = st.committing.as_ref().and_then(|c| c.flush.fd()) {
+            fds.push((fd, PollFlags::IN));
+        }
+        let extra_ready = st.engine.turn_with(&mut st.inbox, wait, &fds);
+        drop(fds);
         self.credit_spools();
         for (id, result) in std::mem::take(&mut self.inbox.finished) {
             self.finished(id, result)?;
@@ -1078,14 +1105,37 @@ impl Driver<'_, '_> {
         InstallError::Nar { path: u.path, err }
     }
 
-    /// Renames the unpacked prefix of the plan into place by batches; with
-    /// `all`, whatever prefix there is (the end, or a failure).
+    /// Commits the unpacked prefix of the plan by batches, as far as it
+    /// can without waiting; with `all`, whatever prefix there is (the end,
+    /// or a failure). A batch: records written, then a flush of the
+    /// contents; once it is done, the renames, then a flush of the names;
+    /// once that is done, the batch counts as committed and the next may
+    /// start. One batch at a time, so the order is the plan's.
     fn commit(&mut self, all: bool) -> Result<(), InstallError> {
         let store = self.store;
         let st = &mut *self.st;
         let Some(order) = &st.order else { return Ok(()) };
         let limits = BatchLimits::default();
         loop {
+            if let Some(mut c) = st.committing.take() {
+                if !c.flush.check().map_err(InstallError::Flush)? {
+                    st.committing = Some(c);
+                    return Ok(());
+                }
+                if !c.renamed {
+                    let batch = pending(order, st.committed, c.end, &st.unpacked);
+                    rename_batch(store, &batch)?;
+                    let flush = Flush::start(names_what(store), &names_durable(store), FLUSH_DEADLINE)
+                        .map_err(InstallError::Flush)?;
+                    st.committing = Some(Committing { end: c.end, renamed: true, flush });
+                    continue;
+                }
+                for i in &order[st.committed..c.end] {
+                    st.unpacked.remove(&i.path);
+                }
+                st.committed = c.end;
+                continue;
+            }
             let mut end = st.committed;
             let mut bytes = 0u64;
             while end < order.len() && st.unpacked.contains_key(&order[end].path) {
@@ -1099,15 +1149,36 @@ impl Driver<'_, '_> {
             if end == st.committed || !(full || all || end == order.len()) {
                 return Ok(());
             }
-            let batch: Vec<Pending> = order[st.committed..end]
-                .iter()
-                .map(|i| (i, st.unpacked.get(&i.path).cloned().expect("unpacked")))
-                .collect();
-            commit_batch(store, &batch)?;
-            for i in &order[st.committed..end] {
-                st.unpacked.remove(&i.path);
-            }
-            st.committed = end;
+            commit_records(store, &pending(order, st.committed, end, &st.unpacked))?;
+            let flush = Flush::start(contents_what(store), &contents_durable(store), FLUSH_DEADLINE)
+                .map_err(InstallError::Flush)?;
+            st.committing = Some(Committing { end, renamed: false, flush });
         }
     }
+
+    /// [`Self::commit`] of whatever prefix there is, waiting for its
+    /// flushes: after a failure, so what is complete stays.
+    fn commit_now(&mut self) {
+        loop {
+            if self.commit(true).is_err() {
+                return;
+            }
+            let Some(c) = &self.committing else { return };
+            let Some(fd) = c.flush.fd() else { continue };
+            let left = c.flush.deadline().saturating_duration_since(Instant::now());
+            let ts = rustix::time::Timespec::try_from(left).unwrap_or(rustix::time::Timespec { tv_sec: 1, tv_nsec: 0 });
+            let mut pfd = [rustix::event::PollFd::new(&fd, PollFlags::IN)];
+            let _ = rustix::event::poll(&mut pfd, Some(&ts));
+        }
+    }
+}
+
+/// The batch `from..end` of `order`, each with its temp.
+fn pending<'p>(
+    order: &'p [PlanItem],
+    from: usize,
+    end: usize,
+    unpacked: &BTreeMap<StorePath, String>,
+) -> Vec<Pending<'p>> {
+    order[from..end].iter().map(|i| (i, unpacked.get(&i.path).cloned().expect("unpacked"))).collect()
 }
