@@ -380,17 +380,19 @@ pub(super) fn commit_batch(store: &StoreLock, batch: &[Pending]) -> Result<(), I
 
 /// Step 1 of a commit: every path's record (its temps are complete).
 pub(super) fn commit_records(store: &StoreLock, batch: &[Pending]) -> Result<(), InstallError> {
-    for (item, _) in batch {
-        let info = item.info();
-        let rec = Record {
-            path: item.path.clone(),
-            nar_hash: info.nar_hash,
-            nar_size: info.nar_size,
-            references: info.references.clone(),
-        };
-        store.write_record(&rec).map_err(io_err("write record of", &item.path))?;
-    }
-    Ok(())
+    batch.iter().try_for_each(|(item, _)| commit_record(store, item))
+}
+
+/// One path's record.
+pub(super) fn commit_record(store: &StoreLock, item: &PlanItem) -> Result<(), InstallError> {
+    let info = item.info();
+    let rec = Record {
+        path: item.path.clone(),
+        nar_hash: info.nar_hash,
+        nar_size: info.nar_size,
+        references: info.references.clone(),
+    };
+    store.write_record(&rec).map_err(io_err("write record of", &item.path))
 }
 
 /// Step 2: the calls that make the temps' contents and the records
@@ -410,24 +412,20 @@ pub(super) fn contents_what(store: &StoreLock) -> String {
 
 /// Step 3: the temps renamed into place, in batch order (references before referrers).
 pub(super) fn rename_batch(store: &StoreLock, batch: &[Pending]) -> Result<(), InstallError> {
-    for (item, tmp) in batch {
-        match rfs::renameat_with(
-            store.store_fd(),
-            tmp.as_str(),
-            store.store_fd(),
-            item.path.base(),
-            RenameFlags::NOREPLACE,
-        ) {
-            Ok(()) => {}
-            // Present already (a plan naming a path twice; under the lock
-            // nobody else can have put it there): the first copy stays.
-            Err(rustix::io::Errno::EXIST) => {
-                fsutil::remove_tree(store.store_fd(), tmp.as_bytes()).map_err(io_err("remove", &tmp))?;
-            }
-            Err(e) => return Err(io_err("rename into place", &item.path)(e.into())),
+    batch.iter().try_for_each(|(item, tmp)| rename_into_place(store, item, tmp))
+}
+
+/// One temp renamed to its path.
+pub(super) fn rename_into_place(store: &StoreLock, item: &PlanItem, tmp: &str) -> Result<(), InstallError> {
+    match rfs::renameat_with(store.store_fd(), tmp, store.store_fd(), item.path.base(), RenameFlags::NOREPLACE) {
+        Ok(()) => Ok(()),
+        // Present already (a plan naming a path twice; under the lock
+        // nobody else can have put it there): the first copy stays.
+        Err(rustix::io::Errno::EXIST) => {
+            fsutil::remove_tree(store.store_fd(), tmp.as_bytes()).map_err(io_err("remove", tmp))
         }
+        Err(e) => Err(io_err("rename into place", &item.path)(e.into())),
     }
-    Ok(())
 }
 
 /// Step 4: the call that makes the renames durable.

@@ -39,8 +39,8 @@
 use super::flush::{Flush, FLUSH_DEADLINE};
 use super::fsutil;
 use super::install::{
-    commit_records, contents_durable, contents_what, io_err, names_durable, names_what, rename_batch, topo_order,
-    BatchLimits, InstallError, Pending, Plan, PlanItem, Progress, Provided,
+    commit_record, contents_durable, contents_what, io_err, names_durable, names_what, rename_into_place, topo_order,
+    BatchLimits, InstallError, Plan, PlanItem, Progress, Provided,
 };
 use super::{temp_name, StoreLock};
 use crate::fetch::pipeline::{self, PipelineError};
@@ -68,6 +68,10 @@ pub const MAX_SPOOLS: usize = 64;
 pub const UNPACK_PER_STEP: usize = 1 << 20;
 const UNPACK_SLICE: usize = 64 << 10;
 const UNPACK_TIME: Duration = Duration::from_millis(10);
+/// Records written or temps renamed per step at most, and none more once
+/// [`COMMIT_TIME`] has passed (302 of each took 30-60 ms in one turn).
+const COMMIT_PER_STEP: usize = 64;
+const COMMIT_TIME: Duration = Duration::from_millis(5);
 
 #[derive(Debug, Clone)]
 pub struct NetOptions {
@@ -316,12 +320,22 @@ struct State {
     prog: Progress,
 }
 
-/// A batch commit waiting for a flush: of the contents (records written,
-/// nothing renamed), or of the names (renamed).
+/// A batch `committed..end` of the plan being committed, and how far.
 struct Committing {
     end: usize,
-    renamed: bool,
-    flush: Flush,
+    stage: Stage,
+}
+
+/// A batch's commit, in order; records and renames a slice per step.
+enum Stage {
+    /// Records of `committed..next` written.
+    Records { next: usize },
+    /// Every record written; the contents being made durable.
+    Contents(Flush),
+    /// Temps of `committed..next` renamed into place.
+    Renames { next: usize },
+    /// Every temp renamed; the names being made durable.
+    Names(Flush),
 }
 
 /// One step's view: the job's state with the store lock and the keys.
@@ -517,20 +531,23 @@ impl Driver<'_, '_> {
         self.send_due_retries()?;
         self.start_nars()?;
         let now = Instant::now();
-        let mut wait = if self.ready.is_empty() && self.unpacking.is_none() { max_wait } else { Duration::ZERO };
+        let idle = self.ready.is_empty() && self.unpacking.is_none() && !self.commit_busy();
+        let mut wait = if idle { max_wait } else { Duration::ZERO };
         if let Some(at) = self.retries.iter().map(|r| r.at).min() {
             wait = wait.min(at.saturating_duration_since(now));
         }
-        if let Some(c) = &self.committing {
-            wait = wait.min(c.flush.deadline().saturating_duration_since(now));
+        if let Some(f) = self.commit_flush() {
+            wait = wait.min(f.deadline().saturating_duration_since(now));
         }
         let st = &mut *self.st;
         // The commit's flush is waited for in the same poll (its readiness
         // also counts as `extra_ready`: the caller's extra poll is cheap).
         let mut fds = extra.to_vec();
-        if let Some(fd) = st.committing.as_ref().and_then(|c| c.flush.fd()) {
-            fds.push((fd, PollFlags::IN));
-        }
+        let flush_fd = match st.committing.as_ref().map(|c| &c.stage) {
+            Some(Stage::Contents(f) | Stage::Names(f)) => f.fd(),
+            _ => None,
+        };
+        fds.extend(flush_fd.map(|fd| (fd, PollFlags::IN)));
         let extra_ready = st.engine.turn_with(&mut st.inbox, wait, &fds);
         drop(fds);
         self.credit_spools();
@@ -1106,79 +1123,122 @@ impl Driver<'_, '_> {
     }
 
     /// Commits the unpacked prefix of the plan by batches, as far as it
-    /// can without waiting; with `all`, whatever prefix there is (the end,
-    /// or a failure). A batch: records written, then a flush of the
-    /// contents; once it is done, the renames, then a flush of the names;
-    /// once that is done, the batch counts as committed and the next may
-    /// start. One batch at a time, so the order is the plan's.
+    /// can in a slice of time and without waiting; with `all`, whatever
+    /// prefix there is (the end, or a failure). A batch: its records, then
+    /// a flush of the contents; once that is done, the renames in plan
+    /// order, then a flush of the names; once that is done, the batch
+    /// counts as committed and the next may start. One batch at a time, so
+    /// the order on disk is [`super::install`]'s.
     fn commit(&mut self, all: bool) -> Result<(), InstallError> {
         let store = self.store;
         let st = &mut *self.st;
         let Some(order) = &st.order else { return Ok(()) };
         let limits = BatchLimits::default();
+        let start = Instant::now();
+        let mut done = 0usize;
+        let more = |done: &mut usize| {
+            let go = *done == 0 || (*done < COMMIT_PER_STEP && start.elapsed() < COMMIT_TIME);
+            *done += 1;
+            go
+        };
         loop {
-            if let Some(mut c) = st.committing.take() {
-                if !c.flush.check().map_err(InstallError::Flush)? {
-                    st.committing = Some(c);
+            let Some(Committing { end, stage }) = st.committing.take() else {
+                let mut end = st.committed;
+                let mut bytes = 0u64;
+                while end < order.len() && st.unpacked.contains_key(&order[end].path) {
+                    bytes = bytes.saturating_add(order[end].nar_size);
+                    end += 1;
+                    if end - st.committed >= limits.paths || bytes >= limits.nar_bytes {
+                        break;
+                    }
+                }
+                let full = end - st.committed >= limits.paths || bytes >= limits.nar_bytes;
+                if end == st.committed || !(full || all || end == order.len()) {
                     return Ok(());
                 }
-                if !c.renamed {
-                    let batch = pending(order, st.committed, c.end, &st.unpacked);
-                    rename_batch(store, &batch)?;
-                    let flush = Flush::start(names_what(store), &names_durable(store), FLUSH_DEADLINE)
-                        .map_err(InstallError::Flush)?;
-                    st.committing = Some(Committing { end: c.end, renamed: true, flush });
+                st.committing = Some(Committing { end, stage: Stage::Records { next: st.committed } });
+                continue;
+            };
+            let stage = match stage {
+                Stage::Records { mut next } => {
+                    while next < end && more(&mut done) {
+                        commit_record(store, &order[next])?;
+                        next += 1;
+                    }
+                    if next < end {
+                        st.committing = Some(Committing { end, stage: Stage::Records { next } });
+                        return Ok(());
+                    }
+                    Stage::Contents(
+                        Flush::start(contents_what(store), &contents_durable(store), FLUSH_DEADLINE)
+                            .map_err(InstallError::Flush)?,
+                    )
+                }
+                Stage::Contents(mut flush) => {
+                    if !flush.check().map_err(InstallError::Flush)? {
+                        st.committing = Some(Committing { end, stage: Stage::Contents(flush) });
+                        return Ok(());
+                    }
+                    Stage::Renames { next: st.committed }
+                }
+                Stage::Renames { mut next } => {
+                    while next < end && more(&mut done) {
+                        let item = &order[next];
+                        let tmp = st.unpacked.get(&item.path).expect("unpacked");
+                        rename_into_place(store, item, tmp)?;
+                        next += 1;
+                    }
+                    if next < end {
+                        st.committing = Some(Committing { end, stage: Stage::Renames { next } });
+                        return Ok(());
+                    }
+                    Stage::Names(
+                        Flush::start(names_what(store), &names_durable(store), FLUSH_DEADLINE)
+                            .map_err(InstallError::Flush)?,
+                    )
+                }
+                Stage::Names(mut flush) => {
+                    if !flush.check().map_err(InstallError::Flush)? {
+                        st.committing = Some(Committing { end, stage: Stage::Names(flush) });
+                        return Ok(());
+                    }
+                    for i in &order[st.committed..end] {
+                        st.unpacked.remove(&i.path);
+                    }
+                    st.committed = end;
                     continue;
                 }
-                for i in &order[st.committed..c.end] {
-                    st.unpacked.remove(&i.path);
-                }
-                st.committed = c.end;
-                continue;
-            }
-            let mut end = st.committed;
-            let mut bytes = 0u64;
-            while end < order.len() && st.unpacked.contains_key(&order[end].path) {
-                bytes = bytes.saturating_add(order[end].nar_size);
-                end += 1;
-                if end - st.committed >= limits.paths || bytes >= limits.nar_bytes {
-                    break;
-                }
-            }
-            let full = end - st.committed >= limits.paths || bytes >= limits.nar_bytes;
-            if end == st.committed || !(full || all || end == order.len()) {
-                return Ok(());
-            }
-            commit_records(store, &pending(order, st.committed, end, &st.unpacked))?;
-            let flush = Flush::start(contents_what(store), &contents_durable(store), FLUSH_DEADLINE)
-                .map_err(InstallError::Flush)?;
-            st.committing = Some(Committing { end, renamed: false, flush });
+            };
+            st.committing = Some(Committing { end, stage });
         }
+    }
+
+    /// The flush a commit waits for, if it waits for one.
+    fn commit_flush(&self) -> Option<&Flush> {
+        match &self.committing.as_ref()?.stage {
+            Stage::Contents(f) | Stage::Names(f) => Some(f),
+            Stage::Records { .. } | Stage::Renames { .. } => None,
+        }
+    }
+
+    /// Whether a commit has records to write or temps to rename now.
+    fn commit_busy(&self) -> bool {
+        self.committing.is_some() && self.commit_flush().is_none()
     }
 
     /// [`Self::commit`] of whatever prefix there is, waiting for its
     /// flushes: after a failure, so what is complete stays.
     fn commit_now(&mut self) {
         loop {
-            if self.commit(true).is_err() {
+            if self.commit(true).is_err() || self.committing.is_none() {
                 return;
             }
-            let Some(c) = &self.committing else { return };
-            let Some(fd) = c.flush.fd() else { continue };
-            let left = c.flush.deadline().saturating_duration_since(Instant::now());
+            let Some(f) = self.commit_flush() else { continue };
+            let Some(fd) = f.fd() else { continue };
+            let left = f.deadline().saturating_duration_since(Instant::now());
             let ts = rustix::time::Timespec::try_from(left).unwrap_or(rustix::time::Timespec { tv_sec: 1, tv_nsec: 0 });
             let mut pfd = [rustix::event::PollFd::new(&fd, PollFlags::IN)];
             let _ = rustix::event::poll(&mut pfd, Some(&ts));
         }
     }
-}
-
-/// The batch `from..end` of `order`, each with its temp.
-fn pending<'p>(
-    order: &'p [PlanItem],
-    from: usize,
-    end: usize,
-    unpacked: &BTreeMap<StorePath, String>,
-) -> Vec<Pending<'p>> {
-    order[from..end].iter().map(|i| (i, unpacked.get(&i.path).cloned().expect("unpacked"))).collect()
 }
