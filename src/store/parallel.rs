@@ -317,6 +317,9 @@ struct State {
     committed: usize,
     /// The batch `committed..end` of the plan being committed.
     committing: Option<Committing>,
+    /// A flush failed or timed out: the file system is not to be waited
+    /// for again (abandoning the job commits nothing more).
+    flush_failed: bool,
     prog: Progress,
 }
 
@@ -452,6 +455,7 @@ impl InstallJob {
             order: None,
             committed: 0,
             committing: None,
+            flush_failed: false,
             prog: Progress::default(),
         };
         Ok(InstallJob { st, keys })
@@ -1175,7 +1179,10 @@ impl Driver<'_, '_> {
                     )
                 }
                 Stage::Contents(mut flush) => {
-                    if !flush.check().map_err(InstallError::Flush)? {
+                    if !flush.check().map_err(|e| {
+                        st.flush_failed = true;
+                        InstallError::Flush(e)
+                    })? {
                         st.committing = Some(Committing { end, stage: Stage::Contents(flush) });
                         return Ok(());
                     }
@@ -1198,7 +1205,10 @@ impl Driver<'_, '_> {
                     )
                 }
                 Stage::Names(mut flush) => {
-                    if !flush.check().map_err(InstallError::Flush)? {
+                    if !flush.check().map_err(|e| {
+                        st.flush_failed = true;
+                        InstallError::Flush(e)
+                    })? {
                         st.committing = Some(Committing { end, stage: Stage::Names(flush) });
                         return Ok(());
                     }
@@ -1230,6 +1240,9 @@ impl Driver<'_, '_> {
     /// flushes: after a failure, so what is complete stays.
     fn commit_now(&mut self) {
         loop {
+            if self.flush_failed {
+                return;
+            }
             if self.commit(true).is_err() || self.committing.is_none() {
                 return;
             }
