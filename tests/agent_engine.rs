@@ -21,6 +21,7 @@ use nixless::nix::SecretKey;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -148,6 +149,10 @@ struct Agent {
 
 impl Agent {
     fn start(dir: &Path, cache: &str, key: &SecretKey, extra: &str) -> Agent {
+        Agent::start_env(dir, cache, key, extra, &[])
+    }
+
+    fn start_env(dir: &Path, cache: &str, key: &SecretKey, extra: &str, env: &[(&str, &Path)]) -> Agent {
         let f = fixtures();
         let port = free_port();
         let root = dir.join("root");
@@ -167,6 +172,7 @@ impl Agent {
             .arg(&config)
             .env_remove("NOTIFY_SOCKET")
             .env_remove("WATCHDOG_USEC")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(logf))
@@ -296,5 +302,50 @@ fn a_bad_narinfo_in_the_document_is_not_trusted() {
     agent.wait_phase("switching");
     assert_eq!(cache.requests(".narinfo"), vec![format!("/{}.narinfo", hash_part(top))]);
     assert!(agent.log().contains("narinfo supplied with the deploy"), "{}", agent.log());
+    assert_store_sound(&tmp.0.path().join("root"), &cache_dir);
+}
+
+/// A commit's durability wait does not stall the loop: the closure's
+/// `syncfs` runs in a child process, here held before the call by the test
+/// gate (`NIXLESS_TEST_FLUSH_GATE`, a FIFO). While it is held the agent
+/// answers status, and no path of the closure is in the store yet (nothing
+/// is renamed before its contents are durable); let go, the deploy
+/// completes. (On the old code the `syncfs` ran in the loop itself: no
+/// child ever reaches the gate.)
+#[test]
+fn status_answers_while_the_commit_flushes() {
+    let f = fixtures();
+    let cache_dir = f.path("CACHE_ZSTD");
+    let cache = HoldingCache::start(&cache_dir);
+    cache.release();
+    let tmp = Removable(tempfile::tempdir().unwrap());
+    let gate = tmp.0.path().join("flush-gate");
+    let c = std::ffi::CString::new(gate.to_str().unwrap()).unwrap();
+    // SAFETY: a valid C string; mkfifo only creates the node.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let key = SecretKey::generate("admin-1").unwrap();
+    let mut agent = Agent::start_env(tmp.0.path(), &cache.url(), &key, "", &[("NIXLESS_TEST_FLUSH_GATE", &gate)]);
+    let top = f.get("TOP");
+    agent.deploy(&key, top, &closure_narinfos(&cache_dir));
+    // A writer can open the FIFO without blocking once the child has it open for reading.
+    let mut w = wait_until("the commit's flush to reach the gate", PATIENCE, || {
+        fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&gate).ok()
+    });
+    for _ in 0..3 {
+        let s = agent.status();
+        assert!(s.contains("\"phase\":\"fetching\""), "{s}");
+    }
+    let store = tmp.0.path().join("root/nix/store");
+    for p in closure_of(top) {
+        let base = Path::new(&p).file_name().unwrap();
+        assert!(!store.join(base).exists(), "{p} is in the store before its contents were made durable");
+    }
+    // Later flushes (the renames') find a regular file there and pass.
+    let open = tmp.0.path().join("flush-gate.open");
+    fs::write(&open, b"x").unwrap();
+    fs::rename(&open, &gate).unwrap();
+    w.write_all(b"x").unwrap();
+    drop(w);
+    agent.wait_phase("switching");
     assert_store_sound(&tmp.0.path().join("root"), &cache_dir);
 }

@@ -28,6 +28,7 @@
 //! |---|---|---|
 //! | fd I/O | read write readv writev pread64 lseek close | files, sockets, stderr |
 //! | durability | fsync fdatasync syncfs | store paths, state files, their directories |
+//! | durability off the loop | clone: flags exactly SIGCHLD (a plain fork: no CLONE_VM, no CLONE_THREAD, no CLONE_VFORK); pipe2 wait4 close_range | a store commit's `syncfs`/`fsync` run in a short-lived child ([`crate::store::flush`]) that closes what it inherited, makes the calls, writes 5 bytes to its pipe and exits; the loop polls the pipe and reaps it. The child inherits this filter and cannot exec |
 //! | fd flags | fcntl: F_GETFD F_SETFD F_GETFL F_SETFL F_DUPFD_CLOEXEC only | musl's `open` sets FD_CLOEXEC again; std/rustix nonblocking and `try_clone` |
 //! | ioctl | ioctl: TCGETS TIOCGWINSZ FIONBIO only | `isatty` (musl and rustix use TIOCGWINSZ, others TCGETS); std's `connect_timeout` toggles FIONBIO |
 //! | file system, `*at` | openat newfstatat fstat statx getdents64 mkdirat renameat renameat2 unlinkat symlinkat linkat readlinkat utimensat fchmod | NAR unpacking (fd-relative), canonical modes and mtime 1, atomic rename into the store (renameat2 RENAME_NOREPLACE), records, GC, profile links |
@@ -40,8 +41,9 @@
 //! | misc | futex getrandom | std's locks and once-cells (only when contended); HashMap seeds, TLS and key generation |
 //!
 //! Deliberately absent, so the attempt kills the process: execve execveat,
-//! fork vfork clone clone3 (the agent never execs and never spawns threads
-//! or processes; the switch is run by a systemd oneshot unit), ptrace
+//! fork vfork clone3, clone with any flag (the agent never execs and never
+//! spawns threads; its only process is the flush child above, which cannot
+//! exec either; the switch is run by a systemd oneshot unit), ptrace
 //! process_vm_*, kill/tgkill (other than the SIGABRT case above), mount
 //! umount2 pivot_root chroot, kexec_*, reboot, bpf, perf_event_open,
 //! init/finit/delete_module, setuid and friends, chmod/chown on paths,
@@ -143,7 +145,8 @@ pub fn selftest_cli(args: &[String], run_install: fn(&[String]) -> i32) -> i32 {
 ///   of SIGABRT, not SIGSYS (the panic hook and abort() are allowed).
 /// - a forbidden call: `execve` (exec /bin/true in place), `spawn`
 ///   (`Command::status`: killed at its first unlisted call, pipe2 or
-///   clone/vfork), `fork` (clone3 on aarch64, which has no fork), `clone`, `ptrace`
+///   clone/vfork), `fork` (clone3 on aarch64, which has no fork), `clone`
+///   (with CLONE_VM|CLONE_VFORK, as posix_spawn: only a plain fork is allowed), `ptrace`
 ///   (PTRACE_TRACEME), `socket-netlink` (a family not allowed),
 ///   `ioctl-other` (FIONREAD, a request not allowed), `mmap-exec`
 ///   (PROT_EXEC). The process must die of SIGSYS; returns 1 if the call
@@ -259,6 +262,8 @@ mod raw {
 
     // The same on both (asm-generic signal and ioctl numbers).
     const SIGCHLD: usize = 17;
+    const CLONE_VM: usize = 0x100;
+    const CLONE_VFORK: usize = 0x4000;
     const FIONREAD: usize = 0x541b;
 
     pub(super) fn forbidden(what: &str) -> String {
@@ -271,8 +276,11 @@ mod raw {
                 (nr::FORK, [clone_args.as_ptr() as usize, core::mem::size_of_val(&clone_args), 0, 0, 0, 0])
             }
             "fork" => (nr::FORK, [0; 6]),
-            // clone(SIGCHLD, NULL, ...): a plain fork through clone.
-            "clone" => (nr::CLONE, [SIGCHLD, 0, 0, 0, 0, 0]),
+            // clone(CLONE_VM|CLONE_VFORK|SIGCHLD, NULL, ...), as posix_spawn
+            // (the parent waits while the child runs on its stack, so were
+            // it allowed the child would exit at once harmlessly). A plain
+            // fork, clone(SIGCHLD), is allowed: the flush child.
+            "clone" => (nr::CLONE, [CLONE_VM | CLONE_VFORK | SIGCHLD, 0, 0, 0, 0, 0]),
             // PTRACE_TRACEME: harmless if it were allowed.
             "ptrace" => (nr::PTRACE, [0; 6]),
             "ioctl-other" => (nr::IOCTL, [2, FIONREAD, &mut n as *mut i32 as usize, 0, 0, 0]),
@@ -344,6 +352,17 @@ fn exercise_allowed() -> Result<(), String> {
     ctx("rename", std::fs::rename(&tmp, dir.join("f")))?;
     ctx("read back", std::fs::read(dir.join("f")))?;
     ctx("read_dir", std::fs::read_dir(&dir).map(|d| d.count()))?;
+
+    // A store commit's flush, in its child: pipe, fork, close_range, the
+    // calls, the result, reaping.
+    {
+        use crate::store::flush::{Flush, Op};
+        use rustix::fd::AsFd;
+        let d = ctx("open dir", std::fs::File::open(&dir))?;
+        let ops = [Op::Syncfs(d.as_fd()), Op::Fsync(d.as_fd())];
+        let f = ctx("start flush", Flush::start("selftest", &ops, Duration::from_secs(60)))?;
+        ctx("flush", f.wait())?;
+    }
 
     // AF_UNIX datagram, as sd_notify sends it.
     let sock_path = dir.join("notify");
@@ -442,6 +461,7 @@ mod tests {
             ("AF_INET6", n(libc::AF_INET6)),
             ("PROT_EXEC", n(libc::PROT_EXEC)),
             ("SIGABRT", n(libc::SIGABRT)),
+            ("SIGCHLD", n(libc::SIGCHLD)),
         ]
     }
 

@@ -18,6 +18,7 @@
 //! everything it references; a crash at any point leaves temps that the next
 //! run deletes.
 
+use super::flush::{self, FlushError};
 use super::fsutil;
 use super::record::Record;
 use super::{temp_name, Store, StoreLock};
@@ -51,6 +52,8 @@ pub enum InstallError {
         path: String,
         err: io::Error,
     },
+    /// Making a batch durable failed.
+    Flush(FlushError),
 }
 
 impl std::fmt::Display for InstallError {
@@ -62,6 +65,7 @@ impl std::fmt::Display for InstallError {
             }
             InstallError::Cycle(p) => write!(f, "{p}: reference cycle"),
             InstallError::Nar { path, err } => write!(f, "{path}: {err}"),
+            InstallError::Flush(e) => e.fmt(f),
             InstallError::Io { op, path, err } => write!(f, "{op} {path}: {err}"),
         }
     }
@@ -359,45 +363,78 @@ fn fetch_into_temp(
     }
 }
 
+/// Commits `batch` now: records, contents durable, names, the directory
+/// durable ([`commit_records`], [`contents_durable`], [`rename_batch`],
+/// [`names_durable`]), waiting for each flush. [`super::parallel`] makes
+/// the same calls in the same order without waiting in its caller's loop.
 pub(super) fn commit_batch(store: &StoreLock, batch: &[Pending]) -> Result<(), InstallError> {
     if batch.is_empty() {
         return Ok(());
     }
-    for (item, _) in batch {
-        let info = item.info();
-        let rec = Record {
-            path: item.path.clone(),
-            nar_hash: info.nar_hash,
-            nar_size: info.nar_size,
-            references: info.references.clone(),
-        };
-        store.write_record(&rec).map_err(io_err("write record of", &item.path))?;
-    }
-    let dir = store.store_dir().display();
-    rfs::syncfs(store.store_fd()).map_err(|e| io_err("syncfs", &dir)(e.into()))?;
+    commit_records(store, batch)?;
+    flush::Flush::run(contents_what(store), &contents_durable(store)).map_err(InstallError::Flush)?;
+    rename_batch(store, batch)?;
+    flush::Flush::run(names_what(store), &names_durable(store)).map_err(InstallError::Flush)?;
+    Ok(())
+}
+
+/// Step 1 of a commit: every path's record (its temps are complete).
+pub(super) fn commit_records(store: &StoreLock, batch: &[Pending]) -> Result<(), InstallError> {
+    batch.iter().try_for_each(|(item, _)| commit_record(store, item))
+}
+
+/// One path's record.
+pub(super) fn commit_record(store: &StoreLock, item: &PlanItem) -> Result<(), InstallError> {
+    let info = item.info();
+    let rec = Record {
+        path: item.path.clone(),
+        nar_hash: info.nar_hash,
+        nar_size: info.nar_size,
+        references: info.references.clone(),
+    };
+    store.write_record(&rec).map_err(io_err("write record of", &item.path))
+}
+
+/// Step 2: the calls that make the temps' contents and the records
+/// durable (one syncfs per file system), before any name changes.
+pub(super) fn contents_durable<'a>(store: &'a StoreLock) -> Vec<flush::Op<'a>> {
+    let mut ops = vec![flush::Op::Syncfs(store.store_fd())];
     let same_fs = fsutil::device(store.store_fd()).ok() == fsutil::device(store.paths_fd()).ok();
     if !same_fs {
-        rfs::syncfs(store.paths_fd()).map_err(|e| io_err("syncfs", store.state_dir().display())(e.into()))?;
+        ops.push(flush::Op::Syncfs(store.paths_fd()));
     }
-    for (item, tmp) in batch {
-        match rfs::renameat_with(
-            store.store_fd(),
-            tmp.as_str(),
-            store.store_fd(),
-            item.path.base(),
-            RenameFlags::NOREPLACE,
-        ) {
-            Ok(()) => {}
-            // Present already (a plan naming a path twice; under the lock
-            // nobody else can have put it there): the first copy stays.
-            Err(rustix::io::Errno::EXIST) => {
-                fsutil::remove_tree(store.store_fd(), tmp.as_bytes()).map_err(io_err("remove", &tmp))?;
-            }
-            Err(e) => return Err(io_err("rename into place", &item.path)(e.into())),
+    ops
+}
+
+pub(super) fn contents_what(store: &StoreLock) -> String {
+    format!("{} and {}", store.store_dir().display(), store.state_dir().display())
+}
+
+/// Step 3: the temps renamed into place, in batch order (references before referrers).
+pub(super) fn rename_batch(store: &StoreLock, batch: &[Pending]) -> Result<(), InstallError> {
+    batch.iter().try_for_each(|(item, tmp)| rename_into_place(store, item, tmp))
+}
+
+/// One temp renamed to its path.
+pub(super) fn rename_into_place(store: &StoreLock, item: &PlanItem, tmp: &str) -> Result<(), InstallError> {
+    match rfs::renameat_with(store.store_fd(), tmp, store.store_fd(), item.path.base(), RenameFlags::NOREPLACE) {
+        Ok(()) => Ok(()),
+        // Present already (a plan naming a path twice; under the lock
+        // nobody else can have put it there): the first copy stays.
+        Err(rustix::io::Errno::EXIST) => {
+            fsutil::remove_tree(store.store_fd(), tmp.as_bytes()).map_err(io_err("remove", tmp))
         }
+        Err(e) => Err(io_err("rename into place", &item.path)(e.into())),
     }
-    rfs::fsync(store.store_fd()).map_err(|e| io_err("fsync", &dir)(e.into()))?;
-    Ok(())
+}
+
+/// Step 4: the call that makes the renames durable.
+pub(super) fn names_durable<'a>(store: &'a StoreLock) -> Vec<flush::Op<'a>> {
+    vec![flush::Op::Fsync(store.store_fd())]
+}
+
+pub(super) fn names_what(store: &StoreLock) -> String {
+    store.store_dir().display().to_string()
 }
 
 /// Resolves and installs the closures of `roots`.

@@ -2,6 +2,7 @@
 //! state directory. `install` puts closures in; this module knows where
 //! things live and what is already there.
 
+pub mod flush;
 pub mod fsutil;
 pub mod install;
 pub mod lock;
