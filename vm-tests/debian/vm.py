@@ -97,6 +97,7 @@ class VM:
         self.events = []
         self.boot_id = None
         self.boots = 0
+        self.frozen_once = False
 
     # ---- lifecycle --------------------------------------------------------
     def start(self, boot_timeout=300):
@@ -106,6 +107,20 @@ class VM:
             os.unlink(overlay)
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
                         os.path.join(self.image_dir, "disk.qcow2"), overlay], check=True)
+        # A new machine: no console output from an earlier run (the log is
+        # appended to across power cycles).
+        console = os.path.join(self.work, "console.log")
+        if os.path.exists(console):
+            os.unlink(console)
+        self._launch(overlay)
+        self.wait_for_backdoor(boot_timeout)
+        log(f"guest up after {time.time() - self.t_start:.1f} s (boot {self.boot_id})")
+
+    def _launch(self, overlay):
+        """Starts qemu on the disks as they are (the overlay, the ESP, the
+        EFI variables) and connects to it; the guest then boots."""
+        self.reset_at = None
+        self.buf = self.qbuf = b""
         self.bd_path = os.path.join(self.work, "backdoor.sock")
         self.qmp_path = os.path.join(self.work, "qmp.sock")
         for p in (self.bd_path, self.qmp_path):
@@ -128,7 +143,10 @@ class VM:
             *self._machine_args(accel), "-m", str(self.memory),
             "-smp", "1", "-no-user-config", "-nodefaults", "-display", "none",
             *self._boot_args(cmdline, overlay),
-            "-serial", "file:" + os.path.join(self.work, "console.log"),
+            # Appended to, not truncated: a power cycle (below) keeps what
+            # the boots before it printed.
+            "-chardev", "file,id=ser0,append=on,path=" + os.path.join(self.work, "console.log"),
+            "-serial", "chardev:ser0",
             "-netdev", net, "-device", "virtio-net-pci,netdev=n0",
             "-device", "virtio-rng-pci",
             *ARCHES[self.arch]["watchdog"],
@@ -151,8 +169,40 @@ class VM:
         self.sel.register(self.bd, selectors.EVENT_READ, "bd")
         self.sel.register(self.qmp, selectors.EVENT_READ, "qmp")
         self._qmp_send({"execute": "qmp_capabilities"})
-        self.wait_for_backdoor(boot_timeout)
-        log(f"guest up after {time.time() - self.t_start:.1f} s (boot {self.boot_id})")
+
+    # OVMF under TCG sometimes never starts again after a warm reset (the
+    # guest's reboot, or the watchdog's): not one byte on the serial
+    # console, where it normally prints within seconds (a known class of
+    # edk2 warm-reset hangs, e.g. tianocore/edk2#12441). A real board's
+    # power button is what helps then; the harness presses it: qemu quits
+    # (flushing the disks) and starts again on the same disks and EFI
+    # variables, a cold boot. Logged, and recorded as a POWER_CYCLE event;
+    # the firmware is never given a boot entry or a variable by it.
+    FIRMWARE_SILENT_SECS = 150
+
+    def _console_size(self):
+        try:
+            return os.path.getsize(os.path.join(self.work, "console.log"))
+        except OSError:
+            return 0
+
+    def _firmware_stalled(self):
+        if self.uefi is None or self.reset_at is None:
+            return False
+        t, size = self.reset_at
+        return time.time() - t > self.FIRMWARE_SILENT_SECS and self._console_size() == size
+
+    def _power_cycle(self):
+        log(f"firmware silent for {self.FIRMWARE_SILENT_SECS} s after a reset (an OVMF warm-reset hang under "
+            "TCG): power-cycling the VM (qemu quits, starts again on the same disks and EFI variables)")
+        self.events.append((time.time(), "POWER_CYCLE", {}))
+        try:
+            self._qmp_send({"execute": "quit"})
+            self.proc.wait(30)
+        except Exception:
+            pass
+        self._cleanup()
+        self._launch(os.path.join(self.work, "overlay.qcow2"))
 
     def _machine_args(self, accel):
         a = ARCHES[self.arch]
@@ -225,6 +275,14 @@ class VM:
                         continue
                     if "event" in msg:
                         self.events.append((time.time(), msg["event"], msg.get("data")))
+                        if msg["event"] == "RESET":
+                            self.reset_at = (time.time(), self._console_size())
+                            # Harness self-test: freeze the vCPU after the
+                            # first reset, as the firmware hang looks.
+                            if os.environ.get("VMTEST_FREEZE_AFTER_RESET") == "1" and not self.frozen_once:
+                                self.frozen_once = True
+                                log("VMTEST_FREEZE_AFTER_RESET: stopping the vCPU (harness self-test)")
+                                self._qmp_send({"execute": "stop"})
                         log(f"qemu event {msg['event']} {json.dumps(msg.get('data', {}))}")
 
     def _lines(self):
@@ -241,6 +299,8 @@ class VM:
             left = deadline - time.time()
             if left <= 0:
                 return None
+            if self._firmware_stalled():
+                self._power_cycle()
             self._pump(min(left, 1.0))
 
     def wait_for_backdoor(self, timeout):
