@@ -18,6 +18,7 @@
 //! the cache and, for S3, the error code the server gave.
 
 pub mod decompress;
+pub mod oneshot;
 pub mod pipeline;
 pub mod resume;
 pub mod ticking;
