@@ -61,6 +61,7 @@ const MAX_SIG_BYTES: u64 = 4096;
 
 pub use crate::clock::now;
 
+mod docs;
 mod follow;
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -452,6 +453,8 @@ pub struct Agent {
     follow: Schedule,
     /// The deploy's fetch, while one runs.
     fetching: Option<FetchRun>,
+    /// The small requests in flight (documents, probe, push): [`docs`].
+    reqs: docs::Requests,
 }
 
 /// A deploy's closure fetch, advanced a step per turn of the loop.
@@ -501,7 +504,9 @@ impl Agent {
         let mut shared = Shared::new(state, server);
         shared.push = pusher.as_ref().map(|p| p.status.clone());
         shared.keys = crate::channel::keys::effective(&cfg.deploy_keys, shared.state.rotation.as_ref());
+        let reqs = docs::Requests::new(&cfg);
         Ok(Agent {
+            reqs,
             ctx: Rc::new(Ctx { cfg, store, timing }),
             shared: Rc::new(RefCell::new(shared)),
             health: None,
@@ -561,8 +566,8 @@ impl Agent {
                 self.apply(ev)?;
                 continue;
             }
-            self.maybe_poll()?;
-            self.maybe_follow()?;
+            self.maybe_poll();
+            self.maybe_follow();
             self.collect_pending_gc()?;
             self.maybe_push();
             {
@@ -576,9 +581,12 @@ impl Agent {
                 if let Some(ev) = self.fetch_turn(wait) {
                     self.apply(ev)?;
                 }
+                // Its poll waited on the requests' sockets too.
+                self.reqs.client.turn(Duration::ZERO, &[]);
             } else {
-                serve(&self.ctx, &self.shared, wait);
+                self.idle_turn(wait);
             }
+            self.requests_done()?;
             if let Some(e) = self.shared.borrow_mut().fatal.take() {
                 return Err(e);
             }
@@ -592,7 +600,9 @@ impl Agent {
             switch_deadline: self.switch.deadline(self.ctx.cfg.switch_timeout),
             health_round: self.health.as_ref().and_then(HealthRun::next),
         };
-        loop_wait(now, !sh.queued.is_empty(), &sh.state.phase, timers)
+        let wait = loop_wait(now, !sh.queued.is_empty(), &sh.state.phase, timers);
+        let requests = self.reqs.client.interest().1.map(|t| t.saturating_duration_since(now));
+        requests.map_or(wait, |r| wait.min(r))
     }
 
     fn perform(&mut self, eff: Effect) -> Result<Option<Event>, String> {
@@ -602,17 +612,14 @@ impl Agent {
                 let dir = &self.ctx.cfg.state_dir;
                 let pending = protocol::read_request(dir).is_some_and(|r| r.id >= id)
                     || protocol::read_result(dir).is_some_and(|r| r.id >= id);
-                if health::records_net_before(step, pending) {
-                    let flag = health::net_before_flag(self.network_reachable().is_ok());
-                    let fd = fsutil::open_dir(dir).map_err(|e| e.to_string())?;
-                    fsutil::write_atomic(fd.as_fd(), NET_BEFORE, flag, true).map_err(|e| format!("state: {e}"))?;
-                }
                 let req = protocol::Request { id, step, system };
-                let wrote = protocol::ensure_request(dir, &req).map_err(|e| format!("writing switch request: {e}"))?;
-                if wrote {
-                    log::info!("switch request {id}: {} {}", step.as_str(), req.system);
+                if health::records_net_before(step, pending) {
+                    // The flag is written before the request: the probe
+                    // runs first, and the request follows its answer.
+                    self.start_probe(docs::ProbeFor::NetBefore(req))?;
+                    return Ok(None);
                 }
-                self.switch.issued(id, Instant::now());
+                self.issue_switch(&req)?;
                 Ok(None)
             }
             Effect::CheckHealth => {
@@ -644,6 +651,28 @@ impl Agent {
                 Ok(Some(Event::GcDone(res.map(|r| r.to_string()))))
             }
         }
+    }
+
+    /// Writes switch request `req` (unless it is on disk already) and
+    /// starts its clock.
+    fn issue_switch(&mut self, req: &protocol::Request) -> Result<(), String> {
+        let dir = &self.ctx.cfg.state_dir;
+        let wrote = protocol::ensure_request(dir, req).map_err(|e| format!("writing switch request: {e}"))?;
+        if wrote {
+            log::info!("switch request {}: {} {}", req.id, req.step.as_str(), req.system);
+        }
+        self.switch.issued(req.id, Instant::now());
+        Ok(())
+    }
+
+    /// The net-before probe answered: the flag, then the switch request.
+    /// A failure to write either is fatal, as when they were written at once.
+    fn net_before_known(&mut self, req: protocol::Request, reachable: bool) -> Result<(), String> {
+        let dir = &self.ctx.cfg.state_dir;
+        let fd = fsutil::open_dir(dir).map_err(|e| e.to_string())?;
+        fsutil::write_atomic(fd.as_fd(), NET_BEFORE, health::net_before_flag(reachable), true)
+            .map_err(|e| format!("state: {e}"))?;
+        self.issue_switch(&req)
     }
 
     /// A gc document that could not be recorded for lack of space: collect
@@ -699,44 +728,29 @@ impl Agent {
         Ok(report)
     }
 
-    /// Whether any cache (or the poll URL) answers.
-    fn network_reachable(&self) -> Result<(), String> {
-        let mut fetcher = self.fetcher(&[]);
-        let mut last = String::from("no cache configured");
-        for i in 0..fetcher.cache_count() {
-            match fetcher.probe(i) {
-                Ok(()) => return Ok(()),
-                Err(e) => last = e.to_string(),
-            }
-        }
-        if let Some(url) = &self.ctx.cfg.poll_url {
-            match fetcher.get_url(url, self.ctx.cfg.max_body_bytes as u64) {
-                Ok(_) => return Ok(()),
-                Err(e) => last = e.to_string(),
-            }
-        }
-        Err(last)
-    }
-
     /// One round of health checks; an event once they pass or time out.
     fn check_health(&mut self, deadline: u64) -> Option<Event> {
         let mut run = self.health.take().unwrap_or_default();
-        let result = self.health_round(&mut run, deadline);
+        let mut probe = false;
+        let result = self.health_round(&mut run, deadline, &mut probe);
         if result.is_none() {
             self.health = Some(run);
+            // Its answer comes on a later turn (`docs`), to this run.
+            if probe && !self.reqs.probing() {
+                // Health probes write nothing: no error comes back.
+                let _ = self.start_probe(docs::ProbeFor::Health);
+            }
         }
         result
     }
 
-    fn health_round(&mut self, run: &mut HealthRun, deadline: u64) -> Option<Event> {
+    fn health_round(&mut self, run: &mut HealthRun, deadline: u64, probe: &mut bool) -> Option<Event> {
         if !run.round_due(Instant::now()) {
             return None;
         }
         let cfg = self.ctx.cfg.clone();
         let before = health::reachable_before(std::fs::read(cfg.state_dir.join(NET_BEFORE)).ok().as_deref());
-        if run.network_pending(cfg.health_check_network, before) {
-            run.network_checked(self.network_reachable());
-        }
+        *probe = run.network_pending(cfg.health_check_network, before);
         let dir = &cfg.state_dir;
         let configured = !(cfg.health_units.is_empty() && cfg.health_command.is_empty());
         let answered = protocol::read_health_result(dir).map(|r| r.id);
@@ -919,12 +933,16 @@ impl Agent {
                     return Some(Event::FetchFailed("the store lock is not this store's".into()));
                 };
                 let server = self.shared.borrow_mut().server.take();
+                // The small requests' sockets too (`docs`): one poll for all.
+                let (mut fds, due) = self.reqs.client.interest();
+                let wait = due.map_or(wait, |d| wait.min(d.saturating_duration_since(Instant::now())));
                 let stepped = match &server {
                     Some(srv) => {
-                        let (fds, w) = srv.interest(wait);
+                        let (srv_fds, w) = srv.interest(wait);
+                        fds.extend(srv_fds);
                         job.step(&lock, w, &fds)
                     }
-                    None => job.step(&lock, wait, &[]),
+                    None => job.step(&lock, wait, &fds),
                 };
                 if let Some(mut srv) = server {
                     if let Err(e) = srv.poll(Duration::ZERO, &mut Front { ctx: &ctx, shared: &self.shared }) {
@@ -996,88 +1014,6 @@ impl Agent {
                 tick(&ctx, &shared)
             })
             .map_err(|e| e.to_string())
-    }
-
-    /// Pushes the metrics when due (see `push`). Never an error: a push
-    /// that fails is the gateway's problem, not the device's.
-    fn maybe_push(&mut self) {
-        let trigger = push_trigger(&self.shared.borrow());
-        if !self.pusher.as_ref().is_some_and(|p| p.due(&trigger, Instant::now())) {
-            return;
-        }
-        let mut fetcher = self.fetcher(&[]);
-        let t = now();
-        let body = {
-            let sh = self.shared.borrow();
-            let mut snap = snapshot(&self.ctx, &sh);
-            // The pushed copy says when it was pushed: a fleet view tells
-            // silent hosts by it.
-            if let Some(p) = snap.push.as_mut() {
-                p.last_ok = Some(t);
-            }
-            status::metrics(&snap)
-        };
-        if let Some(p) = self.pusher.as_mut() {
-            p.push(&mut fetcher, &body, trigger, t);
-            self.shared.borrow_mut().push = Some(p.status.clone());
-        }
-    }
-
-    fn maybe_poll(&mut self) -> Result<(), String> {
-        let Some(url) = self.ctx.cfg.poll_url.clone() else {
-            return Ok(());
-        };
-        if !self.poll.due(Instant::now()) || self.shared.borrow().state.phase != Phase::Idle {
-            return Ok(());
-        }
-        self.poll.ran(Instant::now(), self.ctx.cfg.poll_interval, &mut self.jitter);
-        let mut fetcher = self.fetcher(&[]);
-        let limit = self.ctx.cfg.max_body_bytes as u64;
-        let fetched = fetcher
-            .get_url(&url, limit)
-            .and_then(|doc| Ok((doc, fetcher.get_url(&format!("{url}.sig"), MAX_SIG_BYTES)?)));
-        let ctx = self.ctx.clone();
-        let mut sh = self.shared.borrow_mut();
-        sh.poll_last_check = Some(now());
-        let (doc, sig) = match fetched {
-            Ok((Some(doc), Some(sig))) => (doc, sig),
-            Ok((None, _)) => {
-                sh.poll_error = Some(format!("{url}: not found"));
-                return Ok(());
-            }
-            Ok((_, None)) => {
-                sh.poll_error = Some(format!("{url}.sig: not found"));
-                return Ok(());
-            }
-            Err(e) => {
-                sh.poll_error = Some(e.to_string());
-                return Ok(());
-            }
-        };
-        let verified = deploy::verify(&doc, Some(&sig), &sh.keys, &ctx.cfg.host, sh.state.highest_seq);
-        let outcome = match verified {
-            Ok(d) => accept(&ctx, &mut sh, &d, &doc, &sig),
-            Err(rej) => Err(AcceptError::Refused(rej)),
-        };
-        match outcome {
-            Ok(()) => sh.poll_error = None,
-            // The document we already have (or an older one): nothing to do.
-            Err(AcceptError::Refused(Rejection::Stale { .. })) => sh.poll_error = None,
-            Err(AcceptError::Refused(rej)) => {
-                let msg = format!("{url}: {rej}");
-                reject(&ctx, &mut sh, &rej, "poll");
-                sh.poll_error = Some(msg);
-            }
-            // A POST served while this poll was fetching started a deploy:
-            // that one runs; the document is looked at again next poll.
-            Err(AcceptError::Busy(_)) => {
-                sh.poll_error = None;
-                log::info!("poll: an update started meanwhile; the polled document waits for the next poll");
-            }
-            Err(AcceptError::NoSpace(e)) => sh.poll_error = Some(format!("{url}: cannot record the deploy: {e}")),
-            Err(AcceptError::Fatal(e)) => return Err(e),
-        }
-        Ok(())
     }
 }
 
