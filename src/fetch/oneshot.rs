@@ -115,7 +115,8 @@ impl Handler for Inbox {
         };
         let put_answer = PUT_ANSWER.max(DENIED_BODY) as usize;
         r.keep = match (r.get_limit, head.status) {
-            (_, s) if transient(s) => return false,
+            // A GET answered so is tried again (a PUT's answer is its result).
+            (Some(_), s) if transient(s) => return false,
             (Some(limit), 200) => usize::try_from(limit).unwrap_or(usize::MAX).saturating_add(1),
             (Some(_), 401 | 403) => DENIED_BODY as usize,
             (Some(_), _) => 0,
@@ -371,7 +372,7 @@ impl Oneshot {
                 };
                 Ok(Err(FetchError::TooLarge { url, limit }))
             }
-            (_, Some(s)) if transient(s) => Err(FetchError::Http { url, status: s }),
+            (_, Some(s)) if transient(s) && !call_is_put(call) => Err(FetchError::Http { url, status: s }),
             // Stopped here: the unread rest of an answer was cut off.
             (Ok(()) | Err(NetError::Stopped), Some(s)) => Ok(classify(call, s, body)),
             (Ok(()), None) => Err(FetchError::Transport { url, msg: "no response".into() }),

@@ -214,6 +214,7 @@ fn puts_send_their_body_and_read_the_answer() {
             "<?xml version=\"1.0\"?>\n<Error><Code>AccessDenied</Code><RequestId>4442587FB7D0A2F9</RequestId></Error>",
         ),
         b"bad" => answer("400 Bad Request", "text format parsing error in line 1"),
+        b"oops" => answer("500 Internal Server Error", "oops!"),
         _ => answer("200 OK", ""),
     });
     let dir = tempfile::tempdir().unwrap();
@@ -233,6 +234,10 @@ fn puts_send_their_body_and_read_the_answer() {
     assert_eq!(run(&mut o, t).0.unwrap(), Done::Put(403, "AccessDenied".into()));
     let t = o.put(&url, "text/plain", b"bad".to_vec());
     assert_eq!(run(&mut o, t).0.unwrap(), Done::Put(400, "text format parsing error in line 1".into()));
+    // A 5xx is an answer too, not retried: the gateway's words are kept.
+    let t = o.put(&url, "text/plain", b"oops".to_vec());
+    assert_eq!(run(&mut o, t).0.unwrap(), Done::Put(500, "oops!".into()));
+    assert_eq!(seen.lock().unwrap().len(), 4);
 }
 
 /// A PUT is tried once: a gateway that is down is one error.
