@@ -41,6 +41,10 @@ use std::time::{Duration, Instant};
 pub const DISCARD_MAX: usize = 64 << 10;
 /// Requests in progress at once.
 pub const MAX_CALLS: usize = 64;
+/// How long an engine's name lookups (it keeps them for its life) and idle
+/// connections are reused: an idle client older than this starts afresh,
+/// so a long-running agent follows a poll URL's or gateway's DNS changes.
+pub const REUSE_FOR: Duration = Duration::from_secs(60);
 
 /// Names one request until it is taken back with [`Oneshot::take_done`].
 pub type Ticket = u64;
@@ -145,6 +149,8 @@ impl Handler for Inbox {
 /// See the module.
 pub struct Oneshot {
     engine: Engine,
+    /// When `engine` was made (see [`REUSE_FOR`]).
+    born: Instant,
     inbox: Inbox,
     opts: Options,
     calls: BTreeMap<Ticket, Call>,
@@ -155,7 +161,20 @@ pub struct Oneshot {
 
 impl Oneshot {
     pub fn new(opts: Options) -> Oneshot {
-        let engine = Engine::new(engine::Config {
+        Oneshot {
+            engine: Self::engine(&opts),
+            born: Instant::now(),
+            inbox: Inbox::default(),
+            opts,
+            calls: BTreeMap::new(),
+            by_req: BTreeMap::new(),
+            next: 1,
+            finished: VecDeque::new(),
+        }
+    }
+
+    fn engine(opts: &Options) -> Engine {
+        Engine::new(engine::Config {
             // One-off documents: a connection each is plenty, no pipelining
             // (a PUT must not wait behind a trickling GET).
             conns_per_origin: 4,
@@ -164,16 +183,7 @@ impl Oneshot {
             read_timeout: opts.read_timeout,
             trust: opts.trust.clone(),
             ..engine::Config::default()
-        });
-        Oneshot {
-            engine,
-            inbox: Inbox::default(),
-            opts,
-            calls: BTreeMap::new(),
-            by_req: BTreeMap::new(),
-            next: 1,
-            finished: VecDeque::new(),
-        }
+        })
     }
 
     /// GETs `url` (`http(s)://`, `s3://` or `file://`), up to `limit`
@@ -213,6 +223,10 @@ impl Oneshot {
             };
             self.finished.push_back((ticket, res));
             return ticket;
+        }
+        if self.calls.is_empty() && self.born.elapsed() >= REUSE_FOR {
+            self.engine = Self::engine(&self.opts);
+            self.born = Instant::now();
         }
         self.calls.insert(ticket, call);
         self.send(ticket);
