@@ -63,6 +63,7 @@ pub use crate::clock::now;
 
 mod docs;
 mod follow;
+mod gc_run;
 
 #[derive(Debug, Clone, Copy, Default)]
 /// Command-line switches of `nixless agent`.
@@ -455,6 +456,8 @@ pub struct Agent {
     fetching: Option<FetchRun>,
     /// The small requests in flight (documents, probe, push): [`docs`].
     reqs: docs::Requests,
+    /// A garbage collection in progress ([`gc_run`]).
+    gc: Option<gc_run::GcRun>,
 }
 
 /// A deploy's closure fetch, advanced a step per turn of the loop.
@@ -507,6 +510,7 @@ impl Agent {
         let reqs = docs::Requests::new(&cfg);
         Ok(Agent {
             reqs,
+            gc: None,
             ctx: Rc::new(Ctx { cfg, store, timing }),
             shared: Rc::new(RefCell::new(shared)),
             health: None,
@@ -568,7 +572,8 @@ impl Agent {
             }
             self.maybe_poll();
             self.maybe_follow();
-            self.collect_pending_gc()?;
+            self.collect_pending_gc();
+            self.gc_turn()?;
             self.maybe_push();
             {
                 let mut sh = self.shared.borrow_mut();
@@ -601,6 +606,7 @@ impl Agent {
             health_round: self.health.as_ref().and_then(HealthRun::next),
         };
         let wait = loop_wait(now, !sh.queued.is_empty(), &sh.state.phase, timers);
+        let wait = self.gc_due().map_or(wait, |g| wait.min(g));
         let requests = self.reqs.client.interest().1.map(|t| t.saturating_duration_since(now));
         requests.map_or(wait, |r| wait.min(r))
     }
@@ -646,9 +652,9 @@ impl Agent {
                 Ok(None)
             }
             Effect::CollectGarbage => {
-                let ctx = self.ctx.clone();
-                let res = self.lock_store(&ctx.store).and_then(|lock| self.collect_garbage(&lock, &[]));
-                Ok(Some(Event::GcDone(res.map(|r| r.to_string()))))
+                // Its GcDone comes when the collection is over (`gc_run`).
+                self.start_gc(gc_run::GcFor::Deploy);
+                Ok(None)
             }
         }
     }
@@ -676,13 +682,22 @@ impl Agent {
     }
 
     /// A gc document that could not be recorded for lack of space: collect
-    /// garbage first (that frees the space), then accept it as usual.
-    fn collect_pending_gc(&mut self) -> Result<(), String> {
+    /// garbage first (that frees the space; `gc_run`), then accept it as
+    /// usual ([`Agent::accept_pending_gc`]). The document stays pending
+    /// meanwhile, so the agent is busy for deploys.
+    fn collect_pending_gc(&mut self) {
+        if self.shared.borrow().pending_gc.is_some() {
+            self.start_gc(gc_run::GcFor::Pending);
+        }
+    }
+
+    /// The collection for the pending gc document is over: accept it.
+    fn accept_pending_gc(&mut self, collected: Result<crate::store::gc::Report, String>) -> Result<(), String> {
         let Some((seq, body, sig)) = self.shared.borrow_mut().pending_gc.take() else {
             return Ok(());
         };
         let ctx = self.ctx.clone();
-        match self.lock_store(&ctx.store).and_then(|lock| self.collect_garbage(&lock, &[])) {
+        match collected {
             Ok(report) => log::info!("freed space for gc seq {seq}: {report}"),
             Err(e) => log::warn!("collecting garbage for gc seq {seq}: {e}"),
         }
@@ -704,7 +719,11 @@ impl Agent {
         }
     }
 
-    /// GC with the configured generations kept plus `extra_roots`.
+    /// GC with the configured generations kept plus `extra_roots`, under
+    /// `store` (a deploy's fetch's lock: the disk-space rule). Still the
+    /// ticking fetcher for the narinfos of unrecorded paths: it runs in the
+    /// middle of the install job's turn (the gc documents' collection,
+    /// [`gc_run`], does not block).
     fn collect_garbage(
         &mut self,
         store: &StoreLock,
@@ -712,7 +731,7 @@ impl Agent {
     ) -> Result<crate::store::gc::Report, String> {
         use crate::store::gc;
         let cfg = self.ctx.cfg.clone();
-        let (mut roots, keep) = gc::roots(&cfg.root, cfg.generations_to_keep)?;
+        let (mut roots, _) = gc::roots(&cfg.root, cfg.generations_to_keep)?;
         roots.extend_from_slice(extra_roots);
         let (_, unknown) = gc::live_set(store, &roots);
         if !unknown.is_empty() {
@@ -720,6 +739,16 @@ impl Agent {
             let n = gc::learn_references(store, &mut fetcher, &cfg.cache_keys, &unknown);
             log::info!("learnt the references of {n} of {} paths from narinfos", unknown.len());
         }
+        self.finish_gc(store, extra_roots)
+    }
+
+    /// The collection itself, once the records are what they will be:
+    /// the configured generations kept plus `extra_roots`.
+    fn finish_gc(&self, store: &StoreLock, extra_roots: &[StorePath]) -> Result<crate::store::gc::Report, String> {
+        use crate::store::gc;
+        let cfg = &self.ctx.cfg;
+        let (mut roots, keep) = gc::roots(&cfg.root, cfg.generations_to_keep)?;
+        roots.extend_from_slice(extra_roots);
         let report = gc::collect(store, &roots, false)?;
         crate::store::profile::delete_generations(&cfg.root, &keep)
             .map_err(|e| format!("deleting old generations: {e}"))?;
@@ -1005,16 +1034,6 @@ impl Agent {
         })
     }
 
-    /// The store lock, waited for (up to [`STORE_LOCK_WAIT`]) while the
-    /// loop keeps serving: a console `nixless install` or `gc` may hold it.
-    fn lock_store<'s>(&self, store: &'s Store) -> Result<StoreLock<'s>, String> {
-        let (ctx, shared) = (self.ctx.clone(), self.shared.clone());
-        store
-            .lock_ticking(STORE_LOCK_WAIT, &mut |h| log::info!("waiting for the store lock held by {h}"), &mut || {
-                tick(&ctx, &shared)
-            })
-            .map_err(|e| e.to_string())
-    }
 }
 
 /// The loop's deadlines, as the timers know them.

@@ -46,6 +46,8 @@ pub(super) enum Purpose {
         any_answer: bool,
     },
     Push,
+    /// A narinfo for a garbage collection ([`super::gc_run`]): the path, the cache asked.
+    GcNarinfo { path: StorePath, cache: usize },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -109,7 +111,7 @@ impl Requests {
         self.probe.is_some()
     }
 
-    fn get(&mut self, url: &str, limit: u64, grow: bool, purpose: Purpose) {
+    pub(super) fn get(&mut self, url: &str, limit: u64, grow: bool, purpose: Purpose) {
         let t = self.client.get(url, limit, grow);
         self.purposes.insert(t, purpose);
     }
@@ -289,6 +291,7 @@ impl Agent {
                         }
                     }
                 }
+                Purpose::GcNarinfo { path, cache } => self.gc_narinfo(path, cache, res),
                 Purpose::Push => {
                     let res = match res {
                         Ok(Done::Put(status, answer)) => Ok((status, answer)),
