@@ -1033,7 +1033,6 @@ impl Agent {
             )
         })
     }
-
 }
 
 /// The loop's deadlines, as the timers know them.

@@ -47,7 +47,10 @@ pub(super) enum Purpose {
     },
     Push,
     /// A narinfo for a garbage collection ([`super::gc_run`]): the path, the cache asked.
-    GcNarinfo { path: StorePath, cache: usize },
+    GcNarinfo {
+        path: StorePath,
+        cache: usize,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
