@@ -8,10 +8,14 @@
 //! [`crate::store::parallel::UNPACK_PER_STEP`] bytes, then the server
 //! answers what arrived (status, metrics; deploys get 409 while busy).
 //! Nothing in the fetch calls back into the loop. The smaller transfers
-//! (polled documents, the Pushgateway, the health network check, gc's
-//! narinfo look-ups) still go through the blocking fetcher, whose ticks
-//! (`fetch::ticking`, at most every [`TICK_EVERY`]) serve HTTP and ping
-//! the watchdog; each of those ends at a deadline.
+//! (polled, channel and key documents, the Pushgateway, the health
+//! network probe) are requests in flight on the same `poll(2)` ([`docs`]),
+//! and a gc document's collection tries the store lock and asks for
+//! narinfos the same way ([`gc_run`]). One transfer still goes through the
+//! blocking fetcher, whose ticks (`fetch::ticking`, at most every
+//! [`TICK_EVERY`]) serve HTTP and ping the watchdog: the narinfos of
+//! unrecorded paths when the disk-space rule collects garbage in the
+//! middle of a deploy's fetch; it ends at a deadline.
 //!
 //! Every state transition is persisted (atomically, durably) before its
 //! effects are carried out; see `machine` for why that makes every crash
