@@ -570,6 +570,10 @@ impl Agent {
                     self.apply(ev)?;
                 }
             }
+            // What finished already (file:// answers come at once): a
+            // switch request after a local-only net-before probe is on disk
+            // before status can say "switching".
+            self.requests_done()?;
             if let Some(ev) = self.check_progress() {
                 self.apply(ev)?;
                 continue;
