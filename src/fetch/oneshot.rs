@@ -41,6 +41,9 @@ use std::time::{Duration, Instant};
 pub const DISCARD_MAX: usize = 64 << 10;
 /// Requests in progress at once.
 pub const MAX_CALLS: usize = 64;
+/// Redirects a GET follows (ureq's agent, which these requests left,
+/// followed them too).
+pub const MAX_REDIRECTS: u32 = 5;
 /// How long an engine's name lookups (it keeps them for its life) and idle
 /// connections are reused: an idle client older than this starts afresh,
 /// so a long-running agent follows a poll URL's or gateway's DNS changes.
@@ -74,6 +77,7 @@ struct Call {
     /// Waiting out a backoff until then.
     retry_at: Option<Instant>,
     req: Option<ReqId>,
+    redirects: u32,
 }
 
 impl Call {
@@ -92,6 +96,7 @@ struct Resp {
     get_limit: Option<u64>,
     status: Option<u16>,
     announced: Option<u64>,
+    location: Option<String>,
     body: Vec<u8>,
     /// Bytes kept of this answer; the rest is discarded up to [`DISCARD_MAX`].
     keep: usize,
@@ -113,6 +118,7 @@ impl Handler for Inbox {
     fn head(&mut self, id: ReqId, head: &Head) -> bool {
         let Some(r) = self.resps.get_mut(&id) else { return false };
         r.status = Some(head.status);
+        r.location = head.location.clone();
         r.announced = match head.framing {
             Framing::Length(n) => Some(n),
             _ => None,
@@ -210,6 +216,7 @@ impl Oneshot {
             delay: self.opts.backoff,
             retry_at: None,
             req: None,
+            redirects: 0,
         };
         if self.calls.len() >= MAX_CALLS {
             let msg = format!("more than {MAX_CALLS} requests at once");
@@ -276,8 +283,16 @@ impl Oneshot {
         };
         call.req = Some(id);
         self.by_req.insert(id, ticket);
-        let resp =
-            Resp { get_limit, status: None, announced: None, body: Vec::new(), keep: 0, seen: 0, too_large: false };
+        let resp = Resp {
+            get_limit,
+            status: None,
+            announced: None,
+            location: None,
+            body: Vec::new(),
+            keep: 0,
+            seen: 0,
+            too_large: false,
+        };
         self.inbox.resps.insert(id, resp);
     }
 
@@ -375,6 +390,21 @@ impl Oneshot {
         let url = call.url.clone();
         let status = resp.as_ref().and_then(|r| r.status);
         let too_large = resp.as_ref().is_some_and(|r| r.too_large);
+        let location = resp.as_ref().and_then(|r| r.location.clone());
+        // A GET's redirect is followed (not an S3 one: its signed headers,
+        // a session token among them, must not go to another host), with
+        // the credentials of where it leads, within the same deadline.
+        let redirect = matches!(status, Some(301 | 302 | 303 | 307 | 308))
+            && !call_is_put(call)
+            && !url.starts_with("s3://")
+            && matches!(result, Ok(()) | Err(NetError::Stopped));
+        if let (true, Some(to)) = (redirect, location.as_deref().and_then(|l| resolve(&url, l))) {
+            if call.redirects < MAX_REDIRECTS {
+                call.redirects += 1;
+                call.url = to;
+                return self.send(ticket);
+            }
+        }
         let body = resp.map(|r| r.body).unwrap_or_default();
         // Ok: the call's result; Err: what failed, if no retry comes.
         let outcome = match (result, status) {
@@ -449,6 +479,30 @@ fn read_file(url: &str, path: &str, limit: u64) -> Result<Option<Vec<u8>>, Fetch
         return Err(FetchError::TooLarge { url: url.to_owned(), limit });
     }
     Ok(Some(buf))
+}
+
+/// Where a `Location` from `base` leads: an absolute `http(s)://` URL, or
+/// a reference resolved against `base` (RFC 3986 5.2, without dot segments:
+/// a server naming one gets it sent as written).
+fn resolve(base: &str, location: &str) -> Option<String> {
+    if location.starts_with("http://") || location.starts_with("https://") {
+        return Some(location.to_owned());
+    }
+    let (scheme, rest) = base.split_once("://")?;
+    let (authority, tail) = rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()));
+    if let Some(net) = location.strip_prefix("//") {
+        return Some(format!("{scheme}://{net}"));
+    }
+    if location.starts_with('/') {
+        return Some(format!("{scheme}://{authority}{location}"));
+    }
+    if location.contains("://") {
+        return None;
+    }
+    let path = tail.split(['?', '#']).next().unwrap_or("");
+    let dir = path.rsplit_once('/').map_or("/", |(d, _)| d);
+    let dir = dir.trim_end_matches('/');
+    Some(format!("{scheme}://{authority}{dir}/{location}"))
 }
 
 /// `scheme://authority[/path][?query][#fragment]` → the origin and the

@@ -90,7 +90,13 @@ pub struct Head {
     pub range_start: Option<u64>,
     /// Whether the connection may carry another response after this one.
     pub keep_alive: bool,
+    /// A redirect's `Location` (at most [`MAX_LOCATION`] bytes of visible ASCII).
+    pub location: Option<String>,
 }
+
+/// Longest `Location` kept; a longer one is dropped (the redirect then
+/// fails as an unexpected status).
+pub const MAX_LOCATION: usize = 2048;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event<'a> {
@@ -348,6 +354,7 @@ fn parse_head(input: &[u8]) -> Result<Option<(usize, Head)>, ProtoError> {
     let mut chunked = false;
     let mut close = !http11;
     let mut range_start = None;
+    let mut location = None;
     for h in resp.headers.iter() {
         let value = trim_ows(h.value);
         if h.name.eq_ignore_ascii_case("content-length") {
@@ -373,6 +380,11 @@ fn parse_head(input: &[u8]) -> Result<Option<(usize, Head)>, ProtoError> {
                     close = false;
                 }
             }
+        } else if h.name.eq_ignore_ascii_case("location") {
+            location = std::str::from_utf8(value)
+                .ok()
+                .filter(|v| !v.is_empty() && v.len() <= MAX_LOCATION && v.bytes().all(|b| b.is_ascii_graphic()))
+                .map(str::to_owned);
         } else if h.name.eq_ignore_ascii_case("content-range") {
             range_start = value
                 .strip_prefix(b"bytes ")
@@ -395,7 +407,7 @@ fn parse_head(input: &[u8]) -> Result<Option<(usize, Head)>, ProtoError> {
         close = true;
         Framing::UntilClose
     };
-    Ok(Some((used, Head { status, framing, range_start, keep_alive: !close })))
+    Ok(Some((used, Head { status, framing, range_start, keep_alive: !close, location })))
 }
 
 fn parse_u64(s: &[u8]) -> Option<u64> {

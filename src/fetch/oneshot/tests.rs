@@ -286,3 +286,40 @@ fn urls_split_into_origin_and_target() {
     assert_eq!(split_url("http://h").unwrap().1, "/");
     assert!(split_url("http://u@h/").is_err() && split_url("ftp://h/").is_err() && split_url("h/x").is_err());
 }
+
+/// A GET follows redirects (absolute, path-absolute and relative ones, as
+/// ureq did for the agent's documents), up to [`MAX_REDIRECTS`]; a loop
+/// ends as the redirect's status.
+#[test]
+fn redirects_are_followed_a_few_times() {
+    let (base, seen) = serve(|s, _| {
+        let to = |l: &str| {
+            Reply::Bytes(format!("HTTP/1.1 302 Found\r\nLocation: {l}\r\nContent-Length: 3\r\n\r\nmoo").into_bytes())
+        };
+        match s.line.split(' ').nth(1).unwrap() {
+            "/a/doc.json" => to("/b/doc.json"),
+            "/b/doc.json" => to("c.json"),
+            "/b/c.json" => answer("200 OK", "here"),
+            "/loop" => to("/loop"),
+            _ => answer("404 Not Found", ""),
+        }
+    });
+    let mut o = Oneshot::new(opts());
+    let t = o.get(&format!("{base}/a/doc.json"), 100, true);
+    assert_eq!(doc(run(&mut o, t).0).unwrap(), b"here");
+    let t = o.get(&format!("{base}/loop"), 100, true);
+    let e = run(&mut o, t).0.unwrap_err();
+    assert_eq!(e.to_string(), format!("GET {base}/loop: HTTP 302"));
+    let loops = seen.lock().unwrap().iter().filter(|s| s.line.contains("/loop")).count();
+    assert_eq!(loops, 1 + MAX_REDIRECTS as usize);
+}
+
+#[test]
+fn locations_resolve_against_the_url() {
+    assert_eq!(resolve("http://h:1/a/b?q", "c").unwrap(), "http://h:1/a/c");
+    assert_eq!(resolve("http://h:1/a/b", "/c?d").unwrap(), "http://h:1/c?d");
+    assert_eq!(resolve("http://h:1", "c").unwrap(), "http://h:1/c");
+    assert_eq!(resolve("https://h/a", "//g/x").unwrap(), "https://g/x");
+    assert_eq!(resolve("https://h/a", "http://g/x").unwrap(), "http://g/x");
+    assert_eq!(resolve("https://h/a", "file:///etc/passwd"), None);
+}
