@@ -1148,8 +1148,9 @@ mod tests {
     }
 
     /// Issue E.5: a poll checks that the agent is idle, then fetches; a
-    /// POST served from the fetch's ticks starts a job; then the poll's
-    /// accept comes. It must find the agent busy and change nothing.
+    /// POST served while the fetch is in flight (`docs`: on later turns)
+    /// starts a job; then the poll's accept comes. It must find the agent
+    /// busy and change nothing.
     #[test]
     fn an_accept_racing_a_running_job_is_busy_and_changes_nothing() {
         let (_tmp, ctx, sk) = setup();
