@@ -214,7 +214,7 @@ impl Agent {
         };
         let Some(p) = self.pusher.as_mut() else { return };
         p.started(trigger, t);
-        let ticket = self.reqs.client.put(p.url(), super::super::push::CONTENT_TYPE, body.into_bytes());
+        let ticket = self.reqs.client.put(p.url(), crate::agent::push::CONTENT_TYPE, body.into_bytes());
         self.reqs.purposes.insert(ticket, Purpose::Push);
     }
 
