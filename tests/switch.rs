@@ -590,6 +590,33 @@ fn signed_rollback_and_gc_actions() {
     assert!(v.status.success(), "what is left verifies: {}", stderr(&v));
 }
 
+/// A live path without a record (on the device before nixless) blocks a
+/// collection until its references are known: the agent's gc learns them
+/// from a cache's signed narinfo as loop work (`daemon::gc_run`), writes
+/// the record, and collects.
+#[test]
+fn a_gc_deploy_learns_unrecorded_references_from_the_cache() {
+    let d = Device::new(Opts { generations: 1, ..Opts::default() });
+    d.deploy(Some(&sys("b")), "switch", 130);
+    assert_eq!(d.finish(130, 60).0, "committed");
+    d.deploy(None, "rollback", 131);
+    assert_eq!(d.finish(131, 60).0, "committed");
+    // A's closure is live (current and booted); forget the record of its top.
+    let paths = d.root.path().join("var/lib/nixless/paths");
+    let a_base = sys("a").rsplit('/').next().unwrap().to_owned();
+    let record = std::fs::read(paths.join(&a_base)).expect("A has a record");
+    std::fs::remove_file(paths.join(&a_base)).unwrap();
+    let store = d.root.path().join("nix/store");
+    let b_base = sys("b").rsplit('/').next().unwrap().to_owned();
+    d.deploy(None, "gc", 132);
+    let (outcome, status) = d.finish(132, 60);
+    assert_eq!(outcome, "collected", "{status}");
+    assert_eq!(std::fs::read(paths.join(&a_base)).ok(), Some(record), "the record learnt is the one installed");
+    assert!(!store.join(&b_base).exists(), "B collected: {status}");
+    let v = nixless(&["verify", "--root", d.root.path().to_str().unwrap()]);
+    assert!(v.status.success(), "what is left verifies: {}", stderr(&v));
+}
+
 #[test]
 fn gc_keeps_exactly_what_it_must() {
     let d = Device::new(Opts { generations: 2, ..Opts::default() });

@@ -8,10 +8,14 @@
 //! [`crate::store::parallel::UNPACK_PER_STEP`] bytes, then the server
 //! answers what arrived (status, metrics; deploys get 409 while busy).
 //! Nothing in the fetch calls back into the loop. The smaller transfers
-//! (polled documents, the Pushgateway, the health network check, gc's
-//! narinfo look-ups) still go through the blocking fetcher, whose ticks
-//! (`fetch::ticking`, at most every [`TICK_EVERY`]) serve HTTP and ping
-//! the watchdog; each of those ends at a deadline.
+//! (polled, channel and key documents, the Pushgateway, the health
+//! network probe) are requests in flight on the same `poll(2)` ([`docs`]),
+//! and a gc document's collection tries the store lock and asks for
+//! narinfos the same way ([`gc_run`]). One transfer still goes through the
+//! blocking fetcher, whose ticks (`fetch::ticking`, at most every
+//! [`TICK_EVERY`]) serve HTTP and ping the watchdog: the narinfos of
+//! unrecorded paths when the disk-space rule collects garbage in the
+//! middle of a deploy's fetch; it ends at a deadline.
 //!
 //! Every state transition is persisted (atomically, durably) before its
 //! effects are carried out; see `machine` for why that makes every crash
@@ -61,7 +65,9 @@ const MAX_SIG_BYTES: u64 = 4096;
 
 pub use crate::clock::now;
 
+mod docs;
 mod follow;
+mod gc_run;
 
 #[derive(Debug, Clone, Copy, Default)]
 /// Command-line switches of `nixless agent`.
@@ -452,6 +458,10 @@ pub struct Agent {
     follow: Schedule,
     /// The deploy's fetch, while one runs.
     fetching: Option<FetchRun>,
+    /// The small requests in flight (documents, probe, push): [`docs`].
+    reqs: docs::Requests,
+    /// A garbage collection in progress ([`gc_run`]).
+    gc: Option<gc_run::GcRun>,
 }
 
 /// A deploy's closure fetch, advanced a step per turn of the loop.
@@ -501,7 +511,10 @@ impl Agent {
         let mut shared = Shared::new(state, server);
         shared.push = pusher.as_ref().map(|p| p.status.clone());
         shared.keys = crate::channel::keys::effective(&cfg.deploy_keys, shared.state.rotation.as_ref());
+        let reqs = docs::Requests::new(&cfg);
         Ok(Agent {
+            reqs,
+            gc: None,
             ctx: Rc::new(Ctx { cfg, store, timing }),
             shared: Rc::new(RefCell::new(shared)),
             health: None,
@@ -557,13 +570,18 @@ impl Agent {
                     self.apply(ev)?;
                 }
             }
+            // What finished already (file:// answers come at once): a
+            // switch request after a local-only net-before probe is on disk
+            // before status can say "switching".
+            self.requests_done()?;
             if let Some(ev) = self.check_progress() {
                 self.apply(ev)?;
                 continue;
             }
-            self.maybe_poll()?;
-            self.maybe_follow()?;
-            self.collect_pending_gc()?;
+            self.maybe_poll();
+            self.maybe_follow();
+            self.collect_pending_gc();
+            self.gc_turn()?;
             self.maybe_push();
             {
                 let mut sh = self.shared.borrow_mut();
@@ -576,9 +594,12 @@ impl Agent {
                 if let Some(ev) = self.fetch_turn(wait) {
                     self.apply(ev)?;
                 }
+                // Its poll waited on the requests' sockets too.
+                self.reqs.client.turn(Duration::ZERO, &[]);
             } else {
-                serve(&self.ctx, &self.shared, wait);
+                self.idle_turn(wait);
             }
+            self.requests_done()?;
             if let Some(e) = self.shared.borrow_mut().fatal.take() {
                 return Err(e);
             }
@@ -592,7 +613,10 @@ impl Agent {
             switch_deadline: self.switch.deadline(self.ctx.cfg.switch_timeout),
             health_round: self.health.as_ref().and_then(HealthRun::next),
         };
-        loop_wait(now, !sh.queued.is_empty(), &sh.state.phase, timers)
+        let wait = loop_wait(now, !sh.queued.is_empty(), &sh.state.phase, timers);
+        let wait = self.gc_due().map_or(wait, |g| wait.min(g));
+        let requests = self.reqs.client.interest().1.map(|t| t.saturating_duration_since(now));
+        requests.map_or(wait, |r| wait.min(r))
     }
 
     fn perform(&mut self, eff: Effect) -> Result<Option<Event>, String> {
@@ -602,17 +626,14 @@ impl Agent {
                 let dir = &self.ctx.cfg.state_dir;
                 let pending = protocol::read_request(dir).is_some_and(|r| r.id >= id)
                     || protocol::read_result(dir).is_some_and(|r| r.id >= id);
-                if health::records_net_before(step, pending) {
-                    let flag = health::net_before_flag(self.network_reachable().is_ok());
-                    let fd = fsutil::open_dir(dir).map_err(|e| e.to_string())?;
-                    fsutil::write_atomic(fd.as_fd(), NET_BEFORE, flag, true).map_err(|e| format!("state: {e}"))?;
-                }
                 let req = protocol::Request { id, step, system };
-                let wrote = protocol::ensure_request(dir, &req).map_err(|e| format!("writing switch request: {e}"))?;
-                if wrote {
-                    log::info!("switch request {id}: {} {}", step.as_str(), req.system);
+                if health::records_net_before(step, pending) {
+                    // The flag is written before the request: the probe
+                    // runs first, and the request follows its answer.
+                    self.start_probe(docs::ProbeFor::NetBefore(req))?;
+                    return Ok(None);
                 }
-                self.switch.issued(id, Instant::now());
+                self.issue_switch(&req)?;
                 Ok(None)
             }
             Effect::CheckHealth => {
@@ -639,21 +660,52 @@ impl Agent {
                 Ok(None)
             }
             Effect::CollectGarbage => {
-                let ctx = self.ctx.clone();
-                let res = self.lock_store(&ctx.store).and_then(|lock| self.collect_garbage(&lock, &[]));
-                Ok(Some(Event::GcDone(res.map(|r| r.to_string()))))
+                // Its GcDone comes when the collection is over (`gc_run`).
+                self.start_gc(gc_run::GcFor::Deploy);
+                Ok(None)
             }
         }
     }
 
+    /// Writes switch request `req` (unless it is on disk already) and
+    /// starts its clock.
+    fn issue_switch(&mut self, req: &protocol::Request) -> Result<(), String> {
+        let dir = &self.ctx.cfg.state_dir;
+        let wrote = protocol::ensure_request(dir, req).map_err(|e| format!("writing switch request: {e}"))?;
+        if wrote {
+            log::info!("switch request {}: {} {}", req.id, req.step.as_str(), req.system);
+        }
+        self.switch.issued(req.id, Instant::now());
+        Ok(())
+    }
+
+    /// The net-before probe answered: the flag, then the switch request.
+    /// A failure to write either is fatal, as when they were written at once.
+    fn net_before_known(&mut self, req: protocol::Request, reachable: bool) -> Result<(), String> {
+        let dir = &self.ctx.cfg.state_dir;
+        let fd = fsutil::open_dir(dir).map_err(|e| e.to_string())?;
+        fsutil::write_atomic(fd.as_fd(), NET_BEFORE, health::net_before_flag(reachable), true)
+            .map_err(|e| format!("state: {e}"))?;
+        self.issue_switch(&req)
+    }
+
     /// A gc document that could not be recorded for lack of space: collect
-    /// garbage first (that frees the space), then accept it as usual.
-    fn collect_pending_gc(&mut self) -> Result<(), String> {
+    /// garbage first (that frees the space; `gc_run`), then accept it as
+    /// usual ([`Agent::accept_pending_gc`]). The document stays pending
+    /// meanwhile, so the agent is busy for deploys.
+    fn collect_pending_gc(&mut self) {
+        if self.shared.borrow().pending_gc.is_some() {
+            self.start_gc(gc_run::GcFor::Pending);
+        }
+    }
+
+    /// The collection for the pending gc document is over: accept it.
+    fn accept_pending_gc(&mut self, collected: Result<crate::store::gc::Report, String>) -> Result<(), String> {
         let Some((seq, body, sig)) = self.shared.borrow_mut().pending_gc.take() else {
             return Ok(());
         };
         let ctx = self.ctx.clone();
-        match self.lock_store(&ctx.store).and_then(|lock| self.collect_garbage(&lock, &[])) {
+        match collected {
             Ok(report) => log::info!("freed space for gc seq {seq}: {report}"),
             Err(e) => log::warn!("collecting garbage for gc seq {seq}: {e}"),
         }
@@ -675,7 +727,11 @@ impl Agent {
         }
     }
 
-    /// GC with the configured generations kept plus `extra_roots`.
+    /// GC with the configured generations kept plus `extra_roots`, under
+    /// `store` (a deploy's fetch's lock: the disk-space rule). Still the
+    /// ticking fetcher for the narinfos of unrecorded paths: it runs in the
+    /// middle of the install job's turn (the gc documents' collection,
+    /// [`gc_run`], does not block).
     fn collect_garbage(
         &mut self,
         store: &StoreLock,
@@ -683,7 +739,7 @@ impl Agent {
     ) -> Result<crate::store::gc::Report, String> {
         use crate::store::gc;
         let cfg = self.ctx.cfg.clone();
-        let (mut roots, keep) = gc::roots(&cfg.root, cfg.generations_to_keep)?;
+        let (mut roots, _) = gc::roots(&cfg.root, cfg.generations_to_keep)?;
         roots.extend_from_slice(extra_roots);
         let (_, unknown) = gc::live_set(store, &roots);
         if !unknown.is_empty() {
@@ -691,6 +747,16 @@ impl Agent {
             let n = gc::learn_references(store, &mut fetcher, &cfg.cache_keys, &unknown);
             log::info!("learnt the references of {n} of {} paths from narinfos", unknown.len());
         }
+        self.finish_gc(store, extra_roots)
+    }
+
+    /// The collection itself, once the records are what they will be:
+    /// the configured generations kept plus `extra_roots`.
+    fn finish_gc(&self, store: &StoreLock, extra_roots: &[StorePath]) -> Result<crate::store::gc::Report, String> {
+        use crate::store::gc;
+        let cfg = &self.ctx.cfg;
+        let (mut roots, keep) = gc::roots(&cfg.root, cfg.generations_to_keep)?;
+        roots.extend_from_slice(extra_roots);
         let report = gc::collect(store, &roots, false)?;
         crate::store::profile::delete_generations(&cfg.root, &keep)
             .map_err(|e| format!("deleting old generations: {e}"))?;
@@ -699,44 +765,29 @@ impl Agent {
         Ok(report)
     }
 
-    /// Whether any cache (or the poll URL) answers.
-    fn network_reachable(&self) -> Result<(), String> {
-        let mut fetcher = self.fetcher(&[]);
-        let mut last = String::from("no cache configured");
-        for i in 0..fetcher.cache_count() {
-            match fetcher.probe(i) {
-                Ok(()) => return Ok(()),
-                Err(e) => last = e.to_string(),
-            }
-        }
-        if let Some(url) = &self.ctx.cfg.poll_url {
-            match fetcher.get_url(url, self.ctx.cfg.max_body_bytes as u64) {
-                Ok(_) => return Ok(()),
-                Err(e) => last = e.to_string(),
-            }
-        }
-        Err(last)
-    }
-
     /// One round of health checks; an event once they pass or time out.
     fn check_health(&mut self, deadline: u64) -> Option<Event> {
         let mut run = self.health.take().unwrap_or_default();
-        let result = self.health_round(&mut run, deadline);
+        let mut probe = false;
+        let result = self.health_round(&mut run, deadline, &mut probe);
         if result.is_none() {
             self.health = Some(run);
+            // Its answer comes on a later turn (`docs`), to this run.
+            if probe && !self.reqs.probing() {
+                // Health probes write nothing: no error comes back.
+                let _ = self.start_probe(docs::ProbeFor::Health);
+            }
         }
         result
     }
 
-    fn health_round(&mut self, run: &mut HealthRun, deadline: u64) -> Option<Event> {
+    fn health_round(&mut self, run: &mut HealthRun, deadline: u64, probe: &mut bool) -> Option<Event> {
         if !run.round_due(Instant::now()) {
             return None;
         }
         let cfg = self.ctx.cfg.clone();
         let before = health::reachable_before(std::fs::read(cfg.state_dir.join(NET_BEFORE)).ok().as_deref());
-        if run.network_pending(cfg.health_check_network, before) {
-            run.network_checked(self.network_reachable());
-        }
+        *probe = run.network_pending(cfg.health_check_network, before);
         let dir = &cfg.state_dir;
         let configured = !(cfg.health_units.is_empty() && cfg.health_command.is_empty());
         let answered = protocol::read_health_result(dir).map(|r| r.id);
@@ -919,12 +970,16 @@ impl Agent {
                     return Some(Event::FetchFailed("the store lock is not this store's".into()));
                 };
                 let server = self.shared.borrow_mut().server.take();
+                // The small requests' sockets too (`docs`): one poll for all.
+                let (mut fds, due) = self.reqs.client.interest();
+                let wait = due.map_or(wait, |d| wait.min(d.saturating_duration_since(Instant::now())));
                 let stepped = match &server {
                     Some(srv) => {
-                        let (fds, w) = srv.interest(wait);
+                        let (srv_fds, w) = srv.interest(wait);
+                        fds.extend(srv_fds);
                         job.step(&lock, w, &fds)
                     }
-                    None => job.step(&lock, wait, &[]),
+                    None => job.step(&lock, wait, &fds),
                 };
                 if let Some(mut srv) = server {
                     if let Err(e) = srv.poll(Duration::ZERO, &mut Front { ctx: &ctx, shared: &self.shared }) {
@@ -985,99 +1040,6 @@ impl Agent {
                 free >> 20
             )
         })
-    }
-
-    /// The store lock, waited for (up to [`STORE_LOCK_WAIT`]) while the
-    /// loop keeps serving: a console `nixless install` or `gc` may hold it.
-    fn lock_store<'s>(&self, store: &'s Store) -> Result<StoreLock<'s>, String> {
-        let (ctx, shared) = (self.ctx.clone(), self.shared.clone());
-        store
-            .lock_ticking(STORE_LOCK_WAIT, &mut |h| log::info!("waiting for the store lock held by {h}"), &mut || {
-                tick(&ctx, &shared)
-            })
-            .map_err(|e| e.to_string())
-    }
-
-    /// Pushes the metrics when due (see `push`). Never an error: a push
-    /// that fails is the gateway's problem, not the device's.
-    fn maybe_push(&mut self) {
-        let trigger = push_trigger(&self.shared.borrow());
-        if !self.pusher.as_ref().is_some_and(|p| p.due(&trigger, Instant::now())) {
-            return;
-        }
-        let mut fetcher = self.fetcher(&[]);
-        let t = now();
-        let body = {
-            let sh = self.shared.borrow();
-            let mut snap = snapshot(&self.ctx, &sh);
-            // The pushed copy says when it was pushed: a fleet view tells
-            // silent hosts by it.
-            if let Some(p) = snap.push.as_mut() {
-                p.last_ok = Some(t);
-            }
-            status::metrics(&snap)
-        };
-        if let Some(p) = self.pusher.as_mut() {
-            p.push(&mut fetcher, &body, trigger, t);
-            self.shared.borrow_mut().push = Some(p.status.clone());
-        }
-    }
-
-    fn maybe_poll(&mut self) -> Result<(), String> {
-        let Some(url) = self.ctx.cfg.poll_url.clone() else {
-            return Ok(());
-        };
-        if !self.poll.due(Instant::now()) || self.shared.borrow().state.phase != Phase::Idle {
-            return Ok(());
-        }
-        self.poll.ran(Instant::now(), self.ctx.cfg.poll_interval, &mut self.jitter);
-        let mut fetcher = self.fetcher(&[]);
-        let limit = self.ctx.cfg.max_body_bytes as u64;
-        let fetched = fetcher
-            .get_url(&url, limit)
-            .and_then(|doc| Ok((doc, fetcher.get_url(&format!("{url}.sig"), MAX_SIG_BYTES)?)));
-        let ctx = self.ctx.clone();
-        let mut sh = self.shared.borrow_mut();
-        sh.poll_last_check = Some(now());
-        let (doc, sig) = match fetched {
-            Ok((Some(doc), Some(sig))) => (doc, sig),
-            Ok((None, _)) => {
-                sh.poll_error = Some(format!("{url}: not found"));
-                return Ok(());
-            }
-            Ok((_, None)) => {
-                sh.poll_error = Some(format!("{url}.sig: not found"));
-                return Ok(());
-            }
-            Err(e) => {
-                sh.poll_error = Some(e.to_string());
-                return Ok(());
-            }
-        };
-        let verified = deploy::verify(&doc, Some(&sig), &sh.keys, &ctx.cfg.host, sh.state.highest_seq);
-        let outcome = match verified {
-            Ok(d) => accept(&ctx, &mut sh, &d, &doc, &sig),
-            Err(rej) => Err(AcceptError::Refused(rej)),
-        };
-        match outcome {
-            Ok(()) => sh.poll_error = None,
-            // The document we already have (or an older one): nothing to do.
-            Err(AcceptError::Refused(Rejection::Stale { .. })) => sh.poll_error = None,
-            Err(AcceptError::Refused(rej)) => {
-                let msg = format!("{url}: {rej}");
-                reject(&ctx, &mut sh, &rej, "poll");
-                sh.poll_error = Some(msg);
-            }
-            // A POST served while this poll was fetching started a deploy:
-            // that one runs; the document is looked at again next poll.
-            Err(AcceptError::Busy(_)) => {
-                sh.poll_error = None;
-                log::info!("poll: an update started meanwhile; the polled document waits for the next poll");
-            }
-            Err(AcceptError::NoSpace(e)) => sh.poll_error = Some(format!("{url}: cannot record the deploy: {e}")),
-            Err(AcceptError::Fatal(e)) => return Err(e),
-        }
-        Ok(())
     }
 }
 
@@ -1186,8 +1148,9 @@ mod tests {
     }
 
     /// Issue E.5: a poll checks that the agent is idle, then fetches; a
-    /// POST served from the fetch's ticks starts a job; then the poll's
-    /// accept comes. It must find the agent busy and change nothing.
+    /// POST served while the fetch is in flight (`docs`: on later turns)
+    /// starts a job; then the poll's accept comes. It must find the agent
+    /// busy and change nothing.
     #[test]
     fn an_accept_racing_a_running_job_is_busy_and_changes_nothing() {
         let (_tmp, ctx, sk) = setup();

@@ -15,14 +15,14 @@
 //!
 //! When: once at start, after every phase change and finished deploy, and
 //! every `push_interval_secs` plus up to a tenth of it (jitter, so a fleet
-//! spreads out); while pushes fail, only on the schedule. One attempt per push, bounded by the small-fetch deadline
-//! while the loop keeps serving (the fetcher ticks); a failure is logged
+//! spreads out); while pushes fail, only on the schedule. One attempt per push, bounded by the small-fetch deadline,
+//! in flight while the loop goes on (`fetch::oneshot`); a failure is logged
 //! once per kind of error, counted, shown in status, and changes nothing
 //! else: the next push is the retry.
 
 use super::schedule::{Jitter, Schedule};
 use crate::api;
-use crate::fetch::{FetchError, Fetcher};
+use crate::fetch::FetchError;
 use std::time::{Duration, Instant};
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4";
@@ -98,6 +98,8 @@ pub struct Pusher {
     pushed: Option<Trigger>,
     /// The kind of the last error, logged already.
     logged: Option<String>,
+    /// The push time of the push in flight.
+    pushing: Option<u64>,
     pub status: api::Push,
 }
 
@@ -113,6 +115,7 @@ impl Pusher {
             jitter: Jitter::new(seed),
             pushed: None,
             logged: None,
+            pushing: None,
         }
     }
 
@@ -124,11 +127,22 @@ impl Pusher {
         self.next.due(now) || (self.pushed.as_ref() != Some(trigger) && self.status.error.is_none())
     }
 
-    /// PUTs `body` (rendered with the push time `now`), records how it went,
-    /// and schedules the next one.
-    pub fn push(&mut self, fetcher: &mut Fetcher, body: &str, trigger: Trigger, now: u64) {
+    /// The group URL pushes go to.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// A push for `trigger`, rendered with the push time `now`, was sent.
+    pub fn started(&mut self, trigger: Trigger, now: u64) {
         self.pushed = Some(trigger);
-        let res = match fetcher.put_url(&self.url, CONTENT_TYPE, body.as_bytes()) {
+        self.pushing = Some(now);
+    }
+
+    /// The answer to the push sent (status and the answer's words, or why
+    /// none came): recorded, and the next push scheduled.
+    pub fn finished(&mut self, answer: Result<(u16, String), FetchError>) {
+        let now = self.pushing.take().unwrap_or_else(crate::clock::now);
+        let res = match answer {
             Ok((200..=299, _)) => Ok(()),
             Ok((status, answer)) => Err(PushError::Status { status, answer }),
             Err(e) => Err(PushError::Network(e)),
@@ -164,15 +178,13 @@ mod tests {
     /// change; a working gateway gets every change at once.
     #[test]
     fn a_failing_gateway_is_retried_on_the_schedule_only() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        drop(listener);
-        let mut p = Pusher::new(&format!("http://127.0.0.1:{port}"), "h", Duration::from_secs(10), 7);
+        let mut p = Pusher::new("http://127.0.0.1:9", "h", Duration::from_secs(10), 7);
         let idle: Trigger = ("idle".into(), None);
         let fetching: Trigger = ("fetching".into(), None);
         assert!(p.due(&idle, Instant::now()), "at start");
-        let mut f = Fetcher::new(vec![], crate::fetch::Options::default());
-        p.push(&mut f, "", idle.clone(), 1);
+        p.started(idle.clone(), 1);
+        let url = p.url().to_owned();
+        p.finished(Err(FetchError::Transport { url, msg: "connection refused".into() }));
         let t = Instant::now();
         assert_eq!(p.status.errors, 1);
         assert!(!p.due(&idle, t) && !p.due(&fetching, t), "failing: wait for the schedule");

@@ -13,11 +13,16 @@
 //! an overall deadline, retries included, so a server that trickles bytes
 //! cannot hold a fetch open for longer than [`Options::small_fetch_deadline`].
 //!
+//! The agent's loop does not use this blocking fetcher for its small
+//! requests: [`oneshot`] gives the same rules on the network engine,
+//! without blocking and without ticks.
+//!
 //! Private caches: every request goes through [`crate::auth::prepare`]
 //! (netrc, bearer tokens, S3 signatures); a 401 or 403 is one line naming
 //! the cache and, for S3, the error code the server gave.
 
 pub mod decompress;
+pub mod oneshot;
 pub mod pipeline;
 pub mod resume;
 pub mod ticking;

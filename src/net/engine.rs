@@ -8,7 +8,9 @@
 //! never calls back into its caller's loop: [`Engine::turn`] runs
 //! one round and returns, delivering what arrived to a [`Handler`]; the
 //! caller then does its own work (ticks, timers, new requests) and turns
-//! again.
+//! again. A loop that polls for another engine too takes this one's
+//! descriptors from [`Engine::interest`] and turns it without waiting.
+//! Requests are GETs, or PUTs with a body ([`Engine::submit_put`]).
 //!
 //! Scheduling: a request goes to an idle connection of its origin, else a
 //! new one (up to `conns_per_origin`), else it is pipelined behind the
@@ -21,7 +23,7 @@
 
 use super::http1::{self, ClientConn, Event, Head, ProtoError};
 use rustix::event::{PollFd, PollFlags, Timespec};
-use rustix::fd::BorrowedFd;
+use rustix::fd::{AsFd, BorrowedFd};
 use rustix::io::Errno;
 use rustix::net::{AddressFamily, SocketFlags, SocketType};
 use std::collections::{BTreeMap, VecDeque};
@@ -187,6 +189,8 @@ struct Req {
     /// Extra header fields (credentials), sent as given.
     headers: Vec<(String, String)>,
     range_from: u64,
+    /// A PUT's content type and body (`None`: a GET).
+    put: Option<(String, Vec<u8>)>,
     deadline: Option<Instant>,
     urgent: bool,
     conn: Option<usize>,
@@ -262,9 +266,48 @@ impl Engine {
     ) -> ReqId {
         let id = self.next_id;
         self.next_id += 1;
-        self.reqs.insert(id, Req { origin, target, headers, range_from, deadline, urgent, conn: None, requeues: 0 });
+        let req = Req { origin, target, headers, range_from, put: None, deadline, urgent, conn: None, requeues: 0 };
+        self.reqs.insert(id, req);
         self.enqueue(id, urgent, false);
         id
+    }
+
+    /// Queues a PUT of `body` (a `content_type`) to `target` on `origin`,
+    /// placed as an urgent request. Like a GET it is sent again if its
+    /// connection closes before any answer (PUT is idempotent).
+    pub fn submit_put(
+        &mut self,
+        origin: usize,
+        target: String,
+        headers: Vec<(String, String)>,
+        (content_type, body): (String, Vec<u8>),
+        deadline: Option<Instant>,
+    ) -> ReqId {
+        let id = self.next_id;
+        self.next_id += 1;
+        let put = Some((content_type, body));
+        let req = Req { origin, target, headers, range_from: 0, put, deadline, urgent: true, conn: None, requeues: 0 };
+        self.reqs.insert(id, req);
+        self.enqueue(id, true, false);
+        id
+    }
+
+    /// Moves request `id`'s deadline (a document whose announced length
+    /// earns it more time); nothing if it is over.
+    pub fn set_deadline(&mut self, id: ReqId, deadline: Option<Instant>) {
+        if let Some(r) = self.reqs.get_mut(&id) {
+            r.deadline = deadline;
+        }
+    }
+
+    /// The origin already added with `origin`'s scheme, host and port, or
+    /// a new one: callers with many one-off URLs reuse connections and
+    /// name lookups by it.
+    pub fn origin_for(&mut self, origin: Origin) -> usize {
+        match self.origins.iter().position(|o| o.origin == origin) {
+            Some(i) => i,
+            None => self.add_origin(origin),
+        }
     }
 
     fn enqueue(&mut self, id: ReqId, urgent: bool, front: bool) {
@@ -374,24 +417,25 @@ impl Engine {
         reqs.chain(conns).chain(lookups).min()
     }
 
+    /// What another loop's `poll(2)` must wait on for this engine: its
+    /// sockets and lookups with the events each wants, and by when it must
+    /// turn at the latest (now, with requests not placed yet). That loop
+    /// then calls [`Engine::turn`] with no wait when any is ready or due.
+    pub fn interest(&self) -> (Vec<(BorrowedFd<'_>, PollFlags)>, Option<Instant>) {
+        let conns = self.conns.iter().flatten().map(|c| (c.sock.as_fd(), conn_flags(c)));
+        let lookups = self.origins.iter().filter_map(|o| o.lookup.as_ref()).flat_map(|l| l.fds());
+        let fds = conns.chain(lookups.map(|fd| (fd, PollFlags::IN))).collect();
+        let due = if self.pending.is_empty() { self.next_deadline() } else { Some(Instant::now()) };
+        (fds, due)
+    }
+
     fn wait(&mut self, wait: Duration, extra: &[(BorrowedFd<'_>, PollFlags)]) -> (Vec<(usize, PollFlags)>, bool) {
         let mut slots = Vec::new();
         let mut fds = Vec::new();
         for (slot, c) in self.conns.iter().enumerate() {
             let Some(c) = c else { continue };
-            let flags = match c.phase {
-                Phase::Connecting { .. } => PollFlags::OUT,
-                Phase::Open => {
-                    let tls_out = c.tls.as_ref().is_some_and(|t| t.wants_write());
-                    if !c.out.is_empty() || tls_out {
-                        PollFlags::IN | PollFlags::OUT
-                    } else {
-                        PollFlags::IN
-                    }
-                }
-            };
             slots.push(slot);
-            fds.push(PollFd::new(&c.sock, flags));
+            fds.push(PollFd::new(&c.sock, conn_flags(c)));
         }
         for o in &self.origins {
             if let Some(l) = &o.lookup {
@@ -571,7 +615,11 @@ impl Engine {
         let req = self.reqs.get_mut(&id).expect("pending request");
         let c = self.conns[slot].as_mut().expect("picked connection");
         let authority = &self.origins[req.origin].origin.authority;
-        if let Err(e) = http1::write_get(&mut c.out, authority, &req.target, req.range_from, &req.headers) {
+        let written = match &req.put {
+            None => http1::write_get(&mut c.out, authority, &req.target, req.range_from, &req.headers),
+            Some((ctype, body)) => http1::write_put(&mut c.out, authority, &req.target, ctype, body, &req.headers),
+        };
+        if let Err(e) = written {
             self.reqs.remove(&id);
             h.done(id, Err(NetError::BadRequest(e)));
             return;
@@ -834,6 +882,18 @@ impl Engine {
                 }
             }
         }
+    }
+}
+
+/// The events a connection waits for: writable while connecting or with
+/// bytes to send (TLS's own included), readable once open.
+fn conn_flags(c: &Conn) -> PollFlags {
+    match c.phase {
+        Phase::Connecting { .. } => PollFlags::OUT,
+        Phase::Open if !c.out.is_empty() || c.tls.as_ref().is_some_and(|t| t.wants_write()) => {
+            PollFlags::IN | PollFlags::OUT
+        }
+        Phase::Open => PollFlags::IN,
     }
 }
 

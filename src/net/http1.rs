@@ -1,5 +1,6 @@
 //! The client side of one HTTP/1.1 connection, sans I/O: request bytes out,
-//! response events in, for GET requests (all a binary cache needs).
+//! response events in, for GET requests (all a binary cache needs) and
+//! PUTs with a body (a Pushgateway's metrics).
 //!
 //! Grammar read (RFC 9112; only what a GET's response can carry):
 //!
@@ -89,7 +90,13 @@ pub struct Head {
     pub range_start: Option<u64>,
     /// Whether the connection may carry another response after this one.
     pub keep_alive: bool,
+    /// A redirect's `Location` (at most [`MAX_LOCATION`] bytes of visible ASCII).
+    pub location: Option<String>,
 }
+
+/// Longest `Location` kept; a longer one is dropped (the redirect then
+/// fails as an unexpected status).
+pub const MAX_LOCATION: usize = 2048;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event<'a> {
@@ -347,6 +354,7 @@ fn parse_head(input: &[u8]) -> Result<Option<(usize, Head)>, ProtoError> {
     let mut chunked = false;
     let mut close = !http11;
     let mut range_start = None;
+    let mut location = None;
     for h in resp.headers.iter() {
         let value = trim_ows(h.value);
         if h.name.eq_ignore_ascii_case("content-length") {
@@ -372,6 +380,11 @@ fn parse_head(input: &[u8]) -> Result<Option<(usize, Head)>, ProtoError> {
                     close = false;
                 }
             }
+        } else if h.name.eq_ignore_ascii_case("location") {
+            location = std::str::from_utf8(value)
+                .ok()
+                .filter(|v| !v.is_empty() && v.len() <= MAX_LOCATION && v.bytes().all(|b| b.is_ascii_graphic()))
+                .map(str::to_owned);
         } else if h.name.eq_ignore_ascii_case("content-range") {
             range_start = value
                 .strip_prefix(b"bytes ")
@@ -394,7 +407,7 @@ fn parse_head(input: &[u8]) -> Result<Option<(usize, Head)>, ProtoError> {
         close = true;
         Framing::UntilClose
     };
-    Ok(Some((used, Head { status, framing, range_start, keep_alive: !close })))
+    Ok(Some((used, Head { status, framing, range_start, keep_alive: !close, location })))
 }
 
 fn parse_u64(s: &[u8]) -> Option<u64> {
@@ -423,6 +436,45 @@ pub fn write_get(
     range_from: u64,
     extra: &[(String, String)],
 ) -> Result<(), BadRequest> {
+    write_head(out, "GET", host, target, extra)?;
+    if range_from > 0 {
+        out.extend_from_slice(format!("Range: bytes={range_from}-\r\n").as_bytes());
+    }
+    write_fields(out, extra);
+    out.extend_from_slice(b"\r\n");
+    Ok(())
+}
+
+/// Appends a PUT of `body` (of type `content_type`) to `target`, checked
+/// as [`write_get`] checks; the length is always announced (no chunking:
+/// a gateway or S3 wants it).
+pub fn write_put(
+    out: &mut Vec<u8>,
+    host: &str,
+    target: &str,
+    content_type: &str,
+    body: &[u8],
+    extra: &[(String, String)],
+) -> Result<(), BadRequest> {
+    if content_type.bytes().any(|b| b.is_ascii_control()) {
+        return Err(BadRequest("bad content type"));
+    }
+    write_head(out, "PUT", host, target, extra)?;
+    write_fields(out, extra);
+    out.extend_from_slice(format!("Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes());
+    out.extend_from_slice(body);
+    Ok(())
+}
+
+/// The request line and the fields every request carries, after checking
+/// them and `extra` (written by [`write_fields`]). Nothing is appended on an error.
+fn write_head(
+    out: &mut Vec<u8>,
+    method: &str,
+    host: &str,
+    target: &str,
+    extra: &[(String, String)],
+) -> Result<(), BadRequest> {
     let clean = |s: &str| !s.bytes().any(|b| b.is_ascii_control() || b == b' ' || b >= 0x7f);
     if !target.starts_with('/') || !clean(target) {
         return Err(BadRequest("request target must be a path without spaces or control characters"));
@@ -435,19 +487,19 @@ pub fn write_get(
             return Err(BadRequest("bad header field"));
         }
     }
-    out.extend_from_slice(b"GET ");
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
     out.extend_from_slice(host.as_bytes());
     out.extend_from_slice(concat!("\r\nUser-Agent: nixless/", env!("CARGO_PKG_VERSION"), "\r\n").as_bytes());
-    if range_from > 0 {
-        out.extend_from_slice(format!("Range: bytes={range_from}-\r\n").as_bytes());
-    }
+    Ok(())
+}
+
+fn write_fields(out: &mut Vec<u8>, extra: &[(String, String)]) {
     for (k, v) in extra {
         out.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
     }
-    out.extend_from_slice(b"\r\n");
-    Ok(())
 }
 
 #[cfg(test)]

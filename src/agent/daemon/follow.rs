@@ -95,42 +95,8 @@ fn channel_error(ctx: &Ctx, sh: &mut Shared, e: Option<String>) {
 }
 
 impl Agent {
-    pub(super) fn maybe_follow(&mut self) -> Result<(), String> {
-        let cfg = &self.ctx.cfg;
-        if cfg.channel.is_none() && cfg.keys_url.is_none() {
-            return Ok(());
-        }
-        if !self.follow.due(Instant::now()) || idle(&self.shared.borrow()).is_err() {
-            return Ok(());
-        }
-        self.follow.ran(Instant::now(), cfg.poll_interval, &mut self.jitter);
-        // Keys first: a rotation and a channel signed with the new key,
-        // published together, take effect in one round.
-        if let Some(url) = cfg.keys_url.clone() {
-            self.follow_keys(&url)?;
-        }
-        if let Some(ch) = self.ctx.cfg.channel.clone() {
-            self.follow_channel(&ch)?;
-        }
-        Ok(())
-    }
-
-    /// A document and its signature, or one line saying what is missing.
-    fn fetch_signed(&self, url: &str) -> Result<(Vec<u8>, Vec<u8>), String> {
-        let mut fetcher = self.fetcher(&[]);
-        let limit = self.ctx.cfg.max_body_bytes as u64;
-        let sig = sig_url(url);
-        let fetched = fetcher.get_url(url, limit).and_then(|doc| Ok((doc, fetcher.get_url(&sig, MAX_SIG_BYTES)?)));
-        match fetched {
-            Ok((Some(doc), Some(s))) => Ok((doc, s)),
-            Ok((None, _)) => Err(format!("{url}: not found")),
-            Ok((_, None)) => Err(format!("{sig}: not found")),
-            Err(e) => Err(e.to_string()),
-        }
-    }
-
-    fn follow_keys(&mut self, url: &str) -> Result<(), String> {
-        let fetched = self.fetch_signed(url);
+    /// A key rotation document and its signature (or why not), judged.
+    pub(super) fn follow_keys(&mut self, url: &str, fetched: Result<(Vec<u8>, Vec<u8>), String>) {
         let ctx = self.ctx.clone();
         let mut sh = self.shared.borrow_mut();
         let sh = &mut *sh;
@@ -168,11 +134,15 @@ impl Agent {
         };
         let view = sh.channel.get_or_insert_with(Default::default);
         note(&ctx, &mut view.keys_error, error.map(|e| format!("keys: {e}")));
-        Ok(())
     }
 
-    fn follow_channel(&mut self, ch: &crate::agent::config::Channel) -> Result<(), String> {
-        let fetched = self.fetch_signed(&ch.url);
+    /// A channel document and its signature (or why not), judged and
+    /// acted on.
+    pub(super) fn follow_channel(
+        &mut self,
+        ch: &crate::agent::config::Channel,
+        fetched: Result<(Vec<u8>, Vec<u8>), String>,
+    ) -> Result<(), String> {
         let ctx = self.ctx.clone();
         let root = &ctx.cfg.root;
         let running = system_link(root, "run/current-system");

@@ -329,6 +329,38 @@ fn a_turn_also_wakes_for_the_callers_descriptors() {
     assert_eq!(e.in_flight(), 1);
 }
 
+/// Another loop's poll waits on what [`Engine::interest`] names: a request
+/// not placed yet makes the engine due now; a connecting socket wants to
+/// write; once the request is out and unanswered, the socket wants to read
+/// and the silence deadline is when the engine is due. Polling those and
+/// turning without a wait delivers the answer.
+#[test]
+fn interest_names_what_another_loop_must_poll() {
+    let (port, _) = serve(|_| Reply::Status(204), false);
+    let mut e = Engine::new(Config { read_timeout: Duration::from_secs(120), ..Config::default() });
+    let o = e.add_origin(origin(port));
+    assert_eq!(e.origin_for(origin(port)), o, "one origin per scheme, host and port");
+    let mut h = Collect::default();
+    let id = e.submit(o, "/x".into(), Vec::new(), 0, None, false);
+    let (fds, due) = e.interest();
+    assert!(fds.is_empty() && due.is_some_and(|d| d <= Instant::now()), "pending: due now");
+    e.turn(&mut h, Duration::ZERO);
+    let start = Instant::now();
+    while !h.done.contains_key(&id) {
+        assert!(start.elapsed() < Duration::from_secs(10));
+        let (fds, due) = e.interest();
+        assert_eq!(fds.len(), 1, "the one connection");
+        assert!(due.is_some_and(|d| d > Instant::now() + Duration::from_secs(60)), "the silence deadline");
+        let mut pfds: Vec<PollFd> = fds.iter().map(|(fd, f)| PollFd::from_borrowed_fd(*fd, *f)).collect();
+        rustix::event::poll(&mut pfds, None).unwrap();
+        drop(pfds);
+        drop(fds);
+        e.turn(&mut h, Duration::ZERO);
+    }
+    assert_eq!(h.status[&id], 204);
+    assert_eq!(e.interest().1, None, "idle: nothing due");
+}
+
 /// A resolver configuration in `dir`: `resolv.conf` naming 127.0.0.1 (on
 /// `port`), and `hosts`.
 fn resolver(dir: &std::path::Path, options: &str, hosts: &str, port: u16) -> crate::net::resolve::Files {

@@ -245,7 +245,33 @@ fn requests_are_serialised_and_injection_refused() {
         let mut out = Vec::new();
         assert!(write_get(&mut out, host, target, 0, &extra).is_err(), "{host:?} {target:?} {extra:?}");
         assert!(out.is_empty());
+        assert!(write_put(&mut out, host, target, "text/plain", b"x", &extra).is_err());
+        assert!(out.is_empty());
     }
+}
+
+/// A PUT announces its length and carries the body after the head, the
+/// credentials among the fields; a content type cannot smuggle a field.
+#[test]
+fn puts_carry_their_body_and_length() {
+    let mut out = Vec::new();
+    let auth = [("Authorization".to_string(), "Basic eDp5".to_string())];
+    write_put(&mut out, "gw:9091", "/metrics/job/nixless/host/h", "text/plain; version=0.0.4", b"a 1\n", &auth)
+        .unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.starts_with("PUT /metrics/job/nixless/host/h HTTP/1.1\r\nHost: gw:9091\r\nUser-Agent: nixless/"));
+    assert!(
+        text.ends_with(
+            "\r\nAuthorization: Basic eDp5\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: 4\r\n\r\na 1\n"
+        ),
+        "{text}"
+    );
+    let mut out = Vec::new();
+    assert!(write_put(&mut out, "h", "/a", "text/plain\r\nX: y", b"", &[]).is_err());
+    assert!(out.is_empty());
+    // An empty body still says so: without a length the server waits for one.
+    write_put(&mut out, "h", "/a", "t/p", b"", &[]).unwrap();
+    assert!(String::from_utf8(out).unwrap().ends_with("Content-Length: 0\r\n\r\n"));
 }
 
 /// Random bytes, and valid responses with random bytes flipped, cut or

@@ -1,0 +1,189 @@
+//! Garbage collection as the loop's work, a step per turn: the store lock
+//! is tried (not waited for), and the narinfos of live paths without a
+//! record (paths that were on the device before nixless) are asked of the
+//! caches through [`docs`]' requests, [`WINDOW`] at a time. Nothing
+//! blocks and nothing calls back into the loop (the lock wait and the
+//! look-ups ticked it before).
+//!
+//! ```text
+//! Locking   try the store lock each turn (every LOCK_RETRY at most), up to STORE_LOCK_WAIT
+//! Learning  each live path without a record: GET {hash}.narinfo of cache 0, 1, … until one
+//!           parses, is for the path and is signed by a cache key → its record is written
+//!           (a path no cache vouches for keeps no record: collect then deletes nothing)
+//! Collect   gc::collect under the lock, old generations deleted → the result
+//! ```
+//! The result goes where the old synchronous call's went: a signed gc
+//! deploy's `GcDone`, or the pending gc document's accept.
+
+use super::docs::Purpose;
+use super::*;
+use crate::fetch::oneshot::Done;
+use crate::nix::NarInfo;
+use crate::store::record::Record;
+use crate::store::{gc, HeldLock};
+
+/// Narinfo look-ups in flight at once.
+pub(super) const WINDOW: usize = 16;
+
+/// What the collection is for.
+pub(super) enum GcFor {
+    /// A signed gc deploy (phase collecting): its `GcDone`.
+    Deploy,
+    /// The gc document that could not be recorded for lack of space.
+    Pending,
+}
+
+pub(super) enum GcRun {
+    Locking {
+        for_: GcFor,
+        since: Instant,
+        told: bool,
+    },
+    Learning {
+        for_: GcFor,
+        lock: HeldLock,
+        /// Paths not asked for yet.
+        queue: VecDeque<StorePath>,
+        in_flight: usize,
+        learnt: usize,
+        unknown: usize,
+    },
+}
+
+impl Agent {
+    /// Starts a collection (unless one runs).
+    pub(super) fn start_gc(&mut self, for_: GcFor) {
+        if self.gc.is_none() {
+            self.gc = Some(GcRun::Locking { for_, since: Instant::now(), told: false });
+        }
+    }
+
+    /// When the collection wants a turn at the latest (the lock's retry).
+    pub(super) fn gc_due(&self) -> Option<Duration> {
+        matches!(self.gc, Some(GcRun::Locking { .. })).then_some(LOCK_RETRY)
+    }
+
+    /// Advances the collection without blocking; an error is fatal (as a
+    /// failed state write was before).
+    pub(super) fn gc_turn(&mut self) -> Result<(), String> {
+        let ctx = self.ctx.clone();
+        match self.gc.take() {
+            None => Ok(()),
+            Some(GcRun::Locking { for_, since, told }) => match ctx.store.try_lock() {
+                Ok(Some(lock)) => {
+                    let (roots, _) = match gc::roots(&ctx.cfg.root, ctx.cfg.generations_to_keep) {
+                        Ok(r) => r,
+                        Err(e) => return self.gc_over(for_, Err(e)),
+                    };
+                    let (_, unknown) = gc::live_set(&lock, &roots);
+                    let n = unknown.len();
+                    let lock = lock.detach();
+                    self.gc = Some(GcRun::Learning {
+                        for_,
+                        lock,
+                        queue: unknown.into(),
+                        in_flight: 0,
+                        learnt: 0,
+                        unknown: n,
+                    });
+                    self.gc_refill()
+                }
+                Ok(None) => {
+                    let waited = since.elapsed();
+                    if waited >= STORE_LOCK_WAIT {
+                        let e = crate::store::LockError::Busy { holder: ctx.store.lock_holder(), waited };
+                        return self.gc_over(for_, Err(e.to_string()));
+                    }
+                    if !told {
+                        log::info!("waiting for the store lock held by {}", ctx.store.lock_holder());
+                    }
+                    self.gc = Some(GcRun::Locking { for_, since, told: true });
+                    Ok(())
+                }
+                Err(e) => self.gc_over(for_, Err(format!("locking the store: {e}"))),
+            },
+            Some(run) => {
+                self.gc = Some(run);
+                self.gc_refill()
+            }
+        }
+    }
+
+    /// Asks for narinfos while the window has room; collects once all are answered.
+    fn gc_refill(&mut self) -> Result<(), String> {
+        let caches = self.caches(&[]);
+        let Some(GcRun::Learning { queue, in_flight, .. }) = &mut self.gc else { return Ok(()) };
+        while *in_flight < WINDOW {
+            let Some(path) = queue.pop_front() else { break };
+            if caches.is_empty() {
+                continue;
+            }
+            *in_flight += 1;
+            let url = caches[0].join(&format!("{}.narinfo", path.hash_part()));
+            self.reqs.get(&url, crate::fetch::MAX_NARINFO, false, Purpose::GcNarinfo { path, cache: 0 });
+        }
+        let done = matches!(&self.gc, Some(GcRun::Learning { queue, in_flight: 0, .. }) if queue.is_empty());
+        if !done {
+            return Ok(());
+        }
+        let Some(GcRun::Learning { for_, lock, learnt, unknown, .. }) = self.gc.take() else { return Ok(()) };
+        if unknown > 0 {
+            log::info!("learnt the references of {learnt} of {unknown} paths from narinfos");
+        }
+        let ctx = self.ctx.clone();
+        let res = match ctx.store.reattach(lock) {
+            Ok(lock) => self.finish_gc(&lock, &[]),
+            Err(_) => Err("the store lock is not this store's".into()),
+        };
+        self.gc_over(for_, res)
+    }
+
+    /// A narinfo look-up of the collection answered: a record, or the next cache.
+    pub(super) fn gc_narinfo(&mut self, path: StorePath, cache: usize, res: Result<Done, crate::fetch::FetchError>) {
+        let caches = self.caches(&[]);
+        let keys = &self.ctx.cfg.cache_keys;
+        let record = match &res {
+            Ok(Done::Doc(Some(bytes))) => std::str::from_utf8(bytes)
+                .ok()
+                .and_then(|text| NarInfo::parse(text, Some(&path)).ok().filter(|ni| ni.verify(keys).is_ok()))
+                .map(|ni| Record {
+                    path: path.clone(),
+                    nar_hash: ni.nar_hash,
+                    nar_size: ni.nar_size,
+                    references: ni.references.clone(),
+                }),
+            _ => None,
+        };
+        let Some(GcRun::Learning { for_, lock, queue, mut in_flight, mut learnt, unknown }) = self.gc.take() else {
+            return;
+        };
+        // Records are written under the collection's lock.
+        let lock = match self.ctx.store.reattach(lock) {
+            Ok(l) => {
+                if let Some(r) = &record {
+                    learnt += usize::from(l.write_record(r).is_ok());
+                }
+                l.detach()
+            }
+            Err(l) => l,
+        };
+        let retry = record.is_none() && cache + 1 < caches.len();
+        if !retry {
+            in_flight -= 1;
+        }
+        self.gc = Some(GcRun::Learning { for_, lock, queue, in_flight, learnt, unknown });
+        if retry {
+            let url = caches[cache + 1].join(&format!("{}.narinfo", path.hash_part()));
+            self.reqs.get(&url, crate::fetch::MAX_NARINFO, false, Purpose::GcNarinfo { path, cache: cache + 1 });
+        }
+    }
+
+    /// The collection is over: its result goes where it is awaited.
+    fn gc_over(&mut self, for_: GcFor, res: Result<crate::store::gc::Report, String>) -> Result<(), String> {
+        self.gc = None;
+        match for_ {
+            GcFor::Deploy => self.apply(Event::GcDone(res.map(|r| r.to_string()))),
+            GcFor::Pending => self.accept_pending_gc(res),
+        }
+    }
+}
