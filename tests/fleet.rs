@@ -204,22 +204,23 @@ fn push_all(s: &Stack, hosts: &[FakeHost], now: u64) {
     }
 }
 
+/// `rollout watch --prometheus P --channel-doc DOC --key KEY --publish DEST EXTRA…`.
+fn watch_args(prometheus: &str, doc: &Path, key: &Path, publish: &str, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> =
+        ["rollout", "watch", "--prometheus", prometheus, "--channel-doc"].iter().map(|a| a.to_string()).collect();
+    v.extend([doc.display().to_string(), "--key".into(), key.display().to_string()]);
+    v.extend(["--publish".to_string(), publish.to_string()]);
+    v.extend(extra.iter().map(|a| a.to_string()));
+    v
+}
+
+fn run_watch(prometheus: &str, doc: &Path, key: &Path, publish: &str, extra: &[&str]) -> Output {
+    let args = watch_args(prometheus, doc, key, publish, extra);
+    nixless(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
 fn watch(s: &Stack, c: &Channel, publish: &str, rate: &str) -> Output {
-    nixless(&[
-        "rollout",
-        "watch",
-        "--prometheus",
-        &s.prometheus,
-        "--channel-doc",
-        c.doc.to_str().unwrap(),
-        "--key",
-        c.key.to_str().unwrap(),
-        "--publish",
-        publish,
-        "--max-failure-rate",
-        rate,
-        "--once",
-    ])
+    run_watch(&s.prometheus, &c.doc, &c.key, publish, &["--max-failure-rate", rate, "--once"])
 }
 
 #[test]
@@ -295,19 +296,7 @@ fn fleet_status_and_rollout_watch_on_real_prometheus() {
     assert_eq!(channel::decide(&v, &dev, &rec, nixless::clock::now()), Ok(Decision::Halted));
     // Watching the halted document: halted already, exit 3, nothing new.
     let before = fs::read(&halt).unwrap();
-    let again = nixless(&[
-        "rollout",
-        "watch",
-        "--prometheus",
-        &s.prometheus,
-        "--channel-doc",
-        halt.to_str().unwrap(),
-        "--key",
-        c.key.to_str().unwrap(),
-        "--publish",
-        halt.to_str().unwrap(),
-        "--once",
-    ]);
+    let again = run_watch(&s.prometheus, &halt, &c.key, halt.to_str().unwrap(), &["--once"]);
     assert_eq!(again.status.code(), Some(3), "{}", stderr(&again));
     assert_eq!(fs::read(&halt).unwrap(), before);
 
@@ -326,22 +315,8 @@ fn fleet_status_and_rollout_watch_on_real_prometheus() {
     push_all(&s, &done, c.now);
     s.wait_for("count(nixless_channel_info{job=\"nixless\",decision=\"already-running\"})", "20");
     s.wait_for("count(nixless_last_result_info{job=\"nixless\",outcome=\"committed\"})", "20");
-    let out = nixless(&[
-        "rollout",
-        "watch",
-        "--prometheus",
-        &s.prometheus,
-        "--channel-doc",
-        c.doc.to_str().unwrap(),
-        "--key",
-        c.key.to_str().unwrap(),
-        "--publish",
-        halt.to_str().unwrap(),
-        "--interval",
-        "1",
-        "--deadline",
-        "60",
-    ]);
+    let out =
+        run_watch(&s.prometheus, &c.doc, &c.key, halt.to_str().unwrap(), &["--interval", "1", "--deadline", "60"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(stderr(&out).contains("rollout complete"), "{}", stderr(&out));
 }
@@ -412,23 +387,7 @@ fn rollout_watch_halts_when_a_wave_goes_silent_before_the_next_opens() {
     s.wait_for("count(nixless_last_result_info{job=\"nixless\",outcome=\"committed\"})", "5");
     let halt = c.doc.with_file_name("halt.json");
     let args = |extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = [
-            "rollout",
-            "watch",
-            "--prometheus",
-            &s.prometheus,
-            "--channel-doc",
-            c.doc.to_str().unwrap(),
-            "--key",
-            c.key.to_str().unwrap(),
-            "--publish",
-            halt.to_str().unwrap(),
-            "--stale-after",
-            "15",
-        ]
-        .iter()
-        .map(|a| a.to_string())
-        .collect();
+        let mut v = watch_args(&s.prometheus, &c.doc, &c.key, halt.to_str().unwrap(), &["--stale-after", "15"]);
         v.extend(extra.iter().map(|a| a.to_string()));
         v
     };
@@ -504,10 +463,9 @@ fn no_answer_from_prometheus_is_no_news_when_a_wave_is_due() {
     let dead = format!("http://127.0.0.1:{}", free_port());
     let halt = c.doc.with_file_name("halt.json");
     let run = |extra: &[&str]| {
-        let mut args = vec!["rollout", "watch", "--prometheus", &dead, "--channel-doc", c.doc.to_str().unwrap()];
-        args.extend_from_slice(&["--key", c.key.to_str().unwrap(), "--publish", halt.to_str().unwrap(), "--once"]);
+        let mut args = vec!["--once"];
         args.extend_from_slice(extra);
-        nixless(&args)
+        run_watch(&dead, &c.doc, &c.key, halt.to_str().unwrap(), &args)
     };
     let out = run(&["--on-no-news", "warn"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
@@ -540,22 +498,7 @@ fn watch_errors_are_one_line() {
     let port = free_port();
     let dead = format!("http://127.0.0.1:{port}");
     let halt = c.doc.with_file_name("halt.json");
-    let run = |doc: &Path, extra: &[&str]| {
-        let mut args = vec![
-            "rollout",
-            "watch",
-            "--prometheus",
-            &dead,
-            "--channel-doc",
-            doc.to_str().unwrap(),
-            "--key",
-            c.key.to_str().unwrap(),
-            "--publish",
-            halt.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        nixless(&args)
-    };
+    let run = |doc: &Path, extra: &[&str]| run_watch(&dead, doc, &c.key, halt.to_str().unwrap(), extra);
     // Prometheus down, --once: error at once.
     let out = run(&c.doc, &["--once"]);
     assert_eq!(out.status.code(), Some(1));
