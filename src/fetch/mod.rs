@@ -272,8 +272,27 @@ pub struct Fetcher {
     tick: ticking::Hook,
 }
 
-fn transient_status(status: u16) -> bool {
+/// An HTTP status worth asking again for (server trouble, rate limits,
+/// timeouts): the one rule of every client here.
+pub(crate) fn transient_status(status: u16) -> bool {
     status >= 500 || status == 429 || status == 408
+}
+
+/// A local (`file://`) document of at most `limit` bytes; `None` if there
+/// is no such file. `url` names it in errors.
+pub(crate) fn read_local(url: &str, path: &std::path::Path, limit: u64) -> Result<Option<Vec<u8>>, FetchError> {
+    let err = |e: io::Error| FetchError::Transport { url: url.to_owned(), msg: e.to_string() };
+    let f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(err(e)),
+    };
+    let mut buf = Vec::new();
+    io::Read::read_to_end(&mut io::Read::take(f, limit.saturating_add(1)), &mut buf).map_err(err)?;
+    if buf.len() as u64 > limit {
+        return Err(FetchError::TooLarge { url: url.to_owned(), limit });
+    }
+    Ok(Some(buf))
 }
 
 impl Fetcher {

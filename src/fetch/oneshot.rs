@@ -27,13 +27,14 @@
 //! refusal, nothing of other statuses beyond [`DISCARD_MAX`]); requests at
 //! most [`MAX_CALLS`] at once (a caller's bug, not the network, would pass it).
 
-use super::{denied_code, FetchError, Options, DENIED_BODY, PUT_ANSWER, SLOW_LINK_BYTES_PER_SEC};
+use super::{
+    denied_code, read_local, transient_status, FetchError, Options, DENIED_BODY, PUT_ANSWER, SLOW_LINK_BYTES_PER_SEC,
+};
 use crate::net::engine::{self, Engine, Handler, NetError, Origin, ReqId};
 use crate::net::http1::{Framing, Head};
 use rustix::event::PollFlags;
 use rustix::fd::BorrowedFd;
 use std::collections::{BTreeMap, VecDeque};
-use std::io::Read;
 use std::time::{Duration, Instant};
 
 /// Bytes of an answer nobody reads (a 404 page, a redirect) taken off the
@@ -110,10 +111,6 @@ struct Inbox {
     done: Vec<(ReqId, Result<(), NetError>)>,
 }
 
-fn transient(status: u16) -> bool {
-    status >= 500 || status == 429 || status == 408
-}
-
 impl Handler for Inbox {
     fn head(&mut self, id: ReqId, head: &Head) -> bool {
         let Some(r) = self.resps.get_mut(&id) else { return false };
@@ -126,7 +123,7 @@ impl Handler for Inbox {
         let put_answer = PUT_ANSWER.max(DENIED_BODY) as usize;
         r.keep = match (r.get_limit, head.status) {
             // A GET answered so is tried again (a PUT's answer is its result).
-            (Some(_), s) if transient(s) => return false,
+            (Some(_), s) if transient_status(s) => return false,
             (Some(limit), 200) => usize::try_from(limit).unwrap_or(usize::MAX).saturating_add(1),
             (Some(_), 401 | 403) => DENIED_BODY as usize,
             (Some(_), _) => 0,
@@ -225,7 +222,7 @@ impl Oneshot {
         }
         if let Some(path) = url.strip_prefix("file://") {
             let res = match &call.kind {
-                Kind::Get { limit, .. } => read_file(url, path, *limit).map(Done::Doc),
+                Kind::Get { limit, .. } => read_local(url, std::path::Path::new(path), *limit).map(Done::Doc),
                 Kind::Put { .. } => Err(FetchError::Transport { url: call.url, msg: "cannot PUT to a file".into() }),
             };
             self.finished.push_back((ticket, res));
@@ -416,7 +413,7 @@ impl Oneshot {
                 };
                 Ok(Err(FetchError::TooLarge { url, limit }))
             }
-            (_, Some(s)) if transient(s) && !call_is_put(call) => Err(FetchError::Http { url, status: s }),
+            (_, Some(s)) if transient_status(s) && !call_is_put(call) => Err(FetchError::Http { url, status: s }),
             // Stopped here: the unread rest of an answer was cut off.
             (Ok(()) | Err(NetError::Stopped), Some(s)) => Ok(classify(call, s, body)),
             (Ok(()), None) => Err(FetchError::Transport { url, msg: "no response".into() }),
@@ -463,22 +460,6 @@ fn classify(call: &Call, status: u16, body: Vec<u8>) -> Result<Done, FetchError>
         (Kind::Get { .. }, 401 | 403) => Err(FetchError::Denied { what: url, status, code: denied_code(&body) }),
         (Kind::Get { .. }, _) => Err(FetchError::Http { url, status }),
     }
-}
-
-/// A `file://` document, up to `limit` bytes.
-fn read_file(url: &str, path: &str, limit: u64) -> Result<Option<Vec<u8>>, FetchError> {
-    let err = |e: std::io::Error| FetchError::Transport { url: url.to_owned(), msg: e.to_string() };
-    let f = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(err(e)),
-    };
-    let mut buf = Vec::new();
-    f.take(limit.saturating_add(1)).read_to_end(&mut buf).map_err(err)?;
-    if buf.len() as u64 > limit {
-        return Err(FetchError::TooLarge { url: url.to_owned(), limit });
-    }
-    Ok(Some(buf))
 }
 
 /// Where a `Location` from `base` leads: an absolute `http(s)://` URL, or

@@ -54,7 +54,7 @@ use rustix::fd::BorrowedFd;
 use sha2::{Digest, Sha256 as Hasher};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fs::File;
-use std::io::{self, Seek, Write};
+use std::io::{Seek, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -696,18 +696,7 @@ impl Driver<'_, '_> {
         }
         let limit = if matches!(job, Job::CacheInfo(_)) { 64 << 10 } else { MAX_NARINFO };
         let url = format!("file://{}", path.display());
-        let got = match File::open(&path) {
-            Ok(f) => {
-                let mut buf = Vec::new();
-                match io::Read::read_to_end(&mut io::Read::take(f, limit + 1), &mut buf) {
-                    Ok(_) if buf.len() as u64 > limit => Err(FetchError::TooLarge { url, limit }),
-                    Ok(_) => Ok(Some(buf)),
-                    Err(e) => Err(FetchError::Transport { url, msg: e.to_string() }),
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(FetchError::Transport { url, msg: e.to_string() }),
-        };
+        let got = crate::fetch::read_local(&url, &path, limit);
         self.answer(job, got)
     }
 
@@ -823,7 +812,7 @@ impl Driver<'_, '_> {
         let status = a.status.unwrap_or(0);
         let transient = match &result {
             Err(e) => Some(e.to_string()),
-            Ok(()) if status >= 500 || status == 429 || status == 408 => Some(format!("GET {}: HTTP {status}", a.url)),
+            Ok(()) if crate::fetch::transient_status(status) => Some(format!("GET {}: HTTP {status}", a.url)),
             Ok(()) => None,
         };
         let progressed = match &a.sink {
