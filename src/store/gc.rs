@@ -253,14 +253,7 @@ pub fn learn_references(store: &StoreLock, fetcher: &mut Fetcher, keys: &Trusted
     for p in paths {
         let item: Result<PlanItem, _> = install::narinfo_for(fetcher, keys, p);
         if let Ok(item) = item {
-            let info = item.info();
-            let rec = Record {
-                path: p.clone(),
-                nar_hash: info.nar_hash,
-                nar_size: info.nar_size,
-                references: info.references.clone(),
-            };
-            if store.write_record(&rec).is_ok() {
+            if store.write_record(&Record::of(&item.info())).is_ok() {
                 learnt += 1;
             }
         }

@@ -385,14 +385,7 @@ pub(super) fn commit_records(store: &StoreLock, batch: &[Pending]) -> Result<(),
 
 /// One path's record.
 pub(super) fn commit_record(store: &StoreLock, item: &PlanItem) -> Result<(), InstallError> {
-    let info = item.info();
-    let rec = Record {
-        path: item.path.clone(),
-        nar_hash: info.nar_hash,
-        nar_size: info.nar_size,
-        references: info.references.clone(),
-    };
-    store.write_record(&rec).map_err(io_err("write record of", &item.path))
+    store.write_record(&Record::of(&item.info())).map_err(io_err("write record of", &item.path))
 }
 
 /// Step 2: the calls that make the temps' contents and the records

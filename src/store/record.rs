@@ -20,6 +20,16 @@ pub struct Record {
 }
 
 impl Record {
+    /// What to remember of a verified narinfo's path.
+    pub fn of(info: &crate::nix::NarInfo<'_>) -> Record {
+        Record {
+            path: info.store_path.clone(),
+            nar_hash: info.nar_hash,
+            nar_size: info.nar_size,
+            references: info.references.clone(),
+        }
+    }
+
     pub fn to_text(&self) -> String {
         let refs: Vec<&str> = self.references.iter().map(StorePath::base).collect();
         format!(

@@ -146,12 +146,7 @@ impl Agent {
             Ok(Done::Doc(Some(bytes))) => std::str::from_utf8(bytes)
                 .ok()
                 .and_then(|text| NarInfo::parse(text, Some(&path)).ok().filter(|ni| ni.verify(keys).is_ok()))
-                .map(|ni| Record {
-                    path: path.clone(),
-                    nar_hash: ni.nar_hash,
-                    nar_size: ni.nar_size,
-                    references: ni.references.clone(),
-                }),
+                .map(|ni| Record::of(&ni)),
             _ => None,
         };
         let Some(GcRun::Learning { for_, lock, queue, mut in_flight, mut learnt, unknown }) = self.gc.take() else {
