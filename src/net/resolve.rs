@@ -176,9 +176,7 @@ impl Lookup {
     fn socket(&mut self, v6: bool) -> Option<&UdpSocket> {
         let slot = if v6 { &mut self.v6 } else { &mut self.v4 };
         if slot.is_none() {
-            let any: SocketAddr =
-                if v6 { (Ipv6Addr::UNSPECIFIED, 0).into() } else { (Ipv4Addr::UNSPECIFIED, 0).into() };
-            let s = UdpSocket::bind(any).ok()?;
+            let s = UdpSocket::bind(any_addr(v6)).ok()?;
             s.set_nonblocking(true).ok()?;
             *slot = Some(s);
         }
@@ -244,15 +242,20 @@ impl Lookup {
     }
 }
 
+/// The unspecified address of a family, any port: what a UDP socket binds.
+fn any_addr(v6: bool) -> SocketAddr {
+    if v6 {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    }
+}
+
 /// Addresses with a route first (RFC 6724 rule 1: a UDP `connect` sends
 /// nothing but fails without a route), IPv6 before IPv4 among them (as
 /// musl's precedence does), the rest after, as a last resort.
 fn order(addrs: &[IpAddr], port: u16) -> Vec<SocketAddr> {
-    let routable = |ip: &IpAddr| {
-        let any: SocketAddr =
-            if ip.is_ipv6() { (Ipv6Addr::UNSPECIFIED, 0).into() } else { (Ipv4Addr::UNSPECIFIED, 0).into() };
-        UdpSocket::bind(any).and_then(|s| s.connect((*ip, port))).is_ok()
-    };
+    let routable = |ip: &IpAddr| UdpSocket::bind(any_addr(ip.is_ipv6())).and_then(|s| s.connect((*ip, port))).is_ok();
     let mut keyed: Vec<(u8, SocketAddr)> = addrs
         .iter()
         .map(|ip| (u8::from(!routable(ip)) * 2 + u8::from(ip.is_ipv4()), SocketAddr::new(*ip, port)))
