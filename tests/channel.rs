@@ -205,20 +205,15 @@ impl Agent {
     }
 
     fn log(&self) -> String {
-        fs::read_to_string(self.tmp.path().join("agent.log")).unwrap_or_default()
+        agent_log(self.tmp.path())
     }
 
     fn assert_alive(&mut self) {
-        if let Some(st) = self.child.try_wait().unwrap() {
-            panic!("agent exited: {st:?}\n--- agent log ---\n{}", self.log());
-        }
+        assert_agent_alive(&mut self.child, self.tmp.path());
     }
 
     fn status(&mut self) -> Status {
-        self.assert_alive();
-        let (code, body) = get(&format!("{}/v1/status", self.url())).expect("status answers");
-        assert_eq!(code, 200, "{body}");
-        nixless::json::from_slice_bounded::<Status>(body.as_bytes()).unwrap_or_else(|e| panic!("{e}: {body}"))
+        agent_status(&mut self.child, self.tmp.path(), self.port)
     }
 
     fn metrics(&self) -> String {

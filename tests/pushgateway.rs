@@ -181,13 +181,11 @@ impl Agent {
     }
 
     fn log(&self) -> String {
-        fs::read_to_string(self.tmp.path().join("agent.log")).unwrap_or_default()
+        agent_log(self.tmp.path())
     }
 
     fn assert_alive(&mut self) {
-        if let Some(st) = self.child.try_wait().unwrap() {
-            panic!("agent exited: {st:?}\n--- agent log ---\n{}", self.log());
-        }
+        assert_agent_alive(&mut self.child, self.tmp.path());
     }
 
     fn status(&mut self) -> Status {

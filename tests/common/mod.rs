@@ -403,3 +403,23 @@ pub fn agent_command(mut cmd: Command, dir: &Path) -> Command {
         .stderr(log);
     cmd
 }
+
+/// What a test agent wrote to `DIR/agent.log` (see [`agent_command`]).
+pub fn agent_log(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
+}
+
+/// Panics, with the agent's log, if the agent running in `dir` has exited.
+pub fn assert_agent_alive(child: &mut std::process::Child, dir: &Path) {
+    if let Some(st) = child.try_wait().unwrap() {
+        panic!("agent exited: {st:?}\n--- agent log ---\n{}", agent_log(dir));
+    }
+}
+
+/// The running agent's `GET /v1/status` on `port`, parsed.
+pub fn agent_status(child: &mut std::process::Child, dir: &Path, port: u16) -> nixless::api::Status {
+    assert_agent_alive(child, dir);
+    let (code, body) = get(&format!("http://127.0.0.1:{port}/v1/status")).expect("status answers");
+    assert_eq!(code, 200, "{body}");
+    nixless::json::from_slice_bounded(body.as_bytes()).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
