@@ -9,6 +9,7 @@
 
 mod common;
 
+use common::prom::Stack;
 use common::*;
 use nixless::channel::{self, Decision, Device, Record};
 use nixless::nix::{SecretKey, TrustedKeys};
@@ -30,44 +31,8 @@ impl Drop for Server {
     }
 }
 
-fn http() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(10)))
-        .build()
-        .new_agent()
-}
-
-/// The shared Pushgateway + Prometheus, with this file's helpers.
-struct Stack(common::prom::Stack);
-
-impl std::ops::Deref for Stack {
-    type Target = common::prom::Stack;
-    fn deref(&self) -> &common::prom::Stack {
-        &self.0
-    }
-}
-
 fn stack() -> Option<Stack> {
-    common::prom::Stack::start(|p| Command::new(p)).map(Stack)
-}
-
-impl Stack {
-    fn push(&self, host: &str, text: &str) {
-        let r = http()
-            .put(&format!("{}/metrics/job/nixless/host/{host}", self.gateway))
-            .header("Content-Type", "text/plain; version=0.0.4")
-            .send(text.as_bytes())
-            .unwrap();
-        assert_eq!(r.status().as_u16(), 200, "push of {host}");
-    }
-
-    /// Waits until Prometheus's answer to `q` is `want`.
-    fn wait_for(&self, q: &str, want: &str) {
-        wait_until(&format!("prometheus: {q} == {want}"), Duration::from_secs(60), || {
-            (self.value(q).as_deref() == Some(want)).then_some(())
-        });
-    }
+    Stack::start(|p| Command::new(p))
 }
 
 /// What one fake device pushes: the agent's own renderer for the base

@@ -194,7 +194,7 @@ impl Stack {
     /// Waits until Prometheus answers `q` with `want`. On a timeout the
     /// message has the last answer and how the scrapes went (a scrape
     /// slower than its interval is the usual cause with many hosts).
-    fn wait_for(&self, d: &Deadline, q: &str, want: usize, fleet: &Fleet) {
+    fn wait_for_count(&self, d: &Deadline, q: &str, want: usize, fleet: &Fleet) {
         let want = want.to_string();
         let mut last = None;
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -767,13 +767,18 @@ fn a_fleet_rolls_out_in_waves_and_a_bad_release_is_halted_in_wave_one() {
     let mem_busy = fleet.memory();
     let good_load = load(&cache.log(), log_good);
     // Prometheus has them all; fleet status agrees.
-    s.wait_for(
+    s.wait_for_count(
         &d,
         &format!("count(nixless_last_result_info{{job=\"nixless\",outcome=\"committed\",system=\"{good}\"}})"),
         n,
         &fleet,
     );
-    s.wait_for(&d, "count(nixless_channel_info{job=\"nixless\",seq=\"2\",decision=\"already-running\"})", n, &fleet);
+    s.wait_for_count(
+        &d,
+        "count(nixless_channel_info{job=\"nixless\",seq=\"2\",decision=\"already-running\"})",
+        n,
+        &fleet,
+    );
     let (sum, text) = fleet_status(&s);
     assert_eq!(sum.hosts, n, "{text}");
     assert_eq!(sum.systems, vec![Count { key: good.into(), hosts: n }], "{text}");
@@ -881,8 +886,8 @@ fn a_fleet_rolls_out_in_waves_and_a_bad_release_is_halted_in_wave_one() {
         }
     }
     // Prometheus and fleet status agree.
-    s.wait_for(&d, "count(nixless_last_result_info{job=\"nixless\",outcome=\"rolled-back\"})", w1, &fleet);
-    s.wait_for(&d, "count(nixless_channel_info{job=\"nixless\",seq=\"4\",decision=\"halted\"})", n, &fleet);
+    s.wait_for_count(&d, "count(nixless_last_result_info{job=\"nixless\",outcome=\"rolled-back\"})", w1, &fleet);
+    s.wait_for_count(&d, "count(nixless_channel_info{job=\"nixless\",seq=\"4\",decision=\"halted\"})", n, &fleet);
     let (sum, text) = fleet_status(&s);
     assert_eq!(sum.hosts, n, "{text}");
     assert_eq!(sum.systems, vec![Count { key: good.into(), hosts: n }], "{text}");

@@ -72,6 +72,23 @@ impl Stack {
         Some(Stack { _gateway: gateway_server, _prometheus: prom_server, _dirs: (gdir, pdir), gateway, prometheus })
     }
 
+    /// Pushes `text` (metrics in the text format) as `host`'s group.
+    pub fn push(&self, host: &str, text: &str) {
+        let r = http()
+            .put(&format!("{}/metrics/job/nixless/host/{host}", self.gateway))
+            .header("Content-Type", "text/plain; version=0.0.4")
+            .send(text.as_bytes())
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "push of {host}");
+    }
+
+    /// Waits until Prometheus's answer to `q` is `want`.
+    pub fn wait_for(&self, q: &str, want: &str) {
+        wait_until(&format!("prometheus: {q} == {want}"), Duration::from_secs(60), || {
+            (self.value(q).as_deref() == Some(want)).then_some(())
+        });
+    }
+
     /// The value of a PromQL instant query returning one series, as text.
     pub fn value(&self, q: &str) -> Option<String> {
         let url = format!("{}/api/v1/query?query={}", self.prometheus, nixless::auth::sigv4::uri_encode(q, false));
