@@ -469,8 +469,7 @@ enum FetchRun {
     /// Waiting for the store lock (a console `nixless install` or gc holds it).
     Locking {
         system: StorePath,
-        since: Instant,
-        told: bool,
+        wait: crate::store::LockWait,
     },
     Running {
         job: Box<InstallJob>,
@@ -892,7 +891,8 @@ impl Agent {
             Some(Ok(p)) => p,
             _ => return Some(Event::FetchFailed("the job's system is not a store path".into())),
         };
-        self.fetching = Some(FetchRun::Locking { system, since: Instant::now(), told: false });
+        let wait = crate::store::LockWait::new(STORE_LOCK_WAIT, Instant::now());
+        self.fetching = Some(FetchRun::Locking { system, wait });
         None
     }
 
@@ -939,7 +939,7 @@ impl Agent {
     fn fetch_turn(&mut self, wait: Duration) -> Option<Event> {
         let ctx = self.ctx.clone();
         match self.fetching.take()? {
-            FetchRun::Locking { system, since, told } => match ctx.store.try_lock() {
+            FetchRun::Locking { system, wait: mut lock_wait } => match lock_wait.poll(&ctx.store, Instant::now()) {
                 Ok(Some(lock)) => {
                     match self.new_install(&lock, &system) {
                         Ok(job) => {
@@ -951,19 +951,12 @@ impl Agent {
                     None
                 }
                 Ok(None) => {
-                    let waited = since.elapsed();
-                    if waited >= STORE_LOCK_WAIT {
-                        let e = crate::store::LockError::Busy { holder: ctx.store.lock_holder(), waited };
-                        return Some(Event::FetchFailed(e.to_string()));
-                    }
-                    if !told {
-                        log::info!("waiting for the store lock held by {}", ctx.store.lock_holder());
-                    }
-                    self.fetching = Some(FetchRun::Locking { system, since, told: true });
+                    self.fetching = Some(FetchRun::Locking { system, wait: lock_wait });
                     serve(&ctx, &self.shared, wait.min(LOCK_RETRY));
                     None
                 }
-                Err(e) => Some(Event::FetchFailed(format!("locking the store: {e}"))),
+                // Busy past the wait, or the lock file's I/O error.
+                Err(e) => Some(Event::FetchFailed(e.to_string())),
             },
             FetchRun::Running { mut job, lock, system } => {
                 let Ok(lock) = ctx.store.reattach(lock) else {

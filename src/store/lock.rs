@@ -109,8 +109,38 @@ impl From<io::Error> for LockError {
     }
 }
 
-/// How often a ticking waiter tries again.
-const RETRY_EVERY: Duration = Duration::from_millis(50);
+/// A wait for the store lock that never blocks, for a single-threaded
+/// loop that must keep serving meanwhile (the agent): each
+/// [`LockWait::poll`] tries once, and the loop polls again on a later turn.
+#[derive(Debug, Clone, Copy)]
+pub struct LockWait {
+    since: Instant,
+    max_wait: Duration,
+    told: bool,
+}
+
+impl LockWait {
+    pub fn new(max_wait: Duration, now: Instant) -> LockWait {
+        LockWait { since: now, max_wait, told: false }
+    }
+
+    /// The lock; `None` while someone else holds it (whom for is logged
+    /// once); [`LockError::Busy`] once `max_wait` has passed at `now`.
+    pub fn poll<'s>(&mut self, store: &'s Store, now: Instant) -> Result<Option<StoreLock<'s>>, LockError> {
+        if let Some(l) = store.try_lock()? {
+            return Ok(Some(l));
+        }
+        let waited = now.saturating_duration_since(self.since);
+        if waited >= self.max_wait {
+            return Err(LockError::Busy { holder: store.lock_holder(), waited });
+        }
+        if !self.told {
+            self.told = true;
+            log::info!("waiting for the store lock held by {}", store.lock_holder());
+        }
+        Ok(None)
+    }
+}
 
 impl Store {
     /// A new open file description of the store directory: flock locks
@@ -152,34 +182,6 @@ impl Store {
                 Err(Errno::INTR) => continue,
                 Err(e) => return Err(e.into()),
             }
-        }
-    }
-
-    /// Takes the lock, retrying for up to `max_wait` and calling `tick`
-    /// between tries, for a single-threaded loop that must keep serving
-    /// while it waits (the agent). `waiting` is told once whom it waits for.
-    pub fn lock_ticking(
-        &self,
-        max_wait: Duration,
-        waiting: &mut dyn FnMut(&Holder),
-        tick: &mut dyn FnMut(),
-    ) -> Result<StoreLock<'_>, LockError> {
-        let start = Instant::now();
-        let mut told = false;
-        loop {
-            if let Some(l) = self.try_lock()? {
-                return Ok(l);
-            }
-            let waited = start.elapsed();
-            if waited >= max_wait {
-                return Err(LockError::Busy { holder: self.lock_holder(), waited });
-            }
-            if !told {
-                told = true;
-                waiting(&self.lock_holder());
-            }
-            tick();
-            std::thread::sleep(RETRY_EVERY.min(max_wait - waited));
         }
     }
 
@@ -226,7 +228,6 @@ fn command_of(pid: u32) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::cell::Cell;
 
     fn store() -> (tempfile::TempDir, Store) {
         let tmp = tempfile::tempdir().unwrap();
@@ -254,27 +255,28 @@ mod tests {
     }
 
     #[test]
-    fn ticking_waiter_keeps_ticking_then_gives_up_naming_the_holder() {
+    fn a_lock_wait_gives_up_at_its_deadline_naming_the_holder() {
         let (_t, s) = store();
         let _held = s.try_lock().unwrap().unwrap();
-        let ticks = Cell::new(0);
-        let mut told = Vec::new();
-        let err = s
-            .lock_ticking(Duration::from_millis(200), &mut |h| told.push(h.clone()), &mut || ticks.set(ticks.get() + 1))
-            .err()
-            .unwrap();
-        assert!(ticks.get() > 0, "the loop is served while waiting");
-        assert_eq!(told.len(), 1, "the wait is announced once");
+        let t0 = Instant::now();
+        let mut w = LockWait::new(Duration::from_secs(600), t0);
+        assert!(w.poll(&s, t0).unwrap().is_none(), "held: try again later");
+        assert!(w.told, "the wait is announced");
+        assert!(w.poll(&s, t0 + Duration::from_secs(599)).unwrap().is_none());
+        let err = w.poll(&s, t0 + Duration::from_secs(600)).err().unwrap();
         assert!(err.to_string().starts_with("the store is still locked by pid "), "{err}");
+        assert!(err.to_string().ends_with(" after 600 s"), "{err}");
     }
 
     #[test]
-    fn ticking_waiter_gets_the_lock_once_released() {
+    fn a_lock_wait_gets_the_lock_once_released() {
         let (_t, s) = store();
-        let held = std::cell::RefCell::new(Some(s.try_lock().unwrap().unwrap()));
-        // The holder lets go during the waiter's first tick.
-        let got = s.lock_ticking(Duration::from_secs(60), &mut |_| {}, &mut || drop(held.borrow_mut().take()));
-        assert!(got.is_ok());
+        let held = s.try_lock().unwrap().unwrap();
+        let t0 = Instant::now();
+        let mut w = LockWait::new(Duration::from_secs(60), t0);
+        assert!(w.poll(&s, t0).unwrap().is_none());
+        drop(held);
+        assert!(w.poll(&s, t0 + Duration::from_secs(1)).unwrap().is_some());
     }
 
     #[test]

@@ -11,7 +11,7 @@ pub mod profile;
 pub mod record;
 
 use crate::nix::StorePath;
-pub use lock::{HeldLock, LockError, StoreLock};
+pub use lock::{HeldLock, LockError, LockWait, StoreLock};
 use record::Record;
 use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
 use rustix::fs::{self as rfs, AtFlags};

@@ -36,8 +36,7 @@ pub(super) enum GcFor {
 pub(super) enum GcRun {
     Locking {
         for_: GcFor,
-        since: Instant,
-        told: bool,
+        wait: crate::store::LockWait,
     },
     Learning {
         for_: GcFor,
@@ -54,7 +53,8 @@ impl Agent {
     /// Starts a collection (unless one runs).
     pub(super) fn start_gc(&mut self, for_: GcFor) {
         if self.gc.is_none() {
-            self.gc = Some(GcRun::Locking { for_, since: Instant::now(), told: false });
+            let wait = crate::store::LockWait::new(STORE_LOCK_WAIT, Instant::now());
+            self.gc = Some(GcRun::Locking { for_, wait });
         }
     }
 
@@ -69,7 +69,7 @@ impl Agent {
         let ctx = self.ctx.clone();
         match self.gc.take() {
             None => Ok(()),
-            Some(GcRun::Locking { for_, since, told }) => match ctx.store.try_lock() {
+            Some(GcRun::Locking { for_, mut wait }) => match wait.poll(&ctx.store, Instant::now()) {
                 Ok(Some(lock)) => {
                     let (roots, _) = match gc::roots(&ctx.cfg.root, ctx.cfg.generations_to_keep) {
                         Ok(r) => r,
@@ -89,18 +89,11 @@ impl Agent {
                     self.gc_refill()
                 }
                 Ok(None) => {
-                    let waited = since.elapsed();
-                    if waited >= STORE_LOCK_WAIT {
-                        let e = crate::store::LockError::Busy { holder: ctx.store.lock_holder(), waited };
-                        return self.gc_over(for_, Err(e.to_string()));
-                    }
-                    if !told {
-                        log::info!("waiting for the store lock held by {}", ctx.store.lock_holder());
-                    }
-                    self.gc = Some(GcRun::Locking { for_, since, told: true });
+                    self.gc = Some(GcRun::Locking { for_, wait });
                     Ok(())
                 }
-                Err(e) => self.gc_over(for_, Err(format!("locking the store: {e}"))),
+                // Busy past the wait, or the lock file's I/O error.
+                Err(e) => self.gc_over(for_, Err(e.to_string())),
             },
             Some(run) => {
                 self.gc = Some(run);
