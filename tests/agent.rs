@@ -242,6 +242,13 @@ impl Setup {
         fs::read_to_string(self.switch_dir().join("request.json")).ok()
     }
 
+    /// The switch request, once written. A `test` step's request follows
+    /// the network probe's answer (the net-before flag is written first),
+    /// so it can come a loop turn after status says `switching`.
+    fn wait_request_json(&self) -> String {
+        wait_until("request.json written", Duration::from_secs(30), || self.request_json())
+    }
+
     /// Plays the switch helper: writes result.json atomically.
     fn write_result(&self, id: u64, code: i32, tail: &str) {
         let dir = self.switch_dir();
@@ -469,7 +476,7 @@ fn happy_path(seccomp: bool) {
     assert_eq!((s.progress.paths_done, s.progress.paths_total), (n, n), "{s:?}");
     assert_eq!(s.progress.bytes_done, s.progress.bytes_total);
 
-    let req = setup.request_json().expect("request.json written");
+    let req = setup.wait_request_json();
     let (id, step, system) = parse_request(&req);
     assert_eq!((step.as_str(), system.as_str()), ("test", top), "{req}");
     assert_eq!(id, 1, "first switch request of a fresh device");
@@ -571,7 +578,7 @@ fn failed_switch_rolls_back_to_previous_system() {
             .unwrap(),
     );
     agent.wait_phase("switching", Duration::from_secs(30));
-    let (id, step, _) = parse_request(&setup.request_json().unwrap());
+    let (id, step, _) = parse_request(&setup.wait_request_json());
     assert_eq!(step, "test");
     setup.write_result(id, 2, "starting units\nactivation script failed: boom");
     let s = agent.wait_phase("rolling-back", Duration::from_secs(10));
@@ -1366,7 +1373,7 @@ fn poll_mode_picks_up_documents_and_ignores_stale_and_garbage() {
     assert_eq!(s.poll.error, None);
     assert_store_sound(&setup.root(), &f.path("CACHE_ZSTD"));
     // The helper reports failure; with no previous system: rollback-failed.
-    let (id, _, _) = parse_request(&setup.request_json().unwrap());
+    let (id, _, _) = parse_request(&setup.wait_request_json());
     setup.write_result(id, 1, "failed");
     let s = agent.wait_phase("idle", Duration::from_secs(10));
     assert_eq!(s.last_result.as_ref().map(|l| (l.seq, l.outcome.as_str())), Some((10, "rollback-failed")));
@@ -1463,7 +1470,7 @@ fn kill9_while_fetching_resumes_and_completes() {
     assert_eq!(s.highest_seq, 50);
     assert_eq!(store_entries(&setup.root()), closure_bases(f.get("TOP")));
     assert_store_sound(&setup.root(), &cache);
-    let (_, step, system) = parse_request(&setup.request_json().unwrap());
+    let (_, step, system) = parse_request(&setup.wait_request_json());
     assert_eq!((step.as_str(), system.as_str()), ("test", f.get("TOP")));
     // The killed run's half-written temp was cleaned up on restart.
     assert!(agent.log().contains("removing leftover"), "{}", agent.log());
@@ -1549,7 +1556,7 @@ fn kill9_while_verifying_asks_for_health_again() {
     let (body, sig) = setup.doc(80, top);
     assert_eq!(post_deploy(agent.port(), body.as_bytes(), Some(&sig)).status, 202);
     agent.wait_phase("switching", Duration::from_secs(30));
-    let (id, _, _) = parse_request(&setup.request_json().unwrap());
+    let (id, _, _) = parse_request(&setup.wait_request_json());
     setup.write_result(id, 0, "");
     agent.wait_phase("verifying", Duration::from_secs(10));
     let health_req = setup.switch_dir().join("health-request.json");
@@ -1586,7 +1593,7 @@ fn highest_seq_survives_restarts_and_replay_is_refused() {
     let (body, sig) = setup.doc(70, f.get("P_DIAMOND_TOP"));
     assert_eq!(post_deploy(agent.port(), body.as_bytes(), Some(&sig)).status, 202);
     agent.wait_phase("switching", Duration::from_secs(30));
-    let (id, _, _) = parse_request(&setup.request_json().unwrap());
+    let (id, _, _) = parse_request(&setup.wait_request_json());
     agent.kill9();
     // The helper fails while the agent is down; no previous system.
     setup.write_result(id, 1, "no");
@@ -1611,7 +1618,7 @@ fn highest_seq_survives_restarts_and_replay_is_refused() {
     assert_eq!(r.status, 202, "{r:?}");
     let s = agent.wait_phase("switching", Duration::from_secs(30));
     assert_eq!(s.highest_seq, 71);
-    let (id2, _, _) = parse_request(&setup.request_json().unwrap());
+    let (id2, _, _) = parse_request(&setup.wait_request_json());
     assert!(id2 > id, "switch ids are never reused: {id2} after {id}");
 }
 
