@@ -652,7 +652,7 @@ fn s3_puts_sign_their_body_hash() {
     };
     let creds = nixless::auth::Credentials::load(&nixless::auth::Sources::default(), &env).unwrap();
     let opts = nixless::fetch::Options { credentials: std::sync::Arc::new(creds), ..Default::default() };
-    let mut f = nixless::fetch::Fetcher::new(vec![], opts);
+    let mut f = nixless::fetch::Fetcher::new(opts);
     let url = format!("s3://b/stable.json?endpoint=http://127.0.0.1:{port}");
     let (status, _) = f.put_url(&url, "application/json", b"{\"halt\":true}").unwrap();
     assert_eq!(status, 200);

@@ -756,6 +756,99 @@ fn disk_full_refuses_the_deploy_and_changes_nothing() {
     assert!(left.is_empty(), "nothing written to the store");
 }
 
+/// Issue 11: the disk-space rule's collection in the middle of a deploy's
+/// fetch is loop work (`daemon::gc_run`, `GcFor::Space`), under the fetch's
+/// own store lock: a live path without a record has its narinfo asked of
+/// the HTTP cache and its record written, which lets the collection delete
+/// the dead path that takes the space; then the same fetch goes on to the
+/// end. (Before, a blocking fetcher made those look-ups from inside the
+/// loop's turn, ticking the loop from within.)
+#[test]
+fn a_deploy_short_of_space_learns_references_over_http_collects_and_fetches() {
+    let d = Device::new(Opts::default());
+    let small = tempfile::tempdir().unwrap();
+    let st = Command::new("mount").args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"]).arg(small.path()).status().unwrap();
+    assert!(st.success(), "mount tmpfs (tests run as root)");
+    struct Umount(PathBuf);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Umount(small.path().to_owned());
+    let f = fixtures();
+    let nginx = Nginx::start(&f.path("CACHE_ZSTD"));
+    let root = small.path().join("root");
+    let base = |p: &str| p.rsplit('/').next().unwrap().to_owned();
+    for p in [f.get("P_DIR"), f.get("P_CHAIN_A")] {
+        let out = nixless(&[
+            "install",
+            "--root",
+            root.to_str().unwrap(),
+            "--cache",
+            &nginx.url(),
+            "--trusted-key",
+            f.get("PK_A"),
+            p,
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    // P_DIR is live (the booted system) and has no record: until a cache
+    // vouches for its references, the collection may delete nothing.
+    std::fs::create_dir_all(root.join("run")).unwrap();
+    std::os::unix::fs::symlink(f.get("P_DIR"), root.join("run/booted-system")).unwrap();
+    let record = root.join("var/lib/nixless/paths").join(base(f.get("P_DIR")));
+    let want = std::fs::read(&record).expect("install wrote a record");
+    std::fs::remove_file(&record).unwrap();
+    // P_CHAIN_A's closure is dead; 30 MiB more in it leave ~33 MiB free:
+    // short of the 24 MiB path's NAR + a tenth + 16 MiB (42 MiB).
+    let store = root.join("nix/store");
+    let chain_a = store.join(base(f.get("P_CHAIN_A")));
+    let mode = |m| std::fs::set_permissions(&chain_a, std::os::unix::fs::PermissionsExt::from_mode(m)).unwrap();
+    mode(0o755);
+    std::fs::write(chain_a.join("filler"), vec![7u8; 30 << 20]).unwrap();
+    mode(0o555);
+
+    let port = free_port();
+    let cfg = small.path().join("agent.json");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"{{"host":"dev","listen":["127.0.0.1:{port}"],"caches":["{}"],"cache_keys":["{}"],"deploy_keys":["{}"],"root":"{}"}}"#,
+            nginx.url(),
+            f.get("PK_A"),
+            d.key.public(),
+            root.display()
+        ),
+    )
+    .unwrap();
+    let mut agent = spawn_agent(&cfg, d.fake.path(), &root, "boot-1");
+    let url = format!("http://127.0.0.1:{port}");
+    wait_until("the agent's status", Duration::from_secs(20), || ureq::get(&format!("{url}/v1/status")).call().ok());
+    let doc =
+        nixless::deploy::render("dev", Some(f.get("P_BIG")), 5, nixless::deploy::Action::Switch, &[], &[]).unwrap();
+    let sig = nixless::deploy::sign(&d.key, doc.as_bytes());
+    let r = ureq::post(&format!("{url}/v1/deploy")).header("Nixless-Signature", &sig).send(doc.as_bytes()).unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    // Past the fetch: switching (no helper runs for this root), or an outcome.
+    let status = wait_until("the fetch to end", Duration::from_secs(60), || {
+        let s = ureq::get(&format!("{url}/v1/status")).call().ok()?.into_body().read_to_string().ok()?;
+        (s.contains("\"phase\":\"switching\"") || s.contains("\"outcome\"")).then_some(s)
+    });
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let log = agent_log(d.fake.path());
+    assert!(status.contains("\"phase\":\"switching\""), "{status}\n{log}");
+    assert!(log.contains("collecting garbage"), "the rule found the space short: {log}");
+    assert!(log.contains("learnt the references of 1 of 1 paths from narinfos"), "{log}");
+    assert_eq!(std::fs::read(&record).ok(), Some(want), "the record learnt is the one installed");
+    assert!(!chain_a.exists(), "the dead path was collected");
+    assert!(store.join(base(f.get("P_DIR"))).exists(), "the live path stays");
+    // Every path left is whole (real Nix's hash = the cache's NarHash), the big one among them.
+    let present = assert_store_sound(&root, &f.path("CACHE_ZSTD"));
+    assert!(present.contains(&base(f.get("P_BIG"))), "{present:?}");
+}
+
 #[test]
 fn helper_killed_mid_switch_is_never_rerun_and_the_update_rolls_back() {
     let d = Device::new(Opts { switch_timeout: 8, ..Opts::default() });

@@ -219,8 +219,8 @@ pub const BOUNDS: &[Bound] = &[
     // connection on the cache's side.
     bound("connections_per_cache", 1, 64, 8),
     // How long a stalled download waits before it resumes on a new
-    // connection. The loop keeps ticking meanwhile (fetch::ticking), so
-    // this no longer bounds status or the watchdog.
+    // connection. It waits in the loop's poll(2) with everything else,
+    // so it does not bound status or the watchdog.
     bound("read_timeout_secs", 1, 300, 5),
     bound("health_timeout_secs", 1, DAY, 120),
     bound("switch_timeout_secs", 1, DAY, 900),

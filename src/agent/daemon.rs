@@ -10,12 +10,10 @@
 //! Nothing in the fetch calls back into the loop. The smaller transfers
 //! (polled, channel and key documents, the Pushgateway, the health
 //! network probe) are requests in flight on the same `poll(2)` ([`docs`]),
-//! and a gc document's collection tries the store lock and asks for
-//! narinfos the same way ([`gc_run`]). One transfer still goes through the
-//! blocking fetcher, whose ticks (`fetch::ticking`, at most every
-//! [`TICK_EVERY`]) serve HTTP and ping the watchdog: the narinfos of
-//! unrecorded paths when the disk-space rule collects garbage in the
-//! middle of a deploy's fetch; it ends at a deadline.
+//! and a garbage collection (a gc document's, or the disk-space rule's in
+//! the middle of a deploy's fetch) tries the store lock and asks for
+//! narinfos the same way ([`gc_run`]). No transfer blocks the loop and
+//! nothing re-enters it: there is no blocking fetcher in the agent.
 //!
 //! Every state transition is persisted (atomically, durably) before its
 //! effects are carried out; see `machine` for why that makes every crash
@@ -24,8 +22,7 @@
 //! The rules live in pure modules that take the time as an argument; this
 //! file reads and writes files and sockets and asks them what is due:
 //! `machine` (the update's transitions), `schedule` (poll, follow and push
-//! schedules with jitter, watchdog pings, the fetcher's ticks, how long
-//! the loop sleeps), `helper_watch` (the switch deadline and nudges),
+//! schedules with jitter, watchdog pings, how long the loop sleeps), `helper_watch` (the switch deadline and nudges),
 //! `health` (health rounds, the net-before flag, the verdict at the
 //! deadline), `throttle` (the auth throttle), [`space_needed`] (the
 //! disk-space rule) and [`push_trigger`].
@@ -37,12 +34,12 @@ use super::http::{Handler, Limits, Request, Response, Server};
 use super::machine::{self, Effect, Event, Origin, Phase, State, Timing};
 use super::notify::Notifier;
 use super::persist;
-use super::schedule::{self, Every, Jitter, Schedule};
+use super::schedule::{self, Jitter, Schedule};
 use super::status::{self, Progress, Snapshot};
 use super::throttle::AuthThrottle;
 use crate::api;
 use crate::deploy::{self, Action, Deploy, Rejection};
-use crate::fetch::{CacheUrl, Fetcher, Options};
+use crate::fetch::{CacheUrl, Options};
 use crate::nix::{StorePath, TrustedKeys};
 use crate::store::fsutil;
 use crate::store::install;
@@ -56,8 +53,6 @@ use std::path::Path;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-/// Least time between two ticks' socket polls during a transfer.
-pub const TICK_EVERY: Duration = Duration::from_millis(50);
 /// Longest the loop sleeps when idle (switch results, poll schedule).
 const IDLE_WAIT: Duration = Duration::from_millis(500);
 /// Largest polled document / signature.
@@ -75,7 +70,7 @@ pub struct AgentOptions {
     pub no_seccomp: bool,
 }
 
-/// What the request handler and the ticks share with the loop.
+/// What the request handler shares with the loop.
 struct Shared {
     state: State,
     progress: Progress,
@@ -90,8 +85,6 @@ struct Shared {
     server: Option<Server>,
     /// Rejected signatures per peer in the current window.
     auth_throttle: AuthThrottle,
-    /// The fetcher's ticks, at most every [`TICK_EVERY`].
-    ticks: Every,
     /// Effects of a deploy accepted by the handler, for the loop to run.
     queued: VecDeque<Effect>,
     /// A fatal error inside the handler (state could not be persisted).
@@ -123,7 +116,6 @@ impl Shared {
             notifier: Notifier::from_env(),
             server,
             auth_throttle: AuthThrottle::default(),
-            ticks: Every::starting(TICK_EVERY, Instant::now()),
             queued: VecDeque::new(),
             fatal: None,
             pending_gc: None,
@@ -395,21 +387,6 @@ fn adopt(ctx: &Ctx, sh: &mut Shared, next: State, effects: Vec<Effect>, line: &s
     Ok(())
 }
 
-/// Polls the sockets without blocking and pings the watchdog; called from
-/// inside long transfers.
-fn tick(ctx: &Ctx, shared: &RefCell<Shared>) {
-    {
-        let mut sh = shared.borrow_mut();
-        let t = Instant::now();
-        if !sh.ticks.due(t) {
-            return;
-        }
-        sh.ticks.done(t);
-        sh.notifier.ping_if_due(t);
-    }
-    serve(ctx, shared, Duration::ZERO);
-}
-
 /// One round of the HTTP server, waiting up to `wait`.
 fn serve(ctx: &Ctx, shared: &RefCell<Shared>, wait: Duration) {
     let server = shared.borrow_mut().server.take();
@@ -475,6 +452,13 @@ enum FetchRun {
         job: Box<InstallJob>,
         lock: HeldLock,
         system: StorePath,
+    },
+    /// Resolved, short of space: the collection ([`gc_run`], `GcFor::Space`)
+    /// holds the lock until it hands it back ([`Agent::space_collected`]).
+    Collecting {
+        job: Box<InstallJob>,
+        system: StorePath,
+        nar_bytes: u64,
     },
 }
 
@@ -726,29 +710,6 @@ impl Agent {
         }
     }
 
-    /// GC with the configured generations kept plus `extra_roots`, under
-    /// `store` (a deploy's fetch's lock: the disk-space rule). Still the
-    /// ticking fetcher for the narinfos of unrecorded paths: it runs in the
-    /// middle of the install job's turn (the gc documents' collection,
-    /// [`gc_run`], does not block).
-    fn collect_garbage(
-        &mut self,
-        store: &StoreLock,
-        extra_roots: &[StorePath],
-    ) -> Result<crate::store::gc::Report, String> {
-        use crate::store::gc;
-        let cfg = self.ctx.cfg.clone();
-        let (mut roots, _) = gc::roots(&cfg.root, cfg.generations_to_keep)?;
-        roots.extend_from_slice(extra_roots);
-        let (_, unknown) = gc::live_set(store, &roots);
-        if !unknown.is_empty() {
-            let mut fetcher = self.fetcher(&[]);
-            let n = gc::learn_references(store, &mut fetcher, &cfg.cache_keys, &unknown);
-            log::info!("learnt the references of {n} of {} paths from narinfos", unknown.len());
-        }
-        self.finish_gc(store, extra_roots)
-    }
-
     /// The collection itself, once the records are what they will be:
     /// the configured generations kept plus `extra_roots`.
     fn finish_gc(&self, store: &StoreLock, extra_roots: &[StorePath]) -> Result<crate::store::gc::Report, String> {
@@ -854,23 +815,6 @@ impl Agent {
         self.switch.nudged(Instant::now());
     }
 
-    /// A fetcher over the document's caches, then the configured ones,
-    /// whose ticks keep the loop alive.
-    fn fetcher(&self, extra: &[String]) -> Fetcher {
-        let caches = self.caches(extra);
-        let opts = Options {
-            retries: self.ctx.cfg.retries,
-            read_timeout: self.ctx.cfg.read_timeout,
-            credentials: self.ctx.cfg.credentials.clone(),
-            trust: self.ctx.cfg.trust.clone(),
-            ..Options::default()
-        };
-        let mut f = Fetcher::new(caches, opts);
-        let (ctx, shared) = (self.ctx.clone(), self.shared.clone());
-        f.set_tick(Box::new(move || tick(&ctx, &shared)));
-        f
-    }
-
     /// The saved deploy document of the current job (for caches and narinfos).
     fn saved_deploy(&self) -> Option<Deploy> {
         let dir = &self.ctx.cfg.state_dir;
@@ -958,6 +902,13 @@ impl Agent {
                 // Busy past the wait, or the lock file's I/O error.
                 Err(e) => Some(Event::FetchFailed(e.to_string())),
             },
+            // The collection's look-ups and the server share the loop's
+            // poll meanwhile (`gc_run`, `docs`); the job waits, idle.
+            run @ FetchRun::Collecting { .. } => {
+                self.fetching = Some(run);
+                self.idle_turn(wait);
+                None
+            }
             FetchRun::Running { mut job, lock, system } => {
                 let Ok(lock) = ctx.store.reattach(lock) else {
                     return Some(Event::FetchFailed("the store lock is not this store's".into()));
@@ -990,10 +941,22 @@ impl Agent {
                 match stepped {
                     Ok(Step::Working { .. }) => {}
                     Ok(Step::Resolved) => {
-                        if let Err(refusal) = self.check_space(&lock, &system, p.nar_bytes_total) {
-                            return Some(Event::Refused(refusal));
+                        let free = crate::store::gc::free_bytes(&lock).unwrap_or(u64::MAX);
+                        match space_needed(p.nar_bytes_total, free) {
+                            Ok(()) => job.release(),
+                            // Another collection waits for this lock: it
+                            // cannot run now, and this one cannot start.
+                            Err(_) if self.gc.is_some() => {
+                                return Some(Event::Refused(short_of_space(p.nar_bytes_total, free, false)))
+                            }
+                            Err(need) => {
+                                log::warn!("need {} MiB, {} MiB free: collecting garbage", need >> 20, free >> 20);
+                                let nar_bytes = p.nar_bytes_total;
+                                self.fetching = Some(FetchRun::Collecting { job, system: system.clone(), nar_bytes });
+                                self.start_space_gc(lock.detach(), system);
+                                return None;
+                            }
                         }
-                        job.release();
                     }
                     Ok(Step::Done(plan, prog)) => {
                         self.shared.borrow_mut().bytes_fetched_total += prog.nar_bytes_done;
@@ -1016,24 +979,39 @@ impl Agent {
         }
     }
 
-    /// The disk-space rule ([`space_needed`]): short, garbage is collected
-    /// first; still short, the deploy is refused (`Err`, nothing changed).
-    fn check_space(&mut self, store: &StoreLock, system: &StorePath, nar_bytes: u64) -> Result<(), String> {
-        let free = crate::store::gc::free_bytes(store).unwrap_or(u64::MAX);
-        let Err(need) = space_needed(nar_bytes, free) else { return Ok(()) };
-        log::warn!("need {} MiB, {} MiB free: collecting garbage", need >> 20, free >> 20);
-        if let Err(e) = self.collect_garbage(store, std::slice::from_ref(system)) {
+    /// The disk-space rule's collection is over ([`gc_run`]): the lock
+    /// comes back; enough space now, the job fetches its NARs, else the
+    /// deploy is refused (nothing of it written).
+    fn space_collected(
+        &mut self,
+        lock: HeldLock,
+        collected: Result<crate::store::gc::Report, String>,
+    ) -> Option<Event> {
+        if let Err(e) = collected {
             log::warn!("garbage collection: {e}");
         }
-        let free = crate::store::gc::free_bytes(store).unwrap_or(u64::MAX);
-        space_needed(nar_bytes, free).map_err(|need| {
-            format!(
-                "not enough disk space: the closure needs {} MiB, {} MiB free after garbage collection",
-                need >> 20,
-                free >> 20
-            )
-        })
+        let Some(FetchRun::Collecting { mut job, system, nar_bytes }) = self.fetching.take() else {
+            return None;
+        };
+        let Ok(store) = self.ctx.store.reattach(lock) else {
+            return Some(Event::FetchFailed("the store lock is not this store's".into()));
+        };
+        let free = crate::store::gc::free_bytes(&store).unwrap_or(u64::MAX);
+        if space_needed(nar_bytes, free).is_err() {
+            return Some(Event::Refused(short_of_space(nar_bytes, free, true)));
+        }
+        job.release();
+        self.fetching = Some(FetchRun::Running { job, lock: store.detach(), system });
+        None
     }
+}
+
+/// The refusal of the disk-space rule, after a collection or without one.
+fn short_of_space(nar_bytes: u64, free: u64, collected: bool) -> String {
+    let need = space_needed(nar_bytes, free).err().unwrap_or(0);
+    let after =
+        if collected { "after garbage collection" } else { "(a garbage collection is waiting for the store lock)" };
+    format!("not enough disk space: the closure needs {} MiB, {} MiB free {after}", need >> 20, free >> 20)
 }
 
 /// The loop's deadlines, as the timers know them.

@@ -1,7 +1,7 @@
 //! The agent's repeating checks as pure rules: when the poll of
 //! `poll_url`, the channel/keys follow and the Pushgateway push are next
 //! due, with jitter so a fleet started together spreads out; the rate
-//! limits (watchdog pings, the fetcher's ticks); and how long the loop may
+//! limits (watchdog pings); and how long the loop may
 //! sleep. The loop owns the clock and passes the time in, so every rule
 //! here is tested without sleeping.
 //!
@@ -82,7 +82,7 @@ impl Schedule {
 }
 
 /// A rate limit: something done at most once per interval (the watchdog
-/// ping, the fetcher's ticks). Never done yet means due.
+/// ping). Never done yet means due.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Every {
     interval: Duration,

@@ -10,8 +10,7 @@
 //! temporary directory that the caller throws away on any error.
 
 use super::decompress::{self, Unsupported};
-use super::resume::ResumableBody;
-use super::{FetchError, Fetcher};
+use super::FetchError;
 use crate::nar::{Event, NarError, Parser};
 use crate::nix::{NarInfo, Sha256};
 use sha2::{Digest, Sha256 as Hasher};
@@ -122,28 +121,11 @@ fn digest(h: Hasher) -> Sha256 {
 pub struct Stats {
     pub file_bytes: u64,
     pub nar_bytes: u64,
-    pub resumes: u32,
 }
 
-/// Fetches `info`'s NAR from cache `idx`, verifies it and feeds its events
-/// to `sink`. `progress` gets the NAR bytes of each chunk as they pass.
-pub fn fetch_nar(
-    fetcher: &mut Fetcher,
-    idx: usize,
-    info: &NarInfo<'_>,
-    sink: &mut dyn FnMut(Event<'_>) -> Result<(), NarError>,
-    progress: &mut dyn FnMut(u64),
-) -> Result<Stats, PipelineError> {
-    let body = ResumableBody::open(fetcher, idx, info.url).map_err(PipelineError::Fetch)?;
-    let Some(body) = body else {
-        return Err(PipelineError::MissingNar { url: format!("{}/{}", fetcher.cache_url(idx), info.url) });
-    };
-    let url = body.url();
-    process(body, &url, info, sink, progress)
-}
-
-/// The pass itself, over any byte source (tests feed it directly).
-pub fn process<R: Read + ResumeCount>(
+/// The pass stepped to its end in one call: what the stepped pass must equal.
+#[cfg(test)]
+fn process<R: Read>(
     body: R,
     url: &str,
     info: &NarInfo<'_>,
@@ -187,7 +169,7 @@ pub struct Pass<'r, R> {
     eof: bool,
 }
 
-impl<'r, R: Read + ResumeCount + 'r> Pass<'r, R> {
+impl<'r, R: Read + 'r> Pass<'r, R> {
     pub fn new(body: R, url: &str, info: &NarInfo<'_>) -> Result<Self, PipelineError> {
         let file = Rc::new(RefCell::new(Metered {
             inner: body,
@@ -286,26 +268,9 @@ impl<'r, R: Read + ResumeCount + 'r> Pass<'r, R> {
                 return Err(PipelineError::Hash { what: "FileHash", expected, got });
             }
         }
-        Ok(Stats { file_bytes: file.count, nar_bytes: self.nar_bytes, resumes: file.inner.resumes() })
+        Ok(Stats { file_bytes: file.count, nar_bytes: self.nar_bytes })
     }
 }
-
-/// How often a source had to resume (0 for plain readers).
-pub trait ResumeCount {
-    fn resumes(&self) -> u32 {
-        0
-    }
-}
-
-impl ResumeCount for ResumableBody<'_> {
-    fn resumes(&self) -> u32 {
-        self.resumes
-    }
-}
-
-impl ResumeCount for &[u8] {}
-impl ResumeCount for std::fs::File {}
-impl ResumeCount for &std::fs::File {}
 
 #[cfg(test)]
 mod tests {

@@ -30,7 +30,7 @@ pub fn fetcher(deadline: Duration) -> Result<Fetcher, String> {
         credentials: std::sync::Arc::new(credentials),
         ..Options::default()
     };
-    Ok(Fetcher::new(vec![], opts))
+    Ok(Fetcher::new(opts))
 }
 
 /// Runs [`view::QUERY`] against the Prometheus at `base` (`http(s)://host:port`,

@@ -172,12 +172,6 @@ impl Flush {
         Ok(Flush { what, names, state, deadline, started })
     }
 
-    /// The calls, made now in this process (blocking): for callers with
-    /// no loop to keep turning, such as the sequential install.
-    pub fn run(what: impl Into<String>, ops: &[Op<'_>]) -> Result<(), FlushError> {
-        run_ops(ops).map_err(|(i, e)| FlushError::Call { what: what.into(), call: ops[i].name(), source: e.into() })
-    }
-
     /// The descriptor to poll for `POLLIN` (also readable at EOF); none
     /// once the outcome is known.
     pub fn fd(&self) -> Option<BorrowedFd<'_>> {
@@ -497,12 +491,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let d = File::open(dir.path()).unwrap();
         let ops = [Op::Syncfs(d.as_fd()), Op::Fsync(r.as_fd())];
-        let forked = Flush::start("a pipe", &ops, FLUSH_DEADLINE).unwrap().wait();
-        for err in [forked.unwrap_err(), Flush::run("a pipe", &ops).unwrap_err()] {
-            match err {
-                FlushError::Call { call: "fsync", source, .. } => assert_eq!(source.raw_os_error(), Some(libc::EINVAL)),
-                other => panic!("{other}"),
-            }
+        match Flush::start("a pipe", &ops, FLUSH_DEADLINE).unwrap().wait().unwrap_err() {
+            FlushError::Call { call: "fsync", source, .. } => assert_eq!(source.raw_os_error(), Some(libc::EINVAL)),
+            other => panic!("{other}"),
         }
     }
 

@@ -8,7 +8,7 @@
 //! progress). Closures are followed through the per-path records; a live
 //! path without a record has unknown references, so nothing can be proven
 //! unreachable and nothing is deleted (its references can be learnt from a
-//! cache's narinfo first: see [`learn_references`]). A dead path without a
+//! cache's signed narinfo first, as the agent's collection does). A dead path without a
 //! record is kept too: we never delete what we cannot account for.
 //!
 //! Deletion renames a path out of the store first (to a temp name the next
@@ -16,11 +16,9 @@
 //! go before what they reference, so a crash never leaves a path whose
 //! closure is incomplete.
 
-use super::install::{self, PlanItem};
 use super::record::Record;
 use super::{fsutil, temp_name, Store, StoreLock};
-use crate::fetch::Fetcher;
-use crate::nix::{StorePath, TrustedKeys};
+use crate::nix::StorePath;
 use rustix::fs::{self as rfs, AtFlags};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ffi::OsString;
@@ -244,21 +242,6 @@ pub fn roots(root: &Path, generations_to_keep: u64) -> Result<(Vec<StorePath>, V
         walk.start(start)?;
     }
     Ok((walk.found.into_iter().collect(), keep))
-}
-
-/// Writes records for live paths that have none, from a trusted cache's
-/// narinfo (for paths that were on the device before nixless).
-pub fn learn_references(store: &StoreLock, fetcher: &mut Fetcher, keys: &TrustedKeys, paths: &[StorePath]) -> usize {
-    let mut learnt = 0;
-    for p in paths {
-        let item: Result<PlanItem, _> = install::narinfo_for(fetcher, keys, p);
-        if let Ok(item) = item {
-            if store.write_record(&Record::of(&item.info())).is_ok() {
-                learnt += 1;
-            }
-        }
-    }
-    learnt
 }
 
 /// Closure of `roots` through records; second: live paths with no record.

@@ -1,5 +1,8 @@
-//! Installing a closure: resolve, fetch, verify, unpack, make durable,
-//! rename into place, in dependency order.
+//! What an install is made of: the plan (verified narinfos, references
+//! before referrers), its errors and progress, and the four commit steps.
+//! [`super::parallel`]'s engine resolves, fetches, verifies and unpacks,
+//! and calls these steps in this order without blocking its loop (the
+//! blocking install that called them in turn went with issue 11).
 //!
 //! All of it runs under the store lock ([`StoreLock`]): from the first
 //! "is it present?" to the last rename no other writer (install, gc) changes
@@ -21,12 +24,11 @@
 use super::flush::{self, FlushError};
 use super::fsutil;
 use super::record::Record;
-use super::{temp_name, Store, StoreLock};
-use crate::fetch::pipeline::{self, PipelineError};
-use crate::fetch::{FetchError, Fetcher};
-use crate::nar::{NarError, Unpacker};
+use super::StoreLock;
+use crate::fetch::pipeline::PipelineError;
+use crate::fetch::FetchError;
 use crate::nix::narinfo::NarInfoError;
-use crate::nix::{NarInfo, StorePath, TrustedKeys};
+use crate::nix::{NarInfo, StorePath};
 use rustix::fs::{self as rfs, RenameFlags};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
@@ -125,102 +127,6 @@ pub fn provided_from(texts: &[String]) -> Provided {
         .collect()
 }
 
-/// Fetches and verifies the narinfos of every missing path in the closure
-/// of `roots`, and orders them.
-pub fn resolve(
-    fetcher: &mut Fetcher,
-    store: &Store,
-    keys: &TrustedKeys,
-    roots: &[StorePath],
-) -> Result<Plan, InstallError> {
-    resolve_with(fetcher, store, keys, roots, &Provided::new())
-}
-
-/// Like [`resolve`], using `provided` narinfos before asking any cache: a
-/// device on a slow link resolves its closure without a round trip per path.
-pub fn resolve_with(
-    fetcher: &mut Fetcher,
-    store: &Store,
-    keys: &TrustedKeys,
-    roots: &[StorePath],
-    provided: &Provided,
-) -> Result<Plan, InstallError> {
-    let mut found: BTreeMap<StorePath, PlanItem> = BTreeMap::new();
-    let mut present = BTreeSet::new();
-    let mut queue: Vec<StorePath> = roots.to_vec();
-    while let Some(path) = queue.pop() {
-        if found.contains_key(&path) || present.contains(&path) {
-            continue;
-        }
-        if store.is_present(&path) {
-            present.insert(path);
-            continue;
-        }
-        let item = match provided.get(path.hash_part()).and_then(|t| checked_provided(t, keys, &path)) {
-            Some(item) => item,
-            None => find_narinfo(fetcher, keys, &path)?,
-        };
-        fetcher.tick();
-        for r in &item.references {
-            if *r != path {
-                queue.push(r.clone());
-            }
-        }
-        found.insert(path, item);
-    }
-    Ok(Plan { items: topo_order(found)?, present: present.len() })
-}
-
-fn checked_provided(text: &str, keys: &TrustedKeys, path: &StorePath) -> Option<PlanItem> {
-    match NarInfo::parse(text, Some(path)).and_then(|ni| ni.verify(keys).map(|_| ni)) {
-        Ok(ni) => Some(PlanItem {
-            path: path.clone(),
-            cache: ANY_CACHE,
-            narinfo: text.to_owned(),
-            nar_size: ni.nar_size,
-            references: ni.references.clone(),
-        }),
-        Err(e) => {
-            log::warn!("{path}: narinfo supplied with the deploy: {e}; asking the caches");
-            None
-        }
-    }
-}
-
-/// [`find_narinfo`] for one path (GC learns references with it).
-pub fn narinfo_for(fetcher: &mut Fetcher, keys: &TrustedKeys, path: &StorePath) -> Result<PlanItem, InstallError> {
-    find_narinfo(fetcher, keys, path)
-}
-
-/// The first cache's narinfo for `path` that parses, is for `path` and is
-/// signed by a trusted key; later caches are tried when one fails.
-fn find_narinfo(fetcher: &mut Fetcher, keys: &TrustedKeys, path: &StorePath) -> Result<PlanItem, InstallError> {
-    let mut first_err: Option<InstallError> = None;
-    let mut from = 0;
-    while from < fetcher.cache_count() {
-        let (idx, text) = match fetcher.narinfo(path, from) {
-            Ok(found) => found,
-            Err(e) => return Err(first_err.unwrap_or(InstallError::Fetch(e))),
-        };
-        let cache = fetcher.cache_url(idx).to_string();
-        let checked = NarInfo::parse(&text, Some(path)).and_then(|ni| ni.verify(keys).map(|_| ni));
-        match checked {
-            Ok(ni) => {
-                let (nar_size, references) = (ni.nar_size, ni.references.clone());
-                return Ok(PlanItem { path: path.clone(), cache: idx, narinfo: text, nar_size, references });
-            }
-            Err(err) => {
-                if idx + 1 < fetcher.cache_count() {
-                    log::warn!("{path}: narinfo from {cache}: {err}; trying the next cache");
-                }
-                first_err.get_or_insert(InstallError::NarInfo { path: path.clone(), cache, err });
-                from = idx + 1;
-            }
-        }
-    }
-    Err(first_err.expect("loop ran at least once"))
-}
-
 /// Kahn's algorithm over references within the set; ties by name, so the
 /// order is deterministic.
 pub(super) fn topo_order(mut found: BTreeMap<StorePath, PlanItem>) -> Result<Vec<PlanItem>, InstallError> {
@@ -276,113 +182,6 @@ impl Default for BatchLimits {
     }
 }
 
-/// A verified temp waiting for its batch's rename, and its path.
-pub(super) type Pending<'p> = (&'p PlanItem, String);
-
-/// Installs `plan` into `store`, reporting progress after every chunk.
-pub fn install_plan(
-    fetcher: &mut Fetcher,
-    store: &StoreLock,
-    plan: &Plan,
-    limits: BatchLimits,
-    progress: &mut dyn FnMut(&Progress),
-) -> Result<Progress, InstallError> {
-    let mut prog = Progress { paths_total: plan.items.len(), nar_bytes_total: plan.nar_bytes(), ..Progress::default() };
-    let mut batch: Vec<Pending> = Vec::new();
-    let mut batch_bytes = 0;
-    let mut run = || {
-        for item in &plan.items {
-            let tmp = temp_name(&item.path);
-            if let Err(e) = fetch_into_temp(fetcher, store, item, &tmp, &mut prog, progress) {
-                // What the batch already verified is closure-complete (plan
-                // order): keep it, so a retry does not fetch it again.
-                commit_batch(store, &batch)?;
-                batch.clear();
-                return Err(e);
-            }
-            prog.paths_done += 1;
-            batch.push((item, tmp));
-            batch_bytes += item.nar_size;
-            if batch.len() >= limits.paths || batch_bytes >= limits.nar_bytes {
-                commit_batch(store, &batch)?;
-                progress(&prog);
-                batch.clear();
-                batch_bytes = 0;
-            }
-        }
-        commit_batch(store, &batch)?;
-        batch.clear();
-        progress(&prog);
-        Ok(prog)
-    };
-    let result = run();
-    // Nothing of a failed batch may stay: drop its temps (one that was
-    // already renamed is a complete path and stays; its name is gone).
-    for (_, tmp) in &batch {
-        let _ = fsutil::remove_tree(store.store_fd(), tmp.as_bytes());
-    }
-    result
-}
-
-fn fetch_into_temp(
-    fetcher: &mut Fetcher,
-    store: &StoreLock,
-    item: &PlanItem,
-    tmp: &str,
-    prog: &mut Progress,
-    progress: &mut dyn FnMut(&Progress),
-) -> Result<(), InstallError> {
-    let info = item.info();
-    let mut unpacker = Unpacker::new(store.store_fd(), tmp.as_bytes());
-    let before = prog.nar_bytes_done;
-    let caches: Vec<usize> =
-        if item.cache == ANY_CACHE { (0..fetcher.cache_count()).collect() } else { vec![item.cache] };
-    let mut stats = Err(PipelineError::MissingNar { url: info.url.to_owned() });
-    for idx in caches {
-        stats =
-            pipeline::fetch_nar(fetcher, idx, &info, &mut |ev| unpacker.event(ev).map_err(NarError::from), &mut |n| {
-                prog.nar_bytes_done += n;
-                progress(prog);
-            });
-        match &stats {
-            Err(PipelineError::MissingNar { .. }) | Err(PipelineError::Fetch(_)) if item.cache == ANY_CACHE => continue,
-            _ => break,
-        }
-    }
-    match stats {
-        Ok(s) => {
-            prog.file_bytes += s.file_bytes;
-            Ok(())
-        }
-        Err(err) => {
-            prog.nar_bytes_done = before;
-            drop(unpacker);
-            let _ = fsutil::remove_tree(store.store_fd(), tmp.as_bytes());
-            Err(InstallError::Nar { path: item.path.clone(), err })
-        }
-    }
-}
-
-/// Commits `batch` now: records, contents durable, names, the directory
-/// durable ([`commit_records`], [`contents_durable`], [`rename_batch`],
-/// [`names_durable`]), waiting for each flush. [`super::parallel`] makes
-/// the same calls in the same order without waiting in its caller's loop.
-pub(super) fn commit_batch(store: &StoreLock, batch: &[Pending]) -> Result<(), InstallError> {
-    if batch.is_empty() {
-        return Ok(());
-    }
-    commit_records(store, batch)?;
-    flush::Flush::run(contents_what(store), &contents_durable(store)).map_err(InstallError::Flush)?;
-    rename_batch(store, batch)?;
-    flush::Flush::run(names_what(store), &names_durable(store)).map_err(InstallError::Flush)?;
-    Ok(())
-}
-
-/// Step 1 of a commit: every path's record (its temps are complete).
-pub(super) fn commit_records(store: &StoreLock, batch: &[Pending]) -> Result<(), InstallError> {
-    batch.iter().try_for_each(|(item, _)| commit_record(store, item))
-}
-
 /// One path's record.
 pub(super) fn commit_record(store: &StoreLock, item: &PlanItem) -> Result<(), InstallError> {
     store.write_record(&Record::of(&item.info())).map_err(io_err("write record of", &item.path))
@@ -401,11 +200,6 @@ pub(super) fn contents_durable<'a>(store: &'a StoreLock) -> Vec<flush::Op<'a>> {
 
 pub(super) fn contents_what(store: &StoreLock) -> String {
     format!("{} and {}", store.store_dir().display(), store.state_dir().display())
-}
-
-/// Step 3: the temps renamed into place, in batch order (references before referrers).
-pub(super) fn rename_batch(store: &StoreLock, batch: &[Pending]) -> Result<(), InstallError> {
-    batch.iter().try_for_each(|(item, tmp)| rename_into_place(store, item, tmp))
 }
 
 /// One temp renamed to its path.
@@ -428,30 +222,4 @@ pub(super) fn names_durable<'a>(store: &'a StoreLock) -> Vec<flush::Op<'a>> {
 
 pub(super) fn names_what(store: &StoreLock) -> String {
     store.store_dir().display().to_string()
-}
-
-/// Resolves and installs the closures of `roots`.
-pub fn install(
-    fetcher: &mut Fetcher,
-    store: &StoreLock,
-    keys: &TrustedKeys,
-    roots: &[StorePath],
-    progress: &mut dyn FnMut(&Progress),
-) -> Result<(Plan, Progress), InstallError> {
-    install_with(fetcher, store, keys, roots, &Provided::new(), progress)
-}
-
-/// [`install`] with narinfos supplied up front.
-pub fn install_with(
-    fetcher: &mut Fetcher,
-    store: &StoreLock,
-    keys: &TrustedKeys,
-    roots: &[StorePath],
-    provided: &Provided,
-    progress: &mut dyn FnMut(&Progress),
-) -> Result<(Plan, Progress), InstallError> {
-    store.clean_temps().map_err(io_err("clean", store.store_dir().display()))?;
-    let plan = resolve_with(fetcher, store, keys, roots, provided)?;
-    let prog = install_plan(fetcher, store, &plan, BatchLimits::default(), progress)?;
-    Ok((plan, prog))
 }

@@ -1,6 +1,6 @@
 //! Installing a closure over the network engine ([`crate::net::engine`]):
-//! many requests in flight from one thread, same checks and same order of
-//! operations on disk as [`super::install`].
+//! many requests in flight from one thread, with the checks of
+//! [`pipeline`] and the commit steps of [`super::install`], in its order.
 //!
 //! - **Resolution** is breadth-first and concurrent: every narinfo known to
 //!   be needed is requested at once (urgent, ahead of NARs), and each verified
@@ -365,8 +365,8 @@ impl std::ops::DerefMut for Driver<'_, '_> {
     }
 }
 
-/// Resolves and installs the closures of `roots` over the engine; the
-/// result as [`super::install::install`]'s.
+/// Resolves and installs the closures of `roots` over the engine, blocking
+/// in the job's own `poll(2)` (`nixless install`): the plan and what moved.
 pub fn install(
     caches: &[CacheUrl],
     opts: NetOptions,

@@ -3,8 +3,8 @@
 //! network probe (health, and the net-before flag), the Pushgateway PUT.
 //! They go through [`Oneshot`] on the loop's own `poll(2)`: submitted when
 //! due, finished on a later turn. Nothing blocks, and nothing calls back
-//! into the loop (the ticking fetcher did: a POST was served from inside
-//! a poll's fetch).
+//! into the loop (a blocking fetcher with ticks did, before issue 11: a
+//! POST was served from inside a poll's fetch).
 //!
 //! ```text
 //! poll     GET poll_url → GET poll_url.sig → verify → accept     (one in flight; idle when started)
@@ -15,8 +15,7 @@
 //! ```
 //! A document's result is judged when it arrives, by the same rules as
 //! before: a deploy accepted from a POST meanwhile makes the polled one
-//! Busy (it waits for the next poll), exactly as when the POST was served
-//! from the fetch's ticks.
+//! Busy (it waits for the next poll).
 
 use super::*;
 use crate::fetch::oneshot::{Done, Oneshot, Ticket};

@@ -2,8 +2,8 @@
 //! is tried (not waited for), and the narinfos of live paths without a
 //! record (paths that were on the device before nixless) are asked of the
 //! caches through [`docs`]' requests, [`WINDOW`] at a time. Nothing
-//! blocks and nothing calls back into the loop (the lock wait and the
-//! look-ups ticked it before).
+//! blocks and nothing calls back into the loop (before issue 11 the lock
+//! wait and the look-ups ran a blocking fetcher that ticked it).
 //!
 //! ```text
 //! Locking   try the store lock each turn (every LOCK_RETRY at most), up to STORE_LOCK_WAIT
@@ -12,8 +12,13 @@
 //!           (a path no cache vouches for keeps no record: collect then deletes nothing)
 //! Collect   gc::collect under the lock, old generations deleted → the result
 //! ```
-//! The result goes where the old synchronous call's went: a signed gc
-//! deploy's `GcDone`, or the pending gc document's accept.
+//! The disk-space rule's collection, in the middle of a deploy's fetch,
+//! starts at Learning with the fetch's own lock (the fetch waits,
+//! `FetchRun::Collecting`) and keeps the system being fetched alive.
+//!
+//! The result goes where it is awaited: a signed gc deploy's `GcDone`, the
+//! pending gc document's accept, or the waiting fetch, which gets its lock
+//! back ([`Agent::space_collected`]).
 
 use super::docs::Purpose;
 use super::*;
@@ -31,6 +36,19 @@ pub(super) enum GcFor {
     Deploy,
     /// The gc document that could not be recorded for lack of space.
     Pending,
+    /// The disk-space rule of a deploy's fetch, which holds the lock and
+    /// whose `system` stays alive.
+    Space { system: StorePath },
+}
+
+impl GcFor {
+    /// Roots besides the configured generations.
+    fn extra_roots(&self) -> Vec<StorePath> {
+        match self {
+            GcFor::Space { system } => vec![system.clone()],
+            GcFor::Deploy | GcFor::Pending => Vec::new(),
+        }
+    }
 }
 
 pub(super) enum GcRun {
@@ -56,6 +74,30 @@ impl Agent {
             let wait = crate::store::LockWait::new(STORE_LOCK_WAIT, Instant::now());
             self.gc = Some(GcRun::Locking { for_, wait });
         }
+    }
+
+    /// Starts the disk-space rule's collection under the fetch's `lock`
+    /// (no collection runs: the fetch checked, and waits as
+    /// `FetchRun::Collecting`).
+    pub(super) fn start_space_gc(&mut self, lock: HeldLock, system: StorePath) {
+        let for_ = GcFor::Space { system };
+        let (lock, unknown) = match self.ctx.store.reattach(lock) {
+            Ok(store) => {
+                let unknown = match gc::roots(&self.ctx.cfg.root, self.ctx.cfg.generations_to_keep) {
+                    Ok((mut roots, _)) => {
+                        roots.extend(for_.extra_roots());
+                        gc::live_set(&store, &roots).1
+                    }
+                    // Collect reports it again, and deletes nothing.
+                    Err(_) => Vec::new(),
+                };
+                (store.detach(), unknown)
+            }
+            Err(lock) => (lock, Vec::new()),
+        };
+        let n = unknown.len();
+        // The loop's next `gc_turn` sends the look-ups (or collects at once).
+        self.gc = Some(GcRun::Learning { for_, lock, queue: unknown.into(), in_flight: 0, learnt: 0, unknown: n });
     }
 
     /// When the collection wants a turn at the latest (the lock's retry).
@@ -124,10 +166,20 @@ impl Agent {
             log::info!("learnt the references of {learnt} of {unknown} paths from narinfos");
         }
         let ctx = self.ctx.clone();
-        let res = match ctx.store.reattach(lock) {
-            Ok(lock) => self.finish_gc(&lock, &[]),
-            Err(_) => Err("the store lock is not this store's".into()),
+        let extra = for_.extra_roots();
+        let (res, lock) = match ctx.store.reattach(lock) {
+            Ok(lock) => (self.finish_gc(&lock, &extra), lock.detach()),
+            Err(lock) => (Err("the store lock is not this store's".into()), lock),
         };
+        if let GcFor::Space { .. } = for_ {
+            // The fetch's lock goes back to the fetch, never released.
+            self.gc = None;
+            return match self.space_collected(lock, res) {
+                Some(ev) => self.apply(ev),
+                None => Ok(()),
+            };
+        }
+        drop(lock);
         self.gc_over(for_, res)
     }
 
@@ -172,6 +224,12 @@ impl Agent {
         match for_ {
             GcFor::Deploy => self.apply(Event::GcDone(res.map(|r| r.to_string()))),
             GcFor::Pending => self.accept_pending_gc(res),
+            // Only without its lock (which it starts with): the fetch ends.
+            GcFor::Space { .. } => {
+                self.fetching = None;
+                let e = res.err().unwrap_or_default();
+                self.apply(Event::FetchFailed(format!("collecting garbage for space: {e}")))
+            }
         }
     }
 }

@@ -1,24 +1,23 @@
-//! A TCP transport for ureq that never blocks the agent's loop for long.
+//! A TCP transport for ureq whose every wait ends at the call's deadline.
 //!
 //! ureq's own `TcpTransport` blocks inside `read(2)`/`write(2)` with socket
 //! timeouts; a server that trickles one byte every two seconds keeps each
-//! read short of the per-read timeout, and the loop (HTTP server, watchdog)
-//! starves for as long as the server likes. Here the socket is non-blocking
-//! and every wait — connect, write, read — is a `poll(2)` of at most
-//! [`SLICE`]; between slices the thread's tick hook runs (it answers status
-//! and feeds the watchdog) and the thread's deadline is checked. TLS sits
-//! above this transport (rustls only sees bytes), so `https://` ticks too.
+//! read short of the per-read timeout, for as long as it likes. Here the
+//! socket is non-blocking and every wait — connect, write, read — is a
+//! `poll(2)` bounded by the step's own timeout and the thread's deadline.
+//! TLS sits above this transport (rustls only sees bytes), so `https://`
+//! ends there too. Only the admin commands' [`super::Fetcher`] uses it: the
+//! agent's loop and `nixless install` go through the network engine.
 //!
-//! The hook and deadline are thread-locals set by a [`Scope`], because
-//! ureq requires `Send + Sync` connectors while the agent's tick is an
-//! `Rc` over single-threaded state. Not covered: the name lookup
-//! (`getaddrinfo` blocks, bounded by the libc resolver's own timeouts).
+//! The deadline is a thread-local set by a [`Scope`], because ureq's
+//! connectors are shared (`Send + Sync`) while a deadline belongs to one
+//! call. Not covered: the name lookup (`getaddrinfo` blocks, bounded by
+//! the libc resolver's own timeouts).
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsFd;
-use std::rc::Rc;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -30,46 +29,23 @@ use ureq::unversioned::transport::{
 };
 use ureq::{Error, Timeout};
 
-/// Longest single wait before the hook runs again.
-pub const SLICE: Duration = Duration::from_millis(50);
-
-/// What runs between slices; `try_borrow_mut` makes a re-entrant call a no-op.
-pub type Hook = Rc<RefCell<Box<dyn FnMut()>>>;
-
 thread_local! {
-    static HOOK: RefCell<Option<Hook>> = const { RefCell::new(None) };
     static DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
 }
 
-/// Installs a hook and a deadline for this thread's transfers until dropped;
-/// the previous ones come back then (scopes nest).
+/// Sets this thread's deadline for transfers until dropped; the previous
+/// one comes back then (scopes nest).
 pub struct Scope {
-    hook: Option<Hook>,
     deadline: Option<Instant>,
 }
 
-pub fn enter(hook: Option<Hook>, deadline: Option<Instant>) -> Scope {
-    let hook = HOOK.with(|h| std::mem::replace(&mut *h.borrow_mut(), hook));
-    let deadline = DEADLINE.with(|d| d.replace(deadline));
-    Scope { hook, deadline }
+pub fn enter(deadline: Option<Instant>) -> Scope {
+    Scope { deadline: DEADLINE.with(|d| d.replace(deadline)) }
 }
 
 impl Drop for Scope {
     fn drop(&mut self) {
-        let hook = self.hook.take();
-        HOOK.with(|h| *h.borrow_mut() = hook);
         DEADLINE.with(|d| d.set(self.deadline));
-    }
-}
-
-/// Runs the current hook unless it is already running further up the stack.
-pub fn run_hook() {
-    // Cloned out first: the hook may itself enter a scope.
-    let hook = HOOK.with(|h| h.borrow().clone());
-    if let Some(hook) = hook {
-        if let Ok(mut f) = hook.try_borrow_mut() {
-            f();
-        }
     }
 }
 
@@ -96,30 +72,31 @@ impl Budget {
         self.limit.map(|l| l.saturating_sub(self.start.elapsed()))
     }
 
-    /// Runs the hook, then says how long the next wait may be, or the
-    /// timeout that has passed.
-    fn next_slice(&self) -> Result<Duration, Error> {
-        run_hook();
-        let mut slice = SLICE;
+    /// How long the next wait may be (`None`: for ever), or the timeout
+    /// that has passed.
+    fn next_slice(&self) -> Result<Option<Duration>, Error> {
+        let mut slice: Option<Duration> = None;
+        let mut cap = |left: Duration| slice = Some(slice.map_or(left, |s| s.min(left)));
         if let Some(left) = deadline_left() {
             if left.is_zero() {
                 return Err(Error::Timeout(Timeout::Global));
             }
-            slice = slice.min(left);
+            cap(left);
         }
         if let Some(left) = self.left() {
             if left.is_zero() {
                 return Err(Error::Timeout(self.reason));
             }
-            slice = slice.min(left);
+            cap(left);
         }
         Ok(slice)
     }
 }
 
-/// Waits up to `d` for `flags` (or an error) on `fd`; whether it came.
-fn wait(fd: impl AsFd, flags: PollFlags, d: Duration) -> io::Result<bool> {
-    let ts = Timespec::try_from(d).ok();
+/// Waits up to `d` (`None`: for ever) for `flags` (or an error) on `fd`;
+/// whether it came.
+fn wait(fd: impl AsFd, flags: PollFlags, d: Option<Duration>) -> io::Result<bool> {
+    let ts = d.and_then(|d| Timespec::try_from(d).ok());
     match rustix::event::poll(&mut [PollFd::new(&fd, flags)], ts.as_ref()) {
         Ok(n) => Ok(n > 0),
         Err(Errno::INTR) => Ok(false),
@@ -127,12 +104,12 @@ fn wait(fd: impl AsFd, flags: PollFlags, d: Duration) -> io::Result<bool> {
     }
 }
 
-/// Opens non-blocking TCP connections whose waits tick (see the module).
+/// Opens non-blocking TCP connections whose waits end at the deadline (see the module).
 #[derive(Debug, Default)]
-pub struct TickingConnector;
+pub struct DeadlineConnector;
 
-impl<In: Transport> Connector<In> for TickingConnector {
-    type Out = Either<In, TickingTcp>;
+impl<In: Transport> Connector<In> for DeadlineConnector {
+    type Out = Either<In, DeadlineTcp>;
 
     fn connect(&self, details: &ConnectionDetails, chained: Option<In>) -> Result<Option<Self::Out>, Error> {
         if let Some(c) = chained {
@@ -147,7 +124,7 @@ impl<In: Transport> Connector<In> for TickingConnector {
         let stream = Arc::new(stream);
         (details.register_shutdown)(Arc::downgrade(&stream) as Weak<dyn ShutdownHandle>)?;
         let buffers = LazyBuffers::new(details.config.input_buffer_size(), details.config.output_buffer_size());
-        Ok(Some(Either::B(TickingTcp { stream, buffers })))
+        Ok(Some(Either::B(DeadlineTcp { stream, buffers })))
     }
 }
 
@@ -190,18 +167,18 @@ fn connect_one(addr: SocketAddr, budget: &Budget) -> Result<TcpStream, Error> {
 }
 
 /// A connected non-blocking socket; see the module.
-pub struct TickingTcp {
+pub struct DeadlineTcp {
     stream: Arc<TcpStream>,
     buffers: LazyBuffers,
 }
 
-impl std::fmt::Debug for TickingTcp {
+impl std::fmt::Debug for DeadlineTcp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TickingTcp").field("peer", &self.stream.peer_addr().ok()).finish()
+        f.debug_struct("DeadlineTcp").field("peer", &self.stream.peer_addr().ok()).finish()
     }
 }
 
-impl Transport for TickingTcp {
+impl Transport for DeadlineTcp {
     fn buffers(&mut self) -> &mut dyn Buffers {
         &mut self.buffers
     }
@@ -280,47 +257,34 @@ pub(crate) mod tests {
         assert_eq!(stream.peer_addr().unwrap(), addrs[1]);
     }
 
-    fn counting_hook() -> (Hook, Rc<Cell<u32>>) {
-        let n = Rc::new(Cell::new(0));
-        let m = n.clone();
-        (Rc::new(RefCell::new(Box::new(move || m.set(m.get() + 1)))), n)
-    }
-
     fn agent() -> ureq::Agent {
         let config = ureq::Agent::config_builder().http_status_as_error(false).build();
-        ureq::Agent::with_parts(config, TickingConnector, ureq::unversioned::resolver::DefaultResolver::default())
+        ureq::Agent::with_parts(config, DeadlineConnector, ureq::unversioned::resolver::DefaultResolver::default())
     }
 
     #[test]
-    fn a_silent_server_ticks_until_the_deadline() {
+    fn a_silent_server_ends_at_the_deadline() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/x", listener.local_addr().unwrap());
         // Accepts and says nothing, for as long as the socket lives.
         let held = std::thread::spawn(move || listener.accept().map(|(s, _)| s));
-        let (hook, ticks) = counting_hook();
-        let _scope = enter(Some(hook), Some(Instant::now() + Duration::from_millis(600)));
+        let start = Instant::now();
+        let _scope = enter(Some(start + Duration::from_millis(600)));
         let err = agent().get(&url).call().unwrap_err();
         assert!(matches!(err, Error::Timeout(Timeout::Global)), "{err:?}");
-        assert!(ticks.get() >= 3, "only {} ticks", ticks.get());
+        // ureq's own timeouts are 30 s and more: the deadline ended it.
+        assert!(start.elapsed() < Duration::from_secs(3), "{:?}", start.elapsed());
         drop(held.join());
     }
 
     #[test]
-    fn a_reentrant_tick_is_skipped_and_scopes_nest() {
-        let (hook, ticks) = counting_hook();
-        let outer = enter(Some(hook.clone()), None);
+    fn scopes_nest() {
+        let outer = enter(None);
         {
-            let _held = hook.borrow_mut();
-            run_hook();
-        }
-        assert_eq!(ticks.get(), 0);
-        {
-            let _inner = enter(None, Some(Instant::now()));
-            run_hook();
+            let _inner = enter(Some(Instant::now()));
             assert_eq!(deadline_left(), Some(Duration::ZERO));
         }
-        run_hook();
-        assert_eq!((ticks.get(), deadline_left()), (1, None));
+        assert_eq!(deadline_left(), None);
         drop(outer);
     }
 }
