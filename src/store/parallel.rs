@@ -9,7 +9,7 @@
 //!   spooled, compressed, to a file in the store's temp area
 //!   (`.nixless-tmp-…​.nar`, under the store lock, removed after use and on
 //!   every error, and by the next run's temp cleanup after a crash) while its
-//!   FileSize is capped and its FileHash computed; a broken download resumes
+//!   FileSize is capped (FileHash is not computed: see `fetch::pipeline`); a broken download resumes
 //!   with `Range` from what the spool holds. At most [`MAX_SPOOLS`] spools and
 //!   about `spool_budget` bytes of them exist at once.
 //! - **Unpacking** takes one finished spool at a time through the verified
@@ -48,10 +48,9 @@ use crate::fetch::{CacheUrl, FetchError, Options, MAX_NARINFO};
 use crate::nar::{NarError, Unpacker};
 use crate::net::engine::{self, Engine, Handler, NetError, Origin, ReqId};
 use crate::net::http1::Head;
-use crate::nix::{cache_info, NarInfo, Sha256, StorePath, TrustedKeys};
+use crate::nix::{cache_info, NarInfo, StorePath, TrustedKeys};
 use rustix::event::PollFlags;
 use rustix::fd::BorrowedFd;
-use sha2::{Digest, Sha256 as Hasher};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fs::File;
 use std::io::{Seek, Write};
@@ -119,7 +118,6 @@ struct Spool {
     file: File,
     path: PathBuf,
     written: u64,
-    hasher: Hasher,
     /// FileSize, if the narinfo has one: more is cut off.
     limit: Option<u64>,
     /// The NAR's size: progress counts what is spooled in NAR bytes.
@@ -217,7 +215,6 @@ impl Handler for Inbox {
                     a.refused = Some(PipelineError::Read { url: format!("spool {}", s.path.display()), source: e });
                     return false;
                 }
-                s.hasher.update(bytes);
                 s.written += n;
             }
         }
@@ -231,7 +228,7 @@ impl Handler for Inbox {
 
 /// A NAR whose bytes are all here: spooled, or in a `file://` cache.
 enum Ready {
-    Spooled(Spool, Sha256),
+    Spooled(Spool),
     InCache(PathBuf),
 }
 
@@ -257,9 +254,8 @@ struct Unpacking {
     tmp: String,
     pass: pipeline::Pass<'static, File>,
     unpacker: Unpacker<'static>,
-    /// The spool it reads, and the FileHash computed while spooling.
-    spool: Option<(Spool, Sha256)>,
-    expected_file_hash: Option<Sha256>,
+    /// The spool it reads.
+    spool: Option<Spool>,
     /// NAR bytes unpacked so far.
     nar_done: u64,
 }
@@ -660,7 +656,7 @@ impl Driver<'_, '_> {
             .map_err(io_err("create spool", path.display()))?;
         let limit = self.item(p).info().file_size;
         let nar_size = self.item(p).nar_size;
-        Ok(Spool { file, path, written: 0, hasher: Hasher::new(), limit, nar_size })
+        Ok(Spool { file, path, written: 0, limit, nar_size })
     }
 
     fn set_cache(&mut self, p: &StorePath, idx: usize) {
@@ -857,8 +853,7 @@ impl Driver<'_, '_> {
             }
             (Job::Nar(p, idx), Sink::Spool(s)) => match status {
                 200 | 206 => {
-                    let hash = Sha256(s.hasher.clone().finalize().into());
-                    self.ready.push_back((p, Ready::Spooled(s, hash)));
+                    self.ready.push_back((p, Ready::Spooled(s)));
                     Ok(())
                 }
                 404 | 410 => {
@@ -1079,7 +1074,7 @@ impl Driver<'_, '_> {
 
     fn start_unpack(&mut self, p: StorePath, ready: Ready) -> Result<(), InstallError> {
         let item = self.item(&p).clone();
-        let mut info = item.info();
+        let info = item.info();
         let tmp = temp_name(&p);
         let fail = |err| InstallError::Nar { path: p.clone(), err };
         let parent = self
@@ -1087,37 +1082,29 @@ impl Driver<'_, '_> {
             .store_fd()
             .try_clone_to_owned()
             .map_err(|e| fail(PipelineError::Read { url: "store directory".into(), source: e }))?;
-        let (file, url, spool, expected_file_hash) = match ready {
+        let (file, url, spool) = match ready {
             Ready::InCache(path) => {
                 let url = format!("file://{}", path.display());
                 let f = File::open(&path).map_err(|e| fail(PipelineError::Read { url: url.clone(), source: e }))?;
-                (f, url, None, None)
+                (f, url, None)
             }
-            Ready::Spooled(spool, hash) => {
+            Ready::Spooled(spool) => {
                 let url = self.url_of(item.cache, info.url);
                 let read = |e| fail(PipelineError::Read { url: url.clone(), source: e });
                 let mut f = spool.file.try_clone().map_err(read)?;
                 f.rewind().map_err(read)?;
-                // FileHash was computed while spooling; it is compared
-                // last, as the streaming pass does.
-                let expected = info.file_hash.take();
-                (f, url, Some((spool, hash)), expected)
+                (f, url, Some(spool))
             }
         };
         let pass = pipeline::Pass::new(file, &url, &info).map_err(fail)?;
         let unpacker = Unpacker::owned(parent, tmp.as_bytes());
-        self.unpacking = Some(Unpacking { path: p, tmp, pass, unpacker, spool, expected_file_hash, nar_done: 0 });
+        self.unpacking = Some(Unpacking { path: p, tmp, pass, unpacker, spool, nar_done: 0 });
         Ok(())
     }
 
     fn finish_unpack(&mut self) -> Result<(), InstallError> {
         let Some(u) = self.unpacking.take() else { return Ok(()) };
-        let result = u.pass.finish().and_then(|stats| match (u.expected_file_hash, &u.spool) {
-            (Some(want), Some((_, got))) if want != *got => {
-                Err(PipelineError::Hash { what: "FileHash", expected: want, got: *got })
-            }
-            _ => Ok(stats),
-        });
+        let result = u.pass.finish();
         drop(u.unpacker);
         if u.spool.is_some() {
             self.release_spool(&u.path);
@@ -1279,8 +1266,9 @@ mod tests {
     use super::*;
     use crate::nar::write::{encode, Node};
     use crate::nix::keys::fingerprint;
-    use crate::nix::{nixbase32, SecretKey};
+    use crate::nix::{nixbase32, SecretKey, Sha256};
     use crate::store::Store;
+    use sha2::{Digest, Sha256 as Hasher};
     use std::path::Path;
 
     /// A `file://` cache of `n` paths, path `i > 0` referencing path
