@@ -94,7 +94,7 @@ fn addr(port: u16) -> SocketAddr {
 fn connect(port: u16) -> TcpStream {
     let s = TcpStream::connect_timeout(&addr(port), Duration::from_secs(2)).unwrap();
     // Generous: on a loaded machine the agent's loop can be busy for
-    // seconds (fsync, decompression between ticks). Tests about latency
+    // seconds (a busy machine, decompression between turns). Tests about latency
     // measure it themselves.
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -1191,10 +1191,9 @@ fn status_is_live_during_a_slow_fetch() {
         let r = get(port, "/v1/status");
         let took = t.elapsed();
         assert_eq!(r.status, 200);
-        // The loop serves while the transport waits on nginx (a tick at
-        // least every 50 ms; see tests/fetch_deadlines.rs, which pins that
-        // deterministically). 2 s leaves room for a loaded machine without
-        // hiding a stalled loop.
+        // The loop serves while the fetch waits on nginx (one poll(2) for
+        // both; see tests/fetch_deadlines.rs and agent_engine.rs). 2 s
+        // leaves room for a loaded machine without hiding a stalled loop.
         assert!(took < Duration::from_secs(2), "status took {took:?}");
         let st = parse_status(&r.body);
         assert_eq!(st.phase, "fetching", "the fetch must still be running: {st:?}");
@@ -1207,8 +1206,8 @@ fn status_is_live_during_a_slow_fetch() {
         assert!(m.body.contains("nixless_phase{phase=\"fetching\"} 1\n"));
         sleep(Duration::from_millis(500));
     }
-    // Status is answered between nginx's bursts too (the transport ticks
-    // while it waits), so two samples may fall in one burst: never less,
+    // Status is answered between nginx's bursts too (the loop polls the
+    // server with the caches), so two samples may fall in one burst: never less,
     // and more over the whole run.
     for w in samples.windows(2) {
         assert!(w[1] >= w[0], "bytes_done must not go back: {samples:?}");

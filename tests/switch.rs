@@ -760,9 +760,9 @@ fn disk_full_refuses_the_deploy_and_changes_nothing() {
 /// fetch is loop work (`daemon::gc_run`, `GcFor::Space`), under the fetch's
 /// own store lock: a live path without a record has its narinfo asked of
 /// the HTTP cache and its record written, which lets the collection delete
-/// the dead path that takes the space; then the same fetch goes on to the
-/// end. (Before, a blocking fetcher made those look-ups from inside the
-/// loop's turn, ticking the loop from within.)
+/// the dead path that takes the space; paths of the closure the fetch found
+/// present stay, dead or not (it will not fetch them again); then the same
+/// fetch goes on to the end.
 #[test]
 fn a_deploy_short_of_space_learns_references_over_http_collects_and_fetches() {
     let d = Device::new(Opts::default());
@@ -778,15 +778,17 @@ fn a_deploy_short_of_space_learns_references_over_http_collects_and_fetches() {
     let _guard = Umount(small.path().to_owned());
     let f = fixtures();
     let nginx = Nginx::start(&f.path("CACHE_ZSTD"));
+    let systems = format!("file://{}", f.path("FIXTURES").join("cache-systems").display());
     let root = small.path().join("root");
     let base = |p: &str| p.rsplit('/').next().unwrap().to_owned();
-    for p in [f.get("P_DIR"), f.get("P_CHAIN_A")] {
+    let b = sys("b");
+    for (cache, p) in [(nginx.url(), f.get("P_DIR")), (nginx.url(), f.get("P_CHAIN_A")), (systems, b.as_str())] {
         let out = nixless(&[
             "install",
             "--root",
             root.to_str().unwrap(),
             "--cache",
-            &nginx.url(),
+            &cache,
             "--trusted-key",
             f.get("PK_A"),
             p,
@@ -800,13 +802,14 @@ fn a_deploy_short_of_space_learns_references_over_http_collects_and_fetches() {
     let record = root.join("var/lib/nixless/paths").join(base(f.get("P_DIR")));
     let want = std::fs::read(&record).expect("install wrote a record");
     std::fs::remove_file(&record).unwrap();
-    // P_CHAIN_A's closure is dead; 30 MiB more in it leave ~33 MiB free:
-    // short of the 24 MiB path's NAR + a tenth + 16 MiB (42 MiB).
+    // System B is dead; 30 MiB more in it leave ~33 MiB free: short of
+    // TOP's 24.6 MiB of NAR + a tenth + 16 MiB (43 MiB). P_CHAIN_A's chain
+    // is dead too, but part of TOP's closure: the fetch counts it present.
     let store = root.join("nix/store");
-    let chain_a = store.join(base(f.get("P_CHAIN_A")));
-    let mode = |m| std::fs::set_permissions(&chain_a, std::os::unix::fs::PermissionsExt::from_mode(m)).unwrap();
+    let b_top = store.join(base(&b));
+    let mode = |m| std::fs::set_permissions(&b_top, std::os::unix::fs::PermissionsExt::from_mode(m)).unwrap();
     mode(0o755);
-    std::fs::write(chain_a.join("filler"), vec![7u8; 30 << 20]).unwrap();
+    std::fs::write(b_top.join("filler"), vec![7u8; 30 << 20]).unwrap();
     mode(0o555);
 
     let port = free_port();
@@ -825,8 +828,7 @@ fn a_deploy_short_of_space_learns_references_over_http_collects_and_fetches() {
     let mut agent = spawn_agent(&cfg, d.fake.path(), &root, "boot-1");
     let url = format!("http://127.0.0.1:{port}");
     wait_until("the agent's status", Duration::from_secs(20), || ureq::get(&format!("{url}/v1/status")).call().ok());
-    let doc =
-        nixless::deploy::render("dev", Some(f.get("P_BIG")), 5, nixless::deploy::Action::Switch, &[], &[]).unwrap();
+    let doc = nixless::deploy::render("dev", Some(f.get("TOP")), 5, nixless::deploy::Action::Switch, &[], &[]).unwrap();
     let sig = nixless::deploy::sign(&d.key, doc.as_bytes());
     let r = ureq::post(&format!("{url}/v1/deploy")).header("Nixless-Signature", &sig).send(doc.as_bytes()).unwrap();
     assert_eq!(r.status().as_u16(), 202);
@@ -842,11 +844,13 @@ fn a_deploy_short_of_space_learns_references_over_http_collects_and_fetches() {
     assert!(log.contains("collecting garbage"), "the rule found the space short: {log}");
     assert!(log.contains("learnt the references of 1 of 1 paths from narinfos"), "{log}");
     assert_eq!(std::fs::read(&record).ok(), Some(want), "the record learnt is the one installed");
-    assert!(!chain_a.exists(), "the dead path was collected");
-    assert!(store.join(base(f.get("P_DIR"))).exists(), "the live path stays");
-    // Every path left is whole (real Nix's hash = the cache's NarHash), the big one among them.
+    assert!(!b_top.exists(), "the dead system was collected");
+    // TOP's whole closure is there, each path whole (real Nix's hash = the
+    // cache's NarHash): the present chain was kept, the rest fetched.
     let present = assert_store_sound(&root, &f.path("CACHE_ZSTD"));
-    assert!(present.contains(&base(f.get("P_BIG"))), "{present:?}");
+    let mut want_closure: Vec<String> = closure_of(f.get("TOP")).iter().map(|p| base(p)).collect();
+    want_closure.sort();
+    assert_eq!(present, want_closure, "exactly TOP's closure is left");
 }
 
 #[test]

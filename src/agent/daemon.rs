@@ -952,8 +952,10 @@ impl Agent {
                             Err(need) => {
                                 log::warn!("need {} MiB, {} MiB free: collecting garbage", need >> 20, free >> 20);
                                 let nar_bytes = p.nar_bytes_total;
-                                self.fetching = Some(FetchRun::Collecting { job, system: system.clone(), nar_bytes });
-                                self.start_space_gc(lock.detach(), system);
+                                // What the fetch will not fetch again stays.
+                                let keep = std::iter::once(system.clone()).chain(job.present().cloned()).collect();
+                                self.fetching = Some(FetchRun::Collecting { job, system, nar_bytes });
+                                self.start_space_gc(lock.detach(), keep);
                                 return None;
                             }
                         }
@@ -987,8 +989,15 @@ impl Agent {
         lock: HeldLock,
         collected: Result<crate::store::gc::Report, String>,
     ) -> Option<Event> {
-        if let Err(e) = collected {
+        let failed = collected.err();
+        if let Some(e) = &failed {
             log::warn!("garbage collection: {e}");
+        }
+        if !matches!(self.fetching, Some(FetchRun::Collecting { .. })) {
+            // Not reached (the fetch parks before the collection starts);
+            // were it, the lock goes and the fetch is left as it is.
+            log::error!("a collection for space ended with no fetch waiting for it");
+            return None;
         }
         let Some(FetchRun::Collecting { mut job, system, nar_bytes }) = self.fetching.take() else {
             return None;
@@ -998,7 +1007,11 @@ impl Agent {
         };
         let free = crate::store::gc::free_bytes(&store).unwrap_or(u64::MAX);
         if space_needed(nar_bytes, free).is_err() {
-            return Some(Event::Refused(short_of_space(nar_bytes, free, true)));
+            let mut why = short_of_space(nar_bytes, free, true);
+            if let Some(e) = failed {
+                why = format!("{why} (the collection: {})", crate::text::clip(&e, 300));
+            }
+            return Some(Event::Refused(why));
         }
         job.release();
         self.fetching = Some(FetchRun::Running { job, lock: store.detach(), system });

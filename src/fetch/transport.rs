@@ -6,8 +6,9 @@
 //! socket is non-blocking and every wait — connect, write, read — is a
 //! `poll(2)` bounded by the step's own timeout and the thread's deadline.
 //! TLS sits above this transport (rustls only sees bytes), so `https://`
-//! ends there too. Only the admin commands' [`super::Fetcher`] uses it: the
-//! agent's loop and `nixless install` go through the network engine.
+//! ends there too. Only the admin commands use it ([`super::Fetcher`], and
+//! `deploy`/`status` through [`super::http_agent`]): the agent's loop and
+//! `nixless install` go through the network engine.
 //!
 //! The deadline is a thread-local set by a [`Scope`], because ureq's
 //! connectors are shared (`Send + Sync`) while a deadline belongs to one

@@ -486,6 +486,12 @@ impl InstallJob {
         &self.st.prog
     }
 
+    /// The closure's paths found present in the store (not fetched again):
+    /// a collection while the job waits must keep them.
+    pub fn present(&self) -> impl Iterator<Item = &StorePath> {
+        self.st.present.iter()
+    }
+
     /// After a failure: what is unpacked and closure-complete (a prefix of
     /// the plan) stays, as in the sequential install (a retry need not
     /// fetch it again); every other temp and spool goes.
@@ -950,6 +956,11 @@ impl Driver<'_, '_> {
 
     /// Starts queued NAR downloads while spool slots and budget allow.
     fn start_nars(&mut self) -> Result<(), InstallError> {
+        // Held (the agent's disk-space rule runs first, and a collection
+        // then may remove every temp in the store): nothing is fetched.
+        if self.hold {
+            return Ok(());
+        }
         while let Some(p) = self.nar_queue.front() {
             let item = self.item(p);
             let size = item.info().file_size.unwrap_or(item.nar_size);
@@ -1345,6 +1356,102 @@ mod tests {
         assert_eq!(plan.items.len(), N);
         assert!(paths.iter().all(|p| store_dir.join(p.base()).exists()));
         assert!(partial >= 2, "renames seen part done in {partial} steps");
+        drop(lock);
+        let _ = std::process::Command::new("chmod").arg("-R").arg("u+w").arg(tmp.path()).status();
+    }
+
+    /// Serves `dir` over HTTP/1.1 on loopback (a thread per connection,
+    /// keep-alive, pipelined requests answered in order, 404 for what is
+    /// missing); counts the NAR requests.
+    fn serve_dir(dir: PathBuf) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use std::io::{BufRead, BufReader};
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let nars = std::sync::Arc::new(AtomicUsize::new(0));
+        let count = nars.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().take(64) {
+                let Ok(mut conn) = conn else { return };
+                let (dir, count) = (dir.clone(), count.clone());
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(conn.try_clone().unwrap());
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let path = line.split(' ').nth(1).unwrap_or("/").trim_start_matches('/').to_owned();
+                        loop {
+                            let mut h = String::new();
+                            if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                                break;
+                            }
+                        }
+                        if path.starts_with("nar/") {
+                            count.fetch_add(1, Ordering::SeqCst);
+                        }
+                        let reply = match std::fs::read(dir.join(&path)) {
+                            Ok(body) => {
+                                let mut r =
+                                    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+                                r.extend_from_slice(&body);
+                                r
+                            }
+                            Err(_) => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec(),
+                        };
+                        if conn.write_all(&reply).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (url, nars)
+    }
+
+    /// A held job stops at `Resolved` having requested no NAR and written
+    /// nothing to the store (no spool, no temp, no path), so the agent's
+    /// disk-space rule, and the collection it may run (which removes every
+    /// temp), come first. Before, a NAR was requested as soon as its
+    /// narinfo was verified, held or not, and over HTTP (narinfos coming
+    /// over several steps) spools and temps were there at `Resolved`.
+    #[test]
+    fn a_held_job_fetches_no_nar_before_it_is_released() {
+        let tmp = tempfile::tempdir().unwrap();
+        let key = SecretKey::generate("held-1").unwrap();
+        let paths = heap_cache(&tmp.path().join("cache"), 40, &key);
+        let (url, nars) = serve_dir(tmp.path().join("cache"));
+        let store = Store::open(&tmp.path().join("root"), &tmp.path().join("state")).unwrap();
+        let lock = store.try_lock().unwrap().unwrap();
+        let keys = TrustedKeys::new(vec![key.public()]);
+        let caches = [CacheUrl::parse(&url).unwrap()];
+        let mut job =
+            InstallJob::new(&caches, NetOptions::default(), keys, &paths[30..], Provided::new(), true).unwrap();
+        let store_dir = tmp.path().join("root/nix/store");
+        let entries = || std::fs::read_dir(&store_dir).map(|d| d.count()).unwrap_or(0);
+        let nar_requests = || nars.load(std::sync::atomic::Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            assert!(Instant::now() < deadline, "never resolved");
+            match job.step(&lock, Duration::from_millis(10), &[]).unwrap() {
+                Step::Working { .. } => {}
+                Step::Resolved => break,
+                Step::Done(..) => panic!("done while held"),
+            }
+        }
+        assert_eq!((nar_requests(), entries()), (0, 0), "NARs requested or written before the release");
+        // Paths 30..40 and their ancestors in the heap.
+        assert_eq!(job.progress().paths_total, 25);
+        job.release();
+        let plan = loop {
+            assert!(Instant::now() < deadline, "never done");
+            if let Step::Done(plan, _) = job.step(&lock, Duration::from_millis(10), &[]).unwrap() {
+                break plan;
+            }
+        };
+        assert_eq!(nar_requests(), 25);
+        assert!(plan.items.iter().all(|i| store_dir.join(i.path.base()).exists()));
         drop(lock);
         let _ = std::process::Command::new("chmod").arg("-R").arg("u+w").arg(tmp.path()).status();
     }

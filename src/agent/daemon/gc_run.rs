@@ -14,7 +14,10 @@
 //! ```
 //! The disk-space rule's collection, in the middle of a deploy's fetch,
 //! starts at Learning with the fetch's own lock (the fetch waits,
-//! `FetchRun::Collecting`) and keeps the system being fetched alive.
+//! `FetchRun::Collecting`). Besides the configured generations it keeps the
+//! system being fetched and every path of its closure the fetch found
+//! present (the fetch will not fetch those again: collected, they would
+//! leave a hole in the closure), and it asks the deploy's own caches too.
 //!
 //! The result goes where it is awaited: a signed gc deploy's `GcDone`, the
 //! pending gc document's accept, or the waiting fetch, which gets its lock
@@ -36,16 +39,16 @@ pub(super) enum GcFor {
     Deploy,
     /// The gc document that could not be recorded for lack of space.
     Pending,
-    /// The disk-space rule of a deploy's fetch, which holds the lock and
-    /// whose `system` stays alive.
-    Space { system: StorePath },
+    /// The disk-space rule of a deploy's fetch, which holds the lock;
+    /// `keep`: the system and the closure paths the fetch found present.
+    Space { keep: Vec<StorePath> },
 }
 
 impl GcFor {
     /// Roots besides the configured generations.
     fn extra_roots(&self) -> Vec<StorePath> {
         match self {
-            GcFor::Space { system } => vec![system.clone()],
+            GcFor::Space { keep } => keep.clone(),
             GcFor::Deploy | GcFor::Pending => Vec::new(),
         }
     }
@@ -59,6 +62,8 @@ pub(super) enum GcRun {
     Learning {
         for_: GcFor,
         lock: HeldLock,
+        /// Asked in this order for the narinfos.
+        caches: Vec<crate::fetch::CacheUrl>,
         /// Paths not asked for yet.
         queue: VecDeque<StorePath>,
         in_flight: usize,
@@ -79,8 +84,8 @@ impl Agent {
     /// Starts the disk-space rule's collection under the fetch's `lock`
     /// (no collection runs: the fetch checked, and waits as
     /// `FetchRun::Collecting`).
-    pub(super) fn start_space_gc(&mut self, lock: HeldLock, system: StorePath) {
-        let for_ = GcFor::Space { system };
+    pub(super) fn start_space_gc(&mut self, lock: HeldLock, keep: Vec<StorePath>) {
+        let for_ = GcFor::Space { keep };
         let (lock, unknown) = match self.ctx.store.reattach(lock) {
             Ok(store) => {
                 let unknown = match gc::roots(&self.ctx.cfg.root, self.ctx.cfg.generations_to_keep) {
@@ -96,8 +101,11 @@ impl Agent {
             Err(lock) => (lock, Vec::new()),
         };
         let n = unknown.len();
+        // The deploy's (or channel group's) caches first, as the fetch asks them.
+        let caches = self.caches(&self.job_sources().0);
         // The loop's next `gc_turn` sends the look-ups (or collects at once).
-        self.gc = Some(GcRun::Learning { for_, lock, queue: unknown.into(), in_flight: 0, learnt: 0, unknown: n });
+        self.gc =
+            Some(GcRun::Learning { for_, lock, caches, queue: unknown.into(), in_flight: 0, learnt: 0, unknown: n });
     }
 
     /// When the collection wants a turn at the latest (the lock's retry).
@@ -123,6 +131,7 @@ impl Agent {
                     self.gc = Some(GcRun::Learning {
                         for_,
                         lock,
+                        caches: self.caches(&[]),
                         queue: unknown.into(),
                         in_flight: 0,
                         learnt: 0,
@@ -146,8 +155,7 @@ impl Agent {
 
     /// Asks for narinfos while the window has room; collects once all are answered.
     fn gc_refill(&mut self) -> Result<(), String> {
-        let caches = self.caches(&[]);
-        let Some(GcRun::Learning { queue, in_flight, .. }) = &mut self.gc else { return Ok(()) };
+        let Some(GcRun::Learning { queue, in_flight, caches, .. }) = &mut self.gc else { return Ok(()) };
         while *in_flight < WINDOW {
             let Some(path) = queue.pop_front() else { break };
             if caches.is_empty() {
@@ -185,7 +193,6 @@ impl Agent {
 
     /// A narinfo look-up of the collection answered: a record, or the next cache.
     pub(super) fn gc_narinfo(&mut self, path: StorePath, cache: usize, res: Result<Done, crate::fetch::FetchError>) {
-        let caches = self.caches(&[]);
         let keys = &self.ctx.cfg.cache_keys;
         let record = match &res {
             Ok(Done::Doc(Some(bytes))) => std::str::from_utf8(bytes)
@@ -194,7 +201,8 @@ impl Agent {
                 .map(|ni| Record::of(&ni)),
             _ => None,
         };
-        let Some(GcRun::Learning { for_, lock, queue, mut in_flight, mut learnt, unknown }) = self.gc.take() else {
+        let Some(GcRun::Learning { for_, lock, caches, queue, mut in_flight, mut learnt, unknown }) = self.gc.take()
+        else {
             return;
         };
         // Records are written under the collection's lock.
@@ -207,13 +215,13 @@ impl Agent {
             }
             Err(l) => l,
         };
-        let retry = record.is_none() && cache + 1 < caches.len();
-        if !retry {
+        let next = caches.get(cache + 1).filter(|_| record.is_none());
+        let retry = next.map(|c| c.join(&format!("{}.narinfo", path.hash_part())));
+        if retry.is_none() {
             in_flight -= 1;
         }
-        self.gc = Some(GcRun::Learning { for_, lock, queue, in_flight, learnt, unknown });
-        if retry {
-            let url = caches[cache + 1].join(&format!("{}.narinfo", path.hash_part()));
+        self.gc = Some(GcRun::Learning { for_, lock, caches, queue, in_flight, learnt, unknown });
+        if let Some(url) = retry {
             self.reqs.get(&url, crate::fetch::MAX_NARINFO, false, Purpose::GcNarinfo { path, cache: cache + 1 });
         }
     }
@@ -224,7 +232,9 @@ impl Agent {
         match for_ {
             GcFor::Deploy => self.apply(Event::GcDone(res.map(|r| r.to_string()))),
             GcFor::Pending => self.accept_pending_gc(res),
-            // Only without its lock (which it starts with): the fetch ends.
+            // Not reached: a Space run starts with its lock and ends in
+            // `space_collected`. Were it reached, the fetch ends (it
+            // holds no temps before its NARs come).
             GcFor::Space { .. } => {
                 self.fetching = None;
                 let e = res.err().unwrap_or_default();
