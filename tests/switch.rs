@@ -699,20 +699,35 @@ fn console_rollback_switches_to_the_previous_generation() {
     assert_eq!(d.fake_file("boot-default"), "a");
 }
 
+/// A tmpfs of `size` (mount's syntax) on a temporary directory, unmounted
+/// when dropped (tests run as root).
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = format!("size={size}");
+        let st = Command::new("mount").args(["-t", "tmpfs", "-o", &opts, "tmpfs"]).arg(dir.path()).status().unwrap();
+        assert!(st.success(), "mount tmpfs (tests run as root)");
+        Tmpfs(dir)
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
 #[test]
 fn disk_full_refuses_the_deploy_and_changes_nothing() {
     // The store on a 3 MiB tmpfs; the big fixture path (24 MiB) cannot fit.
     let d = Device::new(Opts::default());
-    let small = tempfile::tempdir().unwrap();
-    let st = Command::new("mount").args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"]).arg(small.path()).status().unwrap();
-    assert!(st.success(), "mount tmpfs (tests run as root)");
-    struct Umount(PathBuf);
-    impl Drop for Umount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _guard = Umount(small.path().to_owned());
+    let small = Tmpfs::mount("3m");
     let f = fixtures();
     let key = &d.key;
     let port = free_port();
@@ -766,16 +781,7 @@ fn disk_full_refuses_the_deploy_and_changes_nothing() {
 #[test]
 fn a_deploy_short_of_space_learns_references_over_http_collects_and_fetches() {
     let d = Device::new(Opts::default());
-    let small = tempfile::tempdir().unwrap();
-    let st = Command::new("mount").args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"]).arg(small.path()).status().unwrap();
-    assert!(st.success(), "mount tmpfs (tests run as root)");
-    struct Umount(PathBuf);
-    impl Drop for Umount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _guard = Umount(small.path().to_owned());
+    let small = Tmpfs::mount("64m");
     let f = fixtures();
     let nginx = Nginx::start(&f.path("CACHE_ZSTD"));
     let systems = format!("file://{}", f.path("FIXTURES").join("cache-systems").display());

@@ -5,4 +5,6 @@ pub mod dns;
 pub mod engine;
 pub mod http1;
 pub mod resolve;
+#[cfg(test)]
+pub(crate) mod testutil;
 pub mod tls;

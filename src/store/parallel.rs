@@ -1364,7 +1364,7 @@ mod tests {
     /// keep-alive, pipelined requests answered in order, 404 for what is
     /// missing); counts the NAR requests.
     fn serve_dir(dir: PathBuf) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-        use std::io::{BufRead, BufReader};
+        use std::io::BufReader;
         use std::sync::atomic::{AtomicUsize, Ordering};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -1377,21 +1377,12 @@ mod tests {
                 std::thread::spawn(move || {
                     let mut reader = BufReader::new(conn.try_clone().unwrap());
                     loop {
-                        let mut line = String::new();
-                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        let path = line.split(' ').nth(1).unwrap_or("/").trim_start_matches('/').to_owned();
-                        loop {
-                            let mut h = String::new();
-                            if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
-                                break;
-                            }
-                        }
+                        let Some(target) = crate::net::testutil::read_request_target(&mut reader) else { return };
+                        let path = target.trim_start_matches('/');
                         if path.starts_with("nar/") {
                             count.fetch_add(1, Ordering::SeqCst);
                         }
-                        let reply = match std::fs::read(dir.join(&path)) {
+                        let reply = match std::fs::read(dir.join(path)) {
                             Ok(body) => {
                                 let mut r =
                                     format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();

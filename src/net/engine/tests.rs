@@ -3,7 +3,7 @@
 
 use super::*;
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
+use std::io::BufReader;
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -39,17 +39,7 @@ fn serve(reply: impl Fn(&str) -> Reply + Send + Sync + 'static, close_after_each
             std::thread::spawn(move || {
                 let mut reader = BufReader::new(conn.try_clone().unwrap());
                 loop {
-                    let mut line = String::new();
-                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    let path = line.split(' ').nth(1).unwrap_or("/").to_owned();
-                    loop {
-                        let mut h = String::new();
-                        if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
-                            break;
-                        }
-                    }
+                    let Some(path) = crate::net::testutil::read_request_target(&mut reader) else { return };
                     let close = if close_after_each { "Connection: close\r\n" } else { "" };
                     let body = match reply(&path) {
                         Reply::Body(b) => b,
