@@ -22,10 +22,11 @@
 //! The rules live in pure modules that take the time as an argument; this
 //! file reads and writes files and sockets and asks them what is due:
 //! `machine` (the update's transitions), `schedule` (poll, follow and push
-//! schedules with jitter, watchdog pings, how long the loop sleeps), `helper_watch` (the switch deadline and nudges),
-//! `health` (health rounds, the net-before flag, the verdict at the
-//! deadline), `throttle` (the auth throttle), [`space_needed`] (the
-//! disk-space rule) and [`push_trigger`].
+//! schedules with jitter, watchdog pings, how long the loop sleeps),
+//! `helper_watch` (the switch deadline and nudges), `health` (health
+//! rounds, the net-before flag, the verdict at the deadline), `throttle`
+//! (the auth throttle), [`space_needed`] (the disk-space rule) and
+//! [`push_trigger`].
 
 use super::config::{Config, InhibitedSwitch};
 use super::health::{self, HealthRun, HelperAction, NET_BEFORE};
@@ -858,17 +859,8 @@ impl Agent {
         // The deploy document's, or the channel group's (re-verified).
         let (caches, narinfos) = self.job_sources();
         let cfg = &self.ctx.cfg;
-        let opts = NetOptions {
-            fetch: Options {
-                retries: cfg.retries,
-                read_timeout: cfg.read_timeout,
-                credentials: cfg.credentials.clone(),
-                trust: cfg.trust.clone(),
-                ..Options::default()
-            },
-            connections: cfg.connections_per_cache,
-            ..NetOptions::default()
-        };
+        let opts =
+            NetOptions { fetch: fetch_options(cfg), connections: cfg.connections_per_cache, ..NetOptions::default() };
         let provided = install::provided_from(&narinfos);
         let caches = self.caches(&caches);
         // Held after resolution: the disk-space rule is checked before any NAR comes.
@@ -925,12 +917,9 @@ impl Agent {
                     }
                     None => job.step(&lock, wait, &fds),
                 };
-                if let Some(mut srv) = server {
-                    if let Err(e) = srv.poll(Duration::ZERO, &mut Front { ctx: &ctx, shared: &self.shared }) {
-                        log::error!("http server: {e}");
-                    }
-                    self.shared.borrow_mut().server = Some(srv);
-                }
+                // The server answers what its sockets brought.
+                self.shared.borrow_mut().server = server;
+                serve(&ctx, &self.shared, Duration::ZERO);
                 let p = *job.progress();
                 self.shared.borrow_mut().progress = Progress {
                     paths_done: p.paths_done as u64,
@@ -993,14 +982,15 @@ impl Agent {
         if let Some(e) = &failed {
             log::warn!("garbage collection: {e}");
         }
-        if !matches!(self.fetching, Some(FetchRun::Collecting { .. })) {
+        let (mut job, system, nar_bytes) = match self.fetching.take() {
+            Some(FetchRun::Collecting { job, system, nar_bytes }) => (job, system, nar_bytes),
             // Not reached (the fetch parks before the collection starts);
             // were it, the lock goes and the fetch is left as it is.
-            log::error!("a collection for space ended with no fetch waiting for it");
-            return None;
-        }
-        let Some(FetchRun::Collecting { mut job, system, nar_bytes }) = self.fetching.take() else {
-            return None;
+            other => {
+                self.fetching = other;
+                log::error!("a collection for space ended with no fetch waiting for it");
+                return None;
+            }
         };
         let Ok(store) = self.ctx.store.reattach(lock) else {
             return Some(Event::FetchFailed("the store lock is not this store's".into()));
@@ -1016,6 +1006,18 @@ impl Agent {
         job.release();
         self.fetching = Some(FetchRun::Running { job, lock: store.detach(), system });
         None
+    }
+}
+
+/// How the agent's transfers go (the install job's and the small requests'):
+/// the configured retries, read timeout, credentials and trust.
+fn fetch_options(cfg: &Config) -> Options {
+    Options {
+        retries: cfg.retries,
+        read_timeout: cfg.read_timeout,
+        credentials: cfg.credentials.clone(),
+        trust: cfg.trust.clone(),
+        ..Options::default()
     }
 }
 

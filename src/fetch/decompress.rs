@@ -1,8 +1,9 @@
 //! Decompression of NAR files as caches store them: `none`, `zstd` (ruzstd,
 //! concatenated frames followed; a frame's optional xxHash64 checksum is not
 //! computed: it is not signed, and the signed NarHash is checked over the
-//! same decompressed bytes, so it would add cost, not assurance), `xz` (lzma-rust2: pure Rust, streams with a few MiB of
-//! state and a memory limit, where lzma-rs buffers whole blocks). `bzip2`
+//! same decompressed bytes, so it would add cost, not assurance), `xz`
+//! (lzma-rust2: pure Rust, streams with a few MiB of state and a memory
+//! limit, where lzma-rs buffers whole blocks). `bzip2`
 //! (what Nix reads when `Compression` is absent or empty) and anything else are
 //! refused with an error naming the method.
 

@@ -9,9 +9,10 @@
 //!   spooled, compressed, to a file in the store's temp area
 //!   (`.nixless-tmp-…​.nar`, under the store lock, removed after use and on
 //!   every error, and by the next run's temp cleanup after a crash) while its
-//!   FileSize is capped (FileHash is not computed: see `fetch::pipeline`); a broken download resumes
-//!   with `Range` from what the spool holds. At most [`MAX_SPOOLS`] spools and
-//!   about `spool_budget` bytes of them exist at once.
+//!   FileSize is capped (FileHash is not computed: see `fetch::pipeline`); a
+//!   broken download resumes with `Range` from what the spool holds. At most
+//!   [`MAX_SPOOLS`] spools and about `spool_budget` bytes of them exist at
+//!   once.
 //! - **Unpacking** takes one finished spool at a time through the verified
 //!   pipeline (decompress → NarHash → NAR parser → unpacker,
 //!   [`pipeline::Pass`]) into a temp, at most [`UNPACK_PER_STEP`] NAR bytes

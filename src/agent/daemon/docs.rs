@@ -83,14 +83,7 @@ pub(super) struct Requests {
 
 impl Requests {
     pub(super) fn new(cfg: &Config) -> Requests {
-        let opts = Options {
-            retries: cfg.retries,
-            read_timeout: cfg.read_timeout,
-            credentials: cfg.credentials.clone(),
-            trust: cfg.trust.clone(),
-            ..Options::default()
-        };
-        Requests { client: Oneshot::new(opts), purposes: BTreeMap::new(), probe: None }
+        Requests { client: Oneshot::new(fetch_options(cfg)), purposes: BTreeMap::new(), probe: None }
     }
 
     fn any(&self, pred: impl Fn(&Purpose) -> bool) -> bool {
@@ -234,12 +227,9 @@ impl Agent {
                 self.reqs.client.turn(wait, &[]);
             }
         }
-        if let Some(mut srv) = server {
-            if let Err(e) = srv.poll(Duration::ZERO, &mut Front { ctx: &self.ctx, shared: &self.shared }) {
-                log::error!("http server: {e}");
-            }
-            self.shared.borrow_mut().server = Some(srv);
-        }
+        // The server answers what its sockets brought.
+        self.shared.borrow_mut().server = server;
+        serve(&self.ctx, &self.shared, Duration::ZERO);
     }
 
     /// Handles every request that finished: a next request, or a result.

@@ -72,6 +72,14 @@ pub(super) enum GcRun {
     },
 }
 
+impl GcRun {
+    /// Learning under `lock`: `unknown` to ask `caches` about, none asked yet.
+    fn learning(for_: GcFor, lock: HeldLock, caches: Vec<crate::fetch::CacheUrl>, unknown: Vec<StorePath>) -> GcRun {
+        let n = unknown.len();
+        GcRun::Learning { for_, lock, caches, queue: unknown.into(), in_flight: 0, learnt: 0, unknown: n }
+    }
+}
+
 impl Agent {
     /// Starts a collection (unless one runs).
     pub(super) fn start_gc(&mut self, for_: GcFor) {
@@ -86,26 +94,31 @@ impl Agent {
     /// `FetchRun::Collecting`).
     pub(super) fn start_space_gc(&mut self, lock: HeldLock, keep: Vec<StorePath>) {
         let for_ = GcFor::Space { keep };
-        let (lock, unknown) = match self.ctx.store.reattach(lock) {
+        let ctx = self.ctx.clone();
+        let (lock, unknown) = match ctx.store.reattach(lock) {
             Ok(store) => {
-                let unknown = match gc::roots(&self.ctx.cfg.root, self.ctx.cfg.generations_to_keep) {
-                    Ok((mut roots, _)) => {
-                        roots.extend(for_.extra_roots());
-                        gc::live_set(&store, &roots).1
-                    }
-                    // Collect reports it again, and deletes nothing.
-                    Err(_) => Vec::new(),
-                };
+                let unknown = self.unrecorded_live(&store, &for_);
                 (store.detach(), unknown)
             }
             Err(lock) => (lock, Vec::new()),
         };
-        let n = unknown.len();
         // The deploy's (or channel group's) caches first, as the fetch asks them.
         let caches = self.caches(&self.job_sources().0);
         // The loop's next `gc_turn` sends the look-ups (or collects at once).
-        self.gc =
-            Some(GcRun::Learning { for_, lock, caches, queue: unknown.into(), in_flight: 0, learnt: 0, unknown: n });
+        self.gc = Some(GcRun::learning(for_, lock, caches, unknown));
+    }
+
+    /// The live paths without a record under `store`, for `for_`'s roots.
+    /// A roots error leaves none to learn: the collection meets it again
+    /// ([`Agent::finish_gc`]) and reports it, deleting nothing.
+    fn unrecorded_live(&self, store: &StoreLock, for_: &GcFor) -> Vec<StorePath> {
+        match gc::roots(&self.ctx.cfg.root, self.ctx.cfg.generations_to_keep) {
+            Ok((mut roots, _)) => {
+                roots.extend(for_.extra_roots());
+                gc::live_set(store, &roots).1
+            }
+            Err(_) => Vec::new(),
+        }
     }
 
     /// When the collection wants a turn at the latest (the lock's retry).
@@ -121,22 +134,8 @@ impl Agent {
             None => Ok(()),
             Some(GcRun::Locking { for_, mut wait }) => match wait.poll(&ctx.store, Instant::now()) {
                 Ok(Some(lock)) => {
-                    let (roots, _) = match gc::roots(&ctx.cfg.root, ctx.cfg.generations_to_keep) {
-                        Ok(r) => r,
-                        Err(e) => return self.gc_over(for_, Err(e)),
-                    };
-                    let (_, unknown) = gc::live_set(&lock, &roots);
-                    let n = unknown.len();
-                    let lock = lock.detach();
-                    self.gc = Some(GcRun::Learning {
-                        for_,
-                        lock,
-                        caches: self.caches(&[]),
-                        queue: unknown.into(),
-                        in_flight: 0,
-                        learnt: 0,
-                        unknown: n,
-                    });
+                    let unknown = self.unrecorded_live(&lock, &for_);
+                    self.gc = Some(GcRun::learning(for_, lock.detach(), self.caches(&[]), unknown));
                     self.gc_refill()
                 }
                 Ok(None) => {
